@@ -1,0 +1,422 @@
+"""The YAML region / pricing / tenant config, validated with pydantic v2 when it is loaded.
+
+``load_config(path)`` reads YAML, substitutes ``${ENV_VAR}`` (and ``${ENV_VAR:-default}``) in
+strings, validates, and on failure raises :class:`ConfigError` whose message lists every problem
+as ``file:line field: message`` with a hint, e.g.
+``configs/x.yaml:14 regions[1].pue: must be >= 1.0, got 0.9``.
+
+Unknown keys are rejected everywhere. API keys are stored as sha256 hex digests, never in clear.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from datetime import time as dtime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class RegionsError(Exception):
+    """Root of the errors raised by :mod:`regions`."""
+
+
+class ConfigError(RegionsError):
+    """The config file is missing, not YAML, or invalid. ``problems`` holds one line per error."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- carbon sources -------------------------------------------------------------------------
+
+class FileCarbon(_Strict):
+    """Historical files answered as of the clock (the simulator's source)."""
+
+    kind: Literal["file"]
+    path: str | None = Field(None, description="file with {zone} placeholder, or a dataset")
+    dataset: str | None = None
+    emission_factor: Literal["lifecycle", "direct"] = "lifecycle"
+    unit: Literal["g_per_kwh", "lbs_per_mwh"] = "g_per_kwh"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> FileCarbon:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'path' (a file with {zone}) or 'dataset'")
+        return self
+
+
+class ReplayCarbon(FileCarbon):
+    """A historical file played back at the current time (same time of year)."""
+
+    kind: Literal["replay"]  # type: ignore[assignment]
+
+
+class ElectricityMapsCarbon(_Strict):
+    kind: Literal["electricitymaps"]
+    api_key: str = Field(min_length=1)
+    base_url: str = "https://api.electricitymap.org/v3"
+    emission_factor: Literal["lifecycle", "direct"] = "lifecycle"
+    timeout_s: float = Field(10.0, gt=0)
+    cache_ttl_s: float = Field(300.0, ge=0)
+
+
+class WattTimeCarbon(_Strict):
+    kind: Literal["watttime"]
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1)
+    base_url: str = "https://api.watttime.org"
+    timeout_s: float = Field(10.0, gt=0)
+    cache_ttl_s: float = Field(300.0, ge=0)
+
+
+class UKCarbon(_Strict):
+    kind: Literal["ukci"]
+    base_url: str = "https://api.carbonintensity.org.uk"
+    timeout_s: float = Field(10.0, gt=0)
+    cache_ttl_s: float = Field(300.0, ge=0)
+
+
+CarbonSourceConfig = Annotated[
+    FileCarbon | ReplayCarbon | ElectricityMapsCarbon | WattTimeCarbon | UKCarbon,
+    Field(discriminator="kind"),
+]
+
+
+# ---- prices -----------------------------------------------------------------------------------
+
+class TouPeriod(_Strict):
+    start: dtime = Field(description="local start time, HH:MM")
+    usd_per_kwh: float = Field(ge=0)
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] | None = None
+
+
+class Price(_Strict):
+    """Electricity price: a flat rate, a time-of-use schedule, or a CSV series (time,usd_per_kwh)."""
+
+    flat_usd_per_kwh: float | None = Field(None, ge=0)
+    time_of_use: list[TouPeriod] | None = None
+    timezone: str = "UTC"
+    csv: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Price:
+        given = [
+            n
+            for n, v in (
+                ("flat_usd_per_kwh", self.flat_usd_per_kwh),
+                ("time_of_use", self.time_of_use),
+                ("csv", self.csv),
+            )
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of flat_usd_per_kwh, time_of_use or csv"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.time_of_use is not None and not self.time_of_use:
+            raise ValueError("time_of_use needs at least one period")
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(self.timezone)
+        except Exception as e:
+            raise ValueError(f"unknown timezone {self.timezone!r} (use an IANA name)") from e
+        return self
+
+
+# ---- replicas and regions --------------------------------------------------------------------
+
+class LlamaCppBackend(_Strict):
+    kind: Literal["llama_cpp"]
+    model: str = Field("smollm2-135m", description="'smollm2-135m' or a path to a GGUF file")
+    n_threads: int = Field(2, ge=1)
+    n_ctx: int = Field(2048, ge=128)
+
+
+class OpenAIBackend(_Strict):
+    kind: Literal["openai"]
+    url: str = Field(pattern=r"^https?://")
+    model: str
+    api_key: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+
+
+BackendConfig = Annotated[LlamaCppBackend | OpenAIBackend, Field(discriminator="kind")]
+
+
+class Gpu(_Strict):
+    type: str = Field(description="e.g. H100, A100-40GB, cpu")
+    count: int = Field(1, ge=1)
+
+
+class Replica(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    backend: BackendConfig
+    gpu: Gpu = Gpu(type="cpu", count=1)
+    meter: Literal["nvml", "rapl", "cpu"] = "cpu"
+    gpu_indices: list[int] | None = None
+    cpu_watts_per_core: float = Field(15.0, gt=0)
+    max_concurrency: int = Field(8, ge=1)
+    tokens_per_s: float = Field(100.0, gt=0, description="decode capacity, for the simulator")
+
+
+class Region(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    zone: str = Field(min_length=1, description="grid zone id, e.g. DE, US-CAL-CISO")
+    carbon_source: str
+    signal: Literal["average", "marginal"] = "average"
+    pue: float = Field(1.2, ge=1.0, le=3.0)
+    price: Price
+    rtt_ms: float = Field(0.0, ge=0)
+    residency: list[str] = Field(default_factory=list)
+    replicas: list[Replica] = Field(default_factory=list)
+
+
+# ---- tenants, billing, policy ----------------------------------------------------------------
+
+class Budget(_Strict):
+    period: Literal["day", "month"] = "month"
+    kwh: float | None = Field(None, gt=0)
+    co2_g: float | None = Field(None, gt=0)
+    usd: float | None = Field(None, gt=0)
+
+
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class Tenant(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    api_key_sha256: list[str] = Field(min_length=1)
+    budget: Budget | None = None
+    admin: bool = False
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not re.fullmatch(SHA256_HEX, h):
+                raise ValueError(
+                    "must be sha256 hex digests (64 lowercase hex chars), never a key in clear; "
+                    "make one with: router hash-key YOUR_KEY"
+                )
+        return v
+
+
+class Billing(_Strict):
+    tariff: Literal["energy", "hybrid", "token"] = "energy"
+    markup: float = Field(0.0, ge=0)
+    min_charge_usd: float = Field(0.0, ge=0)
+    token_price_usd_per_1k: float = Field(0.002, ge=0, description="token tariff, for comparison")
+    hybrid_token_fee_usd_per_1k: float = Field(0.0005, ge=0)
+    carbon_price_usd_per_tco2e: float = Field(0.0, ge=0)
+    currency: Literal["USD"] = "USD"
+
+
+class PolicyDefaults(_Strict):
+    name: Literal["price_carbon", "cheapest", "greenest", "round_robin", "nearest"] = (
+        "price_carbon"
+    )
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    tie_tolerance: float = Field(0.05, ge=0, le=1)
+    max_defer_s: float = Field(86400.0, ge=0)
+
+
+class Config(_Strict):
+    carbon_sources: dict[str, CarbonSourceConfig]
+    regions: list[Region] = Field(min_length=1)
+    tenants: list[Tenant] = Field(default_factory=list)
+    billing: Billing = Billing()
+    policy: PolicyDefaults = PolicyDefaults()
+    ledger: str = "carbon-router.sqlite"
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Config:
+        names = [r.name for r in self.regions]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate region names: {', '.join(sorted(dup))}")
+        replicas = [p.name for r in self.regions for p in r.replicas]
+        dup = {n for n in replicas if replicas.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate replica names: {', '.join(sorted(dup))}")
+        for r in self.regions:
+            if r.carbon_source not in self.carbon_sources:
+                raise ValueError(
+                    f"region {r.name!r}: carbon_source {r.carbon_source!r} is not defined; "
+                    f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}"
+                )
+        hashes = [h for t in self.tenants for h in t.api_key_sha256]
+        if len(hashes) != len(set(hashes)):
+            raise ValueError("the same API key hash is given to two tenants")
+        return self
+
+    def regions_matching(self, patterns: list[str]) -> list[Region]:
+        """Regions whose name or residency tag matches any glob pattern."""
+        return [
+            r
+            for r in self.regions
+            if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (r.name, *r.residency))
+        ]
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _EnvError(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that substitutes ``${VAR}`` / ``${VAR:-default}`` inside string scalars."""
+
+    def __init__(self, stream: Any, env: dict[str, str]) -> None:
+        super().__init__(stream)
+        self.env = env
+
+
+def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
+    value = str(loader.construct_scalar(node))
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in loader.env:
+            return loader.env[name]
+        if default is not None:
+            return default
+        raise _EnvError(
+            node.start_mark.line + 1,
+            f"environment variable {name} is not set; export it or write ${{{name}:-default}}",
+        )
+
+    return _ENV.sub(sub, value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)  # type: ignore[arg-type]
+
+
+def _resolve(
+    root: yaml.Node | None, loc: tuple[int | str, ...]
+) -> tuple[int | None, tuple[int | str, ...]]:
+    """Walk the YAML tree along a pydantic location.
+
+    Returns the 1-based line of the deepest node found and the location without the parts
+    pydantic adds for tagged unions (the ``kind`` value) and validators (``function-...``).
+    """
+    node = root
+    line = root.start_mark.line + 1 if root is not None else None
+    clean: list[int | str] = []
+    for part in loc:
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = {k.value: (k, v) for k, v in node.value}
+            if part in children:
+                key, node = children[part]
+                line = key.start_mark.line + 1
+            elif "kind" in children and children["kind"][1].value == part:
+                continue  # the discriminator pydantic inserted
+            else:
+                node = None
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                node = None
+        else:
+            node = None
+        clean.append(part)
+    return line, tuple(clean)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key; check the spelling (see README 'Config reference')",
+    "missing": "required field is missing",
+}
+
+
+def _describe(err: Any) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    ctx = err.get("ctx") or {}
+    got = err.get("input")
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        op = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">",
+              "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound}, got {got}"
+    if kind == "union_tag_invalid":
+        return f"unknown kind {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+    if kind == "literal_error":
+        return f"{msg}, got {got!r}"
+    return str(msg).removeprefix("Value error, ")
+
+
+def parse_config(text: str, *, path: str = "<string>", env: dict[str, str] | None = None) -> Config:
+    """Parse and validate config text; ``path`` is used only in error messages."""
+    env = dict(os.environ) if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _Loader(text, env)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _EnvError as e:
+        raise ConfigError(path, [f"{path}:{e.line} {e}"]) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(path, [f"{path}{line} not valid YAML: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError(path, [f"{path}:1 the config must be a mapping with 'regions' etc."])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            line, loc = _resolve(root, tuple(err["loc"]))
+            where = f"{path}:{line}" if line else path
+            problems.append(f"{where} {_field(loc)}: {_describe(err)}")
+        raise ConfigError(path, problems) from e
+
+
+def load_config(path: str | Path, *, env: dict[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), [f"{p}: cannot read the config: {e.strerror}"]) from e
+    return parse_config(text, path=str(p), env=env)
