@@ -102,9 +102,7 @@ def backtest(
         raise ForecastError(f"{path}: no observed hours in the test period")
     ape = np.abs(pred - y) / np.where(ok, y, 1.0)
     naive_ape = np.abs(naive - y) / np.where(ok, y, 1.0)
-    by_h = {
-        h + 1: round(float(ape[:, h][ok[:, h]].mean() * 100), 3) for h in range(HORIZON_H)
-    }
+    by_h = {h + 1: round(float(ape[:, h][ok[:, h]].mean() * 100), 3) for h in range(HORIZON_H)}
     mape = float(ape[ok].mean() * 100)
     naive_mape = float(naive_ape[ok].mean() * 100)
     return BacktestResult(

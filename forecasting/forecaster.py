@@ -196,7 +196,9 @@ class CarbonForecaster:
                     lag = target - 24 * days_back
                     cols.append(np.log(np.maximum(col, EPS) / np.maximum(ref, EPS)))
                     cols.append(np.log(np.maximum(same_hour, EPS) / np.maximum(ex_at(lag), EPS)))
-                    cols.append(np.log(np.maximum(last, EPS) / np.maximum(ex_at(issue_pos - 1), EPS)))
+                    cols.append(
+                        np.log(np.maximum(last, EPS) / np.maximum(ex_at(issue_pos - 1), EPS))
+                    )
                 cols.append(col)
         return np.column_stack(cols), ref
 
@@ -213,7 +215,9 @@ class CarbonForecaster:
         # the model has seen forecasts issued at whatever hour it is asked at
         rng = np.random.default_rng(self.random_state)
         every = np.arange(24 * 8, n)
-        issues = np.sort(rng.choice(every, size=max(1, len(every) // self.issue_every_h), replace=False))
+        issues = np.sort(
+            rng.choice(every, size=max(1, len(every) // self.issue_every_h), replace=False)
+        )
         self._models = {}
         # one model per day-ahead block (hours 1-24, 25-48, ...): a model trained on all
         # horizons at once was measurably worse on the first day, the one that matters most

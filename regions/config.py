@@ -47,6 +47,7 @@ class _Strict(BaseModel):
 
 # ---- carbon sources -------------------------------------------------------------------------
 
+
 class FileCarbon(_Strict):
     """Historical files answered as of the clock (the simulator's source)."""
 
@@ -102,6 +103,7 @@ CarbonSourceConfig = Annotated[
 
 # ---- prices -----------------------------------------------------------------------------------
 
+
 class TouPeriod(_Strict):
     start: dtime = Field(description="local start time, HH:MM")
     usd_per_kwh: float = Field(ge=0)
@@ -109,7 +111,7 @@ class TouPeriod(_Strict):
 
 
 class Price(_Strict):
-    """Electricity price: a flat rate, a time-of-use schedule, or a CSV series (time,usd_per_kwh)."""
+    """Electricity price: a flat rate, a time-of-use schedule, or a CSV (time,usd_per_kwh)."""
 
     flat_usd_per_kwh: float | None = Field(None, ge=0)
     time_of_use: list[TouPeriod] | None = None
@@ -144,6 +146,7 @@ class Price(_Strict):
 
 
 # ---- replicas and regions --------------------------------------------------------------------
+
 
 class LlamaCppBackend(_Strict):
     kind: Literal["llama_cpp"]
@@ -193,6 +196,7 @@ class Region(_Strict):
 
 # ---- tenants, billing, policy ----------------------------------------------------------------
 
+
 class Budget(_Strict):
     period: Literal["day", "month"] = "month"
     kwh: float | None = Field(None, gt=0)
@@ -232,9 +236,7 @@ class Billing(_Strict):
 
 
 class PolicyDefaults(_Strict):
-    name: Literal["price_carbon", "cheapest", "greenest", "round_robin", "nearest"] = (
-        "price_carbon"
-    )
+    name: Literal["price_carbon", "cheapest", "greenest", "round_robin", "nearest"] = "price_carbon"
     weight: float = Field(0.5, ge=0.0, le=1.0)
     max_latency_ms: float | None = Field(None, gt=0)
     tie_tolerance: float = Field(0.05, ge=0, le=1)
@@ -315,7 +317,7 @@ def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
     return _ENV.sub(sub, value)
 
 
-_Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)  # type: ignore[arg-type]
+_Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 
 
 def _resolve(
@@ -373,8 +375,12 @@ def _describe(err: Any) -> str:
     ctx = err.get("ctx") or {}
     got = err.get("input")
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        op = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">",
-              "less_than": "<"}[kind]
+        op = {
+            "greater_than_equal": ">=",
+            "less_than_equal": "<=",
+            "greater_than": ">",
+            "less_than": "<",
+        }[kind]
         bound = next(iter(ctx.values()))
         return f"must be {op} {bound}, got {got}"
     if kind == "union_tag_invalid":
@@ -398,8 +404,8 @@ def parse_config(text: str, *, path: str = "<string>", env: dict[str, str] | Non
         raise ConfigError(path, [f"{path}:{e.line} {e}"]) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(path, [f"{path}{line} not valid YAML: {e}"]) from e
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(path, [f"{path}{at} not valid YAML: {e}"]) from e
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}:1 the config must be a mapping with 'regions' etc."])
     try:
@@ -408,7 +414,7 @@ def parse_config(text: str, *, path: str = "<string>", env: dict[str, str] | Non
         problems = []
         for err in e.errors():
             line, loc = _resolve(root, tuple(err["loc"]))
-            where = f"{path}:{line}" if line else path
+            where = f"{path}:{line}" if line is not None else path
             problems.append(f"{where} {_field(loc)}: {_describe(err)}")
         raise ConfigError(path, problems) from e
 

@@ -20,10 +20,12 @@ log = logging.getLogger("router")
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # a pipe or a file gets wide tables instead of cells cut with an ellipsis
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 # ---- validate ---------------------------------------------------------------------------------
+
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from regions.config import ConfigError, load_config
@@ -66,6 +68,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 # ---- forecast -----------------------------------------------------------------------------------
+
 
 def cmd_backtest(args: argparse.Namespace) -> int:
     from forecasting.backtest import backtest
@@ -143,6 +146,7 @@ def cmd_forecast_show(args: argparse.Namespace) -> int:
 
 # ---- datasets / keys ------------------------------------------------------------------------
 
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from forecasting.datasets import cache_dir, data_dir, dataset_path, registry
 
@@ -168,15 +172,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     for region in cfg.regions:
-        ns = argparse.Namespace(
-            zone=region.zone, config=args.config, hours=24, json=False
-        )
+        ns = argparse.Namespace(zone=region.zone, config=args.config, hours=24, json=False)
         _console().rule(f"{region.name} ({region.zone})")
         cmd_forecast_show(ns)
     return 0
 
 
 # ---- main -------------------------------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="router", description="carbon-aware LLM router")

@@ -53,7 +53,9 @@ class FakeAPI:
             if fault.delay_s:
                 await asyncio.sleep(fault.delay_s)
             return web.Response(
-                status=fault.status, text=fault.body, headers=fault.headers,
+                status=fault.status,
+                text=fault.body,
+                headers=fault.headers,
                 content_type="application/json",
             )
         for k, body in self.override.items():
@@ -95,28 +97,53 @@ def electricitymaps_app(api: FakeAPI, key: str = "em-key") -> FakeAPI:
     async def latest(request: web.Request) -> web.Response:
         await check(request)
         now = pd.Timestamp(api.clock()).floor("h").to_pydatetime()
-        return web.json_response({
-            "zone": request.query["zone"], "carbonIntensity": _value(now), "datetime": _iso(now),
-            "updatedAt": _iso(now), "emissionFactorType": "lifecycle", "isEstimated": True,
-            "estimationMethod": "TIME_SLICER_AVERAGE",
-        })
+        return web.json_response(
+            {
+                "zone": request.query["zone"],
+                "carbonIntensity": _value(now),
+                "datetime": _iso(now),
+                "updatedAt": _iso(now),
+                "emissionFactorType": "lifecycle",
+                "isEstimated": True,
+                "estimationMethod": "TIME_SLICER_AVERAGE",
+            }
+        )
 
     async def past_range(request: web.Request) -> web.Response:
         await check(request)
         lo = pd.Timestamp(request.query["start"]).to_pydatetime()
         hi = pd.Timestamp(request.query["end"]).to_pydatetime()
         n = int((hi - lo).total_seconds() // 3600)
-        return web.json_response({"zone": request.query["zone"], "data": [
-            {"datetime": _iso(t), "carbonIntensity": _value(t), "updatedAt": _iso(t),
-             "createdAt": _iso(t), "emissionFactorType": "lifecycle", "isEstimated": False,
-             "estimationMethod": None} for t in api.hours(lo, n)]})
+        return web.json_response(
+            {
+                "zone": request.query["zone"],
+                "data": [
+                    {
+                        "datetime": _iso(t),
+                        "carbonIntensity": _value(t),
+                        "updatedAt": _iso(t),
+                        "createdAt": _iso(t),
+                        "emissionFactorType": "lifecycle",
+                        "isEstimated": False,
+                        "estimationMethod": None,
+                    }
+                    for t in api.hours(lo, n)
+                ],
+            }
+        )
 
     async def forecast(request: web.Request) -> web.Response:
         await check(request)
         now = pd.Timestamp(api.clock()).floor("h").to_pydatetime()
-        return web.json_response({"zone": request.query["zone"], "updatedAt": _iso(now),
-            "forecast": [{"carbonIntensity": _value(t), "datetime": _iso(t)}
-                         for t in api.hours(now, 72)]})
+        return web.json_response(
+            {
+                "zone": request.query["zone"],
+                "updatedAt": _iso(now),
+                "forecast": [
+                    {"carbonIntensity": _value(t), "datetime": _iso(t)} for t in api.hours(now, 72)
+                ],
+            }
+        )
 
     api.app.router.add_get("/v3/carbon-intensity/latest", latest)
     api.app.router.add_get("/v3/carbon-intensity/past-range", past_range)
@@ -129,6 +156,7 @@ def watttime_app(api: FakeAPI, user: str = "u", password: str = "p") -> FakeAPI:
 
     async def login(request: web.Request) -> web.Response:
         import base64
+
         auth = request.headers.get("Authorization", "")
         expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         if auth != expected:
@@ -142,9 +170,14 @@ def watttime_app(api: FakeAPI, user: str = "u", password: str = "p") -> FakeAPI:
             raise web.HTTPUnauthorized(text='{"error": "token expired"}')
 
     def meta(units: str = "lbs_co2_per_mwh") -> dict[str, Any]:
-        return {"region": "CAISO_NORTH", "signal_type": "co2_moer", "units": units,
-                "data_point_period_seconds": 300, "model": {"date": "2023-03-01"},
-                "warnings": []}
+        return {
+            "region": "CAISO_NORTH",
+            "signal_type": "co2_moer",
+            "units": units,
+            "data_point_period_seconds": 300,
+            "model": {"date": "2023-03-01"},
+            "warnings": [],
+        }
 
     async def historical(request: web.Request) -> web.Response:
         check(request)
@@ -157,8 +190,10 @@ def watttime_app(api: FakeAPI, user: str = "u", password: str = "p") -> FakeAPI:
     async def forecast(request: web.Request) -> web.Response:
         check(request)
         now = pd.Timestamp(api.clock()).floor("5min").to_pydatetime()
-        pts = [{"point_time": t.isoformat(), "value": 900.0 + (i % 12)}
-               for i, t in enumerate(api.hours(now, 24 * 12, 5))]
+        pts = [
+            {"point_time": t.isoformat(), "value": 900.0 + (i % 12)}
+            for i, t in enumerate(api.hours(now, 24 * 12, 5))
+        ]
         return web.json_response({"data": pts, "meta": {**meta(), "generated_at": now.isoformat()}})
 
     api.app.router.add_get("/login", login)
@@ -173,16 +208,36 @@ def ukci_app(api: FakeAPI) -> FakeAPI:
         return t.strftime("%Y-%m-%dT%H:%MZ")
 
     def periods(lo: datetime, n: int, actual: bool) -> list[dict[str, Any]]:
-        return [{"from": fmt(t), "to": fmt(t + timedelta(minutes=30)),
-                 "intensity": {"forecast": _value(t, 150), "actual": _value(t, 140) if actual
-                               else None, "index": "moderate"}}
-                for t in api.hours(lo, n, 30)]
+        return [
+            {
+                "from": fmt(t),
+                "to": fmt(t + timedelta(minutes=30)),
+                "intensity": {
+                    "forecast": _value(t, 150),
+                    "actual": _value(t, 140) if actual else None,
+                    "index": "moderate",
+                },
+            }
+            for t in api.hours(lo, n, 30)
+        ]
 
     def regional(p: dict[str, Any], rid: int) -> dict[str, Any]:
-        return {"from": p["from"], "to": p["to"], "regions": [{
-            "regionid": rid, "shortname": "London", "dnoregion": "UKPN London",
-            "intensity": {"forecast": p["intensity"]["forecast"], "index": "moderate"},
-            "generationmix": [{"fuel": "gas", "perc": 40.0}, {"fuel": "wind", "perc": 60.0}]}]}
+        return {
+            "from": p["from"],
+            "to": p["to"],
+            "regions": [
+                {
+                    "regionid": rid,
+                    "shortname": "London",
+                    "dnoregion": "UKPN London",
+                    "intensity": {"forecast": p["intensity"]["forecast"], "index": "moderate"},
+                    "generationmix": [
+                        {"fuel": "gas", "perc": 40.0},
+                        {"fuel": "wind", "perc": 60.0},
+                    ],
+                }
+            ],
+        }
 
     def now() -> datetime:
         return pd.Timestamp(api.clock()).floor("30min").to_pydatetime()
@@ -193,8 +248,11 @@ def ukci_app(api: FakeAPI) -> FakeAPI:
     async def window(request: web.Request) -> web.Response:
         lo = pd.Timestamp(request.match_info["frm"]).to_pydatetime()
         to = request.match_info["to"]
-        n = 96 if to == "fw48h" else int(
-            (pd.Timestamp(to).to_pydatetime() - lo).total_seconds() // 1800)
+        n = (
+            96
+            if to == "fw48h"
+            else int((pd.Timestamp(to).to_pydatetime() - lo).total_seconds() // 1800)
+        )
         return web.json_response({"data": periods(lo, n, actual=to != "fw48h")})
 
     async def regional_current(request: web.Request) -> web.Response:
@@ -205,11 +263,20 @@ def ukci_app(api: FakeAPI) -> FakeAPI:
         rid = int(request.match_info["rid"])
         lo = pd.Timestamp(request.match_info["frm"]).to_pydatetime()
         to = request.match_info["to"]
-        n = 96 if to == "fw48h" else int(
-            (pd.Timestamp(to).to_pydatetime() - lo).total_seconds() // 1800)
-        return web.json_response({"data": {"regionid": rid, "shortname": "London",
-                                           "data": [{**p, "generationmix": []}
-                                                    for p in periods(lo, n, False)]}})
+        n = (
+            96
+            if to == "fw48h"
+            else int((pd.Timestamp(to).to_pydatetime() - lo).total_seconds() // 1800)
+        )
+        return web.json_response(
+            {
+                "data": {
+                    "regionid": rid,
+                    "shortname": "London",
+                    "data": [{**p, "generationmix": []} for p in periods(lo, n, False)],
+                }
+            }
+        )
 
     api.app.router.add_get("/intensity", current)
     api.app.router.add_get("/intensity/{frm}/{to}", window)

@@ -74,6 +74,7 @@ class CarbonSourceContract:
 
 # ---- files --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def em_clock() -> FakeClock:
     return FakeClock(datetime(2024, 3, 10, 13, 30, tzinfo=UTC))
@@ -121,7 +122,9 @@ class TestDacfFileWithPublishedForecast(CarbonSourceContract):
         self, source: FileSource, data_dir: Path, clock: FakeClock
     ) -> None:
         fc = await source.forecast(self.zone, 24)
-        raw = pd.read_csv(data_dir / "carbon/dacf_2021/PJM_carbon_from_src_prod_forecasts_direct.csv")
+        raw = pd.read_csv(
+            data_dir / "carbon/dacf_2021/PJM_carbon_from_src_prod_forecasts_direct.csv"
+        )
         first = raw.loc[raw["UTC time"] == "2021-09-01 00:00:00", "carbon_from_src_forecasts"]
         assert fc.g_per_kwh.iloc[0] == pytest.approx(float(first.iloc[0]))
 
@@ -138,7 +141,9 @@ class TestGenericCsvInLbsPerMwh(CarbonSourceContract):
     def source(self, data_dir: Path, clock: FakeClock) -> CarbonSource:
         path = data_dir / "carbon/watttime_caiso_north_2023/watttime2023_caiso-north_actual.csv"
         return FileSource(
-            {self.zone: ZoneFile(path, unit="lbs_per_mwh")}, clock=clock, signal="marginal",
+            {self.zone: ZoneFile(path, unit="lbs_per_mwh")},
+            clock=clock,
+            signal="marginal",
             forecaster_history_days=17,
         )
 
@@ -169,6 +174,7 @@ class TestReplay(CarbonSourceContract):
 
 
 # ---- remote APIs --------------------------------------------------------------------------------
+
 
 @pytest.fixture
 async def em_api(clock: FakeClock) -> AsyncIterator[FakeAPI]:

@@ -164,11 +164,15 @@ class HttpClient:
             if attempt == self.retry.attempts:
                 break
             if wait is not None and wait > self.retry.max_retry_after_s:
-                log.warning("%s: Retry-After %.0fs exceeds the cap; giving up now", self.source, wait)
+                log.warning(
+                    "%s: Retry-After %.0fs exceeds the cap; giving up now", self.source, wait
+                )
                 break
             backoff = min(self.retry.max_backoff_s, self.retry.backoff_s * 2 ** (attempt - 1))
             delay = wait if wait is not None else backoff * (0.5 + random.random() / 2)
-            log.info("%s: attempt %d failed (%s); retrying in %.2fs", self.source, attempt, last, delay)
+            log.info(
+                "%s: attempt %d failed (%s); retrying in %.2fs", self.source, attempt, last, delay
+            )
             await self._sleep(delay)
         assert last is not None
         raise last

@@ -82,6 +82,15 @@ class _Remote(CarbonSource):
     async def aclose(self) -> None:
         await self.http.aclose()
 
+    def _window(
+        self, parts: list[pd.Series], zone: str, lo: pd.Timestamp, hi: pd.Timestamp
+    ) -> pd.Series:
+        s = pd.concat(parts)
+        s = clean_series(s[(s.index >= lo) & (s.index < hi)], source=self.name, zone=zone)
+        if s.empty:
+            raise UnknownZoneError(f"no data in [{lo}, {hi})", source=self.name, zone=zone)
+        return s
+
     def _latest_of(self, zone: str, s: pd.Series, stale: bool, age: float) -> Intensity:
         return Intensity(
             zone=zone,
@@ -93,12 +102,16 @@ class _Remote(CarbonSource):
             age_s=age,
         )
 
-    def _forecast_of(self, zone: str, s: pd.Series, horizon_h: int, stale: bool, age: float) -> Forecast:
+    def _forecast_of(
+        self, zone: str, s: pd.Series, horizon_h: int, stale: bool, age: float
+    ) -> Forecast:
         now = pd.Timestamp(self._clock()).floor("h")
         s = s[(s.index >= now) & (s.index < now + pd.Timedelta(hours=horizon_h))]
         if s.empty:
             raise SourceDataError(
-                f"the forecast holds nothing for the next {horizon_h} h", source=self.name, zone=zone
+                f"the forecast holds nothing for the next {horizon_h} h",
+                source=self.name,
+                zone=zone,
             )
         return Forecast(
             zone=zone,
@@ -162,8 +175,7 @@ class ElectricityMapsSource(_Remote):
             items = _items(body, "data", source=self.name, zone=zone)
             parts.append(_series(items, "datetime", "carbonIntensity", source=self.name, zone=zone))
             t = u
-        s = pd.concat(parts)
-        return clean_series(s[(s.index >= lo) & (s.index < hi)], source=self.name, zone=zone)
+        return self._window(parts, zone, lo, hi)
 
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         async def fetch() -> pd.Series:
@@ -235,9 +247,7 @@ class WattTimeSource(_Remote):
         items = _items(body, "data", source=self.name, zone=zone)
         meta = body.get("meta") if isinstance(body, dict) else None
         units = meta.get("units") if isinstance(meta, dict) else None
-        scale = {"lbs_co2_per_mwh": LBS_PER_MWH_TO_G_PER_KWH, "g_co2_per_kwh": 1.0}.get(
-            str(units)
-        )
+        scale = {"lbs_co2_per_mwh": LBS_PER_MWH_TO_G_PER_KWH, "g_co2_per_kwh": 1.0}.get(str(units))
         if scale is None:
             raise SourceDataError(
                 f"unsupported units {units!r}; expected lbs_co2_per_mwh (co2_moer)",
@@ -268,8 +278,7 @@ class WattTimeSource(_Remote):
             body = await self._get("/v3/historical", zone, start=t.isoformat(), end=u.isoformat())
             parts.append(self._points(body, zone))
             t = u
-        s = pd.concat(parts)
-        return clean_series(s[(s.index >= lo) & (s.index < hi)], source=self.name, zone=zone)
+        return self._window(parts, zone, lo, hi)
 
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         async def fetch() -> pd.Series:
@@ -313,7 +322,7 @@ class UKCarbonIntensitySource(_Remote):
 
     @staticmethod
     def _fmt(t: pd.Timestamp) -> str:
-        return t.strftime("%Y-%m-%dT%H:%MZ")
+        return str(t.strftime("%Y-%m-%dT%H:%MZ"))
 
     def _periods(self, body: Any, zone: str) -> pd.Series:
         data = body.get("data") if isinstance(body, dict) else None
@@ -334,7 +343,7 @@ class UKCarbonIntensitySource(_Remote):
             rows.append({"from": p.get("from"), "value": value})
         return _series(rows, "from", "value", source=self.name, zone=zone)
 
-    async def _window(self, zone: str, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.Series:
+    async def _fetch_window(self, zone: str, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.Series:
         rid = self._region(zone)
         if rid is None:
             url = f"{self._base}/intensity/{self._fmt(lo)}/{self._fmt(hi)}"
@@ -345,7 +354,11 @@ class UKCarbonIntensitySource(_Remote):
     async def latest(self, zone: str) -> Intensity:
         async def fetch() -> pd.Series:
             rid = self._region(zone)
-            url = f"{self._base}/intensity" if rid is None else f"{self._base}/regional/regionid/{rid}"
+            url = (
+                f"{self._base}/intensity"
+                if rid is None
+                else f"{self._base}/regional/regionid/{rid}"
+            )
             return self._periods(await self.http.get_json(url, zone=zone), zone)
 
         s, stale, age = await self.http.cached(("latest", zone), fetch, zone=zone)
@@ -356,10 +369,9 @@ class UKCarbonIntensitySource(_Remote):
         parts, t = [], lo
         while t < hi:  # the API serves at most 14 days a call
             u = min(t + pd.Timedelta(days=14), hi)
-            parts.append(await self._window(zone, t, u))
+            parts.append(await self._fetch_window(zone, t, u))
             t = u
-        s = pd.concat(parts)
-        return clean_series(s[(s.index >= lo) & (s.index < hi)], source=self.name, zone=zone)
+        return self._window(parts, zone, lo, hi)
 
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         async def fetch() -> pd.Series:

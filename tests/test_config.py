@@ -1,0 +1,131 @@
+"""The YAML config: shipped files validate; bad files are reported with file, line and field."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from regions.config import ConfigError, load_config, parse_config
+from router.cli import main
+from tests.conftest import ROOT
+
+ENV = {"ELECTRICITYMAPS_API_KEY": "em", "WATTTIME_USERNAME": "u", "WATTTIME_PASSWORD": "p"}
+LOCAL = (ROOT / "configs/local.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "multiregion.yaml", "simulate.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / name, env=ENV)
+    assert cfg.regions and all(r.replicas for r in cfg.regions)
+    assert {r.carbon_source for r in cfg.regions} <= set(cfg.carbon_sources)
+
+
+def test_local_config_is_the_embedded_default() -> None:
+    cfg = load_config(ROOT / "configs/local.yaml", env={})
+    assert len(cfg.regions) == 3
+    assert len({r.zone for r in cfg.regions}) == 3
+    assert all(p.backend.kind == "llama_cpp" for r in cfg.regions for p in r.replicas)
+    assert {s.kind for s in cfg.carbon_sources.values()} == {"replay"}
+    demo = next(t for t in cfg.tenants if t.name == "demo")
+    assert hashlib.sha256(b"sk-local-demo").hexdigest() in demo.api_key_sha256
+
+
+def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, path="configs/x.yaml", env=env or {})
+    return info.value.problems
+
+
+def test_pue_below_one_names_file_line_and_field() -> None:
+    text = LOCAL.replace("pue: 1.25", "pue: 0.9")
+    line = text.splitlines().index("    pue: 0.9") + 1
+    assert errors_of(text) == [f"configs/x.yaml:{line} regions[1].pue: must be >= 1.0, got 0.9"]
+
+
+def test_unknown_key_is_rejected_with_its_line() -> None:
+    text = LOCAL.replace("rtt_ms: 110", "rtt_msec: 110")
+    line = text.splitlines().index("    rtt_msec: 110") + 1
+    (problem,) = errors_of(text)
+    assert problem.startswith(f"configs/x.yaml:{line} regions[2].rtt_msec: unknown key")
+
+
+def test_every_problem_is_listed() -> None:
+    text = LOCAL.replace("pue: 1.25", "pue: 0.9").replace(
+        "flat_usd_per_kwh: 0.07", "flat_usd_per_kwh: -1"
+    )
+    problems = errors_of(text)
+    assert len(problems) == 2
+    assert any("regions[0].price.flat_usd_per_kwh: must be >= 0.0, got -1" in p for p in problems)
+
+
+def test_unknown_source_kind_lists_the_allowed_ones() -> None:
+    (problem,) = errors_of(LOCAL.replace("kind: replay", "kind: replayy"))
+    assert "carbon_sources.replay: unknown kind 'replayy'" in problem
+    assert "'electricitymaps'" in problem
+
+
+def test_undefined_carbon_source_reference() -> None:
+    (problem,) = errors_of(
+        LOCAL.replace(
+            "carbon_source: replay\n    pue: 1.30", "carbon_source: wattime\n    pue: 1.30"
+        )
+    )
+    assert "carbon_source 'wattime' is not defined; defined: replay" in problem
+
+
+def test_api_key_in_clear_is_refused() -> None:
+    text = LOCAL.replace(
+        "4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f", "sk-local-demo"
+    )
+    (problem,) = errors_of(text)
+    assert "tenants[0].api_key_sha256" in problem and "router hash-key" in problem
+
+
+def test_price_needs_exactly_one_form() -> None:
+    (problem,) = errors_of(
+        LOCAL.replace(
+            "price: {flat_usd_per_kwh: 0.07}", "price: {flat_usd_per_kwh: 0.07, csv: p.csv}"
+        )
+    )
+    assert "regions[0].price: give exactly one of" in problem
+
+
+def test_env_substitution_and_defaults() -> None:
+    text = (ROOT / "configs/multiregion.yaml").read_text()
+    cfg = parse_config(text, env={**ENV, "ELECTRICITYMAPS_API_KEY": "secret-em"})
+    assert cfg.carbon_sources["electricitymaps"].api_key == "secret-em"  # type: ignore[union-attr]
+    backend = cfg.regions[0].replicas[0].backend
+    assert backend.kind == "openai" and backend.api_key == ""
+
+
+def test_missing_env_var_is_named_with_its_line() -> None:
+    text = (ROOT / "configs/multiregion.yaml").read_text()
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "${WATTTIME_USERNAME}" in t)
+    (problem,) = errors_of(text, env={"ELECTRICITYMAPS_API_KEY": "x", "WATTTIME_PASSWORD": "p"})
+    assert problem.startswith(
+        f"configs/x.yaml:{line} environment variable WATTTIME_USERNAME is not set"
+    )
+
+
+def test_yaml_syntax_error_has_a_line() -> None:
+    (problem,) = errors_of("regions:\n  - name: a\n   zone: [\n")
+    assert problem.startswith("configs/x.yaml:") and "not valid YAML" in problem
+
+
+def test_regions_matching_globs() -> None:
+    cfg = load_config(ROOT / "configs/local.yaml", env={})
+    assert [r.name for r in cfg.regions_matching(["eu-*"])] == ["eu-north", "eu-central"]
+    assert [r.name for r in cfg.regions_matching(["us"])] == ["us-south"]
+
+
+def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(ROOT / "configs/local.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "eu-central" in out and "US-TEX-ERCO" in out and "tariff energy" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(LOCAL.replace("pue: 1.25", "pue: 0.9"))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:" in err and "regions[1].pue: must be >= 1.0, got 0.9" in err
