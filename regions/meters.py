@@ -76,13 +76,16 @@ class _Accumulator:
             self.total += raw + self.wrap - self.last
         else:
             self.resets += 1
-            log.warning("energy counter went back from %s to %s: reset; counting from 0", self.last, raw)
+            log.warning(
+                "energy counter went back from %s to %s: reset; counting from 0", self.last, raw
+            )
             self.total += raw
         self.last = raw
         return self.total
 
 
 # ---- NVML -----------------------------------------------------------------------------------------
+
 
 def _load_pynvml() -> ModuleType:
     try:
@@ -192,6 +195,7 @@ class NvmlMeter(PowerMeter):
 
 # ---- RAPL -----------------------------------------------------------------------------------------
 
+
 class RaplMeter(PowerMeter):
     """CPU package energy from Linux powercap RAPL (``energy_uj`` per package domain)."""
 
@@ -229,6 +233,7 @@ class RaplMeter(PowerMeter):
 
 
 # ---- CPU-time model -------------------------------------------------------------------------------
+
 
 def process_cpu_seconds() -> float:
     """CPU seconds (user + system) of this process, all threads (llama.cpp's included)."""
@@ -274,6 +279,7 @@ class CpuModelMeter(PowerMeter):
 
 # ---- fake -----------------------------------------------------------------------------------------
 
+
 class FakeMeter(PowerMeter):
     """A meter driven by the test: a constant ``power_w`` over its clock, plus explicit joules."""
 
@@ -302,7 +308,9 @@ class FakeMeter(PowerMeter):
         return MeterReading(t, self._energy_j)
 
 
-def open_meter(kind: str, *, gpu_indices: Sequence[int] | None = None, watts_per_core: float = 15.0) -> PowerMeter:
+def open_meter(
+    kind: str, *, gpu_indices: Sequence[int] | None = None, watts_per_core: float = 15.0
+) -> PowerMeter:
     """The meter a replica's config names (``nvml``, ``rapl`` or ``cpu``)."""
     if kind == "nvml":
         return NvmlMeter(gpu_indices or (0,))

@@ -1,0 +1,1 @@
+"""Metering: per-request energy attribution (domain, no Ray) and, later, the Ray actor."""

@@ -1,0 +1,301 @@
+"""Split a replica's measured energy among the requests that used it.
+
+Each interval between two meter readings is split among the requests active in it in
+proportion to the work each did in it: decode tokens, plus prefill tokens x ``prefill_weight``
+spread uniformly over the request's prefill (from its start to its first token). Energy of the
+part of an interval when no request was active is idle energy, booked to the replica.
+
+Invariant: for every replica and window, attributed + idle == measured (to float rounding).
+
+The live replica calls :meth:`ReplicaAttributor.start`, ``token``, ``end`` and ``reading`` as
+things happen (readings at every start and end and periodically); an interval is settled once
+every request active in it knows where its prefill ended, so a request's energy is final shortly
+after its end. :func:`attribute` runs the same code over recorded timelines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from regions.meters import MeterReading
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_WEIGHT = 0.1  # see router/metering/calibrate.py for how it is measured
+
+
+class AttributionError(ValueError):
+    """Events out of order, unknown request ids, or a meter that went backwards."""
+
+
+@dataclass
+class _Request:
+    id: str
+    start_s: float
+    prefill_tokens: int
+    first_token_s: float | None = None
+    end_s: float | None = None
+    pending_tokens: int = 0  # decode tokens since the last reading
+    energy_j: float = 0.0
+    open_intervals: int = 0  # intervals it is active in that are not yet settled
+
+
+@dataclass
+class _Interval:
+    a_s: float
+    b_s: float
+    energy_j: float
+    decode: dict[str, int]
+    active: list[_Request]
+
+
+@dataclass(frozen=True, slots=True)
+class Attributed:
+    """A finished request's share of measured energy."""
+
+    request_id: str
+    energy_j: float
+    start_s: float
+    end_s: float
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclass
+class ReplicaAttributor:
+    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    idle_j: float = 0.0
+    measured_j: float = 0.0
+    attributed_j: float = 0.0
+    _requests: dict[str, _Request] = field(default_factory=dict)
+    _decoded: dict[str, int] = field(default_factory=dict)
+    _last: MeterReading | None = None
+    _pending: deque[_Interval] = field(default_factory=deque)
+    _done: list[Attributed] = field(default_factory=list)
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def start(self, request_id: str, t_s: float, prefill_tokens: int) -> None:
+        if request_id in self._requests:
+            raise AttributionError(f"request {request_id} started twice")
+        if prefill_tokens < 0:
+            raise AttributionError(f"request {request_id}: negative prefill tokens")
+        self._requests[request_id] = _Request(request_id, t_s, prefill_tokens)
+        self._decoded[request_id] = 0
+
+    def token(self, request_id: str, t_s: float, n: int = 1) -> None:
+        r = self._get(request_id)
+        if r.end_s is not None:
+            raise AttributionError(f"request {request_id}: token after its end")
+        if r.first_token_s is None:
+            r.first_token_s = max(t_s, r.start_s)
+        r.pending_tokens += n
+        self._decoded[request_id] += n
+
+    def end(self, request_id: str, t_s: float) -> None:
+        r = self._get(request_id)
+        if r.end_s is not None:
+            raise AttributionError(f"request {request_id} ended twice")
+        if t_s < r.start_s:
+            raise AttributionError(f"request {request_id} ends before it starts")
+        r.end_s = t_s
+        if r.first_token_s is None:  # no output: its whole life was prefill
+            r.first_token_s = t_s
+
+    def reading(self, reading: MeterReading) -> list[Attributed]:
+        """Close the interval since the previous reading; return requests whose energy is final."""
+        last = self._last
+        self._last = reading
+        if last is None:
+            return self._drain()
+        if reading.t_s < last.t_s:
+            raise AttributionError(f"meter time went back from {last.t_s} to {reading.t_s}")
+        energy = reading.energy_j - last.energy_j
+        if energy < 0:
+            raise AttributionError(
+                f"meter energy went back from {last.energy_j} J to {reading.energy_j} J; "
+                "meters must be monotonic (counter resets are absorbed by the meter)"
+            )
+        self.measured_j += energy
+        a, b = last.t_s, reading.t_s
+        active = [
+            r
+            for r in self._requests.values()
+            if r.start_s <= b
+            and (r.end_s is None or r.end_s >= a)
+            and (r.pending_tokens or _overlap(r.start_s, r.end_s, a, b) > 0)
+        ]
+        decode = {r.id: r.pending_tokens for r in active if r.pending_tokens}
+        for r in active:
+            r.pending_tokens = 0
+            r.open_intervals += 1
+        self._pending.append(_Interval(a, b, energy, decode, active))
+        self._settle()
+        return self._drain()
+
+    # ---- settling -----------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        while self._pending and all(r.first_token_s is not None for r in self._pending[0].active):
+            self._split(self._pending.popleft())
+
+    def _split(self, iv: _Interval) -> None:
+        work: dict[str, float] = {}
+        for r in iv.active:
+            w = float(iv.decode.get(r.id, 0))
+            if r.prefill_tokens and self.prefill_weight:
+                w += self.prefill_weight * r.prefill_tokens * _prefill_share(r, iv.a_s, iv.b_s)
+            work[r.id] = w
+        total_work = sum(work.values())
+        covered = _covered_fraction([(r.start_s, r.end_s) for r in iv.active], iv.a_s, iv.b_s)
+        if total_work > 0 and covered == 0.0:
+            covered = 1.0  # work done at an instant: the whole interval was that work
+        if not iv.active or covered == 0.0:
+            self.idle_j += iv.energy_j
+        else:
+            busy = iv.energy_j * covered
+            self.idle_j += iv.energy_j - busy
+            if total_work > 0:
+                shares = {k: v / total_work for k, v in work.items()}
+            else:  # active but no measured work (e.g. waiting on a lock): by time present
+                t = {r.id: _overlap(r.start_s, r.end_s, iv.a_s, iv.b_s) for r in iv.active}
+                tt = sum(t.values()) or 1.0
+                shares = {k: (v / tt if sum(t.values()) else 1.0 / len(t)) for k, v in t.items()}
+            for r in iv.active:
+                share = busy * shares[r.id]
+                r.energy_j += share
+                self.attributed_j += share
+        for r in iv.active:
+            r.open_intervals -= 1
+
+    def _drain(self) -> list[Attributed]:
+        for r in list(self._requests.values()):
+            if (
+                r.end_s is not None
+                and r.open_intervals == 0
+                and self._last is not None
+                and (self._last.t_s >= r.end_s)
+            ):
+                self._done.append(
+                    Attributed(
+                        request_id=r.id,
+                        energy_j=r.energy_j,
+                        start_s=r.start_s,
+                        end_s=r.end_s,
+                        prefill_tokens=r.prefill_tokens,
+                        decode_tokens=self._decoded.pop(r.id),
+                    )
+                )
+                del self._requests[r.id]
+        done, self._done = self._done, []
+        return done
+
+    def _get(self, request_id: str) -> _Request:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise AttributionError(f"unknown request {request_id}") from None
+
+    @property
+    def open_requests(self) -> list[str]:
+        return sorted(self._requests)
+
+
+def _overlap(s: float, e: float | None, a: float, b: float) -> float:
+    return max(0.0, min(b, e if e is not None else b) - max(a, s))
+
+
+def _prefill_share(r: _Request, a: float, b: float) -> float:
+    assert r.first_token_s is not None
+    span = r.first_token_s - r.start_s
+    if span <= 0:
+        return 1.0 if a < r.first_token_s <= b or (a == b == r.first_token_s) else 0.0
+    return _overlap(r.start_s, r.first_token_s, a, b) / span
+
+
+def _covered_fraction(lifetimes: Sequence[tuple[float, float | None]], a: float, b: float) -> float:
+    """Fraction of (a, b] covered by the union of request lifetimes."""
+    if b <= a:
+        return 1.0 if lifetimes else 0.0
+    spans = sorted((max(a, s), min(b, e if e is not None else b)) for s, e in lifetimes)
+    covered, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if e <= s:
+            continue
+        if cur_e is None or s > cur_e:
+            if cur_e is not None and cur_s is not None:
+                covered += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None and cur_s is not None:
+        covered += cur_e - cur_s
+    return covered / (b - a)
+
+
+# ---- batch ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One request as a replica saw it: monotonic seconds."""
+
+    request_id: str
+    start_s: float
+    prefill_tokens: int
+    token_times_s: tuple[float, ...]
+    end_s: float
+
+
+@dataclass(frozen=True)
+class Attribution:
+    energy_j: dict[str, float]
+    idle_j: float
+    measured_j: float
+
+
+def attribute(
+    readings: Iterable[MeterReading],
+    timelines: Iterable[Timeline],
+    *,
+    prefill_weight: float = DEFAULT_PREFILL_WEIGHT,
+) -> Attribution:
+    """Attribute recorded readings to recorded request timelines (the live code path, replayed).
+
+    Readings must cover every request (one at or before each start, one at or after each end).
+    """
+    # At equal times a reading closes the interval that ends then: tokens and ends at that time
+    # belong to it (order 0, 1), starts to the next one (3); a request's own events keep their
+    # order (a token at its start time, or an end at its start time, come after the start).
+    events: list[tuple[float, int, object]] = []
+    for tl in timelines:
+        if tl.end_s < tl.start_s or any(t < tl.start_s or t > tl.end_s for t in tl.token_times_s):
+            raise AttributionError(f"request {tl.request_id}: times outside [start, end]")
+        events.append((tl.start_s, 3, ("start", tl)))
+        events.extend((t, 0 if t > tl.start_s else 4, ("token", tl)) for t in tl.token_times_s)
+        events.append((tl.end_s, 1 if tl.end_s > tl.start_s else 5, ("end", tl)))
+    events.extend((r.t_s, 2, r) for r in readings)
+    events.sort(key=lambda e: (e[0], e[1]))
+    att = ReplicaAttributor(prefill_weight=prefill_weight)
+    out: dict[str, float] = {}
+    for t, _, ev in events:
+        if isinstance(ev, MeterReading):
+            for done in att.reading(ev):
+                out[done.request_id] = done.energy_j
+            continue
+        kind, tl = ev  # type: ignore[misc]
+        if kind == "start":
+            att.start(tl.request_id, t, tl.prefill_tokens)
+        elif kind == "token":
+            att.token(tl.request_id, t)
+        else:
+            att.end(tl.request_id, t)
+    if att.open_requests:
+        raise AttributionError(
+            f"no reading after the end of {', '.join(att.open_requests)}; "
+            "take a reading at or after every request's end"
+        )
+    return Attribution(energy_j=out, idle_j=att.idle_j, measured_j=att.measured_j)
