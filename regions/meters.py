@@ -24,7 +24,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 from regions.config import RegionsError
@@ -84,10 +83,10 @@ class _Accumulator:
         return self.total
 
 
-# ---- NVML -----------------------------------------------------------------------------------------
+# ---- NVML ---------------------------------------------------------------------------------------
 
 
-def _load_pynvml() -> ModuleType:
+def _load_pynvml() -> Any:
     try:
         import pynvml
     except ImportError as e:  # pragma: no cover - nvidia-ml-py is a core dependency
@@ -151,7 +150,7 @@ class NvmlMeter(PowerMeter):
             self._thread.start()
 
     def _power_w(self) -> float:
-        return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._polled) / 1000.0
+        return float(sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._polled)) / 1000.0
 
     def _poll_once(self) -> None:
         t, p = self._clock(), self._power_w()
@@ -193,7 +192,7 @@ class NvmlMeter(PowerMeter):
             log.debug("nvmlShutdown: %s", e)
 
 
-# ---- RAPL -----------------------------------------------------------------------------------------
+# ---- RAPL ---------------------------------------------------------------------------------------
 
 
 class RaplMeter(PowerMeter):
@@ -232,7 +231,7 @@ class RaplMeter(PowerMeter):
         return MeterReading(t, uj / 1e6)
 
 
-# ---- CPU-time model -------------------------------------------------------------------------------
+# ---- CPU-time model -----------------------------------------------------------------------------
 
 
 def process_cpu_seconds() -> float:
@@ -277,7 +276,7 @@ class CpuModelMeter(PowerMeter):
         return MeterReading(t, cpu_s * self.watts_per_core + (t - self._t0) * self.idle_w)
 
 
-# ---- fake -----------------------------------------------------------------------------------------
+# ---- fake ---------------------------------------------------------------------------------------
 
 
 class FakeMeter(PowerMeter):

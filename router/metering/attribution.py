@@ -270,7 +270,7 @@ def attribute(
     # At equal times a reading closes the interval that ends then: tokens and ends at that time
     # belong to it (order 0, 1), starts to the next one (3); a request's own events keep their
     # order (a token at its start time, or an end at its start time, come after the start).
-    events: list[tuple[float, int, object]] = []
+    events: list[tuple[float, int, MeterReading | tuple[str, Timeline]]] = []
     for tl in timelines:
         if tl.end_s < tl.start_s or any(t < tl.start_s or t > tl.end_s for t in tl.token_times_s):
             raise AttributionError(f"request {tl.request_id}: times outside [start, end]")
@@ -286,7 +286,7 @@ def attribute(
             for done in att.reading(ev):
                 out[done.request_id] = done.energy_j
             continue
-        kind, tl = ev  # type: ignore[misc]
+        kind, tl = ev
         if kind == "start":
             att.start(tl.request_id, t, tl.prefill_tokens)
         elif kind == "token":
