@@ -143,7 +143,7 @@ class LlamaCppBackend(Backend):
         if request.messages is not None:
             if self._chat is None:
                 raise BackendError(f"{self.path.name} has no chat template; use /v1/completions")
-            out = self._chat(messages=request.messages)
+            out = self._chat(messages=request.messages)  # type: ignore[arg-type]
             stops = [s for s in ([out.stop] if isinstance(out.stop, str) else out.stop or []) if s]
             return out.prompt, stops + list(request.stop)
         return request.prompt or "", list(request.stop)
