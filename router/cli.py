@@ -9,10 +9,15 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from router.ledger import Ledger
 
 EXIT_INVALID = 2
 
@@ -166,6 +171,139 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_day(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    ts = datetime.fromisoformat(value)
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _open_ledger(path: str) -> Ledger:
+    from router.ledger import Ledger
+
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no ledger at {path}")
+    return Ledger(path)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from router.invoice import usage
+
+    ledger = _open_ledger(args.ledger)
+    rows = ledger.tenant_rows(args.tenant, _parse_day(args.from_), _parse_day(args.to))
+    if args.format == "csv" and args.rows:
+        from router.invoice import frame
+
+        print(frame(rows).drop(columns=["requests", "day"]).to_csv(index=False), end="")
+        return 0
+    table = usage(rows, args.by)
+    if args.format == "json":
+        print(table.to_json(orient="records"))
+    elif args.format == "csv":
+        print(table.to_csv(index=False), end="")
+    else:
+        _print_frame(table, f"usage of {args.tenant or 'all tenants'} ({len(rows)} requests)")
+    return 0
+
+
+def _print_frame(df: object, title: str) -> None:
+    import pandas as pd
+
+    assert isinstance(df, pd.DataFrame)
+    table = Table(title=title, title_justify="left")
+    for col in df.columns:
+        table.add_column(str(col), justify="left" if df[col].dtype == object else "right")
+    for row in df.itertuples(index=False):
+        table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    _console().print(table)
+
+
+def cmd_bill(args: argparse.Namespace) -> int:
+    if args.compare_seed:
+        from router.invoice import seed_table
+
+        table = seed_table()
+        if args.format == "json":
+            print(table.to_json(orient="records"))
+        else:
+            wide = table.set_index("output_tokens").T.reset_index()
+            wide.columns = ["output tokens ->", *(str(c) for c in wide.columns[1:])]
+            _print_frame(
+                wide, "seed article vs measured (ML.ENERGY); prices $0.002/token, $0.15/kWh"
+            )
+        return 0
+    if not (args.ledger and args.tenant and args.month):
+        raise SystemExit(
+            "error: router bill needs --ledger, --tenant and --month (or --compare-seed)"
+        )
+    from router.invoice import invoice
+
+    inv = invoice(_open_ledger(args.ledger), args.tenant, args.month)
+    if args.format == "json":
+        out = {k: v for k, v in inv.__dict__.items() if k != "by_region"}
+        out["saving_usd"] = inv.saving_usd
+        out["by_region"] = inv.by_region.to_dict(orient="records")
+        print(json.dumps(out))
+        return 0
+    console = _console()
+    console.print(
+        f"[bold]Invoice {inv.tenant} {inv.month}[/]  ({inv.requests} requests, "
+        f"{inv.first_request} .. {inv.last_request})"
+    )
+    console.print(f"  energy        {inv.energy_kwh:.6f} kWh  ({inv.measured_share:.0%} measured)")
+    console.print(f"  carbon        {inv.carbon_g:.3f} g CO2e")
+    console.print(
+        f"  billed        ${inv.billed_usd:.6f}  (energy tariff ${inv.energy_tariff_usd:.6f}"
+        f", carbon price ${inv.carbon_cost_usd:.6f})"
+    )
+    console.print(f"  token tariff  ${inv.token_tariff_usd:.6f}  -> saving ${inv.saving_usd:.6f}")
+    _print_frame(inv.by_region, "by region")
+    return 0
+
+
+def cmd_energy_evaluate(args: argparse.Namespace) -> int:
+    from forecasting.energy import EnergyPredictor, leave_one_model_out, load_mlenergy
+
+    data = load_mlenergy()
+    result: dict[str, object] = {
+        "v3_leave_one_model_out": leave_one_model_out(data, source="v3"),
+        "v2_a100_leave_one_model_out": leave_one_model_out(data, source="v2", gpu="A100-40GB"),
+    }
+    if args.local:
+        result["local"] = _local_error(args.local, EnergyPredictor())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _local_error(path: str, predictor: object) -> dict[str, object]:
+    """Fit the per-replica model on the first half of measured local requests, test on the rest."""
+    import numpy as np
+
+    from forecasting.energy import EnergyPredictor, ReplicaProfile
+
+    assert isinstance(predictor, EnergyPredictor)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [(r["prompt_tokens"], r["completion_tokens"], r["energy_j"]) for r in rows]
+    half = len(rows) // 2
+    predictor.min_rows_for_fit = min(predictor.min_rows_for_fit, half)
+    profile = ReplicaProfile(name="local", model="smollm2-135m", gpu="cpu")
+    if not predictor.refit("local", rows[:half]):
+        return {"error": "too few measured requests"}
+    test = np.array(rows[half:], dtype=float)
+    pred = predictor.predict_many(profile, test[:, 0], test[:, 1])
+    ape = np.abs(pred - test[:, 2]) / test[:, 2] * 100
+    return {
+        "requests_fit": half,
+        "requests_tested": len(test),
+        "median_ape_pct": round(float(np.median(ape)), 2),
+        "p90_ape_pct": round(float(np.percentile(ape, 90)), 2),
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Until the serving issue lands: show each region's carbon now and its 24 h forecast."""
     from regions.config import load_config
@@ -214,6 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("key")
     h.set_defaults(func=cmd_hash_key)
 
+    u = sub.add_parser("usage", help="a tenant's usage from the ledger")
+    u.add_argument("--ledger", required=True)
+    u.add_argument("--tenant", help="default: all tenants")
+    u.add_argument("--from", dest="from_", help="ISO date/time, UTC")
+    u.add_argument("--to", help="ISO date/time, UTC (exclusive)")
+    u.add_argument("--by", choices=["day", "region", "model", "replica"])
+    u.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    u.add_argument("--rows", action="store_true", help="with --format csv: every ledger row")
+    u.set_defaults(func=cmd_usage)
+
+    bl = sub.add_parser("bill", help="a tenant's monthly invoice, or the seed comparison")
+    bl.add_argument("--ledger")
+    bl.add_argument("--tenant")
+    bl.add_argument("--month", help="YYYY-MM")
+    bl.add_argument("--compare-seed", action="store_true")
+    bl.add_argument("--format", choices=["table", "json"], default="table")
+    bl.set_defaults(func=cmd_bill)
+
+    e = sub.add_parser("energy", help="the per-request energy predictor")
+    esub = e.add_subparsers(dest="energy_command", required=True)
+    ev = esub.add_parser("evaluate", help="leave-one-model-out error on ML.ENERGY")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--local", help="JSONL of measured local requests (attribution benchmark)")
+    ev.set_defaults(func=cmd_energy_evaluate)
+
     sv = sub.add_parser("serve", help="run the router on a config")
     sv.add_argument("--config", default="configs/local.yaml")
     sv.set_defaults(func=cmd_serve)
@@ -223,13 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from forecasting.errors import ForecastingError
     from regions.config import RegionsError
+    from router.errors import RouterError
 
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ForecastingError, RegionsError) as e:
+    except (ForecastingError, RegionsError, RouterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

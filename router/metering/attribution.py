@@ -21,13 +21,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from regions.meters import MeterReading
+from router.errors import RouterError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_WEIGHT = 0.1  # see router/metering/calibrate.py for how it is measured
 
 
-class AttributionError(ValueError):
+class AttributionError(RouterError, ValueError):
     """Events out of order, unknown request ids, or a meter that went backwards."""
 
 

@@ -1,0 +1,286 @@
+"""The durable ledger: one row per billed request, plus the raw meter readings and idle energy
+from which any bill line can be recomputed.
+
+SQLite in WAL mode with ``synchronous=FULL``: :meth:`Ledger.write` returns only after its
+transaction is on disk, so a write is durable before the caller acknowledges it, and a process
+killed mid-write leaves either the whole batch or none of it. Writes are idempotent by request
+id: a retried write never bills twice (``INSERT ... ON CONFLICT DO NOTHING``).
+
+The schema version is SQLite's ``user_version``. Opening an older file migrates it in one
+transaction; a newer file, or a file that is not a carbon-router ledger, is refused with the
+reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from router.errors import RouterError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+
+
+class LedgerError(RouterError):
+    """The ledger cannot be opened, migrated or written."""
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    request_id: str
+    tenant: str
+    region: str
+    replica: str
+    model: str
+    started_at: str  # ISO 8601 UTC
+    ended_at: str
+    prompt_tokens: int
+    completion_tokens: int
+    energy_j: float  # IT energy attributed to the request
+    energy_source: Literal["measured", "estimated"]
+    pue: float
+    kwh_billed: float  # energy_j / 3.6e6 x pue
+    intensity_g_per_kwh: float
+    signal: Literal["average", "marginal"]
+    carbon_stale: bool
+    carbon_g: float
+    price_usd_per_kwh: float
+    tariff: str
+    cost_usd: float
+    energy_cost_usd: float
+    token_cost_usd: float
+    carbon_cost_usd: float
+    status: Literal["ok", "error", "cancelled"] = "ok"
+
+    def __post_init__(self) -> None:
+        if self.energy_j < 0 or self.kwh_billed < 0 or self.carbon_g < 0 or self.cost_usd < 0:
+            raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost")
+        for name in ("started_at", "ended_at"):
+            value = getattr(self, name)
+            try:
+                ts = datetime.fromisoformat(value)
+            except ValueError as e:
+                raise LedgerError(f"request {self.request_id}: {name} {value!r}: {e}") from e
+            if ts.utcoffset() is None or ts.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
+                raise LedgerError(f"request {self.request_id}: {name} must be UTC, got {value}")
+
+
+COLUMNS = [f.name for f in fields(LedgerRow)]
+
+_V1 = """
+CREATE TABLE requests (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    region TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    model TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+    completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+    energy_j REAL NOT NULL CHECK (energy_j >= 0),
+    energy_source TEXT NOT NULL CHECK (energy_source IN ('measured', 'estimated')),
+    pue REAL NOT NULL CHECK (pue >= 1),
+    kwh_billed REAL NOT NULL,
+    intensity_g_per_kwh REAL NOT NULL,
+    signal TEXT NOT NULL,
+    carbon_stale INTEGER NOT NULL,
+    carbon_g REAL NOT NULL,
+    price_usd_per_kwh REAL NOT NULL,
+    tariff TEXT NOT NULL,
+    cost_usd REAL NOT NULL,
+    energy_cost_usd REAL NOT NULL,
+    token_cost_usd REAL NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE INDEX requests_tenant_time ON requests (tenant, started_at);
+CREATE TABLE meter_readings (
+    replica TEXT NOT NULL,
+    t_s REAL NOT NULL,
+    wall_time TEXT NOT NULL,
+    energy_j REAL NOT NULL,
+    energy_source TEXT NOT NULL,
+    PRIMARY KEY (replica, t_s)
+);
+CREATE TABLE idle_energy (
+    replica TEXT NOT NULL,
+    window_start TEXT NOT NULL,
+    window_end TEXT NOT NULL,
+    energy_j REAL NOT NULL CHECK (energy_j >= 0),
+    PRIMARY KEY (replica, window_start)
+);
+"""
+# v2: the carbon price is billed separately, so invoices can show it
+_V1_TO_V2 = "ALTER TABLE requests ADD COLUMN carbon_cost_usd REAL NOT NULL DEFAULT 0;"
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2}
+
+
+def utc_iso(when: datetime) -> str:
+    if when.tzinfo is None:
+        raise LedgerError(f"naive datetime {when}; ledger times are UTC")
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as e:
+            raise LedgerError(f"{self.path}: cannot open the ledger: {e}") from e
+        self._lock = threading.Lock()
+        self._migrate()
+
+    # ---- schema -----------------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.path}: ledger schema v{version} is newer than this carbon-router "
+                f"(v{SCHEMA_VERSION}); upgrade carbon-router to read it. Nothing was changed"
+            )
+        tables = {
+            r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if version == 0 and tables:
+            raise LedgerError(
+                f"{self.path}: not a carbon-router ledger (tables {sorted(tables)} and no schema "
+                "version); point --ledger at a new file"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for v in range(version, SCHEMA_VERSION):
+                    for stmt in filter(None, (s.strip() for s in MIGRATIONS[v].split(";"))):
+                        self._db.execute(stmt)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._db.execute("ROLLBACK")
+                raise LedgerError(f"{self.path}: migration from v{version} failed: {e}") from e
+        if version:
+            log.info(
+                "migrated ledger %s from schema v%d to v%d", self.path, version, SCHEMA_VERSION
+            )
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    def write(self, rows: Sequence[LedgerRow]) -> int:
+        """Insert rows in one durable transaction; returns how many were new (duplicates by
+        request id are skipped, never billed twice)."""
+        if not rows:
+            return 0
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        sql = (
+            f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
+            "ON CONFLICT (request_id) DO NOTHING"
+        )
+        with self._lock:
+            before = self._db.total_changes
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(sql, (astuple(r) for r in rows))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._db.execute("ROLLBACK")
+                raise LedgerError(f"{self.path}: write of {len(rows)} rows failed: {e}") from e
+            return self._db.total_changes - before
+
+    def write_readings(
+        self, replica: str, readings: Iterable[tuple[float, str, float]], energy_source: str
+    ) -> None:
+        """Raw meter readings ``(monotonic t_s, wall time ISO UTC, cumulative J)``."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO meter_readings VALUES (?, ?, ?, ?, ?)",
+                ((replica, t, wall, e, energy_source) for t, wall, e in readings),
+            )
+            self._db.execute("COMMIT")
+
+    def write_idle(self, replica: str, start: datetime, end: datetime, energy_j: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO idle_energy VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (replica, utc_iso(start), utc_iso(end), energy_j),
+            )
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> LedgerRow | None:
+        rows = self.rows(where="request_id = ?", params=(request_id,))
+        return rows[0] if rows else None
+
+    def rows(self, *, where: str = "1", params: Sequence[object] = ()) -> list[LedgerRow]:
+        cur = self._db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {where} ORDER BY started_at", params
+        )
+        out = []
+        for r in cur:
+            d = dict(zip(COLUMNS, r, strict=True))
+            d["carbon_stale"] = bool(d["carbon_stale"])
+            out.append(LedgerRow(**d))
+        return out
+
+    def tenant_rows(
+        self, tenant: str | None, start: datetime | None = None, end: datetime | None = None
+    ) -> list[LedgerRow]:
+        clauses, params = ["1"], []
+        if tenant is not None:
+            clauses.append("tenant = ?")
+            params.append(tenant)
+        if start is not None:
+            clauses.append("started_at >= ?")
+            params.append(utc_iso(start))
+        if end is not None:
+            clauses.append("started_at < ?")
+            params.append(utc_iso(end))
+        return self.rows(where=" AND ".join(clauses), params=params)
+
+    def readings(self, replica: str) -> list[tuple[float, str, float]]:
+        return list(
+            self._db.execute(
+                "SELECT t_s, wall_time, energy_j FROM meter_readings "
+                "WHERE replica = ? ORDER BY t_s",
+                (replica,),
+            )
+        )
+
+    def idle_j(self, replica: str | None = None) -> float:
+        sql = "SELECT COALESCE(SUM(energy_j), 0) FROM idle_energy"
+        cur = (
+            self._db.execute(sql + " WHERE replica = ?", (replica,))
+            if replica
+            else self._db.execute(sql)
+        )
+        return float(cur.fetchone()[0])
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+    def integrity_ok(self) -> bool:
+        return bool(self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
