@@ -1,0 +1,134 @@
+"""The ledger: durable, idempotent, crash-consistent, versioned."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from router.ledger import SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
+from tests.conftest import ROOT
+
+
+def row(rid: str, when: datetime | None = None, **kw: object) -> LedgerRow:
+    when = when or datetime(2026, 11, 3, 12, tzinfo=UTC)
+    base: dict[str, object] = dict(
+        request_id=rid, tenant="acme", region="eu-north", replica="eu-north-0", model="m",
+        started_at=utc_iso(when), ended_at=utc_iso(when + timedelta(seconds=2)),
+        prompt_tokens=100, completion_tokens=50, energy_j=360.0, energy_source="measured",
+        pue=1.2, kwh_billed=360.0 / 3.6e6 * 1.2, intensity_g_per_kwh=50.0, signal="average",
+        carbon_stale=False, carbon_g=0.006, price_usd_per_kwh=0.1, tariff="energy",
+        cost_usd=1.2e-5, energy_cost_usd=1.2e-5, token_cost_usd=3e-4, carbon_cost_usd=0.0,
+    )  # fmt: skip
+    base.update(kw)
+    return LedgerRow(**base)  # type: ignore[arg-type]
+
+
+def test_write_is_idempotent_by_request_id(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger.write([row("a"), row("b")]) == 2
+    assert ledger.write([row("a", energy_j=999.0), row("c")]) == 1  # retried a: not billed twice
+    assert ledger.count() == 3
+    got = ledger.get("a")
+    assert got is not None and got.energy_j == 360.0
+    assert got == row("a")
+
+
+def test_rows_survive_reopen_and_use_wal(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    ledger.write([row("a")])
+    ledger.close()
+    again = Ledger(path)
+    assert again.get("a") == row("a")
+    with closing(sqlite3.connect(path)) as db:
+        mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal" and again.schema_version == SCHEMA_VERSION
+
+
+def test_bad_rows_are_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="negative"):
+        row("x", energy_j=-1.0)
+    with pytest.raises(LedgerError, match="must be UTC"):
+        row("x", started_at="2026-11-03T12:00:00+01:00")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with pytest.raises(LedgerError, match="write of 2 rows failed"):
+        ledger.write([row("ok"), row("bad", pue=0.5)])  # CHECK (pue >= 1) fails: whole batch out
+    assert ledger.count() == 0
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match=f"schema v{SCHEMA_VERSION + 1} is newer"):
+        Ledger(path)
+
+
+def test_foreign_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="not a carbon-router ledger"):
+        Ledger(path)
+
+
+def test_v1_file_is_migrated(tmp_path: Path) -> None:
+    from router.ledger import MIGRATIONS
+
+    path = tmp_path / "v1.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    cols = [c for c in row("old").__dataclass_fields__ if c != "carbon_cost_usd"]
+    r = row("old")
+    db.execute(
+        f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+        [getattr(r, c) for c in cols],
+    )
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.schema_version == SCHEMA_VERSION
+    assert ledger.get("old") == row("old")  # carbon_cost_usd defaults to 0
+
+
+def test_killed_writer_leaves_a_consistent_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "crash.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.ledger_writer", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with closing(sqlite3.connect(path)) as db:
+                if db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] >= 1000:
+                    break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    ledger = Ledger(path)
+    assert ledger.integrity_ok()
+    n = ledger.count()
+    assert n >= 1000 and n % 200 == 0  # whole batches only
+    batches = {r.request_id.split("-")[0] for r in ledger.tenant_rows(None)}
+    assert len(batches) == n // 200
