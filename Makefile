@@ -33,6 +33,8 @@ check: lint typecheck test
 
 bench: $(BIN)/.installed-dev
 	$(BIN)/python benchmarks/forecast.py
+	$(BIN)/python benchmarks/ledger.py
+	$(BIN)/python benchmarks/attribution_local.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
