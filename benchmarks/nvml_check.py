@@ -46,7 +46,8 @@ class SmiSampler:
 
     def energy_j(self, t0: float, t1: float) -> float:
         pts = [(t, p) for t, p in self.samples if t0 <= t <= t1]
-        return sum(0.5 * (p0 + p1) * (b - a) for (a, p0), (b, p1) in zip(pts, pts[1:], strict=False))
+        pairs = zip(pts, pts[1:], strict=False)
+        return sum(0.5 * (p0 + p1) * (b - a) for (a, p0), (b, p1) in pairs)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -74,7 +75,8 @@ def main() -> int:
     dev = torch.device(f"cuda:{args.gpu}")
     smi = SmiSampler(args.gpu)
     time.sleep(1.0)
-    table = Table(title=f"NVML meter vs nvidia-smi power sampling, {torch.cuda.get_device_name(dev)}")
+    name = torch.cuda.get_device_name(dev)
+    table = Table(title=f"NVML meter vs nvidia-smi power sampling, {name}")
     for col in ("phase", "seconds", "NvmlMeter J", "nvidia-smi J", "mean W", "ratio"):
         table.add_column(col, justify="right")
 
