@@ -26,13 +26,29 @@ def rows(n: int, prefix: str) -> list[LedgerRow]:
     t0 = datetime(2026, 11, 1, tzinfo=UTC)
     return [
         LedgerRow(
-            request_id=f"{prefix}-{i}", tenant=f"t{i % 7}", region="eu-north", replica="eu-north-0",
-            model="m", started_at=utc_iso(t0 + timedelta(seconds=i)),
-            ended_at=utc_iso(t0 + timedelta(seconds=i + 1)), prompt_tokens=100,
-            completion_tokens=50, energy_j=12.5, energy_source="measured", pue=1.2,
-            kwh_billed=12.5 / 3.6e6 * 1.2, intensity_g_per_kwh=40.0, signal="average",
-            carbon_stale=False, carbon_g=1e-4, price_usd_per_kwh=0.07, tariff="energy",
-            cost_usd=3e-7, energy_cost_usd=3e-7, token_cost_usd=3e-4, carbon_cost_usd=0.0,
+            request_id=f"{prefix}-{i}",
+            tenant=f"t{i % 7}",
+            region="eu-north",
+            replica="eu-north-0",
+            model="m",
+            started_at=utc_iso(t0 + timedelta(seconds=i)),
+            ended_at=utc_iso(t0 + timedelta(seconds=i + 1)),
+            prompt_tokens=100,
+            completion_tokens=50,
+            energy_j=12.5,
+            energy_source="measured",
+            pue=1.2,
+            kwh_billed=12.5 / 3.6e6 * 1.2,
+            intensity_g_per_kwh=40.0,
+            signal="average",
+            carbon_stale=False,
+            carbon_g=1e-4,
+            price_usd_per_kwh=0.07,
+            tariff="energy",
+            cost_usd=3e-7,
+            energy_cost_usd=3e-7,
+            token_cost_usd=3e-4,
+            carbon_cost_usd=0.0,
         )  # fmt: skip
         for i in range(n)
     ]

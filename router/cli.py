@@ -186,10 +186,17 @@ def _open_ledger(path: str) -> Ledger:
     return Ledger(path)
 
 
+def _check_tenant(ledger: Ledger, tenant: str | None) -> None:
+    if tenant is not None and tenant not in ledger.tenants():
+        known = ", ".join(ledger.tenants()) or "none yet"
+        raise SystemExit(f"error: tenant {tenant!r} has no rows in {ledger.path}; tenants: {known}")
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     from router.invoice import usage
 
     ledger = _open_ledger(args.ledger)
+    _check_tenant(ledger, args.tenant)
     rows = ledger.tenant_rows(args.tenant, _parse_day(args.from_), _parse_day(args.to))
     if args.format == "csv" and args.rows:
         from router.invoice import frame
@@ -238,7 +245,9 @@ def cmd_bill(args: argparse.Namespace) -> int:
         )
     from router.invoice import invoice
 
-    inv = invoice(_open_ledger(args.ledger), args.tenant, args.month)
+    ledger = _open_ledger(args.ledger)
+    _check_tenant(ledger, args.tenant)
+    inv = invoice(ledger, args.tenant, args.month)
     if args.format == "json":
         out = {k: v for k, v in inv.__dict__.items() if k != "by_region"}
         out["saving_usd"] = inv.saving_usd

@@ -275,6 +275,19 @@ class Ledger:
         )
         return float(cur.fetchone()[0])
 
+    def measured_rows(self, replica: str, limit: int = 5000) -> list[tuple[int, int, float]]:
+        """``(prompt_tokens, completion_tokens, energy_j)`` of a replica's latest ok requests,
+        the energy predictor's refit data."""
+        cur = self._db.execute(
+            "SELECT prompt_tokens, completion_tokens, energy_j FROM requests "
+            "WHERE replica = ? AND status = 'ok' ORDER BY started_at DESC LIMIT ?",
+            (replica, limit),
+        )
+        return [(int(p), int(c), float(e)) for p, c, e in cur]
+
+    def tenants(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM requests ORDER BY 1")]
+
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
 

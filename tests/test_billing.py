@@ -148,3 +148,10 @@ def test_seed_table_compares_the_article_with_measurement() -> None:
     # Mistral-7B at batch 32 on A100 measured 0.2326 J/token
     assert ratio.iloc[1] == pytest.approx(0.012 / (120 * 0.23260312 / 3.6e6), rel=1e-6)
     assert (table.filter(like="article/measured") > 10).all().all()
+
+
+def test_unknown_tenant_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    fill(Ledger(path))
+    with pytest.raises(SystemExit, match="tenant 'nobody' has no rows .*tenants: acme, other"):
+        main(["usage", "--ledger", str(path), "--tenant", "nobody"])

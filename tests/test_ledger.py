@@ -132,3 +132,20 @@ def test_killed_writer_leaves_a_consistent_ledger(tmp_path: Path) -> None:
     assert n >= 1000 and n % 200 == 0  # whole batches only
     batches = {r.request_id.split("-")[0] for r in ledger.tenant_rows(None)}
     assert len(batches) == n // 200
+
+
+def test_raw_readings_idle_and_refit_rows_are_kept(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write_readings(
+        "eu-north-0",
+        [(1.0, "2026-11-03T12:00:00+00:00", 10.0), (2.0, "2026-11-03T12:00:01+00:00", 25.0)],
+        "measured",
+    )
+    ledger.write_readings("eu-north-0", [(2.0, "2026-11-03T12:00:01+00:00", 25.0)], "measured")
+    assert [r[2] for r in ledger.readings("eu-north-0")] == [10.0, 25.0]
+    t = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    ledger.write_idle("eu-north-0", t, t + timedelta(minutes=1), 5.0)
+    ledger.write_idle("eu-north-0", t, t + timedelta(minutes=1), 5.0)  # retried: once
+    assert ledger.idle_j("eu-north-0") == 5.0
+    ledger.write([row("a"), row("b", replica="other", prompt_tokens=7)])
+    assert ledger.measured_rows("eu-north-0") == [(100, 50, 360.0)]
