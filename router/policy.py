@@ -1,0 +1,268 @@
+"""Routing policies: rank the candidate replicas for a request.
+
+The score of a candidate is the weighted geometric mean of what the user pays for,
+
+    expected cost^(1-w) x expected emissions^w  =  kWh x PUE^w x price^(1-w) x intensity^w
+
+with expected cost = kWh x price and expected emissions = kWh x PUE x intensity (kWh is the
+energy predictor's IT energy for the request on that replica). w = 0.5 orders by price x
+carbon, w = 0 by price, w = 1 by carbon.
+
+Constraints come first: healthy, allowed region (data residency globs), free capacity, latency
+budget (RTT + expected queue wait + predicted service time) and the per-request carbon cap.
+Candidates within ``tie_tolerance`` of the best score are near-ties, broken by load with two
+random choices, so the cleanest region is not flooded. When no candidate meets the latency
+budget the fastest one is chosen and the decision says so.
+
+Everything here is plain NumPy: the live router ranks one request at a time, the simulator
+scores arrays of requests with the same functions (:func:`score`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from router.errors import RouterError
+from router.preference import Preference
+
+
+class NoCandidateError(RouterError):
+    """No replica can take the request under its constraints (the message says which)."""
+
+
+def score(
+    kwh: np.ndarray | float,
+    pue: np.ndarray | float,
+    price_usd_per_kwh: np.ndarray | float,
+    intensity_g_per_kwh: np.ndarray | float,
+    weight: np.ndarray | float,
+) -> np.ndarray:
+    """kWh x PUE^w x price^(1-w) x intensity^w, broadcasting over requests and candidates."""
+    w = np.asarray(weight, dtype=float)
+    return np.asarray(
+        kwh * np.power(pue, w) * np.power(price_usd_per_kwh, 1.0 - w)
+        * np.power(intensity_g_per_kwh, w)
+    )  # fmt: skip
+
+
+@dataclass
+class Candidates:
+    """The replicas a request may go to, as arrays (one entry per replica)."""
+
+    names: list[str]
+    regions: list[str]
+    residency: list[tuple[str, ...]]
+    healthy: np.ndarray
+    has_capacity: np.ndarray
+    kwh: np.ndarray  # predicted IT energy of this request on each replica
+    pue: np.ndarray
+    price_usd_per_kwh: np.ndarray
+    intensity_g_per_kwh: np.ndarray
+    rtt_ms: np.ndarray
+    queue_wait_ms: np.ndarray
+    service_ms: np.ndarray
+    load: np.ndarray  # active / max concurrency
+    _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def allowed(self, patterns: tuple[str, ...]) -> np.ndarray:
+        """Which candidates match any glob in ``patterns`` (region name or residency tag)."""
+        if not patterns:
+            return np.ones(len(self.names), dtype=bool)
+        hit = self._allowed_cache.get(patterns)
+        if hit is None:
+            hit = np.array(
+                [
+                    any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (r, *tags))
+                    for r, tags in zip(self.regions, self.residency, strict=True)
+                ]
+            )
+            self._allowed_cache[patterns] = hit
+        return hit
+
+    @property
+    def latency_ms(self) -> np.ndarray:
+        return np.asarray(self.rtt_ms + self.queue_wait_ms + self.service_ms)
+
+    @property
+    def carbon_g(self) -> np.ndarray:
+        return np.asarray(self.kwh * self.pue * self.intensity_g_per_kwh)
+
+
+@dataclass
+class Decision:
+    index: int
+    replica: str
+    region: str
+    policy: str
+    scores: np.ndarray
+    feasible: np.ndarray
+    binding: str  # the constraint that decided, or "score"
+    latency_budget_met: bool = True
+    note: str = ""
+
+    def explain(self, c: Candidates) -> dict[str, Any]:
+        """For logs and response headers: who won, each candidate's score, what bound."""
+        return {
+            "policy": self.policy,
+            "replica": self.replica,
+            "region": self.region,
+            "binding": self.binding,
+            "latency_budget_met": self.latency_budget_met,
+            "note": self.note,
+            "candidates": {
+                n: {"score": float(s), "feasible": bool(f)}
+                for n, s, f in zip(c.names, self.scores, self.feasible, strict=True)
+            },
+        }
+
+
+class Policy(ABC):
+    """Ranks candidates for one request; the router does queueing and retries."""
+
+    name: str
+
+    def __init__(self, *, tie_tolerance: float = 0.05, rng: random.Random | None = None) -> None:
+        self.tie_tolerance = tie_tolerance
+        self.rng = rng or random.Random()
+
+    @abstractmethod
+    def scores(self, c: Candidates, pref: Preference) -> np.ndarray:
+        """Lower is better; one score per candidate."""
+
+    def feasible(self, c: Candidates, pref: Preference) -> tuple[np.ndarray, str]:
+        base = c.healthy & c.allowed(pref.regions)
+        if not base.any():
+            why = "no healthy replica" + (
+                f" in the allowed regions {list(pref.regions)}" if pref.regions else ""
+            )
+            raise NoCandidateError(why)
+        ok = base & c.has_capacity
+        if not ok.any():
+            raise NoCandidateError("every allowed replica is at capacity; retry later")
+        if pref.max_carbon_g is not None:
+            under = ok & (c.carbon_g <= pref.max_carbon_g)
+            if not under.any():
+                best = float(c.carbon_g[ok].min())
+                raise NoCandidateError(
+                    f"max-carbon-g {pref.max_carbon_g:g} cannot be met now: the lowest expected "
+                    f"is {best:.4g} g; allow more carbon or set defer to wait for a cleaner grid"
+                )
+            ok = under
+        return ok, "capacity"
+
+    def rank(self, c: Candidates, pref: Preference) -> Decision:
+        ok, _ = self.feasible(c, pref)
+        s = self.scores(c, pref)
+        binding = "score"
+        met = True
+        note = ""
+        if pref.max_latency_ms is not None:
+            fast = ok & (c.latency_ms <= pref.max_latency_ms)
+            if fast.any():
+                if (fast != ok).any():
+                    binding = "latency"
+                ok = fast
+            else:  # nobody meets the budget: the fastest, and say so
+                lat = np.where(ok, c.latency_ms, np.inf)
+                i = int(np.argmin(lat))
+                met = False
+                note = (
+                    f"latency budget {pref.max_latency_ms:g} ms unmet by every candidate; "
+                    f"chose the fastest ({c.names[i]}, {lat[i]:.0f} ms expected)"
+                )
+                return Decision(i, c.names[i], c.regions[i], self.name, s, ok, "latency", met, note)
+        i = self.pick(c, s, ok)
+        return Decision(i, c.names[i], c.regions[i], self.name, s, ok, binding, met, note)
+
+    def pick(self, c: Candidates, s: np.ndarray, ok: np.ndarray) -> int:
+        masked = np.where(ok, s, np.inf)
+        best = int(np.argmin(masked))
+        ties = np.flatnonzero(ok & (masked <= masked[best] * (1.0 + self.tie_tolerance)))
+        if len(ties) < 2:
+            return best
+        a, b = self.rng.sample(list(ties), 2)  # power of two choices
+        return int(a if c.load[a] <= c.load[b] else b)
+
+
+class PriceCarbonPolicy(Policy):
+    """price x carbon, weighted by the request's preference (default 0.5)."""
+
+    name = "price_carbon"
+    fixed_weight: float | None = None
+
+    def scores(self, c: Candidates, pref: Preference) -> np.ndarray:
+        w = pref.weight if self.fixed_weight is None else self.fixed_weight
+        return score(c.kwh, c.pue, c.price_usd_per_kwh, c.intensity_g_per_kwh, w)
+
+
+class CheapestPolicy(PriceCarbonPolicy):
+    name = "cheapest"
+    fixed_weight = 0.0
+
+
+class GreenestPolicy(PriceCarbonPolicy):
+    name = "greenest"
+    fixed_weight = 1.0
+
+
+class RoundRobinPolicy(Policy):
+    name = "round_robin"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._next = 0
+
+    def scores(self, c: Candidates, pref: Preference) -> np.ndarray:
+        n = len(c)
+        order = (np.arange(n) - self._next) % n
+        return order.astype(float)
+
+    def pick(self, c: Candidates, s: np.ndarray, ok: np.ndarray) -> int:
+        i = int(np.argmin(np.where(ok, s, np.inf)))
+        self._next = (i + 1) % len(c)
+        return i
+
+
+class NearestPolicy(Policy):
+    name = "nearest"
+
+    def scores(self, c: Candidates, pref: Preference) -> np.ndarray:
+        return np.asarray(c.rtt_ms, dtype=float)
+
+
+class OraclePolicy(GreenestPolicy):
+    """Perfect foresight of carbon: only the simulator can give it the actual intensities
+    (routing now uses the same values as greenest; the difference is in deferral planning)."""
+
+    name = "oracle"
+
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p
+    for p in (
+        PriceCarbonPolicy,
+        CheapestPolicy,
+        GreenestPolicy,
+        RoundRobinPolicy,
+        NearestPolicy,
+        OraclePolicy,
+    )
+}
+
+
+def make_policy(name: str, **kw: Any) -> Policy:
+    try:
+        return POLICIES[name](**kw)
+    except KeyError:
+        raise RouterError(
+            f"unknown policy {name!r}; choose from {', '.join(sorted(POLICIES))}"
+        ) from None

@@ -1,0 +1,170 @@
+"""X-Carbon-Preference parsing and the routing policies."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.errors import RouterError
+from router.policy import (
+    Candidates,
+    NoCandidateError,
+    make_policy,
+    score,
+)
+from router.preference import Preference, PreferenceError, parse_preference
+
+
+def test_the_readme_example() -> None:
+    p = parse_preference('mode=carbon, max-latency-ms=800, regions=("eu-*")')
+    assert p == Preference(weight=1.0, max_latency_ms=800.0, regions=("eu-*",), mode="carbon")
+
+
+def test_all_keys() -> None:
+    p = parse_preference("weight=0.25, defer=3600, max-carbon-g=0.5, regions=(eu us-east)")
+    assert (p.weight, p.defer_s, p.max_carbon_g, p.regions) == (0.25, 3600, 0.5, ("eu", "us-east"))
+    assert parse_preference(None).weight == 0.5
+    assert parse_preference("", default_weight=0.7).weight == 0.7
+    assert parse_preference("mode=cost").weight == 0.0
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ("weight=1.7", "weight must be >= 0 and <= 1, got 1.7"),
+        ("defer=-5", "defer must be >= 0"),
+        ("colour=green", "unknown key 'colour'"),
+        ("mode=green", "mode must be one of balanced, carbon, cost"),
+        ("mode=carbon, weight=0.2", "give mode or weight, not both"),
+        ("max-latency-ms=0", "max-latency-ms must be > 0"),
+        ("regions=()", "regions must not be empty"),
+        ("regions=(1 2)", "regions must hold strings or tokens"),
+        ("mode=((", "not a structured-field dictionary"),
+        ("weight=é", "must be ASCII"),
+    ],
+)
+def test_bad_values_say_what_is_allowed(header: str, problem: str) -> None:
+    with pytest.raises(PreferenceError) as info:
+        parse_preference(header)
+    assert problem in str(info.value)
+    assert "allowed keys: mode (balanced|carbon|cost), weight (0.0-1.0)" in str(info.value)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text())
+def test_fuzz_only_preference_errors(header: str) -> None:
+    try:
+        p = parse_preference(header)
+    except PreferenceError:
+        return
+    assert 0.0 <= p.weight <= 1.0 and p.defer_s >= 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(["mode", "weight", "defer", "regions", "max-latency-ms",
+                                        "max-carbon-g", "x"]),  # fmt: skip
+                       st.one_of(st.integers(-5, 5), st.floats(-2, 2, allow_nan=False),
+                                 st.sampled_from(["carbon", "eu-*", "?1", "()", '("a")'])),
+                       min_size=1))  # fmt: skip
+def test_fuzz_structured_members(members: dict[str, object]) -> None:
+    header = ", ".join(f"{k}={v}" for k, v in members.items())
+    try:
+        parse_preference(header)
+    except PreferenceError:
+        pass
+
+
+def cands(**over: object) -> Candidates:
+    n = 3
+    base: dict[str, object] = dict(
+        names=["eu-north-0", "eu-central-0", "us-south-0"],
+        regions=["eu-north", "eu-central", "us-south"],
+        residency=[("eu",), ("eu",), ("us",)],
+        healthy=np.ones(n, bool), has_capacity=np.ones(n, bool),
+        kwh=np.full(n, 1e-4), pue=np.array([1.1, 1.25, 1.3]),
+        price_usd_per_kwh=np.array([0.07, 0.22, 0.06]),
+        intensity_g_per_kwh=np.array([40.0, 350.0, 400.0]),
+        rtt_ms=np.array([30.0, 15.0, 110.0]), queue_wait_ms=np.zeros(n),
+        service_ms=np.full(n, 200.0), load=np.zeros(n),
+    )  # fmt: skip
+    base.update(over)
+    return Candidates(**base)  # type: ignore[arg-type]
+
+
+def test_score_is_the_weighted_geometric_mean() -> None:
+    kwh, pue, price, ci = 2e-4, 1.2, 0.1, 300.0
+    cost, carbon = kwh * price, kwh * pue * ci
+    for w in (0.0, 0.5, 1.0, 0.3):
+        assert score(kwh, pue, price, ci, w) == pytest.approx(cost ** (1 - w) * carbon**w)
+
+
+def test_modes_choose_as_expected() -> None:
+    c = cands()
+    assert make_policy("price_carbon").rank(c, parse_preference(None)).replica == "eu-north-0"
+    cheap = cands(price_usd_per_kwh=np.array([0.12, 0.22, 0.06]))
+    assert (
+        make_policy("price_carbon").rank(cheap, parse_preference("mode=cost")).replica
+        == "us-south-0"
+    )
+    assert make_policy("cheapest").rank(cheap, Preference()).replica == "us-south-0"
+    assert make_policy("greenest").rank(cheap, Preference()).replica == "eu-north-0"
+    assert make_policy("nearest").rank(c, Preference()).replica == "eu-central-0"
+
+
+def test_constraints_come_first_and_are_explained() -> None:
+    c = cands(healthy=np.array([False, True, True]))
+    d = make_policy("greenest").rank(c, parse_preference('regions=("eu-*")'))
+    assert d.replica == "eu-central-0"
+    explained = d.explain(c)
+    assert explained["candidates"]["eu-north-0"]["feasible"] is False
+    assert explained["candidates"]["us-south-0"]["feasible"] is False
+    with pytest.raises(
+        NoCandidateError, match=r"no healthy replica in the allowed regions \['us-w'\]"
+    ):
+        make_policy("greenest").rank(c, parse_preference('regions=("us-w")'))
+    full = cands(has_capacity=np.zeros(3, bool))
+    with pytest.raises(NoCandidateError, match="at capacity"):
+        make_policy("greenest").rank(full, Preference())
+
+
+def test_latency_budget_binds_and_falls_back_to_the_fastest() -> None:
+    c = cands(queue_wait_ms=np.array([900.0, 0.0, 0.0]))
+    d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=500"))
+    assert d.replica == "eu-central-0" and d.binding == "latency"
+    d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=100"))
+    assert d.replica == "eu-central-0" and not d.latency_budget_met
+    assert "unmet by every candidate; chose the fastest (eu-central-0, 215 ms" in d.note
+
+
+def test_max_carbon_cap() -> None:
+    c = cands()
+    d = make_policy("cheapest").rank(c, parse_preference("max-carbon-g=0.01"))
+    assert d.replica == "eu-north-0"  # the cheap one emits too much
+    with pytest.raises(NoCandidateError, match="max-carbon-g 0.001 cannot be met now"):
+        make_policy("cheapest").rank(c, parse_preference("max-carbon-g=0.001"))
+
+
+def test_near_ties_are_spread_by_load() -> None:
+    c = cands(intensity_g_per_kwh=np.array([40.0, 40.5, 400.0]), pue=np.ones(3),
+              price_usd_per_kwh=np.full(3, 0.1), load=np.array([0.9, 0.1, 0.0]))  # fmt: skip
+    policy = make_policy("greenest", rng=random.Random(1))
+    picks = {policy.rank(c, Preference()).replica for _ in range(20)}
+    assert picks == {"eu-central-0"}  # the loaded near-tie loses every two-choice draw
+    c.load = np.array([0.1, 0.9, 0.0])
+    assert {policy.rank(c, Preference()).replica for _ in range(20)} == {"eu-north-0"}
+
+
+def test_round_robin_cycles_over_feasible() -> None:
+    rr = make_policy("round_robin")
+    c = cands(healthy=np.array([True, False, True]))
+    assert [rr.rank(c, Preference()).replica for _ in range(4)] == [
+        "eu-north-0", "us-south-0", "eu-north-0", "us-south-0"]  # fmt: skip
+
+
+def test_unknown_policy() -> None:
+    with pytest.raises(RouterError, match="unknown policy 'fastest'; choose from cheapest"):
+        make_policy("fastest")
