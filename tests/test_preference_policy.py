@@ -73,9 +73,12 @@ def test_fuzz_only_preference_errors(header: str) -> None:
 def test_fuzz_structured_members(members: dict[str, object]) -> None:
     header = ", ".join(f"{k}={v}" for k, v in members.items())
     try:
-        parse_preference(header)
-    except PreferenceError:
-        pass
+        p = parse_preference(header)
+    except PreferenceError as e:
+        assert e.problem  # noqa: PT017 - the message is the outcome under test
+        return
+    assert set(members) <= {"mode", "weight", "defer", "regions", "max-latency-ms", "max-carbon-g"}
+    assert 0.0 <= p.weight <= 1.0 and p.defer_s >= 0
 
 
 def cands(**over: object) -> Candidates:
