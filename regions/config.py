@@ -180,6 +180,12 @@ class Replica(_Strict):
     cpu_watts_per_core: float = Field(15.0, gt=0)
     max_concurrency: int = Field(8, ge=1)
     tokens_per_s: float = Field(100.0, gt=0, description="decode capacity, for the simulator")
+    model_params_b: float | None = Field(
+        None, gt=0, description="model size in billions, for the energy predictor's GPU prior"
+    )
+    prefill_weight: float = Field(
+        0.35, ge=0, description="energy of a prompt token relative to an output token"
+    )
 
 
 class Region(_Strict):
@@ -243,6 +249,36 @@ class PolicyDefaults(_Strict):
     max_defer_s: float = Field(86400.0, ge=0)
 
 
+class Simulation(_Strict):
+    """``router simulate`` settings (see README 'Simulator')."""
+
+    trace: str = Field("azure_conv", description="azure_conv | azure_code | synthetic | a .jsonl")
+    start: str = "2024-01-01"
+    end: str = "2025-01-01"
+    requests_per_hour: float = Field(120.0, gt=0, description="mean simulated arrivals per hour")
+    diurnal_amplitude: float = Field(0.35, ge=0, lt=1)
+    deferrable_share: float = Field(0.3, ge=0, le=1)
+    defer_window_h: int = Field(12, ge=1, le=48)
+    defer_min_gain: float = Field(
+        0.02, ge=0, lt=1, description="defer only when a later slot scores this much better"
+    )
+    slo_ms: float = Field(10_000.0, gt=0)
+    target_utilization: float = Field(0.8, gt=0, le=1)
+    policies: list[str] = Field(
+        default_factory=lambda: [
+            "round_robin",
+            "nearest",
+            "cheapest",
+            "greenest",
+            "price_carbon",
+            "price_carbon+defer",
+            "greenest+defer",
+            "oracle",
+        ]
+    )
+    seed: int = 0
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -250,6 +286,7 @@ class Config(_Strict):
     billing: Billing = Billing()
     policy: PolicyDefaults = PolicyDefaults()
     ledger: str = "carbon-router.sqlite"
+    simulation: Simulation = Simulation()
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:

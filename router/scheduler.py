@@ -1,0 +1,100 @@
+"""Deferral planning: when and where a request that may wait should run.
+
+Given a request's window (now .. now + defer) and each region's forecast, :func:`plan` picks the
+(start hour, replica) with the lowest forecast score, the same score the routing policy uses
+(kWh x PUE^w x price^(1-w) x intensity^w), skipping slots whose capacity is already booked.
+:class:`SlotBook` holds the booked work per (replica, hour); :class:`PlannedJob` is the
+persisted form of a decision (one JSON object per line).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from router.errors import RouterError
+from router.policy import score
+
+
+class PlanError(RouterError):
+    """No slot in the window has room, or the inputs do not line up."""
+
+
+@dataclass
+class SlotBook:
+    """Work (slot-seconds) booked per replica and hour, against a capacity per replica-hour."""
+
+    capacity_s: np.ndarray  # [R] slot-seconds available per hour
+    booked: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def free(self, hour: int, replica: int) -> float:
+        return float(self.capacity_s[replica]) - self.booked.get((hour, replica), 0.0)
+
+    def book(self, hour: int, replica: int, work_s: float) -> None:
+        self.booked[(hour, replica)] = self.booked.get((hour, replica), 0.0) + work_s
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A deferred request's plan, as persisted (JSON lines) until it runs."""
+
+    job_id: str
+    tenant: str
+    replica: str
+    region: str
+    arrival: str  # ISO UTC
+    start_at: str  # ISO UTC
+    deadline: str  # ISO UTC
+    forecast_score: float
+    body: dict[str, object]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> PlannedJob:
+        return cls(**json.loads(line))
+
+
+def slot_scores(
+    kwh: np.ndarray,  # [R] predicted IT kWh of the request on each replica
+    pue: np.ndarray,  # [R]
+    price: np.ndarray,  # [K, R] $/kWh in each future hour
+    intensity: np.ndarray,  # [K, R] forecast g/kWh in each future hour
+    weight: float,
+) -> np.ndarray:
+    """[K, R] forecast scores of running in hour k on replica r."""
+    return score(kwh[None, :], pue[None, :], price, intensity, weight)
+
+
+def plan(
+    scores: np.ndarray,  # [K, R]
+    *,
+    first_hour: int,
+    work_s: float,
+    book: SlotBook,
+    allowed: np.ndarray | None = None,  # [R]
+) -> tuple[int, int, float]:
+    """``(hour, replica, score)`` of the best slot with room, booking it; hours are absolute."""
+    s = np.array(scores, dtype=float)
+    if allowed is not None:
+        s[:, ~allowed] = np.inf
+    order = np.argsort(s, axis=None, kind="stable")
+    k_n, r_n = s.shape
+    for flat in order:
+        k, r = divmod(int(flat), r_n)
+        if not np.isfinite(s[k, r]):
+            break
+        if book.free(first_hour + k, r) >= work_s:
+            book.book(first_hour + k, r, work_s)
+            return first_hour + k, r, float(s[k, r])
+    raise PlanError(f"no replica has {work_s:.1f} s of room in the next {k_n} h; run it now")
+
+
+def deadline_of(arrival: datetime, defer_s: float) -> datetime:
+    from datetime import timedelta
+
+    return arrival + timedelta(seconds=defer_s)
