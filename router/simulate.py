@@ -406,8 +406,9 @@ def run_policy(
             hs = score(kwh_unit[None, :], world.pue[g_of][None, :], world.price[:, g_of],
                        world.intensity[:, g_of], weight)  # fmt: skip
         inv_rate = float(np.mean(1.0 / world.slot_rate))  # slot-seconds per work token
-        demand = np.bincount(hour[immediate], weights=work_tokens[immediate], minlength=h_n)
-        demand = demand * inv_rate
+        demand = inv_rate * np.bincount(
+            hour[immediate], weights=work_tokens[immediate], minlength=h_n
+        ).astype(float)
         share = _water_fill(hs, demand, cap_s, cfg.policy.tie_tolerance)
         cum = np.cumsum(share, axis=1)
         u = rng.random(n)
