@@ -491,8 +491,12 @@ def _plan_deferred(
         seen[0] = world.intensity[h]
         s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
                   seen[:, g_of], weight)  # fmt: skip
-        # waiting must pay: later slots count only if they beat running now by min_gain
-        s[1:] = np.where(s[1:] < s[0].min() * (1 - min_gain), s[1:], np.inf)
+        # waiting must pay: later slots count only if they beat the best replica now by
+        # min_gain; now, only that best replica counts (a deferrable request would rather
+        # queue there than move to a dirtier region)
+        now_best = int(np.argmin(s[0]))
+        s[1:] = np.where(s[1:] < s[0, now_best] * (1 - min_gain), s[1:], np.inf)
+        s[0] = np.where(np.arange(r_n) == now_best, s[0], np.inf)
         order = np.argsort(s, axis=None, kind="stable")
         order = order[np.isfinite(s.ravel()[order])]
         need = svc_mean[ids]
@@ -502,8 +506,10 @@ def _plan_deferred(
         cum_need = np.cumsum(need)
         cum_free = np.cumsum(np.maximum(free, 0))
         slot_pos = np.searchsorted(cum_free, cum_need, side="left")
-        slot_pos = np.minimum(slot_pos, len(order) - 1)  # over capacity: the last slot queues
-        flat = order[slot_pos]
+        # no room left in any better slot: it runs now, on the best replica for now
+        flat = np.where(
+            slot_pos < len(order), order[np.minimum(slot_pos, len(order) - 1)], now_best
+        )
         k, r = np.divmod(flat, r_n)
         replica[ids] = r
         np.add.at(booked, (h + k, r), need)
