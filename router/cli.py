@@ -361,14 +361,50 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Until the serving issue lands: show each region's carbon now and its 24 h forecast."""
+    """Start Ray (or join a cluster), deploy the router, wait until ready, print how to call it."""
+    import time
+    import urllib.request
+
+    import ray
+    from ray import serve
+
     from regions.config import load_config
+    from router.serve_app import build_app
 
     cfg = load_config(args.config)
-    for region in cfg.regions:
-        ns = argparse.Namespace(zone=region.zone, config=args.config, hours=24, json=False)
-        _console().rule(f"{region.name} ({region.zone})")
-        cmd_forecast_show(ns)
+    if args.address in (None, "", "local"):
+        # this machine plays every region: give it each region's custom resource
+        ray.init(resources={f"region:{r.name}": 1.0 for r in cfg.regions},
+                 include_dashboard=False, namespace="carbon-router")  # fmt: skip
+    else:
+        ray.init(address=args.address, namespace="carbon-router")
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app({"config": args.config}), name="carbon-router", route_prefix="/")
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    print(f"carbon-router is serving {len(cfg.regions)} regions at {url}/v1")
+    print(
+        f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer sk-local-demo' "
+        "-H 'Content-Type: application/json' -H 'X-Carbon-Preference: mode=carbon' "
+        '-d \'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hello"}]}\''
+    )
+    if args.once:
+        serve.shutdown()
+        ray.shutdown()
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 
@@ -443,8 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_simulate)
 
-    sv = sub.add_parser("serve", help="run the router on a config")
+    sv = sub.add_parser("serve", help="run the OpenAI-compatible router on a config")
     sv.add_argument("--config", default="configs/local.yaml")
+    sv.add_argument("--address", default="local", help="local, auto or ray://host:10001")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--once", action="store_true", help="exit once ready (smoke test)")
     sv.set_defaults(func=cmd_serve)
     return p
 

@@ -1,0 +1,87 @@
+"""A remote OpenAI-compatible server (vLLM, llama.cpp server, TGI) as a :class:`Backend`:
+completions are proxied with streaming, one shared aiohttp session, a timeout on every call.
+Prompt tokens are counted by the server; before it answers they are estimated (4 chars/token)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from regions.backends import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    CompletionRequest,
+    TokenChunk,
+)
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIBackend(Backend):
+    def __init__(self, url: str, model: str, *, api_key: str | None = None,
+                 timeout_s: float = 60.0, connect_timeout_s: float = 5.0) -> None:  # fmt: skip
+        self.url = url.rstrip("/")
+        self.model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def prompt_tokens(self, request: CompletionRequest) -> int:
+        text = request.prompt or "".join(m["content"] for m in request.messages or [])
+        return max(1, len(text) // 4)
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
+        chat = request.messages is not None
+        body: dict[str, Any] = {
+            "model": self.model, "max_tokens": request.max_tokens,
+            "temperature": request.temperature, "top_p": request.top_p, "stream": True,
+        }  # fmt: skip
+        if request.stop:
+            body["stop"] = request.stop
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if chat:
+            body["messages"] = request.messages
+        else:
+            body["prompt"] = request.prompt
+        path = "/chat/completions" if chat else "/completions"
+        session = await self._client()
+        try:
+            async with session.post(self.url + path, json=body, headers=self._headers) as resp:
+                if resp.status >= 500 or resp.status == 429:
+                    raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
+                if resp.status >= 400:
+                    raise BackendError(
+                        f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}"
+                    )
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    for choice in event.get("choices") or []:
+                        text = (
+                            (choice.get("delta") or {}).get("content")
+                            if chat
+                            else choice.get("text")
+                        )
+                        yield TokenChunk(text or "", 1 if text else 0, choice.get("finish_reason"))
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise BackendUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,423 @@
+"""The request path's domain logic, without Ray: tenants, request validation, the carbon view,
+replica state, the routing decision and the bill. ``router.serve_app`` wraps it in Ray Serve.
+
+Errors on this path are :class:`ApiError` (an HTTP status and an OpenAI-format body).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
+from forecasting.errors import CarbonSourceError
+from forecasting.sources.base import CarbonSource
+from regions.backends import CompletionRequest
+from regions.config import Config, Region, Replica, Tenant
+from router.billing import PriceSchedule, bill_line, tariff_for
+from router.errors import RouterError
+from router.ledger import LedgerRow
+from router.policy import Candidates, Decision, NoCandidateError, Policy, make_policy
+from router.preference import Preference, PreferenceError, parse_preference
+
+log = logging.getLogger(__name__)
+
+ADMIN_KEY_ENV = "CARBON_ROUTER_ADMIN_KEY"
+MAX_BODY_BYTES = 1 << 20
+MAX_TOKENS_CEILING = 1024
+
+
+class ApiError(RouterError):
+    """An HTTP error with an OpenAI-style body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.headers = headers or {}
+
+
+# ---- tenants -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    admin: bool
+
+
+class Tenants:
+    """API keys to tenants; keys are compared as sha256 digests in constant time."""
+
+    def __init__(self, tenants: list[Tenant], env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ) if env is None else env
+        self._entries: list[tuple[bytes, Tenant]] = [
+            (bytes.fromhex(h), t) for t in tenants for h in t.api_key_sha256
+        ]
+        admin = env.get(ADMIN_KEY_ENV)
+        self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found: Tenant | None = None
+        for stored, tenant in self._entries:  # every entry is compared: no early exit
+            if hmac.compare_digest(stored, digest):
+                found = tenant
+        if self._admin_digest is not None and hmac.compare_digest(self._admin_digest, digest):
+            return Caller("admin", True)
+        if found is None:
+            raise ApiError(
+                401, "invalid API key", type_="authentication_error", code="invalid_api_key"
+            )
+        return Caller(found.name, found.admin)
+
+
+# ---- request bodies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    model: str
+    stream: bool
+    include_usage: bool
+    completion: CompletionRequest
+    chat: bool
+
+
+def parse_body(
+    raw: bytes, *, chat: bool, max_tokens_ceiling: int = MAX_TOKENS_CEILING
+) -> ParsedRequest:
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+
+    def field_(
+        name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False
+    ) -> Any:
+        if name not in body or body[name] is None:
+            if required:
+                raise ApiError(400, f"'{name}' is required", param=name)
+            return default
+        v = body[name]
+        if not isinstance(v, kind) or (
+            isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+        ):
+            raise ApiError(400, f"'{name}' has the wrong type", param=name)
+        return v
+
+    model = field_("model", str, required=True)
+    max_tokens = field_("max_completion_tokens", int) or field_("max_tokens", int, 256)
+    if not 1 <= max_tokens <= max_tokens_ceiling:
+        raise ApiError(
+            400,
+            f"'max_tokens' must be 1..{max_tokens_ceiling}, got {max_tokens}",
+            param="max_tokens",
+        )
+    temperature = float(field_("temperature", (int, float), 0.7))
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, "'temperature' must be 0..2", param="temperature")
+    top_p = float(field_("top_p", (int, float), 1.0))
+    stop = field_("stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    seed = field_("seed", int)
+    stream = bool(field_("stream", bool, False))
+    opts = field_("stream_options", dict, {})
+    if chat:
+        messages = field_("messages", list, required=True)
+        if not messages or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ApiError(
+                400,
+                "'messages' must be a non-empty list of {role, content} strings",
+                param="messages",
+            )
+        req = CompletionRequest(
+            messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+        )
+    else:
+        prompt = field_("prompt", str, required=True)
+        req = CompletionRequest(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+        )
+    return ParsedRequest(model, stream, bool(opts.get("include_usage", True)), req, chat)
+
+
+# ---- carbon and replica state -------------------------------------------------------------
+
+
+@dataclass
+class CarbonReading:
+    g_per_kwh: float
+    signal: str
+    stale: bool
+    source: str
+    age_s: float
+
+
+class CarbonView:
+    """Each region's intensity now, cached for ``ttl_s``. On a source failure it keeps the
+    last value (marked stale) and, lacking one, uses the forecast; it never invents a value."""
+
+    def __init__(
+        self,
+        regions: list[Region],
+        sources: dict[str, CarbonSource],
+        ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.regions = regions
+        self.sources = sources
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._values: dict[str, tuple[float, CarbonReading]] = {}
+
+    async def get(self, region: Region) -> CarbonReading:
+        now = self._clock()
+        cached = self._values.get(region.name)
+        if cached and now - cached[0] < self.ttl_s:
+            return cached[1]
+        src = self.sources[region.carbon_source]
+        try:
+            latest = await src.latest(region.zone)
+            reading = CarbonReading(
+                latest.g_per_kwh, latest.signal, latest.stale, src.name, latest.age_s
+            )
+        except CarbonSourceError as e:
+            if cached:
+                old = cached[1]
+                reading = CarbonReading(
+                    old.g_per_kwh, old.signal, True, old.source, old.age_s + now - cached[0]
+                )
+                log.warning("%s; using the last value, %.0f s old", e, reading.age_s)
+            else:
+                try:
+                    fc = await src.forecast(region.zone, 1)
+                except CarbonSourceError:
+                    raise ApiError(
+                        503,
+                        f"no carbon intensity for region {region.name}: {e}",
+                        type_="server_error",
+                        code="carbon_unavailable",
+                    ) from e
+                reading = CarbonReading(
+                    float(fc.g_per_kwh.iloc[0]), fc.signal, True, f"{src.name} forecast", 0.0
+                )
+        self._values[region.name] = (now, reading)
+        return reading
+
+
+@dataclass
+class ReplicaState:
+    replica: Replica
+    region: Region
+    profile: ReplicaProfile
+    prices: PriceSchedule
+    active: int = 0
+    healthy: bool = True
+    cooldown_until: float = 0.0
+    service_s_per_token: float = 0.0
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and now >= self.cooldown_until
+
+
+def profile_of(rep: Replica) -> ReplicaProfile:
+    if rep.gpu.type == "cpu":
+        return ReplicaProfile(
+            name=rep.name,
+            model=rep.backend.model,
+            gpu="cpu",
+            cpu_watts=rep.cpu_watts_per_core * 2,
+            tokens_per_s=rep.tokens_per_s,
+            prefill_weight=rep.prefill_weight,
+        )
+    return ReplicaProfile(
+        name=rep.name,
+        model=rep.backend.model,
+        gpu=rep.gpu.type,
+        gpu_count=rep.gpu.count,
+        total_params_b=rep.model_params_b or 8.0,
+        prefill_weight=rep.prefill_weight,
+    )
+
+
+@dataclass
+class Router:
+    """Chooses a replica for each request and prices what it used."""
+
+    config: Config
+    carbon: CarbonView
+    predictor: EnergyPredictor
+    policy: Policy
+    cooldown_s: float = 30.0
+    lengths: OutputLengths = field(default_factory=OutputLengths)
+    clock: Callable[[], float] = time.monotonic
+    states: list[ReplicaState] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        sources: dict[str, CarbonSource],
+        predictor: EnergyPredictor,
+        base_dir: Any = None,
+    ) -> Router:
+        router = cls(
+            config,
+            CarbonView(config.regions, sources),
+            predictor,
+            make_policy(config.policy.name, tie_tolerance=config.policy.tie_tolerance),
+        )
+        for region in config.regions:
+            prices = PriceSchedule(region.price, base_dir=base_dir)
+            for rep in region.replicas:
+                router.states.append(ReplicaState(rep, region, profile_of(rep), prices))
+        return router
+
+    def preference(self, header: str | None) -> Preference:
+        try:
+            return parse_preference(header, default_weight=self.config.policy.weight)
+        except PreferenceError as e:
+            raise ApiError(400, str(e), param="X-Carbon-Preference") from e
+
+    async def candidates(self, prompt_tokens: int, output_tokens: float) -> Candidates:
+        now = self.clock()
+        wall = datetime.now(UTC)
+        n = len(self.states)
+        intensity = np.empty(n)
+        price = np.empty(n)
+        kwh = np.empty(n)
+        service_ms = np.empty(n)
+        for i, st in enumerate(self.states):
+            intensity[i] = (await self.carbon.get(st.region)).g_per_kwh
+            price[i] = st.prices.at(wall)
+            kwh[i] = (
+                self.predictor.predict_j(
+                    st.profile, prompt_tokens, output_tokens, batch=max(1, st.active)
+                )
+                / 3.6e6
+            )
+            per_tok = st.service_s_per_token or 1.0 / st.replica.tokens_per_s
+            service_ms[i] = output_tokens * per_tok * 1000.0
+        load = np.array([st.active / st.replica.max_concurrency for st in self.states])
+        queue_ms = np.maximum(0, load - 1) * service_ms
+        return Candidates(
+            names=[s.replica.name for s in self.states],
+            regions=[s.region.name for s in self.states],
+            residency=[tuple(s.region.residency) for s in self.states],
+            healthy=np.array([s.usable(now) for s in self.states]),
+            has_capacity=np.array([s.active < 4 * s.replica.max_concurrency for s in self.states]),
+            kwh=kwh,
+            pue=np.array([s.region.pue for s in self.states]),
+            price_usd_per_kwh=price,
+            intensity_g_per_kwh=intensity,
+            rtt_ms=np.array([s.region.rtt_ms for s in self.states]),
+            queue_wait_ms=queue_ms,
+            service_ms=service_ms,
+            load=load,
+        )
+
+    def decide(self, c: Candidates, pref: Preference, exclude: set[int] = frozenset()) -> Decision:  # type: ignore[assignment]
+        if exclude:
+            c.healthy = c.healthy & ~np.isin(np.arange(len(c)), list(exclude))
+        try:
+            return self.policy.rank(c, pref)
+        except NoCandidateError as e:
+            raise ApiError(503, str(e), type_="server_error", code="no_replica") from e
+
+    def failed(self, index: int) -> None:
+        self.states[index].cooldown_until = self.clock() + self.cooldown_s
+
+    async def bill(
+        self,
+        *,
+        request_id: str,
+        tenant: str,
+        index: int,
+        started_at: datetime,
+        ended_at: datetime,
+        prompt_tokens: int,
+        completion_tokens: int,
+        energy_j: float,
+        energy_source: str,
+    ) -> LedgerRow:
+        st = self.states[index]
+        carbon = await self.carbon.get(st.region)
+        return bill_line(
+            request_id=request_id,
+            tenant=tenant,
+            region=st.region.name,
+            replica=st.replica.name,
+            model=st.replica.backend.model,
+            started_at=started_at,
+            ended_at=ended_at,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            energy_j=energy_j,
+            energy_source=energy_source,
+            pue=st.region.pue,
+            intensity_g_per_kwh=carbon.g_per_kwh,
+            signal=carbon.signal,
+            carbon_stale=carbon.stale,
+            price_usd_per_kwh=st.prices.at(started_at),
+            tariff=tariff_for(self.config.billing),
+        )
+
+
+def usage_fields(row: LedgerRow) -> dict[str, Any]:
+    """What ``usage`` gains beyond the OpenAI token counts."""
+    return {
+        "energy_kwh": row.kwh_billed,
+        "carbon_g": row.carbon_g,
+        "cost_usd": row.cost_usd,
+        "region": row.region,
+        "replica": row.replica,
+        "energy_source": row.energy_source,
+    }

@@ -1,0 +1,421 @@
+"""Ray Serve adapters: the ingress (FastAPI, OpenAI-compatible), one deployment per region
+replica, and the named metering actor that writes the ledger. The logic lives in
+:mod:`router.gateway` and :mod:`router.metering`; this module only wires it to Ray.
+
+``build_app({"config": PATH})`` is an application builder, so the same app runs with
+``router serve`` and with ``serve run router.serve_app:build_app config=configs/local.yaml``.
+"""
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from ray import serve
+
+from regions.backends import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    CompletionRequest,
+    LlamaCppBackend,
+)
+from regions.config import Replica, load_config
+from regions.meters import open_meter
+from router.gateway import ApiError, Router, Tenants, parse_body, usage_fields
+from router.ledger import Ledger, LedgerRow
+from router.metering.replica import MeteredReplica
+
+log = logging.getLogger(__name__)
+
+METERING_ACTOR = "carbon-router-metering"
+NAMESPACE = "carbon-router"
+
+
+# ---- metering actor -------------------------------------------------------------------------
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)
+class MeteringActor:
+    """Writes billed rows to the ledger. ``record`` returns only once the row is durable, and a
+    retried call (after a restart) cannot bill twice: the ledger is idempotent by request id."""
+
+    def __init__(self, ledger_path: str) -> None:
+        self.ledger = Ledger(ledger_path)
+
+    def record(self, rows: list[dict[str, Any]]) -> int:
+        return self.ledger.write([LedgerRow(**r) for r in rows])
+
+    def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        return [r.__dict__ for r in self.ledger.tenant_rows(tenant)]
+
+    def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
+        return self.ledger.measured_rows(replica)
+
+
+# ---- replicas ---------------------------------------------------------------------------------
+
+
+def make_backend(rep: Replica) -> Backend:
+    b = rep.backend
+    if b.kind == "llama_cpp":
+        return LlamaCppBackend(
+            b.model, slots=rep.max_concurrency, n_threads=b.n_threads, n_ctx=b.n_ctx
+        )
+    from regions.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(b.url, b.model, api_key=b.api_key or None, timeout_s=b.timeout_s)
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
+class RegionReplica:
+    def __init__(self, replica_json: str) -> None:
+        rep = Replica.model_validate_json(replica_json)
+        self.name = rep.name
+        meter = open_meter(
+            rep.meter, gpu_indices=rep.gpu_indices, watts_per_core=rep.cpu_watts_per_core
+        )
+        self.metered = MeteredReplica(
+            rep.name, make_backend(rep), meter, prefill_weight=rep.prefill_weight
+        )
+
+    async def generate(
+        self, request_id: str, request: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        req = CompletionRequest(**request)
+        prompt_tokens = await self.metered.backend.prompt_tokens(req)
+        started = datetime.now(UTC)
+        completion = 0
+        async for chunk in self.metered.run(request_id, req):
+            completion += chunk.n_tokens
+            yield {"text": chunk.text, "finish_reason": chunk.finish_reason}
+        ended = datetime.now(UTC)
+        try:
+            att = await self.metered.energy(request_id, timeout_s=5.0)
+            energy_j, source = att.energy_j, str(self.metered.meter.energy_source)
+        except TimeoutError:
+            energy_j, source = -1.0, "predicted"  # the ingress bills the prediction
+        yield {
+            "done": True,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "energy_j": energy_j,
+            "energy_source": source,
+            "started_at": started.isoformat(),
+            "ended_at": ended.isoformat(),
+        }
+
+    def check_health(self) -> None:
+        if not self.metered.backend:
+            raise RuntimeError("no backend")
+
+
+# ---- ingress ----------------------------------------------------------------------------------
+
+api = FastAPI(title="carbon-router", description="OpenAI-compatible, carbon-aware LLM router")
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config_path: str, replicas: dict[str, Any]) -> None:
+        from forecasting.energy import EnergyPredictor
+        from forecasting.sources import build_sources
+
+        self.config_path = config_path
+        cfg = load_config(config_path)
+        base = Path(config_path).parent
+        self.cfg = cfg
+        self.tenants = Tenants(cfg.tenants)
+        gpu = any(r.gpu.type != "cpu" for region in cfg.regions for r in region.replicas)
+        predictor = EnergyPredictor.from_mlenergy() if gpu else EnergyPredictor()
+        self.router = Router.build(cfg, build_sources(cfg, base_dir=base), predictor, base_dir=base)
+        self.handles = [replicas[s.replica.name] for s in self.router.states]
+        ledger = str((base / cfg.ledger) if not Path(cfg.ledger).is_absolute() else cfg.ledger)
+        self.metering = MeteringActor.options(  # type: ignore[attr-defined]
+            name=METERING_ACTOR, get_if_exists=True, lifetime="detached", namespace=NAMESPACE
+        ).remote(ledger)
+        self.registry = CollectorRegistry()
+        self.requests_total = Counter(
+            "router_requests_total", "requests", ["region", "status"], registry=self.registry
+        )
+        self.energy_total = Counter(
+            "router_energy_kwh_total", "billed kWh", ["region"], registry=self.registry
+        )
+        self.carbon_total = Counter(
+            "router_carbon_g_total", "g CO2e", ["region"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "router_request_seconds", "request latency", registry=self.registry
+        )
+
+    # -- plumbing ------------------------------------------------------------------------------
+    async def _route(self, raw: bytes, request: Request, chat: bool) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+            parsed = parse_body(raw, chat=chat)
+            pref = self.router.preference(request.headers.get("x-carbon-preference"))
+            prompt_est = sum(len(m["content"]) for m in parsed.completion.messages or []) // 4 or (
+                len(parsed.completion.prompt or "") // 4
+            )
+            expected = self.router.lengths.expected(
+                caller.tenant, parsed.model, parsed.completion.max_tokens
+            )
+            cands = await self.router.candidates(prompt_est, expected)
+        except ApiError as e:
+            return _error(e)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        tried: set[int] = set()
+        while True:
+            try:
+                decision = self.router.decide(cands, pref, tried)
+            except ApiError as e:
+                return _error(e)
+            i = decision.index
+            stream = (
+                self.handles[i]
+                .options(stream=True)
+                .generate.remote(request_id, parsed.completion.__dict__)
+            )
+            try:
+                first = await stream.__anext__()  # failover is possible until the first byte
+            except StopAsyncIteration:
+                first = None
+            except (BackendUnavailable, ray.exceptions.RayError, BackendError) as e:
+                log.warning("replica %s failed before the first byte: %s", decision.replica, e)
+                self.router.failed(i)
+                tried.add(i)
+                continue
+            break
+        st = self.router.states[i]
+        st.active += 1
+        headers = {
+            "X-Carbon-Region": st.region.name,
+            "X-Carbon-Replica": st.replica.name,
+            "X-Carbon-Policy": decision.policy,
+            "X-Carbon-Binding": decision.binding,
+        }
+        if decision.note:
+            headers["X-Carbon-Note"] = decision.note
+        created = int(time.time())
+        if parsed.stream:
+            return StreamingResponse(
+                self._sse(stream, first, request_id, caller.tenant, i, parsed, created),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        text, finish, final = [], None, None
+        item = first
+        try:
+            while item is not None:
+                if item.get("done"):
+                    final = item
+                else:
+                    text.append(item["text"])
+                    finish = item["finish_reason"] or finish
+                item = await stream.__anext__()
+        except StopAsyncIteration:
+            pass
+        finally:
+            st.active -= 1
+        usage = await self._finish(request_id, caller.tenant, i, final, parsed)
+        headers.update(
+            {"X-Energy-kWh": f"{usage['energy_kwh']:.9f}", "X-Carbon-g": f"{usage['carbon_g']:.6f}"}
+        )
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish or "stop", "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        body = {
+            "id": request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": parsed.model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        return JSONResponse(body, headers=headers)
+
+    async def _sse(
+        self,
+        stream: Any,
+        first: dict[str, Any] | None,
+        request_id: str,
+        tenant: str,
+        i: int,
+        parsed: Any,
+        created: int,
+    ) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if parsed.chat else "text_completion"
+        final = None
+        item = first
+        st = self.router.states[i]
+        try:
+            while item is not None:
+                if item.get("done"):
+                    final = item
+                else:
+                    delta = {"content": item["text"]} if parsed.chat else None
+                    choice: dict[str, Any] = {"index": 0, "finish_reason": item["finish_reason"]}
+                    if parsed.chat:
+                        choice["delta"] = delta
+                    else:
+                        choice["text"] = item["text"]
+                    yield (
+                        "data: "
+                        + json.dumps(
+                            {
+                                "id": request_id,
+                                "object": obj,
+                                "created": created,
+                                "model": parsed.model,
+                                "choices": [choice],
+                            }
+                        )
+                        + "\n\n"
+                    )
+                try:
+                    item = await stream.__anext__()
+                except StopAsyncIteration:
+                    item = None
+        finally:
+            st.active -= 1
+        usage = await self._finish(request_id, tenant, i, final, parsed)
+        if parsed.include_usage:
+            yield (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": request_id,
+                        "object": obj,
+                        "created": created,
+                        "model": parsed.model,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+                + "\n\n"
+            )
+        yield "data: [DONE]\n\n"
+
+    async def _finish(
+        self, request_id: str, tenant: str, i: int, final: dict[str, Any] | None, parsed: Any
+    ) -> dict[str, Any]:
+        st = self.router.states[i]
+        final = final or {}
+        prompt = int(final.get("prompt_tokens", 0))
+        completion = int(final.get("completion_tokens", 0))
+        energy = float(final.get("energy_j", -1.0))
+        source = str(final.get("energy_source", "predicted"))
+        if energy < 0:  # not metered in time: bill the prediction, say so
+            energy = self.router.predictor.predict_j(st.profile, prompt, completion)
+            source = "estimated"
+        started = datetime.fromisoformat(final.get("started_at", datetime.now(UTC).isoformat()))
+        ended = datetime.fromisoformat(final.get("ended_at", datetime.now(UTC).isoformat()))
+        row = await self.router.bill(
+            request_id=request_id,
+            tenant=tenant,
+            index=i,
+            started_at=started,
+            ended_at=ended,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            energy_j=energy,
+            energy_source=source,
+        )
+        await self.metering.record.remote([row.__dict__])  # durable before we answer
+        self.router.lengths.observe(tenant, parsed.model, completion)
+        self.requests_total.labels(row.region, "ok").inc()
+        self.energy_total.labels(row.region).inc(row.kwh_billed)
+        self.carbon_total.labels(row.region).inc(row.carbon_g)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            **usage_fields(row),
+        }
+
+    # -- endpoints -----------------------------------------------------------------------------
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._route(await request.body(), request, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._route(await request.body(), request, chat=False)
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        names = sorted({s.replica.backend.model for s in self.router.states})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": n, "object": "model", "created": 0, "owned_by": "carbon-router"}
+                    for n in names
+                ],
+            }
+        )
+
+    @api.get("/v1/usage")
+    async def usage(self, request: Request) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error(e)
+        tenant = request.query_params.get("tenant") if caller.admin else caller.tenant
+        rows = await self.metering.usage.remote(tenant)
+        return JSONResponse({"object": "list", "tenant": tenant, "data": rows})
+
+    @api.get("/healthz")
+    async def healthz(self) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        usable = [s.replica.name for s in self.router.states if s.usable(time.monotonic())]
+        return JSONResponse(
+            {"ready": bool(usable), "replicas": usable}, status_code=200 if usable else 503
+        )
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(args: dict[str, str]) -> serve.Application:
+    """Application builder: one RegionReplica per config replica, each carrying the Ray custom
+    resource ``region:<name>`` (a sliver, so many fit), and the ingress bound to them."""
+    config_path = str(Path(args.get("config", "configs/local.yaml")).resolve())
+    cfg = load_config(config_path)
+    replicas = {}
+    for region in cfg.regions:
+        for rep in region.replicas:
+            cpus = rep.backend.n_threads if rep.backend.kind == "llama_cpp" else 0.1
+            replicas[rep.name] = RegionReplica.options(  # type: ignore[attr-defined]
+                name=f"replica-{rep.name}",
+                ray_actor_options={
+                    "num_cpus": min(cpus, 0.5),
+                    "resources": {f"region:{region.name}": 0.01},
+                },
+            ).bind(rep.model_dump_json())
+    return Ingress.bind(config_path, replicas)  # type: ignore[attr-defined,no-any-return]
