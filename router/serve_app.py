@@ -238,7 +238,7 @@ class Ingress:
             st.active -= 1
         usage = await self._finish(request_id, caller.tenant, i, final, parsed)
         headers.update(
-            {"X-Energy-kWh": f"{usage['energy_kwh']:.9f}", "X-Carbon-g": f"{usage['carbon_g']:.6f}"}
+            {"X-Energy-kWh": f"{usage['energy_kwh']:.6e}", "X-Carbon-g": f"{usage['carbon_g']:.6e}"}
         )
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish or "stop", "logprobs": None}
         if chat:

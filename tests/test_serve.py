@@ -1,0 +1,170 @@
+"""The live router on Ray Serve with the real local model, called with the official openai
+client: chat and completions, streaming and not, auth, isolation, errors, the ledger, and a
+metering-actor restart."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from router.ledger import Ledger
+from tests.conftest import ROOT
+
+ray = pytest.importorskip("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from ray import serve
+
+    from regions.config import load_config
+    from router.serve_app import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    ledger = tmp / "ledger.sqlite"
+    cfg_text = (
+        (ROOT / "configs/local.yaml")
+        .read_text()
+        .replace("ledger: carbon-router.sqlite", f"ledger: {ledger}")
+    )
+    cfg_path = tmp / "local.yaml"
+    cfg_path.write_text(cfg_text)
+    cfg = load_config(cfg_path)
+    port = free_port()
+    ray.init(resources={f"region:{r.name}": 1.0 for r in cfg.regions}, include_dashboard=False,
+             namespace="carbon-router", log_to_driver=False)  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(cfg_path)}), name="carbon-router", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    yield {"url": url, "ledger": ledger}
+    for c in _clients:
+        c.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+_clients: list[openai.OpenAI] = []
+
+
+def client(server: dict[str, Any], key: str = "sk-local-demo") -> openai.OpenAI:
+    c = openai.OpenAI(base_url=server["url"] + "/v1", api_key=key, max_retries=0)
+    _clients.append(c)
+    return c
+
+
+def ask(**kw: Any) -> dict[str, Any]:
+    return {"model": "smollm2-135m", "max_tokens": 12, "temperature": 0.0, "seed": 1,
+            "messages": [{"role": "user", "content": "Name one fruit."}], **kw}  # fmt: skip
+
+
+def test_chat_completion_carries_energy_carbon_and_cost(server: dict[str, Any]) -> None:
+    raw = client(server).chat.completions.with_raw_response.create(**ask())
+    r = raw.parse()
+    assert r.choices[0].message.content
+    extra = r.usage.model_extra or {}
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+    assert extra["energy_kwh"] > 0 and extra["carbon_g"] > 0 and extra["cost_usd"] > 0
+    assert extra["energy_source"] == "estimated"  # the CPU-time meter on this machine
+    assert raw.headers["x-carbon-region"] == extra["region"]
+    assert float(raw.headers["x-energy-kwh"]) == pytest.approx(extra["energy_kwh"], rel=1e-5)
+    row = Ledger(server["ledger"]).get(r.id)
+    assert (
+        row is not None
+        and row.tenant == "demo"
+        and row.completion_tokens == r.usage.completion_tokens
+    )
+
+
+def test_streaming_ends_with_usage(server: dict[str, Any]) -> None:
+    chunks = list(client(server).chat.completions.create(
+        **ask(), stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.model_extra or {})["energy_kwh"] > 0
+
+
+def test_completions_and_models(server: dict[str, Any]) -> None:
+    c = client(server)
+    r = c.completions.create(model="smollm2-135m", prompt="The sky is", max_tokens=5, temperature=0)
+    assert r.choices[0].text and (r.usage.model_extra or {})["region"]
+    assert [m.id for m in c.models.list()] == ["smollm2-135m"]
+
+
+def test_carbon_mode_prefers_the_clean_region(server: dict[str, Any]) -> None:
+    c = client(server)
+    raw = c.chat.completions.with_raw_response.create(
+        **ask(), extra_headers={"X-Carbon-Preference": "mode=carbon"})  # fmt: skip
+    assert raw.headers["x-carbon-region"] == "eu-north"  # Sweden's grid is the cleanest here
+    raw = c.chat.completions.with_raw_response.create(
+        **ask(), extra_headers={"X-Carbon-Preference": 'regions=("us-*")'})  # fmt: skip
+    assert raw.headers["x-carbon-region"] == "us-south"
+
+
+def test_auth_and_bad_input(server: dict[str, Any]) -> None:
+    with pytest.raises(openai.AuthenticationError) as info:
+        client(server, key="sk-wrong").chat.completions.create(**ask())
+    assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="weight must be >= 0 and <= 1.*allowed keys"):
+        client(server).chat.completions.create(
+            **ask(), extra_headers={"X-Carbon-Preference": "weight=1.7"})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' must be 1..1024"):
+        client(server).chat.completions.create(**ask(max_tokens=5000))
+
+
+def test_usage_is_per_tenant(server: dict[str, Any]) -> None:
+    import json
+
+    def usage(key: str, query: str = "") -> dict[str, Any]:
+        req = urllib.request.Request(f"{server['url']}/v1/usage{query}",
+                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    client(server).chat.completions.create(**ask())
+    mine = usage("sk-local-demo", "?tenant=admin")  # a tenant cannot ask for another's rows
+    assert mine["tenant"] == "demo" and mine["data"]
+    assert all(r["tenant"] == "demo" for r in mine["data"])
+    everyone = usage("sk-local-admin")
+    assert len(everyone["data"]) >= len(mine["data"])
+
+
+def test_metering_actor_restart_loses_nothing(server: dict[str, Any]) -> None:
+    from router.serve_app import METERING_ACTOR, NAMESPACE
+
+    before = client(server).chat.completions.create(**ask())
+    actor = ray.get_actor(METERING_ACTOR, namespace=NAMESPACE)
+    ray.kill(actor, no_restart=False)
+    after = client(server).chat.completions.create(**ask())
+    ledger = Ledger(server["ledger"])
+    assert ledger.get(before.id) is not None and ledger.get(after.id) is not None
+    ids = [r.request_id for r in ledger.tenant_rows("demo")]
+    assert len(ids) == len(set(ids))
+
+
+def test_health_and_metrics(server: dict[str, Any]) -> None:
+    with urllib.request.urlopen(server["url"] + "/healthz", timeout=5) as r:
+        assert r.read() == b"ok"
+    with urllib.request.urlopen(server["url"] + "/metrics", timeout=5) as r:
+        assert b"router_energy_kwh_total" in r.read()
