@@ -168,3 +168,17 @@ def test_health_and_metrics(server: dict[str, Any]) -> None:
         assert r.read() == b"ok"
     with urllib.request.urlopen(server["url"] + "/metrics", timeout=5) as r:
         assert b"router_energy_kwh_total" in r.read()
+
+
+def test_failover_before_the_first_byte(server: dict[str, Any]) -> None:
+    # eu-dead is the cheapest and cleanest on paper, and its server is down: the request runs
+    # on the next candidate, the response says where, and eu-dead cools down
+    raw = client(server).chat.completions.with_raw_response.create(
+        **ask(), extra_headers={"X-Carbon-Preference": 'mode=carbon, regions=("eu-*")'})  # fmt: skip
+    assert raw.headers["x-carbon-region"] == "eu-north"
+    assert (raw.parse().usage.model_extra or {})["replica"] == "eu-north-0"
+    with urllib.request.urlopen(server["url"] + "/readyz", timeout=5) as r:
+        import json
+
+        ready = json.loads(r.read())
+    assert "eu-dead-0" not in ready["replicas"] and "eu-north-0" in ready["replicas"]
