@@ -82,7 +82,9 @@ def wait(url: str, method: str = "GET") -> None:
 def wrk(url: str, conns: int, seconds: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
     def ms(label: str) -> float:
@@ -124,7 +126,9 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     fake_port, router_port = free_port(), free_port()
-    fake = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/fake_openai.py"), str(fake_port)])
+    fake = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks/fake_openai.py"), str(fake_port)]
+    )
     cfg = tmp / "bench.yaml"
     cfg.write_text(CONFIG.format(port=fake_port, ledger=tmp / "ledger.sqlite"))
     router = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(cfg),

@@ -22,7 +22,9 @@ def test_each_replica_runs_on_a_node_of_its_region(tmp_path: Path) -> None:
     from router.serve_app import build_app
 
     cfg = tmp_path / "local.yaml"
-    cfg.write_text(CONFIG.replace("ledger: carbon-router.sqlite", f"ledger: {tmp_path / 'l.sqlite'}"))
+    cfg.write_text(
+        CONFIG.replace("ledger: carbon-router.sqlite", f"ledger: {tmp_path / 'l.sqlite'}")
+    )
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = {
         region: cluster.add_node(num_cpus=1, resources={f"region:{region}": 1.0})
