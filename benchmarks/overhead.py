@@ -70,8 +70,12 @@ def wait(url: str, method: str = "GET") -> None:
     while time.monotonic() < deadline:
         try:
             data = json.dumps(BODY).encode() if method == "POST" else None
-            req = urllib.request.Request(url, data=data, method=method, headers={
-                "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+            req = urllib.request.Request(
+                url,
+                data=data,
+                method=method,
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=5):
                 return
         except OSError:
@@ -96,8 +100,12 @@ def wrk(url: str, conns: int, seconds: int, script: Path) -> dict[str, float]:
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"p50": ms("50%"), "p99": ms("99%"), "rps": rps,
-            "non2xx": float(errors.group(1)) if errors else 0.0}  # fmt: skip
+    return {
+        "p50": ms("50%"),
+        "p99": ms("99%"),
+        "rps": rps,
+        "non2xx": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 async def ttfb(url: str, conns: int, n: int) -> float:
@@ -131,9 +139,21 @@ def main() -> int:
     )
     cfg = tmp / "bench.yaml"
     cfg.write_text(CONFIG.format(port=fake_port, ledger=tmp / "ledger.sqlite"))
-    router = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(cfg),
-                               "--port", str(router_port)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    router = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(router_port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     direct = f"http://127.0.0.1:{fake_port}/v1/chat/completions"
     routed = f"http://127.0.0.1:{router_port}/v1/chat/completions"
     script = tmp / "post.lua"
@@ -152,20 +172,42 @@ def main() -> int:
         router.terminate()
         router.wait(timeout=60)
         fake.terminate()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+            capture_output=True,
+            check=False,
+        )
     table = Table(title="Router overhead vs direct (fake backend), wrk -t1")
-    for col in ("concurrency", "direct p50 ms", "router p50 ms", "added p50 ms", "direct p99 ms",
-                "router p99 ms", "direct req/s", "router req/s", "router non-2xx"):  # fmt: skip
+    for col in (
+        "concurrency",
+        "direct p50 ms",
+        "router p50 ms",
+        "added p50 ms",
+        "direct p99 ms",
+        "router p99 ms",
+        "direct req/s",
+        "router req/s",
+        "router non-2xx",
+    ):
         table.add_column(col, justify="right")
     for conns, d, r in rows:
-        table.add_row(str(conns), f"{d['p50']:.2f}", f"{r['p50']:.2f}", f"{r['p50'] - d['p50']:.2f}",
-                      f"{d['p99']:.2f}", f"{r['p99']:.2f}", f"{d['rps']:,.0f}", f"{r['rps']:,.0f}",
-                      f"{r['non2xx']:.0f}")  # fmt: skip
+        table.add_row(
+            str(conns),
+            f"{d['p50']:.2f}",
+            f"{r['p50']:.2f}",
+            f"{r['p50'] - d['p50']:.2f}",
+            f"{d['p99']:.2f}",
+            f"{r['p99']:.2f}",
+            f"{d['rps']:,.0f}",
+            f"{r['rps']:,.0f}",
+            f"{r['non2xx']:.0f}",
+        )
     console = Console(width=140)
     console.print(table)
-    console.print(f"stream time to first byte, concurrency 8, median: direct {t_direct:.2f} ms, "
-                  f"router {t_routed:.2f} ms")  # fmt: skip
+    console.print(
+        f"stream time to first byte, concurrency 8, median: direct {t_direct:.2f} ms, "
+        f"router {t_routed:.2f} ms"
+    )
     return 0
 
 

@@ -43,8 +43,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     cfg_path.write_text(cfg_text)
     cfg = load_config(cfg_path)
     port = free_port()
-    ray.init(resources={f"region:{r.name}": 1.0 for r in cfg.regions}, include_dashboard=False,
-             namespace="carbon-router", log_to_driver=False)  # fmt: skip
+    ray.init(
+        resources={f"region:{r.name}": 1.0 for r in cfg.regions},
+        include_dashboard=False,
+        namespace="carbon-router",
+        log_to_driver=False,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(cfg_path)}), name="carbon-router", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -73,8 +77,14 @@ def client(server: dict[str, Any], key: str = "sk-local-demo") -> openai.OpenAI:
 
 
 def ask(**kw: Any) -> dict[str, Any]:
-    return {"model": "smollm2-135m", "max_tokens": 12, "temperature": 0.0, "seed": 1,
-            "messages": [{"role": "user", "content": "Name one fruit."}], **kw}  # fmt: skip
+    return {
+        "model": "smollm2-135m",
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "seed": 1,
+        "messages": [{"role": "user", "content": "Name one fruit."}],
+        **kw,
+    }
 
 
 def test_chat_completion_carries_energy_carbon_and_cost(server: dict[str, Any]) -> None:
@@ -96,8 +106,11 @@ def test_chat_completion_carries_energy_carbon_and_cost(server: dict[str, Any]) 
 
 
 def test_streaming_ends_with_usage(server: dict[str, Any]) -> None:
-    chunks = list(client(server).chat.completions.create(
-        **ask(), stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client(server).chat.completions.create(
+            **ask(), stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     last = chunks[-1]
@@ -115,10 +128,12 @@ def test_completions_and_models(server: dict[str, Any]) -> None:
 def test_carbon_mode_prefers_the_clean_region(server: dict[str, Any]) -> None:
     c = client(server)
     raw = c.chat.completions.with_raw_response.create(
-        **ask(), extra_headers={"X-Carbon-Preference": "mode=carbon"})  # fmt: skip
+        **ask(), extra_headers={"X-Carbon-Preference": "mode=carbon"}
+    )
     assert raw.headers["x-carbon-region"] == "eu-north"  # Sweden's grid is the cleanest here
     raw = c.chat.completions.with_raw_response.create(
-        **ask(), extra_headers={"X-Carbon-Preference": 'regions=("us-*")'})  # fmt: skip
+        **ask(), extra_headers={"X-Carbon-Preference": 'regions=("us-*")'}
+    )
     assert raw.headers["x-carbon-region"] == "us-south"
 
 
@@ -128,7 +143,8 @@ def test_auth_and_bad_input(server: dict[str, Any]) -> None:
     assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError, match="weight must be >= 0 and <= 1.*allowed keys"):
         client(server).chat.completions.create(
-            **ask(), extra_headers={"X-Carbon-Preference": "weight=1.7"})  # fmt: skip
+            **ask(), extra_headers={"X-Carbon-Preference": "weight=1.7"}
+        )
     with pytest.raises(openai.BadRequestError, match="'max_tokens' must be 1..1024"):
         client(server).chat.completions.create(**ask(max_tokens=5000))
 
@@ -137,8 +153,9 @@ def test_usage_is_per_tenant(server: dict[str, Any]) -> None:
     import json
 
     def usage(key: str, query: str = "") -> dict[str, Any]:
-        req = urllib.request.Request(f"{server['url']}/v1/usage{query}",
-                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        req = urllib.request.Request(
+            f"{server['url']}/v1/usage{query}", headers={"Authorization": f"Bearer {key}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())  # type: ignore[no-any-return]
 
@@ -174,7 +191,8 @@ def test_failover_before_the_first_byte(server: dict[str, Any]) -> None:
     # eu-dead is the cheapest and cleanest on paper, and its server is down: the request runs
     # on the next candidate, the response says where, and eu-dead cools down
     raw = client(server).chat.completions.with_raw_response.create(
-        **ask(), extra_headers={"X-Carbon-Preference": 'mode=carbon, regions=("eu-*")'})  # fmt: skip
+        **ask(), extra_headers={"X-Carbon-Preference": 'mode=carbon, regions=("eu-*")'}
+    )
     assert raw.headers["x-carbon-region"] == "eu-north"
     assert (raw.parse().usage.model_extra or {})["replica"] == "eu-north-0"
     with urllib.request.urlopen(server["url"] + "/readyz", timeout=5) as r:
