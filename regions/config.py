@@ -247,6 +247,7 @@ class PolicyDefaults(_Strict):
     max_latency_ms: float | None = Field(None, gt=0)
     tie_tolerance: float = Field(0.05, ge=0, le=1)
     max_defer_s: float = Field(86400.0, ge=0)
+    defer_min_gain: float = Field(0.05, ge=0, lt=1)
 
 
 class Simulation(_Strict):

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from router.errors import RouterError
 from router.ledger import LedgerRow
 from router.policy import Candidates, Decision, NoCandidateError, Policy, make_policy
 from router.preference import Preference, PreferenceError, parse_preference
+from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,10 @@ class Router:
     lengths: OutputLengths = field(default_factory=OutputLengths)
     clock: Callable[[], float] = time.monotonic
     states: list[ReplicaState] = field(default_factory=list)
+    _forecasts: dict[tuple[str, int], tuple[float, Any]] = field(default_factory=dict)
+    _book: SlotBook = field(default_factory=lambda: SlotBook(np.zeros(0)))
+    _book_hour: datetime | None = None
+    _rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
     @classmethod
     def build(
@@ -319,6 +324,9 @@ class Router:
             prices = PriceSchedule(region.price, base_dir=base_dir)
             for rep in region.replicas:
                 router.states.append(ReplicaState(rep, region, profile_of(rep), prices))
+        router._book = SlotBook(
+            np.array([s.replica.max_concurrency * 3600.0 for s in router.states])
+        )
         return router
 
     def preference(self, header: str | None) -> Preference:
@@ -371,6 +379,73 @@ class Router:
             return self.policy.rank(c, pref)
         except NoCandidateError as e:
             raise ApiError(503, str(e), type_="server_error", code="no_replica") from e
+
+    async def _forecast(self, region: Region, hours: int) -> Any:
+        key = (region.name, hours)
+        hit = self._forecasts.get(key)
+        if hit and self.clock() - hit[0] < 900:
+            return hit[1]
+        fc = await self.carbon.sources[region.carbon_source].forecast(region.zone, hours)
+        self._forecasts[key] = (self.clock(), fc)
+        return fc
+
+    async def plan_deferral(
+        self, c: Candidates, pref: Preference, expected_output: float
+    ) -> tuple[datetime, int, float, float] | None:
+        """``(start_at, replica index, forecast score, score now)`` when waiting pays within
+        the request's ``defer`` window, else ``None`` (run now)."""
+        horizon = min(48, int(min(pref.defer_s, self.config.policy.max_defer_s) // 3600) + 1)
+        ok = c.healthy & c.allowed(pref.regions) & c.has_capacity
+        if horizon < 2 or not ok.any():
+            return None
+        now = datetime.now(UTC)
+        hour0 = now.replace(minute=0, second=0, microsecond=0)
+        hours = [hour0 + timedelta(hours=k) for k in range(horizon)]
+        n = len(self.states)
+        intensity = np.full((horizon, n), np.inf)
+        price = np.ones((horizon, n))
+        for i, st in enumerate(self.states):
+            if not ok[i]:
+                continue
+            try:
+                fc = await self._forecast(st.region, horizon)
+            except CarbonSourceError as e:
+                log.warning(
+                    "no forecast for %s (%s): it is not a deferral target", st.region.name, e
+                )
+                continue
+            intensity[0, i] = c.intensity_g_per_kwh[i]  # now is known
+            intensity[1:, i] = [fc.at(h) for h in hours[1:]]
+            price[:, i] = [st.prices.at(h) for h in hours]
+        s = slot_scores(c.kwh, c.pue, price, intensity, pref.weight)
+        s[:, ~ok] = np.inf
+        s = worth_waiting(s, self.config.policy.defer_min_gain)
+        if not np.isfinite(s[1:]).any():
+            return None
+        work_s = float(c.service_ms.max()) / 1000.0
+        try:
+            k, r, best = plan(s, first_hour=0, work_s=work_s, book=self._book_for(hour0))
+        except PlanError:
+            return None
+        if k == 0:
+            return None
+        start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, 600)))
+        return start, r, best, float(np.nanmin(s[0]))
+
+    def _book_for(self, hour0: datetime) -> SlotBook:
+        """Bookings per (hour, replica), shifted as hours pass (in memory: a restart forgets
+        the bookings, not the jobs)."""
+        if self._book_hour != hour0:
+            shift = (
+                0
+                if self._book_hour is None
+                else int((hour0 - self._book_hour).total_seconds() // 3600)
+            )
+            self._book.booked = {
+                (h - shift, r): v for (h, r), v in self._book.booked.items() if h - shift >= 0
+            }
+            self._book_hour = hour0
+        return self._book
 
     def failed(self, index: int) -> None:
         self.states[index].cooldown_until = self.clock() + self.cooldown_s

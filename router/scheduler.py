@@ -70,6 +70,17 @@ def slot_scores(
     return score(kwh[None, :], pue[None, :], price, intensity, weight)
 
 
+def worth_waiting(scores: np.ndarray, min_gain: float) -> np.ndarray:
+    """Mask [K, R] slot scores by the rule "waiting must pay": a later hour counts only where it
+    beats the best replica now by ``min_gain``; now, only that best replica counts (a request
+    that may wait would rather queue there than move to a dirtier region)."""
+    s = np.array(scores, dtype=float)
+    now_best = int(np.argmin(s[0]))
+    s[1:] = np.where(s[1:] < s[0, now_best] * (1 - min_gain), s[1:], np.inf)
+    s[0] = np.where(np.arange(s.shape[1]) == now_best, s[0], np.inf)
+    return s
+
+
 def plan(
     scores: np.ndarray,  # [K, R]
     *,

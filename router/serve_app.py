@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from regions.backends import (
 from regions.config import Replica, load_config
 from regions.meters import open_meter
 from router.gateway import ApiError, Router, Tenants, parse_body, usage_fields
+from router.jobs import Job, JobStore
 from router.ledger import Ledger, LedgerRow
 from router.metering.replica import MeteredReplica
 
@@ -177,6 +178,8 @@ class Ingress:
         self.metering = MeteringActor.options(  # type: ignore[attr-defined]
             name=METERING_ACTOR, get_if_exists=True, lifetime="detached", namespace=NAMESPACE
         ).remote(ledger)
+        self.jobs = JobStore(Path(ledger).with_suffix(".jobs.sqlite"))
+        self._runner = asyncio.get_event_loop().create_task(self._run_jobs())
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "router_requests_total", "requests", ["region", "status"], registry=self.registry
@@ -204,33 +207,19 @@ class Ingress:
                 caller.tenant, parsed.model, parsed.completion.max_tokens
             )
             cands = await self.router.candidates(prompt_est, expected)
+            if pref.defer_s > 0 and not parsed.stream:
+                job = await self._maybe_defer(raw, caller.tenant, parsed, pref, cands, expected)
+                if job is not None:
+                    return JSONResponse(job.public(), status_code=202,
+                                        headers={"Location": f"/v1/jobs/{job.id}"})  # fmt: skip
         except ApiError as e:
             return _error(e)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        tried: set[int] = set()
-        while True:
-            try:
-                decision = self.router.decide(cands, pref, tried)
-            except ApiError as e:
-                return _error(e)
-            i = decision.index
-            stream = (
-                self.handles[i]
-                .options(stream=True)
-                .generate.remote(request_id, parsed.completion.__dict__)
-            )
-            try:
-                first = await stream.__anext__()  # failover is possible until the first byte
-            except StopAsyncIteration:
-                first = None
-            except (BackendUnavailable, ray.exceptions.RayError, BackendError) as e:
-                log.warning("replica %s failed before the first byte: %s", decision.replica, e)
-                self.router.failed(i)
-                tried.add(i)
-                continue
-            break
+        try:
+            i, decision, stream, first = await self._start(request_id, parsed, cands, pref)
+        except ApiError as e:
+            return _error(e)
         st = self.router.states[i]
-        st.active += 1
         headers = {
             "X-Carbon-Region": st.region.name,
             "X-Carbon-Replica": st.replica.name,
@@ -246,6 +235,50 @@ class Ingress:
                 media_type="text/event-stream",
                 headers=headers,
             )
+        body = await self._collect(stream, first, request_id, caller.tenant, i, parsed, created)
+        usage = body["usage"]
+        headers.update(
+            {"X-Energy-kWh": f"{usage['energy_kwh']:.6e}", "X-Carbon-g": f"{usage['carbon_g']:.6e}"}
+        )
+        return JSONResponse(body, headers=headers)
+
+    async def _start(
+        self, request_id: str, parsed: Any, cands: Any, pref: Any, only: int | None = None
+    ) -> tuple[int, Any, Any, dict[str, Any] | None]:
+        """Send the request to the best replica, failing over until one gives a first chunk."""
+        tried: set[int] = set()
+        if only is not None:  # a planned job: its replica first, the others if it is down
+            pref = pref.__class__(**{**pref.__dict__, "regions": ()})
+        while True:
+            decision = self.router.decide(cands, pref, tried)
+            i = decision.index
+            if (
+                only is not None
+                and only not in tried
+                and self.router.states[only].usable(time.monotonic())
+            ):
+                i = only
+            stream = (
+                self.handles[i]
+                .options(stream=True)
+                .generate.remote(request_id, parsed.completion.__dict__)
+            )
+            try:
+                first = await stream.__anext__()  # failover is possible until the first byte
+            except StopAsyncIteration:
+                first = None
+            except (BackendUnavailable, ray.exceptions.RayError, BackendError) as e:
+                log.warning("replica %s failed before the first byte: %s", decision.replica, e)
+                self.router.failed(i)
+                tried.add(i)
+                continue
+            self.router.states[i].active += 1
+            return i, decision, stream, first
+
+    async def _collect(
+        self, stream: Any, first: dict[str, Any] | None, request_id: str, tenant: str, i: int,
+        parsed: Any, created: int,
+    ) -> dict[str, Any]:  # fmt: skip
         text, finish, final = [], None, None
         item = first
         try:
@@ -259,25 +292,65 @@ class Ingress:
         except StopAsyncIteration:
             pass
         finally:
-            st.active -= 1
-        usage = await self._finish(request_id, caller.tenant, i, final, parsed)
-        headers.update(
-            {"X-Energy-kWh": f"{usage['energy_kwh']:.6e}", "X-Carbon-g": f"{usage['carbon_g']:.6e}"}
-        )
+            self.router.states[i].active -= 1
+        usage = await self._finish(request_id, tenant, i, final, parsed)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish or "stop", "logprobs": None}
-        if chat:
+        if parsed.chat:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:
             choice["text"] = "".join(text)
-        body = {
+        return {
             "id": request_id,
-            "object": "chat.completion" if chat else "text_completion",
+            "object": "chat.completion" if parsed.chat else "text_completion",
             "created": created,
             "model": parsed.model,
             "choices": [choice],
             "usage": usage,
         }
-        return JSONResponse(body, headers=headers)
+
+    # -- deferred jobs -------------------------------------------------------------------------
+    async def _maybe_defer(
+        self, raw: bytes, tenant: str, parsed: Any, pref: Any, cands: Any, expected: float
+    ) -> Job | None:
+        plan = await self.router.plan_deferral(cands, pref, expected)
+        if plan is None:
+            return None  # waiting does not pay: run now
+        start_at, index, best, now_score = plan
+        st = self.router.states[index]
+        now = datetime.now(UTC)
+        job = Job(
+            id=f"job-{uuid.uuid4().hex}", tenant=tenant, status="scheduled",
+            created_at=now.isoformat(), start_at=start_at.isoformat(),
+            deadline=(now + timedelta(seconds=pref.defer_s)).isoformat(),
+            replica=st.replica.name, region=st.region.name, chat=parsed.chat,
+            body=json.loads(raw), forecast_score=best,
+        )  # fmt: skip
+        self.jobs.add(job)
+        log.info("deferred %s to %s in %s (score %.3g vs %.3g now)", job.id, start_at,
+                 st.region.name, best, now_score)  # fmt: skip
+        return job
+
+    async def _run_jobs(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for job in self.jobs.due(datetime.now(UTC)):
+                asyncio.get_running_loop().create_task(self._run_job(job))
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            parsed = parse_body(json.dumps(job.body).encode(), chat=job.chat)
+            cands = await self.router.candidates(0, self.router.lengths.expected(
+                job.tenant, parsed.model, parsed.completion.max_tokens))  # fmt: skip
+            index = next(k for k, s in enumerate(self.router.states)
+                         if s.replica.name == job.replica)  # fmt: skip
+            pref = self.router.preference(None)
+            i, _, stream, first = await self._start(job.id, parsed, cands, pref, only=index)
+            body = await self._collect(stream, first, job.id, job.tenant, i, parsed,
+                                       int(time.time()))  # fmt: skip
+            self.jobs.finish(job.id, result=body, error=None)
+        except Exception as e:  # the job records why; the loop goes on
+            log.exception("job %s failed", job.id)
+            self.jobs.finish(job.id, result=None, error=str(e))
 
     async def _sse(
         self,
@@ -409,6 +482,29 @@ class Ingress:
         tenant = request.query_params.get("tenant") if caller.admin else caller.tenant
         rows = await self.metering.usage.remote(tenant)
         return JSONResponse({"object": "list", "tenant": tenant, "data": rows})
+
+    @api.get("/v1/jobs/{job_id}")
+    async def get_job(self, job_id: str, request: Request) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error(e)
+        job = self.jobs.get(job_id)
+        if job is None or (job.tenant != caller.tenant and not caller.admin):
+            return _error(ApiError(404, f"no job {job_id}", code="not_found"))
+        return JSONResponse(job.public())
+
+    @api.post("/v1/jobs/{job_id}/run")
+    async def run_job_now(self, job_id: str, request: Request) -> Response:
+        """Admin: run a scheduled job now instead of at its planned time."""
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error(e)
+        if not caller.admin:
+            return _error(ApiError(403, "admin key required", type_="permission_error"))
+        self.jobs.run_now(job_id, datetime.now(UTC))
+        return JSONResponse({"id": job_id, "status": "due"})
 
     @api.get("/healthz")
     async def healthz(self) -> PlainTextResponse:

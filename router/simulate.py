@@ -42,6 +42,7 @@ from regions.config import Config
 from router.billing import J_PER_KWH, PriceSchedule
 from router.errors import RouterError
 from router.policy import POLICIES, score
+from router.scheduler import worth_waiting
 
 log = logging.getLogger(__name__)
 
@@ -491,12 +492,8 @@ def _plan_deferred(
         seen[0] = world.intensity[h]
         s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
                   seen[:, g_of], weight)  # fmt: skip
-        # waiting must pay: later slots count only if they beat the best replica now by
-        # min_gain; now, only that best replica counts (a deferrable request would rather
-        # queue there than move to a dirtier region)
+        s = worth_waiting(s, min_gain)  # the live planner's rule
         now_best = int(np.argmin(s[0]))
-        s[1:] = np.where(s[1:] < s[0, now_best] * (1 - min_gain), s[1:], np.inf)
-        s[0] = np.where(np.arange(r_n) == now_best, s[0], np.inf)
         order = np.argsort(s, axis=None, kind="stable")
         order = order[np.isfinite(s.ravel()[order])]
         need = svc_mean[ids]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -200,3 +201,38 @@ def test_failover_before_the_first_byte(server: dict[str, Any]) -> None:
 
         ready = json.loads(r.read())
     assert "eu-dead-0" not in ready["replicas"] and "eu-north-0" in ready["replicas"]
+
+
+def test_deferred_job_runs_later_and_is_billed(server: dict[str, Any]) -> None:
+    import json
+
+    def call(method: str, path: str, key: str = "sk-local-demo", body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:  # fmt: skip
+        req = urllib.request.Request(
+            server["url"] + path, method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                     **(headers or {})},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+
+    # Germany's grid swings through the day: within 24 h some hour is cleaner than now
+    status, headers, job = call("POST", "/v1/chat/completions", body=ask(), headers={
+        "X-Carbon-Preference": 'mode=carbon, defer=86400, regions=("eu-central")'})  # fmt: skip
+    assert status == 202 and headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "scheduled" and job["region"] == "eu-central"
+    assert job["start_at"] > job["created_at"] and job["start_at"] <= job["deadline"]
+    assert call("GET", headers["Location"])[2]["status"] == "scheduled"
+    with pytest.raises(urllib.error.HTTPError) as info:  # another tenant cannot see it
+        call("GET", headers["Location"], key="sk-wrong")
+    assert info.value.code == 401
+    call("POST", headers["Location"] + "/run", key="sk-local-admin")  # ops: run it now
+    deadline = time.monotonic() + 60
+    while (done := call("GET", headers["Location"])[2])["status"] != "completed":
+        assert done["status"] in ("scheduled", "running") and time.monotonic() < deadline
+        time.sleep(0.5)
+    usage = done["result"]["usage"]
+    assert usage["region"] == "eu-central" and usage["energy_kwh"] > 0
+    row = Ledger(server["ledger"]).get(job["id"])
+    assert row is not None and row.region == "eu-central"

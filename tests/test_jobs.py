@@ -1,0 +1,56 @@
+"""The deferred-job store survives restarts and never loses a claimed job."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from router.jobs import Job, JobStore
+from router.scheduler import PlannedJob, SlotBook, plan, worth_waiting
+
+T0 = datetime(2026, 11, 26, 20, tzinfo=UTC)
+
+
+def job(jid: str, start: datetime) -> Job:
+    return Job(id=jid, tenant="demo", status="scheduled", created_at=T0.isoformat(),
+               start_at=start.isoformat(), deadline=(T0 + timedelta(days=1)).isoformat(),
+               replica="eu-central-0", region="eu-central", chat=True,
+               body={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+               forecast_score=0.5)  # fmt: skip
+
+
+def test_jobs_survive_a_restart(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "j.sqlite")
+    store.add(job("a", T0 + timedelta(hours=2)))
+    store.add(job("b", T0 + timedelta(hours=5)))
+    assert store.due(T0 + timedelta(hours=1)) == []
+    (claimed,) = store.due(T0 + timedelta(hours=3))
+    assert claimed.id == "a" and store.get("a").status == "running"  # type: ignore[union-attr]
+    store.close()  # the process dies while "a" runs
+    again = JobStore(tmp_path / "j.sqlite")
+    assert again.get("a").status == "scheduled"  # type: ignore[union-attr]  # runs again
+    assert again.get("b").body["model"] == "m"  # type: ignore[union-attr]
+    (a,) = again.due(T0 + timedelta(hours=3))
+    again.finish(a.id, result={"usage": {"energy_kwh": 1e-6}}, error=None)
+    done = again.get("a")
+    assert done is not None and done.status == "completed" and done.result
+    again.run_now("b", T0)
+    assert [j.id for j in again.due(T0)] == ["b"]
+
+
+def test_waiting_must_pay_and_capacity_is_booked() -> None:
+    scores = np.array([[10.0, 12.0], [9.9, 20.0], [8.0, 1.0]])  # hours x replicas
+    s = worth_waiting(scores, min_gain=0.05)
+    assert np.isinf(s[0, 1])  # now, only the best replica counts
+    assert np.isinf(s[1, 0])  # 1 % better is not worth waiting for
+    book = SlotBook(np.array([100.0, 100.0]))
+    assert plan(s, first_hour=0, work_s=60, book=book)[:2] == (2, 1)
+    assert plan(s, first_hour=0, work_s=60, book=book)[:2] == (2, 0)  # (2, 1) is full now
+
+
+def test_planned_job_round_trips() -> None:
+    p = PlannedJob("j", "demo", "r", "eu", T0.isoformat(), T0.isoformat(), T0.isoformat(), 0.1,
+                   {"model": "m"})  # fmt: skip
+    assert PlannedJob.from_json(p.to_json()) == p
