@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -37,7 +38,15 @@ from regions.backends import (
 )
 from regions.config import Replica, load_config
 from regions.meters import open_meter
-from router.gateway import ApiError, Router, Tenants, parse_body, usage_fields
+from router.gateway import (
+    ApiError,
+    Budgets,
+    Router,
+    Tenants,
+    parse_body,
+    period_start,
+    usage_fields,
+)
 from router.jobs import Job, JobStore
 from router.ledger import Ledger, LedgerRow
 from router.metering.replica import MeteredReplica
@@ -170,6 +179,7 @@ class Ingress:
         base = Path(config_path).parent
         self.cfg = cfg
         self.tenants = Tenants(cfg.tenants)
+        self.budgets = Budgets(cfg.tenants)
         gpu = any(r.gpu.type != "cpu" for region in cfg.regions for r in region.replicas)
         predictor = EnergyPredictor.from_mlenergy() if gpu else EnergyPredictor()
         self.router = Router.build(cfg, build_sources(cfg, base_dir=base), predictor, base_dir=base)
@@ -180,6 +190,7 @@ class Ingress:
         ).remote(ledger)
         self.jobs = JobStore(Path(ledger).with_suffix(".jobs.sqlite"))
         self._runner = asyncio.get_event_loop().create_task(self._run_jobs())
+        self._refitter = asyncio.get_event_loop().create_task(self._refit_loop())
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "router_requests_total", "requests", ["region", "status"], registry=self.registry
@@ -207,6 +218,7 @@ class Ingress:
                 caller.tenant, parsed.model, parsed.completion.max_tokens
             )
             cands = await self.router.candidates(prompt_est, expected)
+            await self._check_budget(caller.tenant, cands)
             if pref.defer_s > 0 and not parsed.stream:
                 job = await self._maybe_defer(raw, caller.tenant, parsed, pref, cands, expected)
                 if job is not None:
@@ -308,6 +320,19 @@ class Ingress:
             "usage": usage,
         }
 
+    async def _check_budget(self, tenant: str, cands: Any) -> None:
+        if tenant not in self.budgets.limits:
+            return
+        now = datetime.now(UTC)
+        if tenant not in self.budgets.spend:  # first request since start: sum the ledger
+            since = period_start(now, self.budgets.limits[tenant].period)
+            rows = [LedgerRow(**r) for r in await self.metering.usage.remote(tenant)]
+            self.budgets.load(tenant, [r for r in rows if r.started_at >= since.isoformat()], now)
+        i = int(np.argmin(cands.kwh))
+        kwh = float(cands.kwh[i] * cands.pue[i])
+        self.budgets.check(tenant, kwh, kwh * float(cands.intensity_g_per_kwh[i]),
+                           kwh * float(cands.price_usd_per_kwh[i]), now)  # fmt: skip
+
     # -- deferred jobs -------------------------------------------------------------------------
     async def _maybe_defer(
         self, raw: bytes, tenant: str, parsed: Any, pref: Any, cands: Any, expected: float
@@ -329,6 +354,17 @@ class Ingress:
         log.info("deferred %s to %s in %s (score %.3g vs %.3g now)", job.id, start_at,
                  st.region.name, best, now_score)  # fmt: skip
         return job
+
+    async def _refit_loop(self, period_s: float = 600.0) -> None:
+        """Refit each replica's energy model from its measured ledger rows on a schedule."""
+        while True:
+            await asyncio.sleep(period_s)
+            for st in self.router.states:
+                try:
+                    rows = await self.metering.refit_rows.remote(st.replica.name)
+                    self.router.predictor.refit(st.replica.name, rows)
+                except Exception:  # a failed refit keeps the previous model; say so
+                    log.exception("energy refit for %s failed", st.replica.name)
 
     async def _run_jobs(self) -> None:
         while True:
@@ -440,6 +476,7 @@ class Ingress:
             energy_source=source,
         )
         await self.metering.record.remote([row.__dict__])  # durable before we answer
+        self.budgets.add(row, datetime.now(UTC))
         self.router.lengths.observe(tenant, parsed.model, completion)
         self.requests_total.labels(row.region, "ok").inc()
         self.energy_total.labels(row.region).inc(row.kwh_billed)
