@@ -128,9 +128,37 @@ async def ttfb(url: str, conns: int, n: int) -> float:
     return statistics.median(times)
 
 
+async def soak(url: str, conns: int, seconds: float) -> tuple[int, int]:
+    """``conns`` streams back to back for ``seconds``: (completed, failed or incomplete)."""
+    import aiohttp
+
+    ok = bad = 0
+    body = {**BODY, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    end = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as s:
+
+        async def worker() -> None:
+            nonlocal ok, bad
+            while time.monotonic() < end:
+                try:
+                    async with s.post(url, json=body, headers=headers) as r:
+                        text = await r.text()
+                        if r.status == 200 and text.rstrip().endswith("data: [DONE]"):
+                            ok += 1
+                        else:
+                            bad += 1
+                except aiohttp.ClientError:
+                    bad += 1
+
+        await asyncio.gather(*(worker() for _ in range(conns)))
+    return ok, bad
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--soak-seconds", type=int, default=60)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     fake_port, router_port = free_port(), free_port()
@@ -168,6 +196,7 @@ def main() -> int:
             rows.append((conns, d, r))
         t_direct = asyncio.run(ttfb(direct, 8, 400))
         t_routed = asyncio.run(ttfb(routed, 8, 400))
+        soaked = asyncio.run(soak(routed, 32, args.soak_seconds))
     finally:
         router.terminate()
         router.wait(timeout=60)
@@ -207,6 +236,10 @@ def main() -> int:
     console.print(
         f"stream time to first byte, concurrency 8, median: direct {t_direct:.2f} ms, "
         f"router {t_routed:.2f} ms"
+    )
+    console.print(
+        f"soak: 32 concurrent streams for {args.soak_seconds} s through the router: "
+        f"{soaked[0]} completed, {soaked[1]} failed or incomplete"
     )
     return 0
 
