@@ -153,6 +153,19 @@ class RegionReplica:
             "ended_at": ended.isoformat(),
         }
 
+    async def complete(self, request_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion in one answer (one actor round trip instead of one per chunk)."""
+        text: list[str] = []
+        finish = None
+        final: dict[str, Any] = {}
+        async for item in self.generate(request_id, request):
+            if item.get("done"):
+                final = item
+            else:
+                text.append(item["text"])
+                finish = item["finish_reason"] or finish
+        return {"text": "".join(text), "finish_reason": finish, **final}
+
     def check_health(self) -> None:
         if not self.metered.backend:
             raise RuntimeError("no backend")
@@ -257,7 +270,10 @@ class Ingress:
     async def _start(
         self, request_id: str, parsed: Any, cands: Any, pref: Any, only: int | None = None
     ) -> tuple[int, Any, Any, dict[str, Any] | None]:
-        """Send the request to the best replica, failing over until one gives a first chunk."""
+        """Send the request to the best replica, failing over until one gives a first chunk.
+
+        A non-streaming request is sent whole (``complete``: one actor round trip) and returns
+        ``stream=None`` with the full answer; a streaming one returns the chunk stream."""
         tried: set[int] = set()
         if only is not None:  # a planned job: its replica first, the others if it is down
             pref = pref.__class__(**{**pref.__dict__, "regions": ()})
@@ -270,12 +286,19 @@ class Ingress:
                 and self.router.states[only].usable(time.monotonic())
             ):
                 i = only
-            stream = (
-                self.handles[i]
-                .options(stream=True)
-                .generate.remote(request_id, parsed.completion.__dict__)
-            )
+            stream = None
             try:
+                if not parsed.stream:
+                    first = await self.handles[i].complete.remote(
+                        request_id, parsed.completion.__dict__
+                    )
+                    self.router.states[i].active += 1
+                    return i, decision, None, first
+                stream = (
+                    self.handles[i]
+                    .options(stream=True)
+                    .generate.remote(request_id, parsed.completion.__dict__)
+                )
                 first = await stream.__anext__()  # failover is possible until the first byte
             except StopAsyncIteration:
                 first = None
@@ -293,6 +316,8 @@ class Ingress:
     ) -> dict[str, Any]:  # fmt: skip
         text, finish, final = [], None, None
         item = first
+        if stream is None and first is not None:  # a whole answer from RegionReplica.complete
+            text, finish, final, item = [first["text"]], first["finish_reason"], first, None
         try:
             while item is not None:
                 if item.get("done"):
