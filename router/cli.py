@@ -363,13 +363,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join a cluster), deploy the router, wait until ready, print how to call it."""
     import time
-    import urllib.request
 
     import ray
     from ray import serve
 
     from regions.config import load_config
-    from router.serve_app import build_app
+    from router.serve_app import build_app, wait_ready
 
     cfg = load_config(args.config)
     if args.address in (None, "", "local"):
@@ -381,14 +380,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app({"config": args.config}), name="carbon-router", route_prefix="/")
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
+    if not wait_ready(url):
+        print(f"error: the router at {url} did not become ready in 300 s", file=sys.stderr)
+        return 1
     print(f"carbon-router is serving {len(cfg.regions)} regions at {url}/v1")
     print(
         f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer sk-local-demo' "

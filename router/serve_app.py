@@ -176,6 +176,11 @@ class RegionReplica:
 api = FastAPI(title="carbon-router", description="OpenAI-compatible, carbon-aware LLM router")
 
 
+def _sse_event(request_id: str, obj: str, created: int, model: str, **fields: Any) -> str:
+    event = {"id": request_id, "object": obj, "created": created, "model": model, **fields}
+    return f"data: {json.dumps(event)}\n\n"
+
+
 def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
@@ -438,19 +443,7 @@ class Ingress:
                         choice["delta"] = delta
                     else:
                         choice["text"] = item["text"]
-                    yield (
-                        "data: "
-                        + json.dumps(
-                            {
-                                "id": request_id,
-                                "object": obj,
-                                "created": created,
-                                "model": parsed.model,
-                                "choices": [choice],
-                            }
-                        )
-                        + "\n\n"
-                    )
+                    yield _sse_event(request_id, obj, created, parsed.model, choices=[choice])
                 try:
                     item = await stream.__anext__()
                 except StopAsyncIteration:
@@ -459,20 +452,7 @@ class Ingress:
             st.active -= 1
         usage = await self._finish(request_id, tenant, i, final, parsed)
         if parsed.include_usage:
-            yield (
-                "data: "
-                + json.dumps(
-                    {
-                        "id": request_id,
-                        "object": obj,
-                        "created": created,
-                        "model": parsed.model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
-                + "\n\n"
-            )
+            yield _sse_event(request_id, obj, created, parsed.model, choices=[], usage=usage)
         yield "data: [DONE]\n\n"
 
     async def _finish(
@@ -582,6 +562,21 @@ class Ingress:
     @api.get("/metrics")
     async def metrics(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> bool:
+    """Poll ``{url}/readyz`` until it answers 200 (True) or ``timeout_s`` passes (False)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
 
 
 def build_app(args: dict[str, str]) -> serve.Application:

@@ -31,7 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     from ray import serve
 
     from regions.config import load_config
-    from router.serve_app import build_app
+    from router.serve_app import build_app, wait_ready
 
     tmp = tmp_path_factory.mktemp("serve")
     ledger = tmp / "ledger.sqlite"
@@ -53,14 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(cfg_path)}), name="carbon-router", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
+    assert wait_ready(url, timeout_s=180)
     yield {"url": url, "ledger": ledger}
     for c in _clients:
         c.close()
