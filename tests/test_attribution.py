@@ -126,7 +126,7 @@ def test_alone_means_everything_between_its_readings(
     start: float, dur: float, steps: list[float]
 ) -> None:
     end = start + dur
-    ts = [start + dur * i / len(steps) for i in range(len(steps) + 1)]
+    ts = [start + dur * i / len(steps) for i in range(len(steps))] + [end]  # exact end
     energy = [0.0]
     for s in steps:
         energy.append(energy[-1] + s)
