@@ -144,6 +144,7 @@ class FileSource(CarbonSource):
         self._files = dict(files)
         self._clock = clock
         self._frames: dict[str, pd.DataFrame] = {}
+        self._series: dict[str, pd.Series] = {}
         self._forecast_cache: dict[tuple[str, pd.Timestamp, int], pd.Series] = {}
         self._history_days = forecaster_history_days
 
@@ -168,7 +169,11 @@ class FileSource(CarbonSource):
 
     def series(self, zone: str) -> pd.Series:
         """The whole measured series of ``zone`` (no clock applied), NaN gaps dropped."""
-        return clean_series(self.frame(zone)["g_per_kwh"], source=self.name, zone=zone)
+        if zone not in self._series:  # cleaned once: replay and latest() ask for it every call
+            self._series[zone] = clean_series(
+                self.frame(zone)["g_per_kwh"], source=self.name, zone=zone
+            )
+        return self._series[zone]
 
     def _now(self) -> pd.Timestamp:
         return pd.Timestamp(require_utc(self._clock(), "clock()"))
