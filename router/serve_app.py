@@ -548,6 +548,42 @@ class Ingress:
         self.jobs.run_now(job_id, datetime.now(UTC))
         return JSONResponse({"id": job_id, "status": "due"})
 
+    @api.post("/v1/admin/reload")
+    async def reload(self, request: Request) -> Response:
+        """Admin: re-read the config file and swap tenants, budgets, prices, carbon sources
+        and policy. Requests in flight keep what they started with; none is dropped. The set
+        of replicas is fixed by the deployment: changing it needs a redeploy."""
+        from forecasting.sources import build_sources
+        from regions.config import ConfigError
+
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+            if not caller.admin:
+                raise ApiError(403, "admin key required", type_="permission_error")
+            try:
+                cfg = load_config(self.config_path)
+            except ConfigError as e:
+                raise ApiError(400, str(e), code="invalid_config") from e
+            old = [s.replica.name for s in self.router.states]
+            new = [r.name for region in cfg.regions for r in region.replicas]
+            if new != old:
+                raise ApiError(
+                    409, f"replicas changed ({old} -> {new}); redeploy with router serve",
+                    code="redeploy_needed",
+                )  # fmt: skip
+            base = Path(self.config_path).parent
+            router = Router.build(cfg, build_sources(cfg, base_dir=base), self.router.predictor,
+                                  base_dir=base)  # fmt: skip
+        except ApiError as e:
+            return _error(e)
+        for st_new, st_old in zip(router.states, self.router.states, strict=True):
+            st_new.active, st_new.cooldown_until = st_old.active, st_old.cooldown_until
+        router.lengths = self.router.lengths
+        self.cfg, self.router = cfg, router
+        self.tenants, self.budgets = Tenants(cfg.tenants), Budgets(cfg.tenants)
+        return JSONResponse({"reloaded": self.config_path, "tenants": len(cfg.tenants),
+                             "regions": [r.name for r in cfg.regions]})  # fmt: skip
+
     @api.get("/healthz")
     async def healthz(self) -> PlainTextResponse:
         return PlainTextResponse("ok")

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -54,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     serve.run(build_app({"config": str(cfg_path)}), name="carbon-router", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     assert wait_ready(url, timeout_s=180)
-    yield {"url": url, "ledger": ledger}
+    yield {"url": url, "ledger": ledger, "config": cfg_path}
     for c in _clients:
         c.close()
     serve.shutdown()
@@ -229,3 +230,40 @@ def test_deferred_job_runs_later_and_is_billed(server: dict[str, Any]) -> None:
     assert usage["region"] == "eu-central" and usage["energy_kwh"] > 0
     row = Ledger(server["ledger"]).get(job["id"])
     assert row is not None and row.region == "eu-central"
+
+
+def test_admin_reload_adds_a_tenant_without_a_restart(server: dict[str, Any]) -> None:
+    import hashlib
+    import json
+
+    cfg_path: Path = server["config"]
+    new_hash = hashlib.sha256(b"sk-new-tenant").hexdigest()
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="sk-new-tenant").chat.completions.create(**ask())
+    text = cfg_path.read_text()
+    cfg_path.write_text(
+        text.replace(
+            "tenants:\n", f"tenants:\n  - name: newco\n    api_key_sha256: [{new_hash}]\n", 1
+        )
+    )
+
+    def reload(key: str) -> int:
+        req = urllib.request.Request(server["url"] + "/v1/admin/reload", method="POST",
+                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                json.loads(r.read())
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    try:
+        assert reload("sk-local-demo") == 403
+        assert reload("sk-local-admin") == 200
+        r = client(server, key="sk-new-tenant").chat.completions.create(**ask())
+        assert (r.usage.model_extra or {})["energy_kwh"] > 0
+        cfg_path.write_text(text.replace("pue: 1.25", "pue: 0.5"))
+        assert reload("sk-local-admin") == 400  # an invalid file is refused, the old one stays
+        assert client(server).chat.completions.create(**ask()).choices
+    finally:
+        cfg_path.write_text(text)
