@@ -240,8 +240,9 @@ class Ingress:
             if pref.defer_s > 0 and not parsed.stream:
                 job = await self._maybe_defer(raw, caller.tenant, parsed, pref, cands, expected)
                 if job is not None:
-                    return JSONResponse(job.public(), status_code=202,
-                                        headers={"Location": f"/v1/jobs/{job.id}"})  # fmt: skip
+                    return JSONResponse(
+                        job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}
+                    )
         except ApiError as e:
             return _error(e)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -316,9 +317,15 @@ class Ingress:
             return i, decision, stream, first
 
     async def _collect(
-        self, stream: Any, first: dict[str, Any] | None, request_id: str, tenant: str, i: int,
-        parsed: Any, created: int,
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        stream: Any,
+        first: dict[str, Any] | None,
+        request_id: str,
+        tenant: str,
+        i: int,
+        parsed: Any,
+        created: int,
+    ) -> dict[str, Any]:
         text, finish, final = [], None, None
         item = first
         if stream is None and first is not None:  # a whole answer from RegionReplica.complete
@@ -360,29 +367,60 @@ class Ingress:
             self.budgets.load(tenant, [r for r in rows if r.started_at >= since.isoformat()], now)
         i = int(np.argmin(cands.kwh))
         kwh = float(cands.kwh[i] * cands.pue[i])
-        self.budgets.check(tenant, kwh, kwh * float(cands.intensity_g_per_kwh[i]),
-                           kwh * float(cands.price_usd_per_kwh[i]), now)  # fmt: skip
+        self.budgets.check(
+            tenant,
+            kwh,
+            kwh * float(cands.intensity_g_per_kwh[i]),
+            kwh * float(cands.price_usd_per_kwh[i]),
+            now,
+        )
 
     # -- deferred jobs -------------------------------------------------------------------------
     async def _maybe_defer(
-        self, raw: bytes, tenant: str, parsed: Any, pref: Any, cands: Any, expected: float
+        self,
+        raw: bytes,
+        tenant: str,
+        parsed: Any,
+        pref: Any,
+        cands: Any,
+        expected: float,
+        *,
+        force: bool = False,
     ) -> Job | None:
+        """Plan a job when waiting pays; with ``force`` (batches) also when it does not, to run
+        now. Returns the stored job, or ``None`` (run now, inline)."""
         plan = await self.router.plan_deferral(cands, pref, expected)
-        if plan is None:
-            return None  # waiting does not pay: run now
-        start_at, index, best, now_score = plan
-        st = self.router.states[index]
         now = datetime.now(UTC)
+        if plan is None:
+            if not force:
+                return None  # waiting does not pay: run now
+            index = self.router.decide(cands, pref).index
+            start_at, best, now_score = now, 0.0, 0.0
+        else:
+            start_at, index, best, now_score = plan
+        st = self.router.states[index]
         job = Job(
-            id=f"job-{uuid.uuid4().hex}", tenant=tenant, status="scheduled",
-            created_at=now.isoformat(), start_at=start_at.isoformat(),
+            id=f"job-{uuid.uuid4().hex}",
+            tenant=tenant,
+            status="scheduled",
+            created_at=now.isoformat(),
+            start_at=start_at.isoformat(),
             deadline=(now + timedelta(seconds=pref.defer_s)).isoformat(),
-            replica=st.replica.name, region=st.region.name, chat=parsed.chat,
-            body=json.loads(raw), forecast_score=best,
-        )  # fmt: skip
+            replica=st.replica.name,
+            region=st.region.name,
+            chat=parsed.chat,
+            body=json.loads(raw),
+            forecast_score=best,
+        )
         self.jobs.add(job)
-        log.info("deferred %s to %s in %s (score %.3g vs %.3g now)", job.id, start_at,
-                 st.region.name, best, now_score)  # fmt: skip
+        log.info(
+            "planned %s at %s in %s (score %.3g vs %.3g now)",
+            job.id,
+            start_at,
+            st.region.name,
+            best,
+            now_score,
+        )
         return job
 
     async def _refit_loop(self, period_s: float = 600.0) -> None:
@@ -405,14 +443,20 @@ class Ingress:
     async def _run_job(self, job: Job) -> None:
         try:
             parsed = parse_body(json.dumps(job.body).encode(), chat=job.chat)
-            cands = await self.router.candidates(0, self.router.lengths.expected(
-                job.tenant, parsed.model, parsed.completion.max_tokens))  # fmt: skip
-            index = next(k for k, s in enumerate(self.router.states)
-                         if s.replica.name == job.replica)  # fmt: skip
+            cands = await self.router.candidates(
+                0,
+                self.router.lengths.expected(
+                    job.tenant, parsed.model, parsed.completion.max_tokens
+                ),
+            )
+            index = next(
+                k for k, s in enumerate(self.router.states) if s.replica.name == job.replica
+            )
             pref = self.router.preference(None)
             i, _, stream, first = await self._start(job.id, parsed, cands, pref, only=index)
-            body = await self._collect(stream, first, job.id, job.tenant, i, parsed,
-                                       int(time.time()))  # fmt: skip
+            body = await self._collect(
+                stream, first, job.id, job.tenant, i, parsed, int(time.time())
+            )
             self.jobs.finish(job.id, result=body, error=None)
         except Exception as e:  # the job records why; the loop goes on
             log.exception("job %s failed", job.id)
@@ -568,12 +612,14 @@ class Ingress:
             new = [r.name for region in cfg.regions for r in region.replicas]
             if new != old:
                 raise ApiError(
-                    409, f"replicas changed ({old} -> {new}); redeploy with router serve",
+                    409,
+                    f"replicas changed ({old} -> {new}); redeploy with router serve",
                     code="redeploy_needed",
-                )  # fmt: skip
+                )
             base = Path(self.config_path).parent
-            router = Router.build(cfg, build_sources(cfg, base_dir=base), self.router.predictor,
-                                  base_dir=base)  # fmt: skip
+            router = Router.build(
+                cfg, build_sources(cfg, base_dir=base), self.router.predictor, base_dir=base
+            )
         except ApiError as e:
             return _error(e)
         for st_new, st_old in zip(router.states, self.router.states, strict=True):
@@ -581,8 +627,192 @@ class Ingress:
         router.lengths = self.router.lengths
         self.cfg, self.router = cfg, router
         self.tenants, self.budgets = Tenants(cfg.tenants), Budgets(cfg.tenants)
-        return JSONResponse({"reloaded": self.config_path, "tenants": len(cfg.tenants),
-                             "regions": [r.name for r in cfg.regions]})  # fmt: skip
+        return JSONResponse(
+            {
+                "reloaded": self.config_path,
+                "tenants": len(cfg.tenants),
+                "regions": [r.name for r in cfg.regions],
+            }
+        )
+
+    # -- OpenAI Batch API ----------------------------------------------------------------------
+    @api.post("/v1/files")
+    async def upload_file(self, request: Request) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+            form = await request.form()
+            upload, purpose = form.get("file"), str(form.get("purpose") or "")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "multipart field 'file' is required", param="file")
+            if purpose != "batch":
+                raise ApiError(400, "purpose must be 'batch'", param="purpose")
+            content = await upload.read()
+        except ApiError as e:
+            return _error(e)
+        file_id, created = f"file-{uuid.uuid4().hex}", int(time.time())
+        name = upload.filename or "input.jsonl"
+        self.jobs.add_file(file_id, caller.tenant, purpose, name, content, created)
+        return JSONResponse(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(content),
+                "created_at": created,
+                "filename": name,
+                "purpose": purpose,
+            }
+        )
+
+    @api.get("/v1/files/{file_id}/content")
+    async def file_content(self, file_id: str, request: Request) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error(e)
+        f = self.jobs.file(file_id)
+        if f is None or (f[0] != caller.tenant and not caller.admin):
+            return _error(ApiError(404, f"no file {file_id}", code="not_found"))
+        return Response(f[4], media_type="application/jsonl")
+
+    @api.post("/v1/batches")
+    async def create_batch(self, request: Request) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+            body = json.loads(await request.body() or b"{}")
+            file_id, endpoint = body.get("input_file_id"), body.get("endpoint")
+            window = body.get("completion_window", "24h")
+            if endpoint not in ("/v1/chat/completions", "/v1/completions"):
+                raise ApiError(
+                    400,
+                    "endpoint must be /v1/chat/completions or /v1/completions",
+                    param="endpoint",
+                )
+            if not (isinstance(window, str) and window.endswith("h") and window[:-1].isdigit()):
+                raise ApiError(
+                    400, "completion_window must look like '24h'", param="completion_window"
+                )
+            f = self.jobs.file(str(file_id))
+            if f is None or f[0] != caller.tenant:
+                raise ApiError(404, f"no file {file_id}", param="input_file_id")
+            chat = endpoint == "/v1/chat/completions"
+            pref = self.router.preference(f"defer={int(window[:-1]) * 3600}")
+            jobs, custom_ids = [], []
+            for n, line in enumerate(f[4].decode().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    raw = json.dumps(item["body"]).encode()
+                    parsed = parse_body(raw, chat=chat)
+                except (ValueError, KeyError, TypeError, ApiError) as e:
+                    raise ApiError(400, f"{f[2]} line {n}: {e}", param="input_file_id") from e
+                expected = self.router.lengths.expected(
+                    caller.tenant, parsed.model, parsed.completion.max_tokens
+                )
+                cands = await self.router.candidates(0, expected)
+                job = await self._maybe_defer(
+                    raw, caller.tenant, parsed, pref, cands, expected, force=True
+                )
+                assert job is not None
+                jobs.append(job.id)
+                custom_ids.append(str(item.get("custom_id", f"line-{n}")))
+        except ApiError as e:
+            return _error(e)
+        batch_id = f"batch_{uuid.uuid4().hex}"
+        self.jobs.add_batch(
+            batch_id,
+            caller.tenant,
+            str(file_id),
+            endpoint,
+            window,
+            int(time.time()),
+            jobs,
+            custom_ids,
+        )
+        return JSONResponse(self._batch_object(batch_id))
+
+    def _batch_object(self, batch_id: str) -> dict[str, Any]:
+        b = self.jobs.batch(batch_id)
+        assert b is not None
+        jobs = [self.jobs.get(j) for j in b["jobs"]]
+        done = [j for j in jobs if j is not None and j.status in ("completed", "failed")]
+        failed = [j for j in done if j.status == "failed"]
+        status = "completed" if len(done) == len(jobs) else "in_progress"
+        if status == "completed" and not b["output_file_id"]:
+            lines = []
+            for cid, job in zip(b["custom_ids"], jobs, strict=True):
+                assert job is not None
+                ok = job.status == "completed"
+                lines.append(
+                    json.dumps(
+                        {
+                            "id": job.id,
+                            "custom_id": cid,
+                            "response": {
+                                "status_code": 200,
+                                "request_id": job.id,
+                                "body": job.result,
+                            }
+                            if ok
+                            else None,
+                            "error": None if ok else {"message": job.error},
+                        }
+                    )
+                )
+            file_id = f"file-{uuid.uuid4().hex}"
+            self.jobs.add_file(
+                file_id,
+                b["tenant"],
+                "batch_output",
+                f"{batch_id}_output.jsonl",
+                ("\n".join(lines) + "\n").encode(),
+                int(time.time()),
+            )
+            self.jobs.set_batch_output(batch_id, file_id)
+            b["output_file_id"] = file_id
+        return {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": b["endpoint"],
+            "errors": None,
+            "input_file_id": b["input_file_id"],
+            "completion_window": b["completion_window"],
+            "status": status,
+            "output_file_id": b["output_file_id"],
+            "error_file_id": None,
+            "created_at": b["created_at"],
+            "request_counts": {
+                "total": len(jobs),
+                "completed": len(done) - len(failed),
+                "failed": len(failed),
+            },
+        }
+
+    @api.get("/v1/batches/{batch_id}")
+    async def get_batch(self, batch_id: str, request: Request) -> Response:
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error(e)
+        b = self.jobs.batch(batch_id)
+        if b is None or (b["tenant"] != caller.tenant and not caller.admin):
+            return _error(ApiError(404, f"no batch {batch_id}", code="not_found"))
+        return JSONResponse(self._batch_object(batch_id))
+
+    @api.post("/v1/batches/{batch_id}/run")
+    async def run_batch_now(self, batch_id: str, request: Request) -> Response:
+        """Admin: run a batch's scheduled requests now instead of at their planned times."""
+        try:
+            caller = self.tenants.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error(e)
+        b = self.jobs.batch(batch_id)
+        if not caller.admin or b is None:
+            return _error(ApiError(403 if b else 404, "admin key and a known batch required"))
+        now = datetime.now(UTC)
+        for j in b["jobs"]:
+            self.jobs.run_now(j, now)
+        return JSONResponse({"id": batch_id, "status": "due"})
 
     @api.get("/healthz")
     async def healthz(self) -> PlainTextResponse:
