@@ -302,3 +302,42 @@ def test_batch_api_with_the_openai_client(server: dict[str, Any], tmp_path: Path
         body = o["response"]["body"]
         assert body["choices"][0]["message"]["content"] and body["usage"]["energy_kwh"] > 0
         assert Ledger(server["ledger"]).get(o["id"]) is not None
+
+
+def test_deferred_job_survives_an_ingress_restart(server: dict[str, Any]) -> None:
+    import json
+
+    from router.serve_app import wait_ready
+
+    def call(method: str, path: str, key: str = "sk-local-demo", body: Any = None,
+             headers: dict[str, str] | None = None) -> Any:  # fmt: skip
+        req = urllib.request.Request(
+            server["url"] + path, method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                     **(headers or {})},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    job = call("POST", "/v1/chat/completions", body=ask(), headers={
+        "X-Carbon-Preference": 'mode=carbon, defer=86400, regions=("eu-central")'})  # fmt: skip
+    assert job["status"] == "scheduled"
+    (ingress,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "#Ingress#" in a["name"]]  # fmt: skip
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=False)
+    time.sleep(2)
+    assert wait_ready(server["url"], timeout_s=120)
+    deadline = time.monotonic() + 60
+    while True:  # the new ingress reads the job from disk
+        try:
+            assert call("GET", f"/v1/jobs/{job['id']}")["status"] == "scheduled"
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    call("POST", f"/v1/jobs/{job['id']}/run", key="sk-local-admin")
+    while (done := call("GET", f"/v1/jobs/{job['id']}"))["status"] != "completed":
+        assert done["status"] in ("scheduled", "running") and time.monotonic() < deadline + 60
+        time.sleep(0.5)
+    assert done["result"]["usage"]["energy_kwh"] > 0
