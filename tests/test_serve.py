@@ -71,6 +71,31 @@ def client(server: dict[str, Any], key: str = "sk-local-demo") -> openai.OpenAI:
     return c
 
 
+def api(
+    server: dict[str, Any],
+    method: str,
+    path: str,
+    key: str = "sk-local-demo",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Any]:
+    """One JSON call to the router: (status, headers, decoded body)."""
+    import json
+
+    req = urllib.request.Request(
+        server["url"] + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status, r.headers, json.loads(r.read())
+
+
 def ask(**kw: Any) -> dict[str, Any]:
     return {
         "model": "smollm2-135m",
@@ -198,18 +223,8 @@ def test_failover_before_the_first_byte(server: dict[str, Any]) -> None:
 
 
 def test_deferred_job_runs_later_and_is_billed(server: dict[str, Any]) -> None:
-    import json
-
-    def call(method: str, path: str, key: str = "sk-local-demo", body: Any = None,
-             headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:  # fmt: skip
-        req = urllib.request.Request(
-            server["url"] + path, method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                     **(headers or {})},
-        )  # fmt: skip
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.headers, json.loads(r.read())
+    def call(method: str, path: str, **kw: Any) -> tuple[int, Any, Any]:
+        return api(server, method, path, **kw)
 
     # Germany's grid swings through the day: within 24 h some hour is cleaner than now
     status, headers, job = call("POST", "/v1/chat/completions", body=ask(), headers={
@@ -305,20 +320,11 @@ def test_batch_api_with_the_openai_client(server: dict[str, Any], tmp_path: Path
 
 
 def test_deferred_job_survives_an_ingress_restart(server: dict[str, Any]) -> None:
-    import json
 
     from router.serve_app import wait_ready
 
-    def call(method: str, path: str, key: str = "sk-local-demo", body: Any = None,
-             headers: dict[str, str] | None = None) -> Any:  # fmt: skip
-        req = urllib.request.Request(
-            server["url"] + path, method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                     **(headers or {})},
-        )  # fmt: skip
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
+    def call(method: str, path: str, **kw: Any) -> Any:
+        return api(server, method, path, **kw)[2]
 
     job = call("POST", "/v1/chat/completions", body=ask(), headers={
         "X-Carbon-Preference": 'mode=carbon, defer=86400, regions=("eu-central")'})  # fmt: skip
