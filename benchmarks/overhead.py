@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--seconds 10]
 
-Starts benchmarks/fake_openai.py on loopback, then the router (Ray Serve, one region replica
+Starts regions/fake_openai.py on loopback, then the router (Ray Serve, one region replica
 proxying to the fake backend, auth, preference parsing, policy and metering on the path) and
 measures, each beside the direct figure in the same run, with wrk (so the client does not eat
 the 2 cores): p50/p99 latency at concurrency 1 and 32, throughput at 32, and time to first byte
@@ -162,9 +162,7 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     fake_port, router_port = free_port(), free_port()
-    fake = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks/fake_openai.py"), str(fake_port)]
-    )
+    fake = subprocess.Popen([sys.executable, "-m", "regions.fake_openai", str(fake_port)], cwd=ROOT)
     cfg = tmp / "bench.yaml"
     cfg.write_text(CONFIG.format(port=fake_port, ledger=tmp / "ledger.sqlite"))
     router = subprocess.Popen(

@@ -309,18 +309,29 @@ class OutputLengths:
     prior_tokens: float = 129.0  # median GeneratedTokens of the Azure 2023 conversation trace
     window: int = 500
     _seen: dict[tuple[str, str], deque[int]] = field(default_factory=lambda: defaultdict(deque))
+    _sum: dict[tuple[str, str], int] = field(default_factory=dict)  # of the window, kept
+    _max: dict[tuple[str, str], int] = field(default_factory=dict)  # running, for the plain mean
 
     def observe(self, tenant: str, model: str, completion_tokens: int) -> None:
-        q = self._seen[(tenant, model)]
+        key = (tenant, model)
+        q = self._seen[key]
         q.append(completion_tokens)
+        self._sum[key] = self._sum.get(key, 0) + completion_tokens
         if len(q) > self.window:
-            q.popleft()
+            old = q.popleft()
+            self._sum[key] -= old
+            if old >= self._max.get(key, 0):
+                self._max[key] = max(q)
+                return
+        self._max[key] = max(self._max.get(key, 0), completion_tokens)
 
     def expected(self, tenant: str, model: str, max_tokens: int | None) -> float:
         cap = float(max_tokens) if max_tokens else math.inf
         q = self._seen.get((tenant, model))
         if not q:
             return min(cap, self.prior_tokens)
+        if cap >= self._max.get((tenant, model), 0):  # no observation is capped: plain mean
+            return self._sum[(tenant, model)] / len(q)
         return float(np.mean(np.minimum(np.array(q, dtype=float), cap)))
 
 
@@ -331,6 +342,7 @@ class EnergyPredictor:
     gpu_model: JoulesPerTokenModel | None = None
     min_rows_for_fit: int = 20
     _fits: dict[str, np.ndarray] = field(default_factory=dict)
+    _prior_cache: dict[tuple[ReplicaProfile, float, int], float] = field(default_factory=dict)
 
     @classmethod
     def from_mlenergy(cls, data_dir: Path | None = None) -> EnergyPredictor:
@@ -343,11 +355,13 @@ class EnergyPredictor:
         output_tokens: float,
         batch: float = 1.0,
     ) -> float:
-        return float(
-            self.predict_many(replica, np.array([prompt_tokens]), np.array([output_tokens]), batch)[
-                0
-            ]
-        )
+        if prompt_tokens < 0 or output_tokens < 0:
+            raise EnergyModelError("token counts must be >= 0")
+        fit = self._fits.get(replica.name)
+        if fit is not None:
+            return float(fit[0] * prompt_tokens + fit[1] * output_tokens + fit[2])
+        j_tok = self._j_per_token(replica, batch, float(output_tokens))
+        return j_tok * (output_tokens + replica.prefill_weight * prompt_tokens)
 
     def predict_many(
         self,
@@ -362,11 +376,20 @@ class EnergyPredictor:
         if fit is not None:
             a, b, c = fit
             return np.asarray(a * prompt_tokens + b * output_tokens + c)
+        mean_out = float(np.mean(output_tokens)) if len(output_tokens) else 1.0
+        j_tok = self._j_per_token(replica, batch, mean_out)
+        return np.asarray(j_tok * (output_tokens + replica.prefill_weight * prompt_tokens))
+
+    def _j_per_token(self, replica: ReplicaProfile, batch: float, mean_out: float) -> float:
+        """J per output token; the GPU prior is cached per replica, batch and output length
+        (to 1/8 of a doubling: well inside the model's error) so routing never waits on it."""
         if replica.gpu == "cpu":
-            j_tok = replica.cpu_watts / replica.tokens_per_s
-        else:
-            if self.gpu_model is None:
-                raise EnergyModelError("no GPU prior: build with EnergyPredictor.from_mlenergy()")
+            return replica.cpu_watts / replica.tokens_per_s
+        if self.gpu_model is None:
+            raise EnergyModelError("no GPU prior: build with EnergyPredictor.from_mlenergy()")
+        key = (replica, round(max(batch, 1.0), 1), round(math.log2(max(mean_out, 1.0)) * 8))
+        j_tok = self._prior_cache.get(key)
+        if j_tok is None:
             row = pd.DataFrame(
                 {
                     "total_params_b": [replica.total_params_b],
@@ -375,13 +398,16 @@ class EnergyPredictor:
                     "architecture": [replica.architecture],
                     "gpu": [canonical_gpu(replica.gpu)],
                     "num_gpus": [replica.gpu_count],
-                    "batch": [max(batch, 1.0)],
-                    "output_tokens": [float(np.mean(output_tokens)) if len(output_tokens) else 1.0],
+                    "batch": [key[1]],
+                    "output_tokens": [2.0 ** (key[2] / 8)],
                     "task": ["chat"],
                 }
             )
             j_tok = float(self.gpu_model.j_per_token(row)[0])
-        return np.asarray(j_tok * (output_tokens + replica.prefill_weight * prompt_tokens))
+            if len(self._prior_cache) > 10_000:
+                self._prior_cache.clear()
+            self._prior_cache[key] = j_tok
+        return j_tok
 
     def refit(self, replica: str, rows: Iterable[tuple[int, int, float]]) -> bool:
         """Fit ``J = a*prompt + b*completion + c`` (a, b, c >= 0) on a replica's measured rows

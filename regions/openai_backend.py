@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,16 @@ from regions.backends import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A non-streamed completion; token counts as the server reported them (None: not given)."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
 
 
 class OpenAIBackend(Backend):
@@ -40,11 +51,11 @@ class OpenAIBackend(Backend):
         text = request.prompt or "".join(m["content"] for m in request.messages or [])
         return max(1, len(text) // 4)
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
+    def _body(self, request: CompletionRequest, stream: bool) -> tuple[str, dict[str, Any]]:
         chat = request.messages is not None
         body: dict[str, Any] = {
             "model": self.model, "max_tokens": request.max_tokens,
-            "temperature": request.temperature, "top_p": request.top_p, "stream": True,
+            "temperature": request.temperature, "top_p": request.top_p, "stream": stream,
         }  # fmt: skip
         if request.stop:
             body["stop"] = request.stop
@@ -54,16 +65,48 @@ class OpenAIBackend(Backend):
             body["messages"] = request.messages
         else:
             body["prompt"] = request.prompt
-        path = "/chat/completions" if chat else "/completions"
+        return self.url + ("/chat/completions" if chat else "/completions"), body
+
+    async def _check(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status >= 500 or resp.status == 429:
+            raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
+        if resp.status >= 400:
+            raise BackendError(f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}")
+
+    async def answer(self, request: CompletionRequest) -> Answer:
+        """The whole completion in one (non-streamed) call; token counts are the server's."""
+        url, body = self._body(request, stream=False)
         session = await self._client()
         try:
-            async with session.post(self.url + path, json=body, headers=self._headers) as resp:
-                if resp.status >= 500 or resp.status == 429:
-                    raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
-                if resp.status >= 400:
-                    raise BackendError(
-                        f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}"
-                    )
+            async with session.post(url, json=body, headers=self._headers) as resp:
+                await self._check(resp)
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise BackendUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+        except ValueError as e:
+            raise BackendError(f"{self.url}: answer is not JSON: {e}") from e
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if "messages" in body else choice["text"]
+            usage = data.get("usage") or {}
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+        except (KeyError, IndexError, TypeError) as e:
+            raise BackendError(f"{self.url}: answer lacks {e}") from e
+        return Answer(
+            text=text or "",
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=int(prompt) if prompt is not None else None,
+            completion_tokens=int(completion) if completion is not None else None,
+        )
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
+        url, body = self._body(request, stream=True)
+        chat = "messages" in body
+        session = await self._client()
+        try:
+            async with session.post(url, json=body, headers=self._headers) as resp:
+                await self._check(resp)
                 async for raw in resp.content:
                     line = raw.decode().strip()
                     if not line.startswith("data:"):

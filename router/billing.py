@@ -236,3 +236,28 @@ def bill_line(
         carbon_cost_usd=charges.carbon_cost_usd,
         status=status,  # type: ignore[arg-type]
     )
+
+
+def rebill(row: LedgerRow, energy_j: float, energy_source: str, tariff: Tariff) -> LedgerRow:
+    """``row`` priced again for ``energy_j`` (a prediction replaced by the measurement), at the
+    row's own price, intensity and PUE."""
+    return bill_line(
+        request_id=row.request_id,
+        tenant=row.tenant,
+        region=row.region,
+        replica=row.replica,
+        model=row.model,
+        started_at=datetime.fromisoformat(row.started_at),
+        ended_at=datetime.fromisoformat(row.ended_at),
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        energy_j=energy_j,
+        energy_source=energy_source,
+        pue=row.pue,
+        intensity_g_per_kwh=row.intensity_g_per_kwh,
+        signal=row.signal,
+        carbon_stale=row.carbon_stale,
+        price_usd_per_kwh=row.price_usd_per_kwh,
+        tariff=tariff,
+        status=row.status,
+    )

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -371,7 +372,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.serve_app import build_app, wait_ready
 
     cfg = load_config(args.config)
-    if args.address in (None, "", "local"):
+    local = args.address in (None, "", "local")
+    direct = (args.port + 1 if args.direct_port is None else args.direct_port) if local else 0
+    if direct:
+        # the ingress replica serves HTTP itself (Ray's throughput-optimized mode); replicas
+        # inherit this environment from the raylet that ray.init starts below
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(direct)
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(direct + 15)
+    if local:
         # this machine plays every region: give it each region's custom resource
         ray.init(resources={f"region:{r.name}": 1.0 for r in cfg.regions},
                  include_dashboard=False, namespace="carbon-router")  # fmt: skip
@@ -384,6 +393,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: the router at {url} did not become ready in 300 s", file=sys.stderr)
         return 1
     print(f"carbon-router is serving {len(cfg.regions)} regions at {url}/v1")
+    if direct:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        fast = f"http://{host}:{direct}"
+        if wait_ready(fast, timeout_s=30):
+            print(f"  fast path (direct to the ingress, no proxy hop): {fast}/v1")
+            url = fast
+        else:
+            print(f"  warning: direct ingress did not answer on {fast}", file=sys.stderr)
     print(
         f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer sk-local-demo' "
         "-H 'Content-Type: application/json' -H 'X-Carbon-Preference: mode=carbon' "
@@ -477,7 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", default="configs/local.yaml")
     sv.add_argument("--address", default="local", help="local, auto or ray://host:10001")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="the Ray Serve proxy's port")
+    sv.add_argument(
+        "--direct-port",
+        type=int,
+        default=None,
+        help="the ingress's own port (Ray Serve direct ingress: no proxy hop, the fast path); "
+        "default --port + 1, 0 to turn it off (local Ray only)",
+    )
     sv.add_argument("--once", action="store_true", help="exit once ready (smoke test)")
     sv.set_defaults(func=cmd_serve)
     return p

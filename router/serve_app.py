@@ -9,6 +9,7 @@ replica, and the named metering actor that writes the ledger. The logic lives in
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from regions.backends import (
 )
 from regions.config import Replica, load_config
 from regions.meters import open_meter
+from regions.openai_backend import OpenAIBackend
 from router.gateway import (
     ApiError,
     Budgets,
@@ -49,6 +51,8 @@ from router.gateway import (
 )
 from router.jobs import Job, JobStore
 from router.ledger import Ledger, LedgerRow
+from router.metering.outbox import Outbox
+from router.metering.remote import RemoteAttribution
 from router.metering.replica import MeteredReplica
 
 log = logging.getLogger(__name__)
@@ -110,26 +114,125 @@ def make_backend(rep: Replica) -> Backend:
         return LlamaCppBackend(
             b.model, slots=rep.max_concurrency, n_threads=b.n_threads, n_ctx=b.n_ctx
         )
-    from regions.openai_backend import OpenAIBackend
+    return remote_backend(rep)
 
+
+def remote_backend(rep: Replica) -> OpenAIBackend:
+    b = rep.backend
+    if b.kind == "llama_cpp":
+        raise BackendError(f"replica {rep.name} runs in process, not behind a URL")
     return OpenAIBackend(b.url, b.model, api_key=b.api_key or None, timeout_s=b.timeout_s)
+
+
+def timeline(
+    request_id: str, start: float, end: float, prompt: int, completion: int, step_s: float = 0.05
+) -> list[tuple[str, str, float, int]]:
+    """The events of a request whose tokens were not seen one by one: start, its output tokens
+    spread evenly over its duration (in ``step_s`` steps), end."""
+    events: list[tuple[str, str, float, int]] = [("s", request_id, start, prompt)]
+    steps = max(1, min(completion, math.ceil((end - start) / step_s)))
+    if completion:
+        base, extra = divmod(completion, steps)
+        for k in range(steps):
+            t = start + (end - start) * (k + 1) / steps
+            events.append(("t", request_id, t, base + (1 if k < extra else 0)))
+    events.append(("e", request_id, end, 0))
+    return events
+
+
+def spool_root() -> Path:
+    """Where a process spools rows it has not yet handed to the metering actor (node-local)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "carbon-router" / "spool"
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
 class RegionReplica:
-    def __init__(self, replica_json: str) -> None:
+    """One replica of a region. An in-process backend (llama.cpp) runs here, metered per request
+    (``generate``/``complete``). A remote OpenAI-compatible server is called by the ingress
+    directly; this deployment then owns only the meter on the region's node and attributes the
+    request timelines the ingress sends (``meter_events``), billing each request's measured
+    energy to the ledger through its own spooled :class:`Outbox`."""
+
+    def __init__(self, replica_json: str, period_s: float = 0.1) -> None:
         rep = Replica.model_validate_json(replica_json)
         self.name = rep.name
         meter = open_meter(
             rep.meter, gpu_indices=rep.gpu_indices, watts_per_core=rep.cpu_watts_per_core
         )
-        self.metered = MeteredReplica(
-            rep.name, make_backend(rep), meter, prefill_weight=rep.prefill_weight
-        )
+        self.meter = meter
+        self.proxied = rep.backend.kind != "llama_cpp"
+        self.metered: MeteredReplica | None = None
+        if not self.proxied:
+            self.metered = MeteredReplica(
+                rep.name, make_backend(rep), meter, prefill_weight=rep.prefill_weight
+            )
+        else:
+            self.remote = RemoteAttribution(meter, prefill_weight=rep.prefill_weight)
+            self._templates: dict[str, dict[str, Any]] = {}
+            self._billed: list[str] = []
+            self._tariffs: dict[str, Any] = {}
+            self._period_s = period_s
+            self._metering = ray.get_actor(METERING_ACTOR, namespace=NAMESPACE)
+            self.outbox = Outbox(
+                self._record,
+                spool_dir=spool_root() / rep.name,
+                interval_s=0.05,
+                on_sent=lambda rows: self._billed.extend(r["request_id"] for r in rows),
+            )
+            loop = asyncio.get_event_loop()
+            loop.call_soon(self.outbox.orphans)
+            self._ticker = loop.create_task(self._tick())
+
+    async def _record(self, rows: list[dict[str, Any]]) -> None:
+        await self._metering.record.remote(rows)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._period_s)
+            try:
+                self.remote.sample()
+                self._bill(self.remote.advance())
+            except Exception:  # a failed read is retried next period; the ingress falls back
+                log.exception("replica %s: metering tick failed", self.name)
+
+    def _bill(self, done: list[Any]) -> None:
+        from router.billing import rebill
+
+        source = str(self.meter.energy_source)
+        for att in done:
+            template = self._templates.pop(att.request_id, None)
+            if template is None:
+                log.warning("replica %s: no bill for %s", self.name, att.request_id)
+                continue
+            billing = template.pop("billing")
+            tariff = self._tariffs.get(billing)
+            if tariff is None:
+                from regions.config import Billing
+                from router.billing import tariff_for
+
+                tariff = self._tariffs[billing] = tariff_for(Billing.model_validate_json(billing))
+            row = rebill(LedgerRow(**template), att.energy_j, source, tariff)
+            self.outbox.add(row.__dict__)
+
+    async def meter_events(
+        self, events: list[tuple[str, str, float, int]], bills: dict[str, dict[str, Any]]
+    ) -> list[str]:
+        """Timelines from the ingress, and for each ended request its predicted bill (the
+        template the measured bill is priced from, with ``billing``: the tariff's config).
+        Returns the requests whose measured bill reached the ledger since the last call: the
+        ingress stops waiting on them (one that never comes back is billed by its prediction)."""
+        self._templates.update(bills)
+        self.remote.events(events)
+        billed, self._billed = self._billed, []
+        return billed
 
     async def generate(
         self, request_id: str, request: dict[str, Any]
     ) -> AsyncIterator[dict[str, Any]]:
+        if self.metered is None:
+            raise BackendError(f"replica {self.name}: its server is called by the ingress")
         req = CompletionRequest(**request)
         prompt_tokens = await self.metered.backend.prompt_tokens(req)
         started = datetime.now(UTC)
@@ -140,7 +243,7 @@ class RegionReplica:
         ended = datetime.now(UTC)
         try:
             att = await self.metered.energy(request_id, timeout_s=5.0)
-            energy_j, source = att.energy_j, str(self.metered.meter.energy_source)
+            energy_j, source = att.energy_j, str(self.meter.energy_source)
         except TimeoutError:
             energy_j, source = -1.0, "predicted"  # the ingress bills the prediction
         yield {
@@ -167,8 +270,8 @@ class RegionReplica:
         return {"text": "".join(text), "finish_reason": finish, **final}
 
     def check_health(self) -> None:
-        if not self.metered.backend:
-            raise RuntimeError("no backend")
+        if self.proxied and self._ticker.done():
+            raise RuntimeError(f"replica {self.name}: metering stopped")
 
 
 # ---- ingress ----------------------------------------------------------------------------------
@@ -202,13 +305,30 @@ class Ingress:
         predictor = EnergyPredictor.from_mlenergy() if gpu else EnergyPredictor()
         self.router = Router.build(cfg, build_sources(cfg, base_dir=base), predictor, base_dir=base)
         self.handles = [replicas[s.replica.name] for s in self.router.states]
+        # remote OpenAI-compatible servers are called from here, not through their replica
+        # deployment (one actor hop less); the replica still meters them from our timelines
+        self.direct = {
+            i: remote_backend(s.replica)
+            for i, s in enumerate(self.router.states)
+            if s.replica.backend.kind != "llama_cpp"
+        }
+        self._events: dict[int, list[tuple[str, str, float, int]]] = {i: [] for i in self.direct}
+        self._bills: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in self.direct}
+        self._tokens: dict[int, dict[str, tuple[float, int]]] = {i: {} for i in self.direct}
+        self._awaiting: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.measure_timeout_s = 30.0
+        self._billing_json = cfg.billing.model_dump_json()
         ledger = str((base / cfg.ledger) if not Path(cfg.ledger).is_absolute() else cfg.ledger)
         self.metering = MeteringActor.options(  # type: ignore[attr-defined]
             name=METERING_ACTOR, get_if_exists=True, lifetime="detached", namespace=NAMESPACE
         ).remote(ledger)
+        # billed rows reach the ledger off the response path, spooled so a crash loses none
+        self.outbox = Outbox(self._record, spool_dir=Path(ledger).with_suffix(".spool"))
         self.jobs = JobStore(Path(ledger).with_suffix(".jobs.sqlite"))
+        asyncio.get_event_loop().call_soon(self.outbox.orphans)
         self._runner = asyncio.get_event_loop().create_task(self._run_jobs())
         self._refitter = asyncio.get_event_loop().create_task(self._refit_loop())
+        self._timelines = asyncio.get_event_loop().create_task(self._send_timelines())
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "router_requests_total", "requests", ["region", "status"], registry=self.registry
@@ -222,6 +342,99 @@ class Ingress:
         self.latency = Histogram(
             "router_request_seconds", "request latency", registry=self.registry
         )
+
+    async def _record(self, rows: list[dict[str, Any]]) -> None:
+        await self.metering.record.remote(rows)
+
+    async def _send_timelines(self, period_s: float = 0.05) -> None:
+        """Every ``period_s``: send each proxied replica the timelines and predicted bills
+        gathered since the last call; bill by prediction what was not measured in time."""
+
+        async def send(i: int) -> None:
+            tokens, self._tokens[i] = self._tokens[i], {}
+            self._events[i] += [("t", rid, t, n) for rid, (t, n) in tokens.items()]
+            events, self._events[i] = self._events[i], []
+            bills, self._bills[i] = self._bills[i], {}
+            if not events and not bills:
+                return
+            try:
+                for rid in await self.handles[i].meter_events.remote(events, bills):
+                    self._awaiting.pop(rid, None)
+            except Exception as e:  # its bills fall back to the prediction at the deadline
+                log.warning("replica %s did not take its timelines: %s", i, e)
+
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await asyncio.gather(*(send(i) for i in self.direct))
+                now = time.monotonic()
+                for rid in [k for k, (d, _) in self._awaiting.items() if d < now]:
+                    _, row = self._awaiting.pop(rid)
+                    log.warning("no measured bill for %s in time: billing its prediction", rid)
+                    self.outbox.add(row)
+            except Exception:
+                log.exception("sending timelines failed")
+
+    async def _settle(self, tenant: str | None, timeout_s: float = 5.0) -> None:
+        """Wait (up to ``timeout_s``) until ``tenant``'s (None: everyone's) answered requests
+        are in the ledger: measured bills still being attributed, and our outbox."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(
+            tenant is None or row["tenant"] == tenant for _, row in self._awaiting.values()
+        ):
+            await asyncio.sleep(0.05)
+        await self.outbox.flush(timeout_s)
+
+    async def _proxy(
+        self, i: int, request_id: str, req: CompletionRequest, stream: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A remote server's completion, called from here, in the items ``generate`` yields;
+        the replica's meter gets its timeline. A non-streaming request is one non-streamed
+        call (the server counts the tokens; they are spread evenly over its duration)."""
+        backend = self.direct[i]
+        t0, wall0 = datetime.now(UTC), time.time()
+        if not stream:
+            ans = await backend.answer(req)
+            wall1 = time.time()
+            prompt = ans.prompt_tokens
+            if prompt is None:
+                prompt = await backend.prompt_tokens(req)
+            completion = ans.completion_tokens
+            if completion is None:
+                completion = max(1, len(ans.text) // 4) if ans.text else 0
+            self._events[i] += timeline(request_id, wall0, wall1, prompt, completion)
+            yield {"text": ans.text, "finish_reason": ans.finish_reason}
+        else:
+            prompt = await backend.prompt_tokens(req)
+            completion, started = 0, False
+            try:
+                async for chunk in backend.stream(req):
+                    if not started:
+                        self._events[i].append(("s", request_id, wall0, prompt))
+                        started = True
+                    if chunk.n_tokens:  # merged per request until the next send
+                        completion += chunk.n_tokens
+                        tokens = self._tokens[i]  # swapped out at each send
+                        pending = tokens.get(request_id)
+                        n = chunk.n_tokens + (pending[1] if pending else 0)
+                        tokens[request_id] = (time.time(), n)
+                    yield {"text": chunk.text, "finish_reason": chunk.finish_reason}
+            finally:
+                if started:
+                    pending = self._tokens[i].pop(request_id, None)
+                    if pending:
+                        self._events[i].append(("t", request_id, pending[0], pending[1]))
+                    self._events[i].append(("e", request_id, time.time(), 0))
+        yield {
+            "done": True,
+            "proxied": True,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "energy_j": -1.0,
+            "energy_source": "predicted",
+            "started_at": t0.isoformat(),
+            "ended_at": datetime.now(UTC).isoformat(),
+        }
 
     # -- plumbing ------------------------------------------------------------------------------
     async def _route(self, raw: bytes, request: Request, chat: bool) -> Response:
@@ -278,7 +491,8 @@ class Ingress:
     ) -> tuple[int, Any, Any, dict[str, Any] | None]:
         """Send the request to the best replica, failing over until one gives a first chunk.
 
-        A non-streaming request is sent whole (``complete``: one actor round trip) and returns
+        A remote server is called from here (``_proxy``). For an in-process one, a
+        non-streaming request is sent whole (``complete``: one actor round trip) and returns
         ``stream=None`` with the full answer; a streaming one returns the chunk stream."""
         tried: set[int] = set()
         if only is not None:  # a planned job: its replica first, the others if it is down
@@ -294,18 +508,22 @@ class Ingress:
                 i = only
             stream = None
             try:
-                if not parsed.stream:
+                if i in self.direct:
+                    stream = self._proxy(i, request_id, parsed.completion, parsed.stream)
+                    first = await stream.__anext__()
+                elif not parsed.stream:
                     first = await self.handles[i].complete.remote(
                         request_id, parsed.completion.__dict__
                     )
                     self.router.states[i].active += 1
                     return i, decision, None, first
-                stream = (
-                    self.handles[i]
-                    .options(stream=True)
-                    .generate.remote(request_id, parsed.completion.__dict__)
-                )
-                first = await stream.__anext__()  # failover is possible until the first byte
+                else:
+                    stream = (
+                        self.handles[i]
+                        .options(stream=True)
+                        .generate.remote(request_id, parsed.completion.__dict__)
+                    )
+                    first = await stream.__anext__()  # failover is possible until first byte
             except StopAsyncIteration:
                 first = None
             except (BackendUnavailable, ray.exceptions.RayError, BackendError) as e:
@@ -363,6 +581,7 @@ class Ingress:
         now = datetime.now(UTC)
         if tenant not in self.budgets.spend:  # first request since start: sum the ledger
             since = period_start(now, self.budgets.limits[tenant].period)
+            await self.outbox.flush()
             rows = [LedgerRow(**r) for r in await self.metering.usage.remote(tenant)]
             self.budgets.load(tenant, [r for r in rows if r.started_at >= since.isoformat()], now)
         i = int(np.argmin(cands.kwh))
@@ -524,7 +743,16 @@ class Ingress:
             energy_j=energy,
             energy_source=source,
         )
-        await self.metering.record.remote([row.__dict__])  # durable before we answer
+        extra = usage_fields(row)
+        if final.get("proxied"):  # the replica bills the measurement; until then, ours
+            extra["energy_source"] = "predicted"
+            self._awaiting[request_id] = (time.monotonic() + self.measure_timeout_s, row.__dict__)
+            self._bills[i][request_id] = {
+                **row.__dict__,
+                "billing": self._billing_json,
+            }
+        else:
+            self.outbox.add(row.__dict__)  # in the ledger within milliseconds; see Outbox
         self.budgets.add(row, datetime.now(UTC))
         self.router.lengths.observe(tenant, parsed.model, completion)
         self.requests_total.labels(row.region, "ok").inc()
@@ -534,7 +762,7 @@ class Ingress:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            **usage_fields(row),
+            **extra,
         }
 
     # -- endpoints -----------------------------------------------------------------------------
@@ -566,6 +794,7 @@ class Ingress:
         except ApiError as e:
             return _error(e)
         tenant = request.query_params.get("tenant") if caller.admin else caller.tenant
+        await self._settle(tenant)  # a caller sees the rows of the requests it was answered
         rows = await self.metering.usage.remote(tenant)
         return JSONResponse({"object": "list", "tenant": tenant, "data": rows})
 
@@ -626,6 +855,7 @@ class Ingress:
             st_new.active, st_new.cooldown_until = st_old.active, st_old.cooldown_until
         router.lengths = self.router.lengths
         self.cfg, self.router = cfg, router
+        self._billing_json = cfg.billing.model_dump_json()
         self.tenants, self.budgets = Tenants(cfg.tenants), Budgets(cfg.tenants)
         return JSONResponse(
             {

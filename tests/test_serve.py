@@ -96,6 +96,18 @@ def api(
         return r.status, r.headers, json.loads(r.read())
 
 
+def billed(server: dict[str, Any], request_id: str, timeout_s: float = 20.0) -> Any:
+    """The request's ledger row: rows reach the ledger a few milliseconds after the answer
+    (the ingress's outbox), measured bills of proxied replicas about a second after."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (row := Ledger(server["ledger"]).get(request_id)) is None:
+        assert time.monotonic() < deadline, f"{request_id} never reached the ledger"
+        time.sleep(0.05)
+    return row
+
+
 def ask(**kw: Any) -> dict[str, Any]:
     return {
         "model": "smollm2-135m",
@@ -117,7 +129,7 @@ def test_chat_completion_carries_energy_carbon_and_cost(server: dict[str, Any]) 
     assert extra["energy_source"] == "estimated"  # the CPU-time meter on this machine
     assert raw.headers["x-carbon-region"] == extra["region"]
     assert float(raw.headers["x-energy-kwh"]) == pytest.approx(extra["energy_kwh"], rel=1e-5)
-    row = Ledger(server["ledger"]).get(r.id)
+    row = billed(server, r.id)
     assert (
         row is not None
         and row.tenant == "demo"
@@ -194,9 +206,8 @@ def test_metering_actor_restart_loses_nothing(server: dict[str, Any]) -> None:
     actor = ray.get_actor(METERING_ACTOR, namespace=NAMESPACE)
     ray.kill(actor, no_restart=False)
     after = client(server).chat.completions.create(**ask())
-    ledger = Ledger(server["ledger"])
-    assert ledger.get(before.id) is not None and ledger.get(after.id) is not None
-    ids = [r.request_id for r in ledger.tenant_rows("demo")]
+    assert billed(server, before.id) is not None and billed(server, after.id) is not None
+    ids = [r.request_id for r in Ledger(server["ledger"]).tenant_rows("demo")]
     assert len(ids) == len(set(ids))
 
 
@@ -243,7 +254,7 @@ def test_deferred_job_runs_later_and_is_billed(server: dict[str, Any]) -> None:
         time.sleep(0.5)
     usage = done["result"]["usage"]
     assert usage["region"] == "eu-central" and usage["energy_kwh"] > 0
-    row = Ledger(server["ledger"]).get(job["id"])
+    row = billed(server, job["id"])
     assert row is not None and row.region == "eu-central"
 
 
@@ -316,7 +327,7 @@ def test_batch_api_with_the_openai_client(server: dict[str, Any], tmp_path: Path
     for o in out:
         body = o["response"]["body"]
         assert body["choices"][0]["message"]["content"] and body["usage"]["energy_kwh"] > 0
-        assert Ledger(server["ledger"]).get(o["id"]) is not None
+        assert billed(server, o["id"]) is not None
 
 
 def test_deferred_job_survives_an_ingress_restart(server: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
-"""A fast fake OpenAI-compatible server for the overhead benchmark: answers chat completions
-at once (non-streaming, or 8 SSE chunks), on loopback. Run: python benchmarks/fake_openai.py PORT"""
+"""A fast fake OpenAI-compatible server, for the overhead benchmark and the live tests of proxied
+replicas: answers chat completions at once (non-streaming, or 8 SSE chunks), on loopback.
+Run: python -m regions.fake_openai PORT"""
 
 from __future__ import annotations
 

@@ -1,0 +1,179 @@
+"""Billed rows on their way to the ledger, off the response path.
+
+The ingress answers a request as soon as it has billed it in memory; the row then travels to the
+metering actor with others in one call. :class:`Outbox` gathers rows, sends what has gathered
+every ``interval_s`` (or at once when ``max_rows`` are waiting), and keeps every row until the
+sink has acknowledged it (the ledger is durable then; ``on_sent`` hears of it), retrying with
+backoff while the sink is down. Rows are acknowledged in the order they were added.
+
+With a spool directory, each row is also appended to a segment file before :meth:`add` returns,
+and a segment is deleted only once its rows are acknowledged. The append is a ``write`` with no
+``fsync``: rows survive the ingress process crashing or being killed (the kernel has them), not
+the machine losing power before the page cache reaches the disk. A new outbox replays the
+segments of any spool whose owner is gone (it holds no lock on it); the ledger is idempotent by
+request id, so a row sent twice is billed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[list[dict[str, Any]]], Awaitable[Any]]
+
+
+class Outbox:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        spool_dir: str | Path | None = None,
+        interval_s: float = 0.005,
+        max_rows: int = 512,
+        max_backoff_s: float = 5.0,
+        on_sent: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        self._sink = sink
+        self._on_sent = on_sent
+        self.interval_s = interval_s
+        self.max_rows = max_rows
+        self.max_backoff_s = max_backoff_s
+        self._pending: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0  # rows acknowledged by the sink
+        self.failures = 0  # sink calls that failed (each retried)
+        self._root: Path | None = None
+        self._dir: Path | None = None
+        self._lock: int | None = None
+        self._segment: TextIO | None = None
+        self._segment_path: Path | None = None
+        if spool_dir is not None:
+            self._open_spool(Path(spool_dir))
+
+    # -- spool -----------------------------------------------------------------------------------
+    def _open_spool(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self._root = root
+        self._dir = root / uuid.uuid4().hex
+        self._dir.mkdir()
+        self._lock = os.open(self._dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._new_segment()
+
+    def _new_segment(self) -> None:
+        assert self._dir is not None
+        self._segment_path = self._dir / f"{uuid.uuid4().hex}.jsonl"
+        self._segment = self._segment_path.open("a", encoding="utf-8", buffering=1)
+
+    def _rotate(self) -> Path | None:
+        """Close the segment holding the rows about to be sent; new rows go to a fresh one."""
+        if self._segment is None:
+            return None
+        done = self._segment_path
+        self._segment.close()
+        self._new_segment()
+        return done
+
+    def orphans(self) -> list[dict[str, Any]]:
+        """Rows left unacknowledged by outboxes whose process is gone (their spool is unlocked);
+        they are taken over: queued here, and their spool removed once they are acknowledged."""
+        if self._root is None:
+            return []
+        rows: list[dict[str, Any]] = []
+        for d in sorted(p for p in self._root.iterdir() if p.is_dir() and p != self._dir):
+            fd = os.open(d / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # its owner is alive
+            found = []
+            for seg in sorted(d.glob("*.jsonl")):
+                for line in seg.read_text(encoding="utf-8").splitlines():
+                    with contextlib.suppress(ValueError):  # a torn last line from the crash
+                        found.append(json.loads(line))
+            for row in found:
+                self.add(row)
+            rows += found
+            for seg in d.glob("*.jsonl"):  # now in our own spool
+                seg.unlink()
+            (d / "lock").unlink(missing_ok=True)
+            os.close(fd)
+            d.rmdir()
+        if rows:
+            log.warning("outbox: took over %d unacknowledged rows from a dead process", len(rows))
+        return rows
+
+    # -- queue -----------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Queue one row; returns at once (after the spool append, if any)."""
+        if self._segment is not None:
+            self._segment.write(json.dumps(row, separators=(",", ":")) + "\n")
+        self._pending.append(row)
+        self._idle.clear()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if len(self._pending) >= self.max_rows:
+            self._wake.set()
+
+    async def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every row added so far is acknowledged."""
+        self._wake.set()
+        await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            segment = self._rotate()
+            while True:
+                try:
+                    await self._sink(batch)
+                    break
+                except Exception:  # the rows stay ours; try again
+                    self.failures += 1
+                    log.warning("outbox: sink failed for %d rows, retrying", len(batch))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+            backoff = 0.05
+            self.sent += len(batch)
+            if self._on_sent is not None:
+                self._on_sent(batch)
+            if segment is not None:
+                segment.unlink(missing_ok=True)
+        self._idle.set()
+
+    async def aclose(self) -> None:
+        """Send what is pending, stop, and remove this outbox's (now empty) spool."""
+        if self._pending or not self._idle.is_set():
+            await self.flush()
+        if self._segment is not None:
+            self._segment.close()
+            assert self._segment_path is not None and self._dir is not None
+            self._segment_path.unlink(missing_ok=True)
+            (self._dir / "lock").unlink(missing_ok=True)
+            if self._lock is not None:
+                os.close(self._lock)
+            with contextlib.suppress(OSError):
+                self._dir.rmdir()
+            self._segment = None

@@ -1,0 +1,107 @@
+"""Attribution for a replica whose requests are proxied by the ingress.
+
+For a remote OpenAI-compatible server (vLLM, TGI, llama.cpp server) the ingress talks to the
+server directly, so the replica deployment no longer sees the requests go by. It still owns the
+meter (it runs on the region's node and reads that node's GPUs), and the ingress sends it each
+request's timeline: start, output tokens as they stream, end. Those events arrive in batches, a
+few tens of milliseconds late, so attribution runs ``lag_s`` behind the clock: readings and events
+up to the watermark ``now - lag_s`` are merged in time order and fed to the same
+:class:`ReplicaAttributor` the in-process path uses. Times are wall-clock seconds
+(``time.time()``) on both sides; the meter's monotonic readings are shifted onto that clock once.
+
+An event that arrives after the watermark has passed its time is fed anyway (the request loses
+the part of its energy that fell before the watermark) and counted in ``late``; one for a request
+this replica never saw start (it restarted) is dropped and counted in ``unknown``: the ingress
+bills such a request by its prediction when no measured bill comes back in time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from regions.meters import MeterReading, PowerMeter
+from router.metering.attribution import (
+    DEFAULT_PREFILL_WEIGHT,
+    Attributed,
+    AttributionError,
+    ReplicaAttributor,
+)
+
+# an event: (kind, request id, wall time s, n) with kind "s" start (n = prompt tokens),
+# "t" output tokens (n of them), "e" end (n unused)
+Event = tuple[str, str, float, int]
+
+
+@dataclass
+class RemoteAttribution:
+    meter: PowerMeter
+    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    lag_s: float = 1.0
+    wall: Callable[[], float] = time.time
+    late: int = 0
+    unknown: int = 0
+
+    def __post_init__(self) -> None:
+        self.attributor = ReplicaAttributor(prefill_weight=self.prefill_weight)
+        first = self.meter.read()
+        self._offset = self.wall() - first.t_s  # monotonic -> wall clock, fixed once
+        self._queue: list[tuple[float, int, int, str, str, int, float]] = []
+        self._seq = itertools.count()
+        self._known: set[str] = set()
+        self._fed_until = -float("inf")
+        self._last_reading = MeterReading(first.t_s + self._offset, first.energy_j)
+        self.attributor.reading(self._last_reading)
+
+    def sample(self) -> None:
+        """Read the meter now (call it every meter period)."""
+        r = self.meter.read()
+        self._push(r.t_s + self._offset, "r", "", 0, energy=r.energy_j)
+
+    def events(self, events: Iterable[Event]) -> None:
+        for kind, rid, t, n in events:
+            if t < self._fed_until:
+                self.late += 1
+                t = self._fed_until  # keep time order for the attributor
+            self._push(t, kind, rid, n)
+
+    def _push(self, t: float, kind: str, rid: str, n: int, energy: float = 0.0) -> None:
+        # readings sort after events at the same instant, so a request ending at t is in it
+        order = 1 if kind == "r" else 0
+        heapq.heappush(self._queue, (t, order, next(self._seq), kind, rid, n, energy))
+
+    def advance(self, now: float | None = None) -> list[Attributed]:
+        """Feed everything up to ``now - lag_s``; return requests whose energy is now final."""
+        watermark = (self.wall() if now is None else now) - self.lag_s
+        done: list[Attributed] = []
+        q = self._queue
+        while q and q[0][0] <= watermark:
+            t, _, _, kind, rid, n, energy = heapq.heappop(q)
+            self._fed_until = t
+            if kind == "r":
+                self._last_reading = MeterReading(t, energy)
+                done += self.attributor.reading(self._last_reading)
+                continue
+            try:
+                if kind == "s":
+                    if rid not in self._known:  # a start sent twice counts once
+                        self.attributor.start(rid, t, n)
+                        self._known.add(rid)
+                elif rid not in self._known:
+                    self.unknown += 1
+                elif kind == "t":
+                    self.attributor.token(rid, t, n)
+                else:
+                    self.attributor.end(rid, t)
+            except AttributionError:  # e.g. an end sent twice: the first one stands
+                self.unknown += 1
+        for a in done:
+            self._known.discard(a.request_id)
+        return done
+
+    @property
+    def open_requests(self) -> list[str]:
+        return self.attributor.open_requests
