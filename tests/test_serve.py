@@ -1,10 +1,13 @@
 """The live router on Ray Serve with the real local model, called with the official openai
 client: chat and completions, streaming and not, auth, isolation, errors, the ledger, and a
-metering-actor restart."""
+metering-actor restart, failover, and a replica behind an OpenAI-compatible URL that the ingress
+calls directly while its deployment meters it."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +17,7 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from router.ledger import Ledger
 from tests.conftest import ROOT
@@ -36,10 +40,47 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
     tmp = tmp_path_factory.mktemp("serve")
     ledger = tmp / "ledger.sqlite"
+    # the embedded default, plus two replicas behind OpenAI-compatible URLs: eu-dead, the
+    # cheapest and cleanest on paper, whose server is down, and proxy-pl, a live fake server
+    # (dirty and dear, so only chosen when asked for) that the ingress calls directly
+    fake_port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "regions.fake_openai", str(fake_port)], cwd=ROOT)
+    extra = []
+    for name, zone, pue, price, port_ in (
+        ("eu-dead", "SE", 1.0, 0.01, free_port()),
+        ("proxy-pl", "PL", 1.5, 0.40, fake_port),
+    ):
+        extra.append(
+            {
+                "name": name,
+                "zone": zone,
+                "carbon_source": "replay",
+                "pue": pue,
+                "price": {"flat_usd_per_kwh": price},
+                "rtt_ms": 30,
+                "residency": ["eu"],
+                "replicas": [
+                    {
+                        "name": f"{name}-0",
+                        "backend": {
+                            "kind": "openai",
+                            "url": f"http://127.0.0.1:{port_}/v1",
+                            "model": "smollm2-135m",
+                            "timeout_s": 10,
+                        },
+                        "meter": "cpu",
+                        "max_concurrency": 4,
+                        "tokens_per_s": 130,
+                    }
+                ],
+            }
+        )
+    regions = "".join(f"  {line}\n" for line in yaml.safe_dump(extra).splitlines())
     cfg_text = (
         (ROOT / "configs/local.yaml")
         .read_text()
         .replace("ledger: carbon-router.sqlite", f"ledger: {ledger}")
+        .replace("\ntenants:\n", f"\n{regions}\ntenants:\n", 1)
     )
     cfg_path = tmp / "local.yaml"
     cfg_path.write_text(cfg_text)
@@ -60,6 +101,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         c.close()
     serve.shutdown()
     ray.shutdown()
+    fake.terminate()
+    fake.wait(timeout=10)
 
 
 _clients: list[openai.OpenAI] = []
@@ -358,3 +401,37 @@ def test_deferred_job_survives_an_ingress_restart(server: dict[str, Any]) -> Non
         assert done["status"] in ("scheduled", "running") and time.monotonic() < deadline + 60
         time.sleep(0.5)
     assert done["result"]["usage"]["energy_kwh"] > 0
+
+
+def test_a_proxied_replica_bills_its_measured_energy(server: dict[str, Any]) -> None:
+    # the ingress calls proxy-pl's server itself; the answer carries the prediction, and the
+    # replica deployment bills the metered energy a second or so later (the prediction would
+    # only be billed after 30 s without a measured bill)
+    pick = {"X-Carbon-Preference": 'regions=("proxy-*")'}
+    raw = client(server).chat.completions.with_raw_response.create(**ask(), extra_headers=pick)
+    r = raw.parse()
+    assert raw.headers["x-carbon-replica"] == "proxy-pl-0" and r.choices[0].message.content
+    extra = r.usage.model_extra or {}
+    assert extra["energy_source"] == "predicted" and extra["energy_kwh"] > 0
+    assert r.usage.prompt_tokens == 8 and r.usage.completion_tokens == 1  # the server's counts
+    t0 = time.monotonic()
+    row = billed(server, r.id, timeout_s=15)
+    assert time.monotonic() - t0 < 15 and row.replica == "proxy-pl-0"
+    assert row.energy_source == "estimated"  # this replica's meter is the CPU-time model
+    assert row.kwh_billed != extra["energy_kwh"]  # the measurement, not the prediction
+    assert row.completion_tokens == 1 and row.region == "proxy-pl"
+
+    chunks = list(
+        client(server).chat.completions.create(
+            **ask(), stream=True, stream_options={"include_usage": True}, extra_headers=pick
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "t0 t1 t2 t3 t4 t5 t6 t7 "  # the fake server's 8 chunks, in order
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.model_extra or {})["energy_source"] == "predicted"
+    streamed = billed(server, chunks[-1].id, timeout_s=15)
+    assert streamed.completion_tokens == 8 and streamed.replica == "proxy-pl-0"
+
+    status, _, mine = api(server, "GET", "/v1/usage")  # read-your-writes: waits for the bill
+    assert status == 200 and {r.id, chunks[-1].id} <= {x["request_id"] for x in mine["data"]}
