@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import socket
 import statistics
@@ -80,7 +81,7 @@ def wait(url: str, method: str = "GET") -> None:
                 return
         except OSError:
             time.sleep(0.5)
-    raise SystemExit(f"{url} did not come up")
+    raise SystemExit(f"{url} did not come up (logs in {tempfile.gettempdir()})")
 
 
 def wrk(url: str, conns: int, seconds: int, script: Path) -> dict[str, float]:
@@ -100,7 +101,9 @@ def wrk(url: str, conns: int, seconds: int, script: Path) -> dict[str, float]:
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
     return {
+        "requests": float(total.group(1)) if total else float("nan"),
         "p50": ms("50%"),
         "p99": ms("99%"),
         "rps": rps,
@@ -155,91 +158,129 @@ async def soak(url: str, conns: int, seconds: float) -> tuple[int, int]:
     return ok, bad
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+        capture_output=True,
+        check=False,
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--soak-seconds", type=int, default=60)
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare-forwarder floor")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    fake_port, router_port = free_port(), free_port()
+    env = {**os.environ, "CARBON_ROUTER_DATA": os.environ.get("CARBON_ROUTER_DATA", "")}
+    if not env["CARBON_ROUTER_DATA"]:
+        env["CARBON_ROUTER_DATA"] = str(ROOT.parent / "shared" / "data")
+    fake_port, router_port, direct_port = free_port(), free_port(), free_port()
     fake = subprocess.Popen([sys.executable, "-m", "regions.fake_openai", str(fake_port)], cwd=ROOT)
     cfg = tmp / "bench.yaml"
     cfg.write_text(CONFIG.format(port=fake_port, ledger=tmp / "ledger.sqlite"))
     router = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router.cli",
-            "serve",
-            "--config",
-            str(cfg),
-            "--port",
-            str(router_port),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+        [sys.executable, "-m", "router.cli", "serve", "--config", str(cfg),
+         "--port", str(router_port), "--direct-port", str(direct_port)],
+        cwd=ROOT, env=env, stdout=(tmp / "router.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
     direct = f"http://127.0.0.1:{fake_port}/v1/chat/completions"
-    routed = f"http://127.0.0.1:{router_port}/v1/chat/completions"
+    paths = {
+        "router, direct ingress": f"http://127.0.0.1:{direct_port}/v1/chat/completions",
+        "router, Serve proxy": f"http://127.0.0.1:{router_port}/v1/chat/completions",
+    }
     script = tmp / "post.lua"
     script.write_text(LUA.format(body=json.dumps(BODY), key=KEY))
+    rows: list[tuple[str, int, dict[str, float], dict[str, float]]] = []
+    ttfbs: dict[str, float] = {}
     try:
         wait(direct, "POST")
-        wait(routed, "POST")
-        rows = []
+        for url in paths.values():
+            wait(url, "POST")
         for conns in (1, 32):
             d = wrk(direct, conns, args.seconds, script)
-            r = wrk(routed, conns, args.seconds, script)
-            rows.append((conns, d, r))
-        t_direct = asyncio.run(ttfb(direct, 8, 400))
-        t_routed = asyncio.run(ttfb(routed, 8, 400))
-        soaked = asyncio.run(soak(routed, 32, args.soak_seconds))
+            for name, url in paths.items():
+                rows.append((name, conns, d, wrk(url, conns, args.seconds, script)))
+        ttfbs["direct"] = asyncio.run(ttfb(direct, 8, 400))
+        for name, url in paths.items():
+            ttfbs[name] = asyncio.run(ttfb(url, 8, 400))
+        fast = paths["router, direct ingress"]
+        soaked = asyncio.run(soak(fast, 32, args.soak_seconds))
+        answered = (
+            len(paths)  # the readiness probes
+            + sum(r["requests"] - r["non2xx"] for _, _, _, r in rows)
+            + 400 * len(paths)  # the time-to-first-byte streams
+            + soaked[0]
+        )
+        ledger_rows = count_rows(tmp / "ledger.sqlite")
     finally:
-        router.terminate()
-        router.wait(timeout=60)
-        fake.terminate()
-        subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-            capture_output=True,
-            check=False,
-        )
-    table = Table(title="Router overhead vs direct (fake backend), wrk -t1")
-    for col in (
-        "concurrency",
-        "direct p50 ms",
-        "router p50 ms",
-        "added p50 ms",
-        "direct p99 ms",
-        "router p99 ms",
-        "direct req/s",
-        "router req/s",
-        "router non-2xx",
-    ):
+        stop(router)
+    if not args.no_floor:  # what Ray Serve alone costs here, measured in the same run
+        floor_port, floor_direct = free_port(), free_port()
+        floor_env = {
+            **env,
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(floor_direct),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(floor_direct + 15),
+        }
+        bare = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks/bare_forwarder.py"), str(fake_port),
+             str(floor_port)],
+            cwd=ROOT, env=floor_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{floor_direct}/v1/chat/completions"
+            wait(url, "POST")
+            for conns in (1, 32):
+                d = wrk(direct, conns, args.seconds, script)
+                r = wrk(url, conns, args.seconds, script)
+                rows.append(("bare forwarder (floor)", conns, d, r))
+        finally:
+            stop(bare)
+    fake.terminate()
+    table = Table(title="Router overhead vs calling the fake backend directly (wrk -t1)")
+    for col in ("path", "conc.", "direct p50 ms", "path p50 ms", "added p50 ms", "direct p99 ms",
+                "path p99 ms", "direct req/s", "path req/s", "non-2xx"):  # fmt: skip
         table.add_column(col, justify="right")
-    for conns, d, r in rows:
+    for name, conns, d, r in sorted(rows, key=lambda x: (x[1], x[0])):
         table.add_row(
-            str(conns),
-            f"{d['p50']:.2f}",
-            f"{r['p50']:.2f}",
-            f"{r['p50'] - d['p50']:.2f}",
-            f"{d['p99']:.2f}",
-            f"{r['p99']:.2f}",
-            f"{d['rps']:,.0f}",
-            f"{r['rps']:,.0f}",
+            name, str(conns), f"{d['p50']:.2f}", f"{r['p50']:.2f}", f"{r['p50'] - d['p50']:.2f}",
+            f"{d['p99']:.2f}", f"{r['p99']:.2f}", f"{d['rps']:,.0f}", f"{r['rps']:,.0f}",
             f"{r['non2xx']:.0f}",
-        )
-    console = Console(width=140)
+        )  # fmt: skip
+    console = Console(width=160)
     console.print(table)
     console.print(
-        f"stream time to first byte, concurrency 8, median: direct {t_direct:.2f} ms, "
-        f"router {t_routed:.2f} ms"
+        "stream time to first byte, concurrency 8, median ms: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ttfbs.items())
     )
+    console.print(f"answered by the router: {answered:,.0f}; rows in its ledger: {ledger_rows:,}")
     console.print(
-        f"soak: 32 concurrent streams for {args.soak_seconds} s through the router: "
+        f"soak: 32 concurrent streams for {args.soak_seconds} s through the direct ingress: "
         f"{soaked[0]} completed, {soaked[1]} failed or incomplete"
     )
     return 0
+
+
+def count_rows(path: Path, settle_s: float = 40.0) -> int:
+    """Ledger rows once metering has caught up (measured bills trail the answers by ~1 s)."""
+    import sqlite3
+
+    deadline, last = time.monotonic() + settle_s, -1
+    while time.monotonic() < deadline:
+        with sqlite3.connect(path) as db:
+            n = int(db.execute("SELECT count(*) FROM requests").fetchone()[0])
+        if n == last:
+            return n
+        last = n
+        time.sleep(3)
+    return last
 
 
 if __name__ == "__main__":

@@ -101,29 +101,50 @@ class OpenAIBackend(Backend):
         )
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
+        async for batch in self.stream_batches(request):
+            for chunk in batch:
+                yield chunk
+
+    async def stream_batches(self, request: CompletionRequest) -> AsyncIterator[list[TokenChunk]]:
+        """The stream as it comes off the network: the chunks of each read together, so a
+        proxy can pass on what arrived at once in one write."""
         url, body = self._body(request, stream=True)
         chat = "messages" in body
         session = await self._client()
+        pending = b""
         try:
             async with session.post(url, json=body, headers=self._headers) as resp:
                 await self._check(resp)
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    for choice in event.get("choices") or []:
-                        text = (
-                            (choice.get("delta") or {}).get("content")
-                            if chat
-                            else choice.get("text")
-                        )
-                        yield TokenChunk(text or "", 1 if text else 0, choice.get("finish_reason"))
+                async for data in resp.content.iter_any():
+                    *lines, pending = (pending + data).split(b"\n")
+                    batch, done = self._events(lines, chat)
+                    if batch:
+                        yield batch
+                    if done:
+                        return
+                if pending.strip():  # a last event without its newline
+                    batch, _ = self._events([pending], chat)
+                    if batch:
+                        yield batch
         except (aiohttp.ClientError, TimeoutError) as e:
             raise BackendUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _events(lines: list[bytes], chat: bool) -> tuple[list[TokenChunk], bool]:
+        """The chunks of SSE ``data:`` lines, and whether ``[DONE]`` was among them."""
+        out: list[TokenChunk] = []
+        for raw in lines:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return out, True
+            event = json.loads(data)
+            for choice in event.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                out.append(TokenChunk(text or "", 1 if text else 0, choice.get("finish_reason")))
+        return out, False
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -199,7 +199,8 @@ class Ledger:
             before = self._db.total_changes
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(sql, (astuple(r) for r in rows))
+                # attribute reads, not dataclasses.astuple: that deep-copies every field
+                self._db.executemany(sql, ([getattr(r, c) for c in COLUMNS] for r in rows))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._db.execute("ROLLBACK")

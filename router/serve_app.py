@@ -52,7 +52,7 @@ from router.gateway import (
 from router.jobs import Job, JobStore
 from router.ledger import Ledger, LedgerRow
 from router.metering.outbox import Outbox
-from router.metering.remote import RemoteAttribution
+from router.metering.remote import AwaitingBills, RemoteAttribution
 from router.metering.replica import MeteredReplica
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,13 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
-@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.deployment(
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0},
+    # one log line per request costs ~3 % of the ingress's CPU; /metrics counts requests and
+    # the ledger records each one
+    logging_config={"enable_access_log": False},
+)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, config_path: str, replicas: dict[str, Any]) -> None:
@@ -315,8 +321,7 @@ class Ingress:
         self._events: dict[int, list[tuple[str, str, float, int]]] = {i: [] for i in self.direct}
         self._bills: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in self.direct}
         self._tokens: dict[int, dict[str, tuple[float, int]]] = {i: {} for i in self.direct}
-        self._awaiting: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.measure_timeout_s = 30.0
+        self._awaiting = AwaitingBills(timeout_s=30.0)
         self._billing_json = cfg.billing.model_dump_json()
         ledger = str((base / cfg.ledger) if not Path(cfg.ledger).is_absolute() else cfg.ledger)
         self.metering = MeteringActor.options(  # type: ignore[attr-defined]
@@ -340,7 +345,9 @@ class Ingress:
             "router_carbon_g_total", "g CO2e", ["region"], registry=self.registry
         )
         self.latency = Histogram(
-            "router_request_seconds", "request latency", registry=self.registry
+            "router_request_seconds",
+            "answered requests: seconds to the whole answer, or to the first chunk of a stream",
+            registry=self.registry,
         )
 
     async def _record(self, rows: list[dict[str, Any]]) -> None:
@@ -358,8 +365,7 @@ class Ingress:
             if not events and not bills:
                 return
             try:
-                for rid in await self.handles[i].meter_events.remote(events, bills):
-                    self._awaiting.pop(rid, None)
+                self._awaiting.measured(await self.handles[i].meter_events.remote(events, bills))
             except Exception as e:  # its bills fall back to the prediction at the deadline
                 log.warning("replica %s did not take its timelines: %s", i, e)
 
@@ -367,10 +373,10 @@ class Ingress:
             await asyncio.sleep(period_s)
             try:
                 await asyncio.gather(*(send(i) for i in self.direct))
-                now = time.monotonic()
-                for rid in [k for k, (d, _) in self._awaiting.items() if d < now]:
-                    _, row = self._awaiting.pop(rid)
-                    log.warning("no measured bill for %s in time: billing its prediction", rid)
+                for row in self._awaiting.expired():
+                    log.warning(
+                        "no measured bill for %s: billing its prediction", row["request_id"]
+                    )
                     self.outbox.add(row)
             except Exception:
                 log.exception("sending timelines failed")
@@ -379,9 +385,7 @@ class Ingress:
         """Wait (up to ``timeout_s``) until ``tenant``'s (None: everyone's) answered requests
         are in the ledger: measured bills still being attributed, and our outbox."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(
-            tenant is None or row["tenant"] == tenant for _, row in self._awaiting.values()
-        ):
+        while time.monotonic() < deadline and self._awaiting.waiting(tenant):
             await asyncio.sleep(0.05)
         await self.outbox.flush(timeout_s)
 
@@ -408,17 +412,17 @@ class Ingress:
             prompt = await backend.prompt_tokens(req)
             completion, started = 0, False
             try:
-                async for chunk in backend.stream(req):
+                async for batch in backend.stream_batches(req):
                     if not started:
                         self._events[i].append(("s", request_id, wall0, prompt))
                         started = True
-                    if chunk.n_tokens:  # merged per request until the next send
-                        completion += chunk.n_tokens
+                    if n_batch := sum(c.n_tokens for c in batch):  # merged until the next send
+                        completion += n_batch
                         tokens = self._tokens[i]  # swapped out at each send
                         pending = tokens.get(request_id)
-                        n = chunk.n_tokens + (pending[1] if pending else 0)
-                        tokens[request_id] = (time.time(), n)
-                    yield {"text": chunk.text, "finish_reason": chunk.finish_reason}
+                        tokens[request_id] = (time.time(), n_batch + (pending[1] if pending else 0))
+                    # what arrived together leaves together: one write for the whole batch
+                    yield {"batch": [(c.text, c.finish_reason) for c in batch]}
             finally:
                 if started:
                     pending = self._tokens[i].pop(request_id, None)
@@ -438,6 +442,7 @@ class Ingress:
 
     # -- plumbing ------------------------------------------------------------------------------
     async def _route(self, raw: bytes, request: Request, chat: bool) -> Response:
+        t0 = time.perf_counter()
         try:
             caller = self.tenants.authenticate(request.headers.get("authorization"))
             parsed = parse_body(raw, chat=chat)
@@ -474,6 +479,7 @@ class Ingress:
             headers["X-Carbon-Note"] = decision.note
         created = int(time.time())
         if parsed.stream:
+            self.latency.observe(time.perf_counter() - t0)  # to the first chunk
             return StreamingResponse(
                 self._sse(stream, first, request_id, caller.tenant, i, parsed, created),
                 media_type="text/event-stream",
@@ -484,6 +490,7 @@ class Ingress:
         headers.update(
             {"X-Energy-kWh": f"{usage['energy_kwh']:.6e}", "X-Carbon-g": f"{usage['carbon_g']:.6e}"}
         )
+        self.latency.observe(time.perf_counter() - t0)
         return JSONResponse(body, headers=headers)
 
     async def _start(
@@ -553,8 +560,9 @@ class Ingress:
                 if item.get("done"):
                     final = item
                 else:
-                    text.append(item["text"])
-                    finish = item["finish_reason"] or finish
+                    for t, f in item.get("batch") or [(item["text"], item["finish_reason"])]:
+                        text.append(t)
+                        finish = f or finish
                 item = await stream.__anext__()
         except StopAsyncIteration:
             pass
@@ -700,13 +708,19 @@ class Ingress:
                 if item.get("done"):
                     final = item
                 else:
-                    delta = {"content": item["text"]} if parsed.chat else None
-                    choice: dict[str, Any] = {"index": 0, "finish_reason": item["finish_reason"]}
-                    if parsed.chat:
-                        choice["delta"] = delta
-                    else:
-                        choice["text"] = item["text"]
-                    yield _sse_event(request_id, obj, created, parsed.model, choices=[choice])
+                    out = []
+                    for text, finish in item.get("batch") or [
+                        (item["text"], item["finish_reason"])
+                    ]:
+                        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+                        if parsed.chat:
+                            choice["delta"] = {"content": text}
+                        else:
+                            choice["text"] = text
+                        out.append(
+                            _sse_event(request_id, obj, created, parsed.model, choices=[choice])
+                        )
+                    yield "".join(out)
                 try:
                     item = await stream.__anext__()
                 except StopAsyncIteration:
@@ -746,7 +760,7 @@ class Ingress:
         extra = usage_fields(row)
         if final.get("proxied"):  # the replica bills the measurement; until then, ours
             extra["energy_source"] = "predicted"
-            self._awaiting[request_id] = (time.monotonic() + self.measure_timeout_s, row.__dict__)
+            self._awaiting.add(row.__dict__)
             self._bills[i][request_id] = {
                 **row.__dict__,
                 "billing": self._billing_json,

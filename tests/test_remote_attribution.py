@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from regions.meters import FakeMeter, MeterReading
 from router.metering.attribution import ReplicaAttributor
-from router.metering.remote import RemoteAttribution
+from router.metering.remote import AwaitingBills, RemoteAttribution
 from router.serve_app import timeline
 
 OFFSET = 1_700_000_000.0  # wall clock = monotonic + OFFSET
@@ -133,3 +133,18 @@ def test_meter_readings_move_onto_the_wall_clock() -> None:
     remote.sample()
     remote.advance()
     assert remote.attributor._last == MeterReading(101.0 + OFFSET, pytest.approx(10.0))
+
+
+def test_an_unmeasured_bill_falls_back_to_the_prediction_after_the_timeout() -> None:
+    clock = Clock()
+    bills = AwaitingBills(timeout_s=30.0, clock=clock)
+    bills.add({"request_id": "a", "tenant": "demo", "energy_j": 5.0})
+    bills.add({"request_id": "b", "tenant": "other", "energy_j": 7.0})
+    assert bills.waiting("demo") and bills.waiting() and not bills.waiting("nobody")
+    bills.measured(["a", "never-seen"])  # a's measured bill is in the ledger
+    assert not bills.waiting("demo") and len(bills) == 1
+    clock.t += 29.0
+    assert bills.expired() == []
+    clock.t += 2.0
+    assert bills.expired() == [{"request_id": "b", "tenant": "other", "energy_j": 7.0}]
+    assert len(bills) == 0 and bills.expired() == []

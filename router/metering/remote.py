@@ -22,6 +22,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from regions.meters import MeterReading, PowerMeter
 from router.metering.attribution import (
@@ -105,3 +106,34 @@ class RemoteAttribution:
     @property
     def open_requests(self) -> list[str]:
         return self.attributor.open_requests
+
+
+class AwaitingBills:
+    """The ingress's side of a proxied request's bill: its predicted row, kept until the replica
+    reports the measured bill in the ledger, or billed as it is (``estimated``) once
+    ``timeout_s`` passes without one (the replica or its meter is down)."""
+
+    def __init__(self, timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._rows: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows[row["request_id"]] = (self._clock() + self.timeout_s, row)
+
+    def measured(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self._rows.pop(rid, None)
+
+    def expired(self) -> list[dict[str, Any]]:
+        """Rows whose measurement did not come in time: the caller bills them as they are."""
+        now = self._clock()
+        late = [rid for rid, (deadline, _) in self._rows.items() if deadline < now]
+        return [self._rows.pop(rid)[1] for rid in late]
+
+    def waiting(self, tenant: str | None = None) -> bool:
+        """Whether any (or ``tenant``'s) answered request still waits for its measured bill."""
+        return any(tenant is None or row["tenant"] == tenant for _, row in self._rows.values())
