@@ -6,7 +6,6 @@ aiohttp session, bytes passed through; no auth, policy or metering), on the same
 With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 it is also reachable on its direct-ingress port.
 (No `from __future__ import annotations`: FastAPI must see the `Request` annotation.)"""
 
-
 import sys
 import time
 

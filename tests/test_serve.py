@@ -435,3 +435,13 @@ def test_a_proxied_replica_bills_its_measured_energy(server: dict[str, Any]) -> 
 
     status, _, mine = api(server, "GET", "/v1/usage")  # read-your-writes: waits for the bill
     assert status == 200 and {r.id, chunks[-1].id} <= {x["request_id"] for x in mine["data"]}
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server: dict[str, Any]) -> None:
+    from router.gateway import MAX_BODY_BYTES
+
+    big = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "x" * MAX_BODY_BYTES}]}
+    with pytest.raises(urllib.error.HTTPError) as info:
+        api(server, "POST", "/v1/chat/completions", body=big)
+    assert info.value.code == 413
+    assert "request body over" in info.value.read().decode()
