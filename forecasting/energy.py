@@ -317,13 +317,12 @@ class OutputLengths:
         q = self._seen[key]
         q.append(completion_tokens)
         self._sum[key] = self._sum.get(key, 0) + completion_tokens
+        top = self._max[key] = max(self._max.get(key, 0), completion_tokens)
         if len(q) > self.window:
             old = q.popleft()
             self._sum[key] -= old
-            if old >= self._max.get(key, 0):
+            if old >= top > completion_tokens:  # the maximum left the window
                 self._max[key] = max(q)
-                return
-        self._max[key] = max(self._max.get(key, 0), completion_tokens)
 
     def expected(self, tenant: str, model: str, max_tokens: int | None) -> float:
         cap = float(max_tokens) if max_tokens else math.inf

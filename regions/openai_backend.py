@@ -39,6 +39,7 @@ class OpenAIBackend(Backend):
         self.url = url.rstrip("/")
         self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -78,9 +79,10 @@ class OpenAIBackend(Backend):
         url, body = self._body(request, stream=False)
         session = await self._client()
         try:
-            async with session.post(url, json=body, headers=self._headers) as resp:
+            payload = json.dumps(body).encode()
+            async with session.post(url, data=payload, headers=self._json_headers) as resp:
                 await self._check(resp)
-                data = await resp.json(content_type=None)
+                data = json.loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError) as e:
             raise BackendUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
         except ValueError as e:

@@ -383,6 +383,8 @@ class Router:
     _book: SlotBook = field(default_factory=lambda: SlotBook(np.zeros(0)))
     _book_hour: datetime | None = None
     _rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    _prefs: dict[str | None, Preference] = field(default_factory=dict)  # parsed headers
+    _static: dict[str, Any] | None = None
 
     @classmethod
     def build(
@@ -408,10 +410,18 @@ class Router:
         return router
 
     def preference(self, header: str | None) -> Preference:
+        """The parsed header; clients send few distinct ones, so parses are kept (bounded)."""
+        pref = self._prefs.get(header)
+        if pref is not None:
+            return pref
         try:
-            return parse_preference(header, default_weight=self.config.policy.weight)
+            pref = parse_preference(header, default_weight=self.config.policy.weight)
         except PreferenceError as e:
             raise ApiError(400, str(e), param="X-Carbon-Preference") from e
+        if len(self._prefs) >= 4096:
+            self._prefs.clear()
+        self._prefs[header] = pref
+        return pref
 
     async def candidates(self, prompt_tokens: int, output_tokens: float) -> Candidates:
         now = self.clock()
@@ -434,17 +444,26 @@ class Router:
             service_ms[i] = output_tokens * per_tok * 1000.0
         load = np.array([st.active / st.replica.max_concurrency for st in self.states])
         queue_ms = np.maximum(0, load - 1) * service_ms
+        if self._static is None:  # what does not change while this router lives
+            self._static = {
+                "names": [s.replica.name for s in self.states],
+                "regions": [s.region.name for s in self.states],
+                "residency": [tuple(s.region.residency) for s in self.states],
+                "pue": np.array([s.region.pue for s in self.states]),
+                "rtt_ms": np.array([s.region.rtt_ms for s in self.states]),
+            }
+        static = self._static
         return Candidates(
-            names=[s.replica.name for s in self.states],
-            regions=[s.region.name for s in self.states],
-            residency=[tuple(s.region.residency) for s in self.states],
+            names=static["names"],
+            regions=static["regions"],
+            residency=static["residency"],
             healthy=np.array([s.usable(now) for s in self.states]),
             has_capacity=np.array([s.active < 4 * s.replica.max_concurrency for s in self.states]),
             kwh=kwh,
-            pue=np.array([s.region.pue for s in self.states]),
+            pue=static["pue"],
             price_usd_per_kwh=price,
             intensity_g_per_kwh=intensity,
-            rtt_ms=np.array([s.region.rtt_ms for s in self.states]),
+            rtt_ms=static["rtt_ms"],
             queue_wait_ms=queue_ms,
             service_ms=service_ms,
             load=load,

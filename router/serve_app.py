@@ -394,6 +394,7 @@ class Ingress:
         self.carbon_total = Counter(
             "router_carbon_g_total", "g CO2e", ["region"], registry=self.registry
         )
+        self._region_series: dict[str, tuple[Any, Any, Any]] = {}
         self.latency = Histogram(
             "router_request_seconds",
             "answered requests: seconds to the whole answer, or to the first chunk of a stream",
@@ -402,6 +403,17 @@ class Ingress:
 
     async def _record(self, rows: list[dict[str, Any]]) -> None:
         await self.metering.record.remote(rows)
+
+    def _series(self, region: str) -> tuple[Any, Any, Any]:
+        """A region's Prometheus children, looked up once (``labels`` costs a lock and a hash)."""
+        series = self._region_series.get(region)
+        if series is None:
+            series = self._region_series[region] = (
+                self.requests_total.labels(region, "ok"),
+                self.energy_total.labels(region),
+                self.carbon_total.labels(region),
+            )
+        return series
 
     async def _send_timelines(self, period_s: float = 0.05) -> None:
         """Every ``period_s``: send each proxied replica the timelines and predicted bills
@@ -819,9 +831,10 @@ class Ingress:
             self.outbox.add(row.__dict__)  # in the ledger within milliseconds; see Outbox
         self.budgets.add(row, datetime.now(UTC))
         self.router.lengths.observe(tenant, parsed.model, completion)
-        self.requests_total.labels(row.region, "ok").inc()
-        self.energy_total.labels(row.region).inc(row.kwh_billed)
-        self.carbon_total.labels(row.region).inc(row.carbon_g)
+        requests, energy, carbon = self._series(row.region)
+        requests.inc()
+        energy.inc(row.kwh_billed)
+        carbon.inc(row.carbon_g)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
