@@ -84,7 +84,15 @@ def wait(url: str, method: str = "GET") -> None:
     raise SystemExit(f"{url} did not come up (logs in {tempfile.gettempdir()})")
 
 
-def wrk(url: str, conns: int, seconds: int, script: Path) -> dict[str, float]:
+def wrk(url: str, conns: int, seconds: int, script: Path, repeat: int = 1) -> dict[str, float]:
+    """wrk's figures; with ``repeat``, the median of each over that many runs (requests and
+    non-2xx summed)."""
+    if repeat > 1:
+        runs = [wrk(url, conns, seconds, script) for _ in range(repeat)]
+        out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        out["requests"] = sum(r["requests"] for r in runs)
+        out["non2xx"] = sum(r["non2xx"] for r in runs)
+        return out
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True,
@@ -173,7 +181,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="wrk runs per figure (median)")
     ap.add_argument("--soak-seconds", type=int, default=60)
     ap.add_argument("--no-floor", action="store_true", help="skip the bare-forwarder floor")
     args = ap.parse_args()
@@ -204,9 +213,13 @@ def main() -> int:
         for url in paths.values():
             wait(url, "POST")
         for conns in (1, 32):
-            d = wrk(direct, conns, args.seconds, script)
+            d = wrk(direct, conns, args.seconds, script, args.repeat)
             for name, url in paths.items():
-                rows.append((name, conns, d, wrk(url, conns, args.seconds, script)))
+                before = cpu_by_process()
+                r = wrk(url, conns, args.seconds, script, args.repeat)
+                if conns == 32 and name == "router, direct ingress":
+                    cpu = per_request(before, cpu_by_process(), r["requests"])
+                rows.append((name, conns, d, r))
         ttfbs["direct"] = asyncio.run(ttfb(direct, 8, 400))
         for name, url in paths.items():
             ttfbs[name] = asyncio.run(ttfb(url, 8, 400))
@@ -238,13 +251,16 @@ def main() -> int:
             url = f"http://127.0.0.1:{floor_direct}/v1/chat/completions"
             wait(url, "POST")
             for conns in (1, 32):
-                d = wrk(direct, conns, args.seconds, script)
-                r = wrk(url, conns, args.seconds, script)
+                d = wrk(direct, conns, args.seconds, script, args.repeat)
+                r = wrk(url, conns, args.seconds, script, args.repeat)
                 rows.append(("bare forwarder (floor)", conns, d, r))
         finally:
             stop(bare)
     fake.terminate()
-    table = Table(title="Router overhead vs calling the fake backend directly (wrk -t1)")
+    table = Table(
+        title=f"Router overhead vs calling the fake backend directly (wrk -t1, median of "
+        f"{args.repeat} x {args.seconds} s)"
+    )
     for col in ("path", "conc.", "direct p50 ms", "path p50 ms", "added p50 ms", "direct p99 ms",
                 "path p99 ms", "direct req/s", "path req/s", "non-2xx"):  # fmt: skip
         table.add_column(col, justify="right")
@@ -262,10 +278,44 @@ def main() -> int:
     )
     console.print(f"answered by the router: {answered:,.0f}; rows in its ledger: {ledger_rows:,}")
     console.print(
+        "CPU per request, direct ingress at concurrency 32 (us): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+    )
+    console.print(
         f"soak: 32 concurrent streams for {args.soak_seconds} s through the direct ingress: "
         f"{soaked[0]} completed, {soaked[1]} failed or incomplete"
     )
     return 0
+
+
+PROCESSES = {
+    "ingress": "ServeReplica:carbon-router:Ingress",
+    "replica deployment (attribution)": "ServeReplica:carbon-router:replica-",
+    "metering actor (ledger)": "ray::MeteringActor",
+    "fake backend": "regions.fake_openai",
+}
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of the router's processes (and the fake backend), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(PROCESSES, 0.0)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for name, pattern in PROCESSES.items():
+            if pattern in cmd:
+                out[name] += (int(stat[11]) + int(stat[12])) / ticks  # utime + stime
+    return out
+
+
+def per_request(before: dict[str, float], after: dict[str, float], n: float) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / n * 1e6 for k in before}
 
 
 def count_rows(path: Path, settle_s: float = 40.0) -> int:

@@ -790,9 +790,10 @@ class Ingress:
         finally:
             st.active -= 1
         usage = await self._finish(request_id, tenant, i, final, parsed)
+        end = "data: [DONE]\n\n"  # one write with the usage chunk
         if parsed.include_usage:
-            yield _sse_event(request_id, obj, created, parsed.model, choices=[], usage=usage)
-        yield "data: [DONE]\n\n"
+            end = _sse_event(request_id, obj, created, parsed.model, choices=[], usage=usage) + end
+        yield end
 
     async def _finish(
         self, request_id: str, tenant: str, i: int, final: dict[str, Any] | None, parsed: Any
