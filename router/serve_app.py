@@ -59,6 +59,7 @@ from router.metering.replica import MeteredReplica
 log = logging.getLogger(__name__)
 
 METERING_ACTOR = "carbon-router-metering"
+MAX_TEMPLATES = 100_000  # predicted bills a proxied replica keeps while it attributes
 NAMESPACE = "carbon-router"
 
 
@@ -225,6 +226,9 @@ class RegionReplica:
         Returns the requests whose measured bill reached the ledger since the last call: the
         ingress stops waiting on them (one that never comes back is billed by its prediction)."""
         self._templates.update(bills)
+        if len(self._templates) > MAX_TEMPLATES:  # bills whose timeline never came: the
+            for rid in list(self._templates)[: len(self._templates) - MAX_TEMPLATES]:  # oldest
+                del self._templates[rid]  # go; the ingress bills their prediction
         self.remote.events(events)
         billed, self._billed = self._billed, []
         return billed
