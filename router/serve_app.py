@@ -337,6 +337,11 @@ def _sse_event(request_id: str, obj: str, created: int, model: str, **fields: An
     return f"data: {json.dumps(event)}\n\n"
 
 
+def _pieces(item: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(text, finish_reason) of a stream item: one chunk, or a proxied network read's batch."""
+    return item.get("batch") or [(item["text"], item["finish_reason"])]
+
+
 def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
@@ -626,7 +631,7 @@ class Ingress:
                 if item.get("done"):
                     final = item
                 else:
-                    for t, f in item.get("batch") or [(item["text"], item["finish_reason"])]:
+                    for t, f in _pieces(item):
                         text.append(t)
                         finish = f or finish
                 item = await stream.__anext__()
@@ -775,9 +780,7 @@ class Ingress:
                     final = item
                 else:
                     out = []
-                    for text, finish in item.get("batch") or [
-                        (item["text"], item["finish_reason"])
-                    ]:
+                    for text, finish in _pieces(item):
                         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
                         if parsed.chat:
                             choice["delta"] = {"content": text}
