@@ -1,6 +1,7 @@
 """A remote OpenAI-compatible server (vLLM, llama.cpp server, TGI) as a :class:`Backend`:
-completions are proxied with streaming, one shared aiohttp session, a timeout on every call.
-Prompt tokens are counted by the server; before it answers they are estimated (4 chars/token)."""
+completions are proxied with streaming over kept-alive connections (:mod:`regions.http1`), a
+timeout on every call. Prompt tokens are counted by the server; before it answers they are
+estimated (4 chars/token)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from regions.backends import (
     Backend,
     BackendError,
@@ -19,6 +18,7 @@ from regions.backends import (
     CompletionRequest,
     TokenChunk,
 )
+from regions.http1 import Http1Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +38,26 @@ class OpenAIBackend(Backend):
                  timeout_s: float = 60.0, connect_timeout_s: float = 5.0) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.model = model
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        return self._session
+        self.timeout_s = timeout_s
+        self._pool = Http1Pool(self.url, connect_timeout_s=connect_timeout_s)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._heads = {
+            (chat, stream): self._pool.head(
+                "POST",
+                "/chat/completions" if chat else "/completions",
+                {**headers, "Accept": "text/event-stream"} if stream else headers,
+            )
+            for chat in (True, False)
+            for stream in (True, False)
+        }
 
     async def prompt_tokens(self, request: CompletionRequest) -> int:
         text = request.prompt or "".join(m["content"] for m in request.messages or [])
         return max(1, len(text) // 4)
 
-    def _body(self, request: CompletionRequest, stream: bool) -> tuple[str, dict[str, Any]]:
+    def _body(self, request: CompletionRequest, stream: bool) -> tuple[bytes, dict[str, Any]]:
         chat = request.messages is not None
         body: dict[str, Any] = {
             "model": self.model, "max_tokens": request.max_tokens,
@@ -66,25 +71,27 @@ class OpenAIBackend(Backend):
             body["messages"] = request.messages
         else:
             body["prompt"] = request.prompt
-        return self.url + ("/chat/completions" if chat else "/completions"), body
+        return self._heads[chat, stream], body
 
-    async def _check(self, resp: aiohttp.ClientResponse) -> None:
+    async def _post(self, head: bytes, body: dict[str, Any]) -> Response:
+        """The response, its head in and its status checked; the caller reads and closes it."""
+        resp = await self._pool.request(head, json.dumps(body).encode(), timeout_s=self.timeout_s)
         if resp.status >= 500 or resp.status == 429:
+            resp.close()
             raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
         if resp.status >= 400:
-            raise BackendError(f"{self.url}: HTTP {resp.status}: {(await resp.text())[:200]}")
+            text = (await resp.read()).decode(errors="replace")
+            raise BackendError(f"{self.url}: HTTP {resp.status}: {text[:200]}")
+        return resp
 
     async def answer(self, request: CompletionRequest) -> Answer:
         """The whole completion in one (non-streamed) call; token counts are the server's."""
-        url, body = self._body(request, stream=False)
-        session = await self._client()
+        head, body = self._body(request, stream=False)
         try:
-            payload = json.dumps(body).encode()
-            async with session.post(url, data=payload, headers=self._json_headers) as resp:
-                await self._check(resp)
+            async with await self._post(head, body) as resp:
                 data = json.loads(await resp.read())
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackendUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+        except UpstreamError as e:
+            raise BackendUnavailable(str(e)) from e
         except ValueError as e:
             raise BackendError(f"{self.url}: answer is not JSON: {e}") from e
         try:
@@ -110,26 +117,27 @@ class OpenAIBackend(Backend):
     async def stream_batches(self, request: CompletionRequest) -> AsyncIterator[list[TokenChunk]]:
         """The stream as it comes off the network: the chunks of each read together, so a
         proxy can pass on what arrived at once in one write."""
-        url, body = self._body(request, stream=True)
+        head, body = self._body(request, stream=True)
         chat = "messages" in body
-        session = await self._client()
         pending = b""
         try:
-            async with session.post(url, json=body, headers=self._headers) as resp:
-                await self._check(resp)
-                async for data in resp.content.iter_any():
+            async with await self._post(head, body) as resp:
+                async for data in resp.chunks():
                     *lines, pending = (pending + data).split(b"\n")
                     batch, done = self._events(lines, chat)
                     if batch:
                         yield batch
-                    if done:
+                    if done:  # the body's end may still be on its way
+                        resp.release_after_end()
                         return
                 if pending.strip():  # a last event without its newline
                     batch, _ = self._events([pending], chat)
                     if batch:
                         yield batch
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackendUnavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+        except UpstreamError as e:
+            raise BackendUnavailable(str(e)) from e
+        except ValueError as e:
+            raise BackendError(f"{self.url}: stream event is not JSON: {e}") from e
 
     @staticmethod
     def _events(lines: list[bytes], chat: bool) -> tuple[list[TokenChunk], bool]:
@@ -149,5 +157,4 @@ class OpenAIBackend(Backend):
         return out, False
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.aclose()
