@@ -5,11 +5,12 @@ estimated (4 chars/token)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from regions.backends import (
     Backend,
@@ -75,7 +76,7 @@ class OpenAIBackend(Backend):
 
     async def _post(self, head: bytes, body: dict[str, Any]) -> Response:
         """The response, its head in and its status checked; the caller reads and closes it."""
-        resp = await self._pool.request(head, json.dumps(body).encode(), timeout_s=self.timeout_s)
+        resp = await self._pool.request(head, orjson.dumps(body), timeout_s=self.timeout_s)
         if resp.status >= 500 or resp.status == 429:
             resp.close()
             raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
@@ -89,7 +90,7 @@ class OpenAIBackend(Backend):
         head, body = self._body(request, stream=False)
         try:
             async with await self._post(head, body) as resp:
-                data = json.loads(await resp.read())
+                data = orjson.loads(await resp.read())
         except UpstreamError as e:
             raise BackendUnavailable(str(e)) from e
         except ValueError as e:
@@ -150,7 +151,7 @@ class OpenAIBackend(Backend):
             data = line[5:].strip()
             if data == "[DONE]":
                 return out, True
-            event = json.loads(data)
+            event = orjson.loads(data)
             for choice in event.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                 out.append(TokenChunk(text or "", 1 if text else 0, choice.get("finish_reason")))

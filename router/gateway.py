@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import orjson
 
 from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
 from forecasting.errors import CarbonSourceError
@@ -195,7 +195,7 @@ def parse_body(
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
     try:
-        body = json.loads(raw)
+        body = orjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
