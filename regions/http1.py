@@ -162,7 +162,8 @@ class _Conn(asyncio.Protocol):
         return data
 
     def drain_expired(self, request: int) -> None:
-        if self.requests == request and not self.complete:
+        if self.requests == request and not self.complete and self.draining is not None:
+            self.draining._draining.discard(self)
             self.close()
 
     def reusable(self) -> bool:
@@ -237,6 +238,7 @@ class Response:
             return
         conn.take()  # also resumes a paused socket
         conn.draining = self._pool
+        self._pool._draining.add(conn)
         conn.loop.call_later(within_s, conn.drain_expired, conn.requests)
 
     async def __aenter__(self) -> Response:
@@ -274,6 +276,7 @@ class Http1Pool:
         self.idle_s = idle_s
         self.max_idle = max_idle
         self._idle: deque[_Conn] = deque()
+        self._draining: set[_Conn] = set()  # read by their callers up to the end of their body
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections_opened = 0
 
@@ -349,6 +352,7 @@ class Http1Pool:
         return conn
 
     def _release(self, conn: _Conn) -> None:
+        self._draining.discard(conn)
         if conn.reusable() and len(self._idle) < self.max_idle and conn.loop is self._loop:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
@@ -358,3 +362,6 @@ class Http1Pool:
     async def aclose(self) -> None:
         while self._idle:
             self._idle.pop().close()
+        while self._draining:
+            self._draining.pop().close()
+        await asyncio.sleep(0)  # the transports' close completes in the next loop iteration

@@ -111,13 +111,16 @@ class OpenAIBackend(Backend):
         )
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
-        async for batch in self.stream_batches(request):
+        async for batch, _ in self.stream_batches(request):
             for chunk in batch:
                 yield chunk
 
-    async def stream_batches(self, request: CompletionRequest) -> AsyncIterator[list[TokenChunk]]:
+    async def stream_batches(
+        self, request: CompletionRequest
+    ) -> AsyncIterator[tuple[list[TokenChunk], bool]]:
         """The stream as it comes off the network: the chunks of each read together, so a
-        proxy can pass on what arrived at once in one write."""
+        proxy can pass on what arrived at once in one write, and whether the server ended the
+        stream in that read (nothing follows: the proxy may send its own end with it)."""
         head, body = self._body(request, stream=True)
         chat = "messages" in body
         pending = b""
@@ -126,15 +129,16 @@ class OpenAIBackend(Backend):
                 async for data in resp.chunks():
                     *lines, pending = (pending + data).split(b"\n")
                     batch, done = self._events(lines, chat)
-                    if batch:
-                        yield batch
                     if done:  # the body's end may still be on its way
                         resp.release_after_end()
+                    if batch or done:
+                        yield batch, done
+                    if done:
                         return
                 if pending.strip():  # a last event without its newline
                     batch, _ = self._events([pending], chat)
                     if batch:
-                        yield batch
+                        yield batch, True
         except UpstreamError as e:
             raise BackendUnavailable(str(e)) from e
         except ValueError as e:

@@ -386,7 +386,8 @@ def _sse_event(request_id: str, obj: str, created: int, model: str, **fields: An
 
 def _pieces(item: dict[str, Any]) -> list[tuple[str, str | None]]:
     """(text, finish_reason) of a stream item: one chunk, or a proxied network read's batch."""
-    return item.get("batch") or [(item["text"], item["finish_reason"])]
+    batch = item.get("batch")
+    return batch if batch is not None else [(item["text"], item["finish_reason"])]
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -533,7 +534,7 @@ class Ingress:
             prompt = await backend.prompt_tokens(req)
             completion, started = 0, False
             try:
-                async for batch in backend.stream_batches(req):
+                async for batch, last in backend.stream_batches(req):
                     if not started:
                         self._events[i].append(("s", request_id, wall0, prompt))
                         started = True
@@ -543,7 +544,8 @@ class Ingress:
                         pending = tokens.get(request_id)
                         tokens[request_id] = (time.time(), n_batch + (pending[1] if pending else 0))
                     # what arrived together leaves together: one write for the whole batch
-                    yield {"batch": [(c.text, c.finish_reason) for c in batch]}
+                    # (with the end of the stream too when the server ended it in that read)
+                    yield {"batch": [(c.text, c.finish_reason) for c in batch], "last": last}
             finally:
                 if started:
                     pending = self._tokens[i].pop(request_id, None)
@@ -822,12 +824,13 @@ class Ingress:
         final = None
         item = first
         st = self.router.states[i]
+        held = b""  # the last batch, sent with the end (which follows it without waiting)
         try:
             while item is not None:
                 if item.get("done"):
                     final = item
                 else:
-                    out = []
+                    out = [held]
                     for text, finish in _pieces(item):
                         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
                         if parsed.chat:
@@ -837,7 +840,10 @@ class Ingress:
                         out.append(
                             _sse_event(request_id, obj, created, parsed.model, choices=[choice])
                         )
-                    yield b"".join(out)
+                    held = b"".join(out)
+                    if not item.get("last"):
+                        yield held
+                        held = b""
                 try:
                     item = await stream.__anext__()
                 except StopAsyncIteration:
@@ -848,7 +854,7 @@ class Ingress:
         end = b"data: [DONE]\n\n"  # one write with the usage chunk
         if parsed.include_usage:
             end = _sse_event(request_id, obj, created, parsed.model, choices=[], usage=usage) + end
-        yield end
+        yield held + end
 
     async def _finish(
         self, request_id: str, tenant: str, i: int, final: dict[str, Any] | None, parsed: Any

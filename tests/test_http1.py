@@ -44,10 +44,16 @@ async def read_request(reader: asyncio.StreamReader, seen: Seen) -> bytes | None
 
 @asynccontextmanager
 async def server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[Seen]:
+    """A loopback server running ``handler`` per connection; on exit every connection is
+    closed and every handler ended, so no transport is left to the garbage collector."""
     seen = Seen()
+    tasks: set[asyncio.Task[None]] = set()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
         try:
             await handler(reader, writer, seen.connections)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -57,8 +63,14 @@ async def server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIt
 
     srv = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=tls)
     seen.port = srv.sockets[0].getsockname()[1]
-    async with srv:
-        yield seen
+    try:
+        async with srv:
+            yield seen
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.01)  # closed transports release their sockets a turn later
 
 
 def ok(body: bytes, extra: bytes = b"") -> bytes:
@@ -423,3 +435,22 @@ async def test_backend_stream_event_that_is_not_json_is_an_error() -> None:
             async for _ in backend.stream(request):
                 pass
         await backend.aclose()
+
+
+async def test_closing_the_pool_closes_connections_still_draining() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader, Seen())
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(sse(b"data: [DONE]\n\n"))
+        await writer.drain()
+        await asyncio.sleep(5)  # the body's end never comes
+
+    async with server(handler) as seen:
+        pool = pool_for(seen)
+        resp = await pool.request(pool.head("POST", "/x", {}), b"", timeout_s=5)
+        async for _ in resp.chunks():
+            resp.release_after_end()
+            break
+        conn = next(iter(pool._draining))
+        await pool.aclose()
+        assert conn.closed and not pool._draining
