@@ -315,11 +315,16 @@ class EventStream(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         last = b""
-        async for event in self.events:
-            if last:
-                await send({"type": "http.response.body", "body": last, "more_body": True})
-            last = event
-        await send({"type": "http.response.body", "body": last, "more_body": False})
+        try:
+            async for event in self.events:
+                if last:
+                    await send({"type": "http.response.body", "body": last, "more_body": True})
+                last = event
+            await send({"type": "http.response.body", "body": last, "more_body": False})
+        finally:  # cancelled while sending (the client went away): the events' cleanup now
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class _Api(FastAPI):
@@ -390,6 +395,12 @@ def _pieces(item: dict[str, Any]) -> list[tuple[str, str | None]]:
     return batch if batch is not None else [(item["text"], item["finish_reason"])]
 
 
+def _prompt_estimate(parsed: Any) -> int:
+    """Prompt tokens before a server has counted them: 4 characters a token."""
+    req = parsed.completion
+    return sum(len(m["content"]) for m in req.messages or []) // 4 or len(req.prompt or "") // 4
+
+
 def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
@@ -430,6 +441,7 @@ class Ingress:
         self._bills: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in self.direct}
         self._tokens: dict[int, dict[str, tuple[float, int]]] = {i: {} for i in self.direct}
         self._awaiting = AwaitingBills(timeout_s=30.0)
+        self._cut_bills: set[asyncio.Task[Any]] = set()  # streams whose client went away
         self._billing_json = cfg.billing.model_dump_json()
         ledger = str((base / cfg.ledger) if not Path(cfg.ledger).is_absolute() else cfg.ledger)
         self.metering = MeteringActor.options(  # type: ignore[attr-defined]
@@ -570,9 +582,7 @@ class Ingress:
             caller = self.tenants.authenticate(request.headers.get("authorization"))
             parsed = parse_body(raw, chat=chat)
             pref = self.router.preference(request.headers.get("x-carbon-preference"))
-            prompt_est = sum(len(m["content"]) for m in parsed.completion.messages or []) // 4 or (
-                len(parsed.completion.prompt or "") // 4
-            )
+            prompt_est = _prompt_estimate(parsed)
             expected = self.router.lengths.expected(
                 caller.tenant, parsed.model, parsed.completion.max_tokens
             )
@@ -825,6 +835,7 @@ class Ingress:
         item = first
         st = self.router.states[i]
         held = b""  # the last batch, sent with the end (which follows it without waiting)
+        started, produced = datetime.now(UTC), 0
         try:
             while item is not None:
                 if item.get("done"):
@@ -832,6 +843,7 @@ class Ingress:
                 else:
                     out = [held]
                     for text, finish in _pieces(item):
+                        produced += 1 if text else 0
                         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
                         if parsed.chat:
                             choice["delta"] = {"content": text}
@@ -848,6 +860,25 @@ class Ingress:
                     item = await stream.__anext__()
                 except StopAsyncIteration:
                     item = None
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client went away mid-stream (Serve cancels the request): what was generated
+            # used energy, so it is billed, by prediction (no final figures came back)
+            cut = {
+                "prompt_tokens": _prompt_estimate(parsed),
+                "completion_tokens": produced,
+                "started_at": started.isoformat(),
+                "ended_at": datetime.now(UTC).isoformat(),
+            }
+            task = asyncio.get_running_loop().create_task(
+                self._finish(request_id, tenant, i, cut, parsed)
+            )
+            self._cut_bills.add(task)
+            task.add_done_callback(self._cut_bills.discard)
+            if hasattr(stream, "aclose"):  # stop the upstream: a proxied server's connection
+                await stream.aclose()
+            elif hasattr(stream, "cancel"):  # a replica's generator: it stops generating
+                stream.cancel()
+            raise
         finally:
             st.active -= 1
         usage = await self._finish(request_id, tenant, i, final, parsed)

@@ -445,3 +445,19 @@ def test_an_oversized_body_is_refused_before_it_is_read(server: dict[str, Any]) 
         api(server, "POST", "/v1/chat/completions", body=big)
     assert info.value.code == 413
     assert "request body over" in info.value.read().decode()
+
+
+def test_a_stream_cut_by_its_client_is_billed_for_what_was_generated(
+    server: dict[str, Any],
+) -> None:
+    # the client reads the first chunk and hangs up; Serve cancels the request, and the tokens
+    # generated until then are billed (by prediction: no final figures came back)
+    count = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
+    stream = client(server).chat.completions.create(
+        **ask(messages=count, max_tokens=1000), stream=True
+    )
+    first = next(iter(stream))
+    stream.close()
+    row = billed(server, first.id)
+    assert row.energy_source == "estimated" and row.tenant == "demo"
+    assert 1 <= row.completion_tokens < 1000 and row.kwh_billed > 0
