@@ -6,7 +6,7 @@ Starts regions/fake_openai.py on loopback, then the router (Ray Serve, one regio
 proxying to the fake backend, auth, preference parsing, policy and metering on the path) and
 measures, each beside the direct figure in the same run, with wrk (so the client does not eat
 the 2 cores): p50/p99 latency at concurrency 1 and 32, throughput at 32, and time to first byte
-of a stream at concurrency 8 (a small Python client: wrk cannot time first bytes).
+of a stream at concurrency 8 (wrk cannot time first bytes: a lean client on regions.http1).
 """
 
 from __future__ import annotations
