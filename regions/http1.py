@@ -13,9 +13,10 @@ memory, the response read whole or as it arrives, and
 - keep-alive: a connection goes back to the pool only once its response was read to the end
   and the server keeps it open; idle ones are dropped after ``idle_s``, before a typical
   server's keep-alive timeout (uvicorn's is 5 s);
-- the keep-alive race: when the server closes an idle connection just as a request goes out
-  on it, that request is sent once more on a new connection, only when not a byte of answer
-  came back (the server cannot have started on it).
+- the keep-alive race: when a reused connection closes without a byte of answer (almost
+  always the server's idle timeout crossing our send), the request is sent once more on a new
+  connection. A server that read it and then died may see it twice; the router bills its own
+  request once either way.
 
 Every failure is an :class:`UpstreamError` naming the upstream, never a partial answer
 passed off as whole.
