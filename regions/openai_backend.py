@@ -129,12 +129,12 @@ class OpenAIBackend(Backend):
                 async for data in resp.chunks():
                     *lines, pending = (pending + data).split(b"\n")
                     batch, done = self._events(lines, chat)
-                    if done:  # the body's end may still be on its way
-                        resp.release_after_end()
-                    if batch or done:
-                        yield batch, done
                     if done:
+                        resp.release_after_end()  # the body's end may still be on its way
+                        yield batch, True
                         return
+                    if batch:
+                        yield batch, False
                 if pending.strip():  # a last event without its newline
                     batch, _ = self._events([pending], chat)
                     if batch:

@@ -299,8 +299,6 @@ class EventStream(Response):
     per stream. Ray Serve already watches for the client going away and cancels the request.
     The last event leaves with the end of the body, in one write."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
         # not Response.__init__: it would add a Content-Length for the empty body
         self.status_code = 200
