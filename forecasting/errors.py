@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from carbonrouter.errors import CarbonRouterError
 
-class ForecastingError(Exception):
+
+class ForecastingError(CarbonRouterError):
     """Root of every error raised by :mod:`forecasting`."""
 
 

@@ -27,8 +27,10 @@ from pydantic import (
     model_validator,
 )
 
+from carbonrouter.errors import CarbonRouterError
 
-class RegionsError(Exception):
+
+class RegionsError(CarbonRouterError):
     """Root of the errors raised by :mod:`regions`."""
 
 

@@ -34,11 +34,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from carbonrouter.errors import CarbonRouterError
+
 HIGH_WATER = 256 * 1024  # body bytes buffered before the socket is paused
 MAX_BODY = 64 * 1024 * 1024  # a whole-read body larger than this is refused
 
 
-class UpstreamError(Exception):
+class UpstreamError(CarbonRouterError):
     """The upstream could not be reached, answered malformed HTTP, closed early or timed out."""
 
 
