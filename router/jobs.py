@@ -8,10 +8,12 @@ by request id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from router.errors import RouterError
 
 
 class JobError(RouterError):
-    """A job cannot be stored or found."""
+    """The job store cannot be opened, migrated or written."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,9 @@ class Job:
         return out
 
 
-_SCHEMA = """
+# v1 is the schema as first shipped, unversioned (user_version 0): IF NOT EXISTS adopts a store
+# that an earlier version created
+_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL,
     start_at TEXT NOT NULL, deadline TEXT NOT NULL, replica TEXT NOT NULL, region TEXT NOT NULL,
@@ -63,38 +67,100 @@ CREATE TABLE IF NOT EXISTS batches (
     custom_ids TEXT NOT NULL, output_file_id TEXT
 );
 """
+MIGRATIONS: dict[int, str] = {0: _V1}  # from version k to k + 1
+SCHEMA_VERSION = len(MIGRATIONS)
+
+JOB_COLUMNS = [f.name for f in fields(Job)]
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    id: str
+    tenant: str
+    purpose: str
+    filename: str
+    created_at: int
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    tenant: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    created_at: int
+    jobs: list[str]
+    custom_ids: list[str]
+    output_file_id: str | None = None
 
 
 class JobStore:
+    """Jobs, files and batches in one SQLite file. Writes are durable when they return
+    (``synchronous=FULL``); a store that cannot be opened, migrated or written raises
+    :class:`JobError` naming its file."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as e:
+            raise JobError(f"{self.path}: cannot open the job store: {e}") from e
         self._lock = threading.Lock()
-        with self._lock:  # jobs interrupted by a restart run again (they were not billed)
+        self._migrate()
+        with self._write():  # jobs interrupted by a restart run again (they were not billed)
             self._db.execute("UPDATE jobs SET status='scheduled' WHERE status='running'")
 
-    def add(self, job: Job) -> None:
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise JobError(
+                f"{self.path}: job store schema v{version} is newer than this carbon-router "
+                f"(v{SCHEMA_VERSION}); upgrade carbon-router"
+            )
+        with self._write():
+            for v in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {v + 1}")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction under the lock; rolled back whole on any error."""
         with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job.id,
-                    job.tenant,
-                    job.status,
-                    job.created_at,
-                    job.start_at,
-                    job.deadline,
-                    job.replica,
-                    job.region,
-                    int(job.chat),
-                    json.dumps(job.body),
-                    job.forecast_score,
-                    None,
-                    None,
-                ),
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise JobError(f"{self.path}: {e}") from e
+                raise
+
+    def add(self, job: Job) -> None:
+        self.add_many([job])
+
+    def add_many(self, jobs: list[Job]) -> None:
+        """Store ``jobs`` in one transaction: all of them or none."""
+        cols = ", ".join(JOB_COLUMNS)
+        marks = ", ".join(f":{c}" for c in JOB_COLUMNS)
+        with self._write():
+            self._db.executemany(
+                f"INSERT INTO jobs ({cols}) VALUES ({marks})",
+                [_job_params(j) for j in jobs],
             )
 
     def get(self, job_id: str) -> Job | None:
@@ -103,18 +169,18 @@ class JobStore:
 
     def due(self, now: datetime, limit: int = 16) -> list[Job]:
         """Claim up to ``limit`` scheduled jobs whose start time has come (marks them running)."""
-        with self._lock:
+        with self._write():
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status='scheduled' AND start_at <= ? ORDER BY start_at "
                 "LIMIT ?",
                 (now.astimezone(UTC).isoformat(), limit),
             ).fetchall()
             for r in rows:
-                self._db.execute("UPDATE jobs SET status='running' WHERE id=?", (r[0],))
+                self._db.execute("UPDATE jobs SET status='running' WHERE id=?", (r["id"],))
         return [_job(r) for r in rows]
 
     def finish(self, job_id: str, *, result: dict[str, Any] | None, error: str | None) -> None:
-        with self._lock:
+        with self._write():
             self._db.execute(
                 "UPDATE jobs SET status=?, result=?, error=? WHERE id=?",
                 (
@@ -126,7 +192,7 @@ class JobStore:
             )
 
     def run_now(self, job_id: str, now: datetime) -> None:
-        with self._lock:
+        with self._write():
             self._db.execute(
                 "UPDATE jobs SET start_at=? WHERE id=? AND status='scheduled'",
                 (now.astimezone(UTC).isoformat(), job_id),
@@ -134,94 +200,75 @@ class JobStore:
 
     # ---- files and batches (the OpenAI Batch API's storage) ----------------------------------
 
-    def add_file(
-        self,
-        file_id: str,
-        tenant: str,
-        purpose: str,
-        filename: str,
-        content: bytes,
-        created_at: int,
-    ) -> None:
-        with self._lock:
+    def add_file(self, f: StoredFile) -> None:
+        with self._write():
             self._db.execute(
-                "INSERT INTO files VALUES (?,?,?,?,?,?)",
-                (file_id, tenant, purpose, filename, created_at, content),
+                "INSERT INTO files (id, tenant, purpose, filename, created_at, content) "
+                "VALUES (:id, :tenant, :purpose, :filename, :created_at, :content)",
+                f.__dict__,
             )
 
-    def file(self, file_id: str) -> tuple[str, str, str, int, bytes] | None:
-        row = self._db.execute(
-            "SELECT tenant, purpose, filename, created_at, content FROM files WHERE id=?",
-            (file_id,),
-        ).fetchone()
-        return (row[0], row[1], row[2], row[3], bytes(row[4])) if row else None
+    def file(self, file_id: str) -> StoredFile | None:
+        row = self._db.execute("SELECT * FROM files WHERE id=?", (file_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredFile(**{**dict(row), "content": bytes(row["content"])})
 
-    def add_batch(
-        self,
-        batch_id: str,
-        tenant: str,
-        input_file_id: str,
-        endpoint: str,
-        window: str,
-        created_at: int,
-        jobs: list[str],
-        custom_ids: list[str],
-    ) -> None:
-        with self._lock:
+    def add_batch(self, batch: Batch, jobs: list[Job]) -> None:
+        """Store ``batch`` and its ``jobs`` in one transaction: all of them or none."""
+        params = {
+            **batch.__dict__,
+            "jobs": json.dumps(batch.jobs),
+            "custom_ids": json.dumps(batch.custom_ids),
+        }
+        cols = ", ".join(JOB_COLUMNS)
+        marks = ", ".join(f":{c}" for c in JOB_COLUMNS)
+        with self._write():
+            self._db.executemany(
+                f"INSERT INTO jobs ({cols}) VALUES ({marks})", [_job_params(j) for j in jobs]
+            )
             self._db.execute(
-                "INSERT INTO batches VALUES (?,?,?,?,?,?,?,?,NULL)",
-                (
-                    batch_id,
-                    tenant,
-                    input_file_id,
-                    endpoint,
-                    window,
-                    created_at,
-                    json.dumps(jobs),
-                    json.dumps(custom_ids),
-                ),
+                "INSERT INTO batches (id, tenant, input_file_id, endpoint, completion_window, "
+                "created_at, jobs, custom_ids, output_file_id) VALUES (:id, :tenant, "
+                ":input_file_id, :endpoint, :completion_window, :created_at, :jobs, "
+                ":custom_ids, :output_file_id)",
+                params,
             )
 
-    def batch(self, batch_id: str) -> dict[str, Any] | None:
+    def batch(self, batch_id: str) -> Batch | None:
         row = self._db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
         if not row:
             return None
-        keys = (
-            "id",
-            "tenant",
-            "input_file_id",
-            "endpoint",
-            "completion_window",
-            "created_at",
-            "jobs",
-            "custom_ids",
-            "output_file_id",
-        )
-        out = dict(zip(keys, row, strict=True))
+        out = dict(row)
         out["jobs"], out["custom_ids"] = json.loads(out["jobs"]), json.loads(out["custom_ids"])
-        return out
+        return Batch(**out)
 
-    def set_batch_output(self, batch_id: str, file_id: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE batches SET output_file_id=? WHERE id=?", (file_id, batch_id))
+    def set_batch_output(self, batch_id: str, f: StoredFile) -> None:
+        """Store the batch's output file and point the batch at it, in one transaction."""
+        with self._write():
+            self._db.execute(
+                "INSERT INTO files (id, tenant, purpose, filename, created_at, content) "
+                "VALUES (:id, :tenant, :purpose, :filename, :created_at, :content)",
+                f.__dict__,
+            )
+            self._db.execute("UPDATE batches SET output_file_id=? WHERE id=?", (f.id, batch_id))
 
     def close(self) -> None:
         self._db.close()
 
 
-def _job(row: tuple[Any, ...]) -> Job:
-    return Job(
-        id=row[0],
-        tenant=row[1],
-        status=row[2],
-        created_at=row[3],
-        start_at=row[4],
-        deadline=row[5],
-        replica=row[6],
-        region=row[7],
-        chat=bool(row[8]),
-        body=json.loads(row[9]),
-        forecast_score=row[10],
-        result=json.loads(row[11]) if row[11] else None,
-        error=row[12],
-    )
+def _job_params(job: Job) -> dict[str, Any]:
+    return {
+        **job.__dict__,
+        "chat": int(job.chat),
+        "body": json.dumps(job.body),
+        "result": json.dumps(job.result) if job.result else None,
+    }
+
+
+def _job(row: sqlite3.Row) -> Job:
+    out = dict(row)
+    out["chat"] = bool(out["chat"])
+    out["body"] = json.loads(out["body"])
+    out["result"] = json.loads(out["result"]) if out["result"] else None
+    return Job(**out)

@@ -33,7 +33,7 @@ from typing import Any
 from http_sfv.dictionary import Dictionary
 from http_sfv.item import InnerList
 
-from router.errors import RouterError
+from router.errors import RequestError
 
 MODES = {"balanced": 0.5, "carbon": 1.0, "cost": 0.0}
 MAX_DEFER_S = 7 * 86400
@@ -45,11 +45,11 @@ ALLOWED = (
 HEADER = "X-Carbon-Preference"
 
 
-class PreferenceError(RouterError, ValueError):
+class PreferenceError(RequestError, ValueError):
     """A malformed or out-of-range ``X-Carbon-Preference``."""
 
     def __init__(self, problem: str) -> None:
-        super().__init__(f"invalid {HEADER}: {problem}; {ALLOWED}")
+        super().__init__(f"invalid {HEADER}: {problem}; {ALLOWED}", param=HEADER)
         self.problem = problem
 
 

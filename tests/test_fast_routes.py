@@ -8,23 +8,27 @@ from typing import Any
 
 import orjson
 
-from router.serve_app import EventStream, FastRoutes, JSONResponse, _Api
+from router.http.app import FastRoutes, _Api
+from router.http.errors import JSONResponse
+from router.http.wire import EventStream
 
 
-class Ingress:
+class Handler:
+    """Stands in for ``answer_completion``: records what FastRoutes hands it."""
+
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.seen: list[tuple[bytes, bool]] = []
 
-    async def _route(self, raw: bytes, request: Any, chat: bool) -> JSONResponse:
+    async def __call__(self, svc: Any, raw: bytes, headers: Any, *, chat: bool) -> JSONResponse:
         self.seen.append((raw, chat))
         if self.fail:
             raise RuntimeError("a bug")
         return JSONResponse({"ok": True, "value": 0.5})
 
 
-async def call(front: Any, ingress: Ingress, method: str, path: str, body: bytes) -> dict[str, Any]:
-    app = SimpleNamespace(state=SimpleNamespace(ingress=ingress))
+async def call(front: Any, method: str, path: str, body: bytes) -> dict[str, Any]:
+    app = SimpleNamespace(state=SimpleNamespace(service=object()))
     scope = {"type": "http", "method": method, "path": path, "headers": [], "app": app}
     parts = [{"type": "http.request", "body": body[:3], "more_body": True},
              {"type": "http.request", "body": body[3:], "more_body": False}]  # fmt: skip
@@ -44,26 +48,27 @@ async def call(front: Any, ingress: Ingress, method: str, path: str, body: bytes
     }
 
 
-async def test_completions_go_to_the_ingress_and_the_rest_to_the_app() -> None:
+async def test_completions_go_to_the_service_and_the_rest_to_the_app() -> None:
     passed: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         passed.append(scope["path"])
         await JSONResponse({"app": True})(scope, receive, send)
 
-    ingress = Ingress()
-    out = await call(FastRoutes(app), ingress, "POST", "/v1/chat/completions", b'{"a": 1}')
+    handler = Handler()
+    front = FastRoutes(app, handler)
+    out = await call(front, "POST", "/v1/chat/completions", b'{"a": 1}')
     assert out["status"] == 200 and orjson.loads(out["body"]) == {"ok": True, "value": 0.5}
-    assert ingress.seen == [(b'{"a": 1}', True)]  # the body whole, from its two parts
-    await call(FastRoutes(app), ingress, "POST", "/v1/completions", b"{}")
-    assert ingress.seen[-1] == (b"{}", False)
-    await call(FastRoutes(app), ingress, "GET", "/v1/chat/completions", b"")
-    await call(FastRoutes(app), ingress, "GET", "/v1/models", b"")
+    assert handler.seen == [(b'{"a": 1}', True)]  # the body whole, from its two parts
+    await call(front, "POST", "/v1/completions", b"{}")
+    assert handler.seen[-1] == (b"{}", False)
+    await call(front, "GET", "/v1/chat/completions", b"")
+    await call(front, "GET", "/v1/models", b"")
     assert passed == ["/v1/chat/completions", "/v1/models"]
 
 
 async def test_a_bug_behind_it_is_an_openai_style_500() -> None:
-    out = await call(FastRoutes(None), Ingress(fail=True), "POST", "/v1/completions", b"{}")
+    out = await call(FastRoutes(None, Handler(fail=True)), "POST", "/v1/completions", b"{}")
     assert out["status"] == 500
     assert orjson.loads(out["body"])["error"] == {
         "message": "internal error",

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from regions.meters import FakeMeter, MeterReading
 from router.metering.attribution import ReplicaAttributor
-from router.metering.remote import AwaitingBills, RemoteAttribution
-from router.serve_app import timeline
+from router.metering.remote import AwaitingBills, RemoteAttribution, timeline
 
 OFFSET = 1_700_000_000.0  # wall clock = monotonic + OFFSET
 
@@ -35,11 +34,11 @@ def scenario(seed: int) -> list[tuple[float, tuple[str, str, float, int]]]:
         start = 100.0 + rng.randint(0, 20) / 10 + 0.0123
         end = start + rng.randint(1, 15) / 10 + 0.0311
         rid = f"r{k}"
-        out.append((start, ("s", rid, start, rng.randint(0, 200))))
+        out.append((start, ("start", rid, start, rng.randint(0, 200))))
         t = start
         while (t := t + rng.randint(1, 4) / 20) < end:
-            out.append((t, ("t", rid, t, rng.randint(1, 3))))
-        out.append((end, ("e", rid, end, 0)))
+            out.append((t, ("tokens", rid, t, rng.randint(1, 3))))
+        out.append((end, ("end", rid, end, 0)))
     return sorted(out, key=lambda x: x[0])
 
 
@@ -59,8 +58,8 @@ def test_late_batched_timelines_bill_what_live_ones_do(seed: int, power: float) 
         clock.t = 100.0 + tick / 10
         while i < len(events) and events[i][0] <= clock.t:
             kind, rid, t, n = events[i][1]
-            getattr(live, {"s": "start", "t": "token", "e": "end"}[kind])(
-                rid, t, *([n] if kind != "e" else [])
+            getattr(live, {"start": "start", "tokens": "token", "end": "end"}[kind])(
+                rid, t, *([n] if kind != "end" else [])
             )
             batch.append((kind, rid, t + OFFSET, n))
             i += 1
@@ -90,8 +89,8 @@ def test_late_and_unknown_events_are_counted() -> None:
         clock.t += 0.1
         remote.sample()
     remote.advance()  # the watermark is now at 101.5
-    remote.events([("s", "old", 100.2, 10), ("e", "old", 100.4, 0)])  # too late
-    remote.events([("t", "ghost", 101.9, 1), ("e", "ghost", 101.9, 0)])  # never started here
+    remote.events([("start", "old", 100.2, 10), ("end", "old", 100.4, 0)])  # too late
+    remote.events([("tokens", "ghost", 101.9, 1), ("end", "ghost", 101.9, 0)])  # never started here
     for _ in range(10):
         clock.t += 0.1
         remote.sample()
@@ -103,7 +102,7 @@ def test_late_and_unknown_events_are_counted() -> None:
 def test_duplicate_events_do_not_bill_twice() -> None:
     clock = Clock()
     remote = RemoteAttribution(FakeMeter(50.0, clock=clock), lag_s=0.2, wall=lambda: clock())
-    evs = [("s", "a", 100.05, 5), ("t", "a", 100.1, 2), ("e", "a", 100.15, 0)]
+    evs = [("start", "a", 100.05, 5), ("tokens", "a", 100.1, 2), ("end", "a", 100.15, 0)]
     remote.events(evs)
     remote.events(evs)  # a retried send
     done = []
@@ -116,13 +115,13 @@ def test_duplicate_events_do_not_bill_twice() -> None:
 
 def test_timeline_spreads_tokens_over_the_duration() -> None:
     ev = timeline("r", 10.0, 10.5, 40, 23)
-    assert ev[0] == ("s", "r", 10.0, 40) and ev[-1] == ("e", "r", 10.5, 0)
-    toks = [e for e in ev if e[0] == "t"]
+    assert ev[0] == ("start", "r", 10.0, 40) and ev[-1] == ("end", "r", 10.5, 0)
+    toks = [e for e in ev if e[0] == "tokens"]
     assert sum(e[3] for e in toks) == 23 and len(toks) == 10
     assert all(10.0 < e[2] <= 10.5 for e in toks)
     assert [e[2] for e in toks] == sorted(e[2] for e in toks)
-    assert timeline("q", 1.0, 1.01, 5, 0) == [("s", "q", 1.0, 5), ("e", "q", 1.01, 0)]
-    assert [e[3] for e in timeline("q", 1.0, 1.01, 5, 7) if e[0] == "t"] == [7]
+    assert timeline("q", 1.0, 1.01, 5, 0) == [("start", "q", 1.0, 5), ("end", "q", 1.01, 0)]
+    assert [e[3] for e in timeline("q", 1.0, 1.01, 5, 7) if e[0] == "tokens"] == [7]
 
 
 def test_meter_readings_move_onto_the_wall_clock() -> None:

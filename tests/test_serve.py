@@ -243,7 +243,7 @@ def test_usage_is_per_tenant(server: dict[str, Any]) -> None:
 
 
 def test_metering_actor_restart_loses_nothing(server: dict[str, Any]) -> None:
-    from router.serve_app import METERING_ACTOR, NAMESPACE
+    from router.ray_app.metering import METERING_ACTOR, NAMESPACE
 
     before = client(server).chat.completions.create(**ask())
     actor = ray.get_actor(METERING_ACTOR, namespace=NAMESPACE)
@@ -438,7 +438,7 @@ def test_a_proxied_replica_bills_its_measured_energy(server: dict[str, Any]) -> 
 
 
 def test_an_oversized_body_is_refused_before_it_is_read(server: dict[str, Any]) -> None:
-    from router.gateway import MAX_BODY_BYTES
+    from router.http.wire import MAX_BODY_BYTES
 
     big = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "x" * MAX_BODY_BYTES}]}
     with pytest.raises(urllib.error.HTTPError) as info:

@@ -1,14 +1,18 @@
-"""The request path's domain logic without Ray: keys, bodies, budgets."""
+"""Keys, request bodies and budgets, and the HTTP errors they become."""
 
 from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
 from regions.config import Budget, Tenant
-from router.gateway import ApiError, Budgets, Tenants, parse_body, period_end, period_start
+from router.errors import AuthError, BudgetExceeded, RequestError
+from router.http.errors import error_response
+from router.http.wire import parse_body
+from router.service.tenants import Budgets, Tenants, period_end, period_start
 from tests.test_ledger import row
 
 KEY_HASH = hashlib.sha256(b"sk-a").hexdigest()
@@ -22,9 +26,11 @@ def test_keys_map_to_tenants() -> None:
     assert t.authenticate("Bearer sk-a").tenant == "acme"
     assert t.authenticate("Bearer root").admin
     for bad in (None, "sk-a", "Bearer sk-b", "Basic sk-a"):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(AuthError) as info:
             t.authenticate(bad)
-        assert info.value.status == 401 and info.value.body["error"]["code"] == "invalid_api_key"
+        answer = error_response(info.value)
+        assert answer.status_code == 401
+        assert orjson.loads(answer.body)["error"]["code"] == "invalid_api_key"
 
 
 @pytest.mark.parametrize(
@@ -45,9 +51,10 @@ def test_keys_map_to_tenants() -> None:
     ],
 )
 def test_bad_bodies_name_the_field(body: bytes, param: str | None) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestError) as info:
         parse_body(body, chat=True)
-    assert info.value.status == 400 and info.value.body["error"]["param"] == param
+    answer = error_response(info.value)
+    assert answer.status_code == 400 and orjson.loads(answer.body)["error"]["param"] == param
 
 
 def test_good_body() -> None:
@@ -59,10 +66,11 @@ def test_budget_refuses_with_the_reset_time() -> None:
     b = Budgets([Tenant(name="acme", api_key_sha256=[KEY_HASH], budget=Budget(kwh=1e-3))])
     b.load("acme", [row("a", kwh_billed=9e-4)], NOW)
     b.check("acme", 5e-5, 0.0, 0.0, NOW)  # still under
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(BudgetExceeded) as info:
         b.check("acme", 2e-4, 0.0, 0.0, NOW)
-    assert info.value.status == 402
+    answer = error_response(info.value)
+    assert answer.status_code == 402
     assert "energy budget of tenant acme exceeded" in str(info.value)
-    assert info.value.headers["X-Budget-Reset"] == "2026-12-01T00:00:00+00:00"
+    assert answer.headers["X-Budget-Reset"] == "2026-12-01T00:00:00+00:00"
     b.check("other", 1e9, 1e9, 1e9, NOW)  # no budget, no limit
     assert period_end(period_start(NOW, "day"), "day") == datetime(2026, 11, 27, tzinfo=UTC)

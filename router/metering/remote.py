@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from regions.meters import MeterReading, PowerMeter
 from router.metering.attribution import (
@@ -32,9 +33,33 @@ from router.metering.attribution import (
     ReplicaAttributor,
 )
 
-# an event: (kind, request id, wall time s, n) with kind "s" start (n = prompt tokens),
-# "t" output tokens (n of them), "e" end (n unused)
-Event = tuple[str, str, float, int]
+EventKind = Literal["start", "tokens", "end"]
+
+
+class MeterEvent(NamedTuple):
+    """One point of a request's timeline, as the ingress sends it to the metering replica."""
+
+    kind: EventKind  # start: n = prompt tokens; tokens: n output tokens; end: n unused (0)
+    request_id: str
+    t_s: float  # wall clock, time.time()
+    n: int
+
+
+def timeline(
+    request_id: str, start_s: float, end_s: float, prompt: int, completion: int,
+    step_s: float = 0.05,
+) -> list[MeterEvent]:  # fmt: skip
+    """The events of a request whose tokens were not seen one by one (a non-streamed answer):
+    start, its output tokens spread evenly over its duration (in ``step_s`` steps), end."""
+    events = [MeterEvent("start", request_id, start_s, prompt)]
+    steps = max(1, min(completion, math.ceil((end_s - start_s) / step_s)))
+    if completion:
+        base, extra = divmod(completion, steps)
+        for k in range(steps):
+            t = start_s + (end_s - start_s) * (k + 1) / steps
+            events.append(MeterEvent("tokens", request_id, t, base + (1 if k < extra else 0)))
+    events.append(MeterEvent("end", request_id, end_s, 0))
+    return events
 
 
 @dataclass
@@ -62,7 +87,7 @@ class RemoteAttribution:
         r = self.meter.read()
         self._push(r.t_s + self._offset, "r", "", 0, energy=r.energy_j)
 
-    def events(self, events: Iterable[Event]) -> None:
+    def events(self, events: Iterable[MeterEvent]) -> None:
         for kind, rid, t, n in events:
             if t < self._fed_until:
                 self.late += 1
@@ -87,13 +112,13 @@ class RemoteAttribution:
                 done += self.attributor.reading(self._last_reading)
                 continue
             try:
-                if kind == "s":
+                if kind == "start":
                     if rid not in self._known:  # a start sent twice counts once
                         self.attributor.start(rid, t, n)
                         self._known.add(rid)
                 elif rid not in self._known:
                     self.unknown += 1
-                elif kind == "t":
+                elif kind == "tokens":
                     self.attributor.token(rid, t, n)
                 else:
                     self.attributor.end(rid, t)

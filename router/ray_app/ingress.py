@@ -1,0 +1,153 @@
+"""The ingress deployment and the application builder: the Ray side of the request path.
+
+The ingress is a thin adapter: it builds a :class:`RouterService` with Ray's parts (a
+:class:`RayReplicaClient` per in-process replica, the outbox to the metering actor, the actor
+as the ledger reader), serves the FastAPI app of :func:`router.http.app.make_api` around it
+(built on the replica by Serve's late-bound ``__serve_build_asgi_app__``, so the app's state is
+the one the requests see), and runs the service's background loops. Everything it serves
+is decided in :mod:`router.service`.
+
+``build_app({"config": PATH})`` is an application builder, so the same app runs with
+``router serve`` and with ``serve run router.serve_app:build_app config=configs/local.yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from forecasting.energy import EnergyPredictor
+from forecasting.sources import build_sources
+from regions.config import Config, load_config
+from router.http.app import make_api
+from router.http.wire import OpenAIWire
+from router.jobs import JobStore
+from router.metering.outbox import Outbox
+from router.metering.remote import MeterEvent
+from router.ray_app.metering import METERING_ACTOR, NAMESPACE, MeteringActor
+from router.ray_app.replica import RayReplicaClient, RegionReplica, remote_backend
+from router.service.app import RouterService
+from router.service.ports import ReplicaClient
+from router.service.proxied import ProxiedMetering, ProxiedReplica
+
+
+class ActorLedger:
+    """The metering actor as the service's :class:`router.service.ports.LedgerReader`."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self.actor.usage.remote(tenant)
+        return rows
+
+    async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
+        rows: list[tuple[int, int, float]] = await self.actor.refit_rows.remote(replica)
+        return rows
+
+
+def _sources(cfg: Config, base: Path) -> dict[str, Any]:
+    return build_sources(cfg, base_dir=base)
+
+
+@serve.deployment(
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0},
+    # a log line per request costs ~3 % of the ingress's CPU, and building the record Serve
+    # then filters out another ~4 %: Serve's own logger here says warnings and errors only.
+    # /metrics counts requests and the ledger records each one; our loggers are not affected
+    logging_config={"enable_access_log": False, "log_level": "WARNING"},
+)
+@serve.ingress()  # the app is built on the replica, around its service: __serve_build_asgi_app__
+class Ingress:
+    def __init__(self, config_path: str, replicas: dict[str, Any]) -> None:
+        cfg = load_config(config_path)
+        base = Path(config_path).parent
+        ledger = str((base / cfg.ledger) if not Path(cfg.ledger).is_absolute() else cfg.ledger)
+        self.metering = MeteringActor.options(  # type: ignore[attr-defined]
+            name=METERING_ACTOR, get_if_exists=True, lifetime="detached", namespace=NAMESPACE
+        ).remote(ledger)
+        # billed rows reach the ledger off the response path, spooled so a crash loses none
+        self.outbox = Outbox(self._record, spool_dir=Path(ledger).with_suffix(".spool"))
+        reps = [r for region in cfg.regions for r in region.replicas]
+        proxied_at = [i for i, r in enumerate(reps) if r.backend.kind != "llama_cpp"]
+        self.proxied = ProxiedMetering(proxied_at, self.outbox) if proxied_at else None
+        self.handles = [replicas[r.name] for r in reps]
+        clients: list[ReplicaClient] = []
+        for i, rep in enumerate(reps):
+            if self.proxied is not None and i in proxied_at:
+                # called from here, not through its deployment (one actor hop less); the
+                # deployment still meters it from the timelines we send
+                clients.append(ProxiedReplica(i, rep.name, remote_backend(rep), self.proxied))
+            else:
+                clients.append(RayReplicaClient(rep.name, self.handles[i]))
+        gpu = any(r.gpu.type != "cpu" for r in reps)
+        self.service = RouterService(
+            config_path,
+            replicas=clients,
+            sink=self.outbox,
+            ledger=ActorLedger(self.metering),
+            jobs=JobStore(Path(ledger).with_suffix(".jobs.sqlite")),
+            wire=OpenAIWire(),
+            sources=_sources,
+            predictor=EnergyPredictor.from_mlenergy() if gpu else EnergyPredictor(),
+            proxied=self.proxied,
+        )
+        loop = asyncio.get_event_loop()
+        loop.call_soon(self.outbox.orphans)
+        self._loops = [loop.create_task(c) for c in self.service.background(self._send)]
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The ASGI app this replica serves, around its service (Serve calls it once the
+        replica is constructed)."""
+        api = make_api()
+        api.state.service = self.service
+        return api
+
+    async def _record(self, rows: list[dict[str, Any]]) -> None:
+        await self.metering.record.remote(rows)
+
+    async def _send(
+        self, i: int, events: list[MeterEvent], bills: dict[str, dict[str, Any]]
+    ) -> list[str]:
+        billed: list[str] = await self.handles[i].meter_events.remote(events, bills)
+        return billed
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> bool:
+    """Poll ``{url}/readyz`` until it answers 200 (True) or ``timeout_s`` passes (False)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def build_app(args: dict[str, str]) -> serve.Application:
+    """Application builder: one RegionReplica per config replica, each carrying the Ray custom
+    resource ``region:<name>`` (a sliver, so many fit), and the ingress bound to them."""
+    config_path = str(Path(args.get("config", "configs/local.yaml")).resolve())
+    cfg = load_config(config_path)
+    replicas = {}
+    for region in cfg.regions:
+        for rep in region.replicas:
+            cpus = rep.backend.n_threads if rep.backend.kind == "llama_cpp" else 0.1
+            replicas[rep.name] = RegionReplica.options(  # type: ignore[attr-defined]
+                name=f"replica-{rep.name}",
+                ray_actor_options={
+                    "num_cpus": min(cpus, 0.5),
+                    "resources": {f"region:{region.name}": 0.01},
+                },
+            ).bind(rep.model_dump_json())
+    return Ingress.bind(config_path, replicas)  # type: ignore[attr-defined,no-any-return]

@@ -1,0 +1,162 @@
+"""The request path assembled from its parts, with no Ray and no HTTP: what the ASGI front
+(:mod:`router.http.app`) calls, and what the Ray adapter (:mod:`router.ray_app`) builds with
+its replica clients, bill sink and ledger reader. Tests build it with the shipped fakes
+(:mod:`router.service.fakes`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from forecasting.energy import EnergyPredictor
+from forecasting.sources.base import CarbonSource
+from regions.config import Config, ConfigError, load_config
+from router.errors import Conflict, PermissionDenied, RequestError
+from router.jobs import JobStore
+from router.service.batches import Batches
+from router.service.completions import Completions
+from router.service.deferral import Deferral
+from router.service.live import Live
+from router.service.metrics import Metrics
+from router.service.ports import BillSink, LedgerReader, ReplicaClient, Wire
+from router.service.proxied import ProxiedMetering, SendTimelines
+from router.service.settlement import Settlement
+from router.service.tenants import Caller
+
+log = logging.getLogger(__name__)
+
+# the carbon sources of a config, files resolved against the config's folder
+SourcesFactory = Callable[[Config, Path], dict[str, CarbonSource]]
+
+
+class RouterService:
+    """Everything behind the endpoints. ``replicas`` are in the config's order (regions, then
+    their replicas), as :attr:`Live.router` ``.states`` are."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        replicas: Sequence[ReplicaClient],
+        sink: BillSink,
+        ledger: LedgerReader,
+        jobs: JobStore,
+        wire: Wire,
+        sources: SourcesFactory,
+        predictor: EnergyPredictor,
+        proxied: ProxiedMetering | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self._sources = sources
+        config = load_config(self.config_path)
+        self.live = Live.build(
+            self.config_path, config, sources(config, self.config_path.parent), predictor
+        )
+        names = [s.replica.name for s in self.live.router.states]
+        if [r.name for r in replicas] != names:
+            raise ValueError(f"replica clients {[r.name for r in replicas]} != config {names}")
+        self.replicas = replicas
+        self.sink = sink
+        self.ledger = ledger
+        self.jobs = jobs
+        self.proxied = proxied
+        self.metrics = Metrics()
+        current = self.current
+        self.settlement = Settlement(current, replicas, sink, ledger, proxied, self.metrics)
+        self.completions = Completions(current, replicas, self.settlement)
+        self.deferral = Deferral(current, jobs, self.completions, wire)
+        self.batches = Batches(current, jobs, self.deferral, wire)
+
+    def current(self) -> Live:
+        return self.live
+
+    # -- small endpoints -----------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> Caller:
+        return self.live.tenants.authenticate(authorization)
+
+    async def usage(self, caller: Caller, tenant: str | None) -> dict[str, Any]:
+        """The caller's ledger rows (the admin's: ``tenant``'s, or everyone's), once the
+        requests it was answered have reached the ledger."""
+        tenant = tenant if caller.admin else caller.tenant
+        await self.settlement.wait_settled(tenant)
+        rows = await self.ledger.usage(tenant)
+        return {"object": "list", "tenant": tenant, "data": rows}
+
+    def models(self) -> list[str]:
+        return sorted({s.replica.backend.model for s in self.live.router.states})
+
+    def ready(self) -> list[str]:
+        """The replicas that can take a request now."""
+        now = time.monotonic()
+        return [s.replica.name for s in self.live.router.states if s.usable(now)]
+
+    def reload(self, caller: Caller) -> dict[str, Any]:
+        """Admin: re-read the config file and swap tenants, budgets, prices, carbon sources and
+        policy. Requests in flight keep what they started with; none is dropped. The set of
+        replicas is fixed by the deployment: changing it needs a redeploy."""
+        if not caller.admin:
+            raise PermissionDenied("admin key required")
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            raise RequestError(str(e), code="invalid_config") from e
+        old_live = self.live
+        old = [s.replica.name for s in old_live.router.states]
+        new = [r.name for region in cfg.regions for r in region.replicas]
+        if new != old:
+            raise Conflict(
+                f"replicas changed ({old} -> {new}); redeploy with router serve",
+                code="redeploy_needed",
+            )
+        live = Live.build(
+            self.config_path,
+            cfg,
+            self._sources(cfg, self.config_path.parent),
+            old_live.router.predictor,
+        )
+        for st_new, st_old in zip(live.router.states, old_live.router.states, strict=True):
+            st_new.active, st_new.cooldown_until = st_old.active, st_old.cooldown_until
+        live.router.lengths = old_live.router.lengths
+        self.live = live
+        return {
+            "reloaded": str(self.config_path),
+            "tenants": len(cfg.tenants),
+            "regions": [r.name for r in cfg.regions],
+        }
+
+    # -- background work -----------------------------------------------------------------------
+    async def refit_loop(self, period_s: float = 600.0) -> None:
+        """Refit each replica's energy model from its measured ledger rows on a schedule."""
+        while True:
+            await asyncio.sleep(period_s)
+            router = self.live.router
+            for st in router.states:
+                try:
+                    rows = await self.ledger.refit_rows(st.replica.name)
+                    router.predictor.refit(st.replica.name, rows)
+                except Exception:  # a failed refit keeps the previous model; say so
+                    log.exception("energy refit for %s failed", st.replica.name)
+
+    async def timelines_loop(self, send: SendTimelines, period_s: float = 0.1) -> None:
+        """Every ``period_s``: proxied replicas get their timelines and predicted bills. The
+        period is well inside the replicas' attribution lag (1 s) and bounds what a killed
+        ingress loses; each call through a Serve handle costs the ingress ~1 ms of CPU."""
+        if self.proxied is None:
+            return
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.proxied.send(send)
+            except Exception:
+                log.exception("sending timelines failed")
+
+    def background(self, send: SendTimelines | None = None) -> list[Coroutine[Any, Any, None]]:
+        """The loops the service needs running beside it."""
+        loops = [self.deferral.loop(), self.refit_loop()]
+        if send is not None and self.proxied is not None:
+            loops.append(self.timelines_loop(send))
+        return loops

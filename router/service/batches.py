@@ -1,0 +1,160 @@
+"""The OpenAI Batch API on the deferral planner: an uploaded JSONL file of requests becomes a
+batch whose lines are planned into the cleanest slots of its completion window (or now), run
+as jobs, and gathered into an output file when the last one ends."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from router.errors import NotFound, PermissionDenied, RequestError
+from router.jobs import Batch, Job, JobStore, StoredFile
+from router.service.deferral import Deferral
+from router.service.live import Live
+from router.service.ports import Wire
+from router.service.tenants import Caller
+
+ENDPOINTS = {"/v1/chat/completions": True, "/v1/completions": False}  # path -> chat
+
+
+class Batches:
+    def __init__(
+        self, live: Callable[[], Live], jobs: JobStore, deferral: Deferral, wire: Wire
+    ) -> None:
+        self._live = live
+        self.jobs = jobs
+        self.deferral = deferral
+        self.wire = wire
+
+    def add_file(self, caller: Caller, purpose: str, filename: str, content: bytes) -> StoredFile:
+        if purpose != "batch":
+            raise RequestError("purpose must be 'batch'", param="purpose")
+        f = StoredFile(
+            f"file-{uuid.uuid4().hex}", caller.tenant, purpose, filename, int(time.time()), content
+        )
+        self.jobs.add_file(f)
+        return f
+
+    def file(self, caller: Caller, file_id: str) -> StoredFile:
+        f = self.jobs.file(file_id)
+        if f is None or (f.tenant != caller.tenant and not caller.admin):
+            raise NotFound(f"no file {file_id}")
+        return f
+
+    async def create(
+        self, caller: Caller, input_file_id: Any, endpoint: Any, window: Any
+    ) -> dict[str, Any]:
+        """Plan every line of the caller's ``input_file_id``; all lines are stored with the
+        batch in one transaction, or none (a bad line refuses the batch, naming the line)."""
+        if endpoint not in ENDPOINTS:
+            raise RequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+        if not (isinstance(window, str) and window.endswith("h") and window[:-1].isdigit()):
+            raise RequestError("completion_window must look like '24h'", param="completion_window")
+        f = self.jobs.file(str(input_file_id))
+        if f is None or f.tenant != caller.tenant:
+            raise NotFound(f"no file {input_file_id}")
+        chat = ENDPOINTS[endpoint]
+        router = self._live().router
+        pref = router.preference(f"defer={int(window[:-1]) * 3600}")
+        jobs: list[Job] = []
+        custom_ids: list[str] = []
+        for n, line in enumerate(f.content.decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                raw = json.dumps(item["body"]).encode()
+                parsed = self.wire.parse(raw, chat=chat)
+            except (ValueError, KeyError, TypeError, RequestError) as e:
+                raise RequestError(f"{f.filename} line {n}: {e}", param="input_file_id") from e
+            expected = router.lengths.expected(
+                caller.tenant, parsed.model, parsed.completion.max_tokens
+            )
+            cands = await router.candidates(0, expected)
+            job = await self.deferral.plan(
+                raw, caller.tenant, parsed, pref, cands, expected, force=True
+            )
+            assert job is not None  # forced
+            jobs.append(job)
+            custom_ids.append(str(item.get("custom_id", f"line-{n}")))
+        batch = Batch(
+            f"batch_{uuid.uuid4().hex}",
+            caller.tenant,
+            str(input_file_id),
+            endpoint,
+            window,
+            int(time.time()),
+            [j.id for j in jobs],
+            custom_ids,
+        )
+        self.jobs.add_batch(batch, jobs)
+        return self.status(caller, batch.id)
+
+    def status(self, caller: Caller, batch_id: str) -> dict[str, Any]:
+        """The batch object; its output file is written when its last job ends."""
+        b = self.jobs.batch(batch_id)
+        if b is None or (b.tenant != caller.tenant and not caller.admin):
+            raise NotFound(f"no batch {batch_id}")
+        jobs = [self.jobs.get(j) for j in b.jobs]
+        done = [j for j in jobs if j is not None and j.status in ("completed", "failed")]
+        failed = [j for j in done if j.status == "failed"]
+        status = "completed" if len(done) == len(jobs) else "in_progress"
+        output_file_id = b.output_file_id
+        if status == "completed" and not output_file_id:
+            lines = []
+            for cid, job in zip(b.custom_ids, jobs, strict=True):
+                assert job is not None
+                ok = job.status == "completed"
+                response = {"status_code": 200, "request_id": job.id, "body": job.result}
+                lines.append(
+                    json.dumps(
+                        {
+                            "id": job.id,
+                            "custom_id": cid,
+                            "response": response if ok else None,
+                            "error": None if ok else {"message": job.error},
+                        }
+                    )
+                )
+            out = StoredFile(
+                f"file-{uuid.uuid4().hex}",
+                b.tenant,
+                "batch_output",
+                f"{batch_id}_output.jsonl",
+                int(time.time()),
+                ("\n".join(lines) + "\n").encode(),
+            )
+            self.jobs.set_batch_output(batch_id, out)
+            output_file_id = out.id
+        return {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": b.endpoint,
+            "errors": None,
+            "input_file_id": b.input_file_id,
+            "completion_window": b.completion_window,
+            "status": status,
+            "output_file_id": output_file_id,
+            "error_file_id": None,
+            "created_at": b.created_at,
+            "request_counts": {
+                "total": len(jobs),
+                "completed": len(done) - len(failed),
+                "failed": len(failed),
+            },
+        }
+
+    def run_now(self, caller: Caller, batch_id: str) -> None:
+        """Admin: run a batch's scheduled requests now instead of at their planned times."""
+        if not caller.admin:
+            raise PermissionDenied("admin key required")
+        b = self.jobs.batch(batch_id)
+        if b is None:
+            raise NotFound(f"no batch {batch_id}")
+        now = datetime.now(UTC)
+        for j in b.jobs:
+            self.jobs.run_now(j, now)

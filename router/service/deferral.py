@@ -1,0 +1,143 @@
+"""Deferred work: a request whose preference allows waiting (``defer``) is planned into the
+cleanest (hour, replica) of its window when waiting pays, stored as a :class:`router.jobs.Job`,
+and run then; batch lines (:mod:`router.service.batches`) are planned the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from router.errors import NotFound, PermissionDenied
+from router.jobs import Job, JobStore
+from router.policy import Candidates
+from router.preference import Preference
+from router.service.completions import Completions
+from router.service.live import Live
+from router.service.ports import ParsedRequest, Wire
+from router.service.tenants import Caller
+
+log = logging.getLogger(__name__)
+
+
+class Deferral:
+    def __init__(
+        self, live: Callable[[], Live], jobs: JobStore, completions: Completions, wire: Wire
+    ) -> None:
+        self._live = live
+        self.jobs = jobs
+        self.completions = completions
+        self.wire = wire
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def plan(
+        self,
+        raw: bytes,
+        tenant: str,
+        parsed: ParsedRequest,
+        pref: Preference,
+        cands: Candidates,
+        expected: float,
+        *,
+        force: bool = False,
+    ) -> Job | None:
+        """The job, planned, when waiting pays; with ``force`` (batch lines) also when it does
+        not, to run now. ``None``: run it now, inline. The job is not stored yet."""
+        router = self._live().router
+        planned = await router.plan_deferral(cands, pref, expected)
+        now = datetime.now(UTC)
+        if planned is None:
+            if not force:
+                return None  # waiting does not pay: run now
+            index = router.decide(cands, pref).index
+            start_at, best, now_score = now, 0.0, 0.0
+        else:
+            start_at, index, best, now_score = planned
+        st = router.states[index]
+        log.info(
+            "planned a job at %s in %s (score %.3g vs %.3g now)",
+            start_at,
+            st.region.name,
+            best,
+            now_score,
+        )
+        return Job(
+            id=f"job-{uuid.uuid4().hex}",
+            tenant=tenant,
+            status="scheduled",
+            created_at=now.isoformat(),
+            start_at=start_at.isoformat(),
+            deadline=(now + timedelta(seconds=pref.defer_s)).isoformat(),
+            replica=st.replica.name,
+            region=st.region.name,
+            chat=parsed.chat,
+            body=json.loads(raw),
+            forecast_score=best,
+        )
+
+    async def maybe_defer(
+        self,
+        raw: bytes,
+        tenant: str,
+        parsed: ParsedRequest,
+        pref: Preference,
+        cands: Candidates,
+        expected: float,
+    ) -> Job | None:
+        """Plan and store the job when waiting pays; ``None``: run it now."""
+        job = await self.plan(raw, tenant, parsed, pref, cands, expected)
+        if job is not None:
+            self.jobs.add(job)
+        return job
+
+    def get(self, caller: Caller, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or (job.tenant != caller.tenant and not caller.admin):
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    def run_now(self, caller: Caller, job_id: str) -> None:
+        if not caller.admin:
+            raise PermissionDenied("admin key required")
+        self.jobs.run_now(job_id, datetime.now(UTC))
+
+    def run_due(self) -> None:
+        """Start every job whose time has come."""
+        for job in self.jobs.due(datetime.now(UTC)):
+            task = asyncio.get_running_loop().create_task(self.run(job))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def loop(self, period_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self.run_due()
+            except Exception:  # the store failed: say so, try again next period
+                log.exception("claiming due jobs failed")
+
+    async def run(self, job: Job) -> None:
+        """Run ``job`` on its planned replica (another if that one is down) and store its
+        answer, or why it failed."""
+        try:
+            router = self._live().router
+            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat)
+            expected = router.lengths.expected(
+                job.tenant, parsed.model, parsed.completion.max_tokens
+            )
+            cands = await router.candidates(0, expected)
+            index = next(k for k, s in enumerate(router.states) if s.replica.name == job.replica)
+            pref = router.preference(None)
+            started = await self.completions.start(job.id, parsed, cands, pref, only=index)
+            done = await self.completions.collect(started, job.id, job.tenant, parsed)
+            body = self.wire.body(
+                job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())
+            )
+            self.jobs.finish(job.id, result=body, error=None)
+        except Exception as e:  # the job records why; the loop goes on
+            log.exception("job %s failed", job.id)
+            self.jobs.finish(job.id, result=None, error=str(e))

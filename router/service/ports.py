@@ -1,0 +1,122 @@
+"""The seams of the request path, and the typed values that cross them.
+
+``ReplicaClient``: runs one completion on one replica. Two ways in:
+
+- ``complete(request_id, request)``: the whole answer (:class:`Answer`) in one call;
+- ``stream(request_id, request)``: an async iterator of :class:`Chunk` items (the pieces that
+  arrived together, in order) ending with exactly one :class:`Final`. Closing the iterator
+  early (``aclose``) stops the generation on the replica.
+
+Both raise :class:`router.errors.ReplicaFailed` for the replica's own failures (the caller
+cools it down and, before the first byte reached the client, fails over) and
+:class:`router.errors.UpstreamRefused` when the replica's server refuses the request as
+invalid (the client's 400; no cooldown, no failover). Nothing else is expected from them.
+
+``bills_remotely``: the replica's measured bill reaches the ledger from the replica itself
+(a proxied server metered on its node, :mod:`router.service.proxied`); the ingress then hands
+the predicted bill to that replica instead of its own outbox.
+
+``BillSink``: where billed rows go (the spooled outbox to the metering actor).
+``LedgerReader``: what the request path reads back from the ledger.
+``Wire``: the request and answer format (OpenAI's, :mod:`router.http.wire`), for the work the
+service stores and runs later (deferred jobs, batch lines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from regions.backends import CompletionRequest
+
+Piece = tuple[str, str | None]  # (text, finish_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Output that arrived together. ``last``: the upstream ended the stream in the same read
+    (the :class:`Final` follows at once, so a proxy may send its end in the same write)."""
+
+    pieces: tuple[Piece, ...]
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """How a completion ended: token counts, times (UTC) and, when metered in time, its
+    energy. ``energy_j`` is ``None`` when no measurement is available: the bill then uses
+    the energy predictor's figure and says so (``estimated``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    started_at: datetime
+    ended_at: datetime
+    energy_j: float | None = None
+    energy_source: str = "predicted"
+
+
+StreamItem = Chunk | Final
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole (non-streamed) completion."""
+
+    text: str
+    finish_reason: str | None
+    final: Final
+
+
+class ReplicaClient(Protocol):
+    name: str
+    bills_remotely: bool
+
+    async def complete(self, request_id: str, request: CompletionRequest) -> Answer: ...
+
+    def stream(self, request_id: str, request: CompletionRequest) -> AsyncIterator[StreamItem]: ...
+
+
+class BillSink(Protocol):
+    def add(self, row: dict[str, Any]) -> None:
+        """Take one billed row (a :class:`router.ledger.LedgerRow` as a dict); durable soon."""
+
+    async def flush(self, timeout_s: float = 30.0) -> None:
+        """Return once every row added before the call is in the ledger."""
+
+
+class LedgerReader(Protocol):
+    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        """``tenant``'s ledger rows (None: everyone's), as dicts."""
+
+    async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
+        """``(prompt tokens, completion tokens, measured J)`` of ``replica``'s metered rows."""
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A completion request as the service sees it, whatever its wire format."""
+
+    model: str
+    stream: bool
+    include_usage: bool
+    completion: CompletionRequest
+    chat: bool
+
+    def prompt_estimate(self) -> int:
+        """Prompt tokens before a server has counted them: 4 characters a token."""
+        req = self.completion
+        chars = sum(len(m["content"]) for m in req.messages or []) or len(req.prompt or "")
+        return chars // 4
+
+
+class Wire(Protocol):
+    def parse(self, raw: bytes, *, chat: bool) -> ParsedRequest:
+        """A request body, validated; :class:`router.errors.RequestError` names the field."""
+
+    def body(
+        self, request_id: str, parsed: ParsedRequest, text: str, finish_reason: str,
+        usage: dict[str, Any], created: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The whole answer as the client gets it."""

@@ -1,0 +1,272 @@
+"""Replica state and the routing decision: the candidates a request could run on (predicted
+energy, price, intensity, latency, load), the policy's choice among them, the deferral plan,
+and the price of what a request used."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
+from forecasting.errors import CarbonSourceError
+from forecasting.sources.base import CarbonSource
+from regions.config import Config, Region, Replica
+from router.billing import PriceSchedule, bill_line, tariff_for
+from router.ledger import LedgerRow
+from router.policy import Candidates, Decision, Policy, make_policy
+from router.preference import Preference, parse_preference
+from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
+from router.service.carbon import CarbonView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplicaState:
+    replica: Replica
+    region: Region
+    profile: ReplicaProfile
+    prices: PriceSchedule
+    active: int = 0
+    healthy: bool = True
+    cooldown_until: float = 0.0
+    service_s_per_token: float = 0.0
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and now >= self.cooldown_until
+
+
+def profile_of(rep: Replica) -> ReplicaProfile:
+    if rep.gpu.type == "cpu":
+        return ReplicaProfile(
+            name=rep.name,
+            model=rep.backend.model,
+            gpu="cpu",
+            cpu_watts=rep.cpu_watts_per_core * 2,
+            tokens_per_s=rep.tokens_per_s,
+            prefill_weight=rep.prefill_weight,
+        )
+    return ReplicaProfile(
+        name=rep.name,
+        model=rep.backend.model,
+        gpu=rep.gpu.type,
+        gpu_count=rep.gpu.count,
+        total_params_b=rep.model_params_b or 8.0,
+        prefill_weight=rep.prefill_weight,
+    )
+
+
+@dataclass
+class Router:
+    """Chooses a replica for each request and prices what it used."""
+
+    config: Config
+    carbon: CarbonView
+    predictor: EnergyPredictor
+    policy: Policy
+    cooldown_s: float = 30.0
+    lengths: OutputLengths = field(default_factory=OutputLengths)
+    clock: Callable[[], float] = time.monotonic
+    states: list[ReplicaState] = field(default_factory=list)
+    _forecasts: dict[tuple[str, int], tuple[float, Any]] = field(default_factory=dict)
+    _book: SlotBook = field(default_factory=lambda: SlotBook(np.zeros(0)))
+    _book_hour: datetime | None = None
+    _rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    _prefs: dict[str | None, Preference] = field(default_factory=dict)  # parsed headers
+    _static: dict[str, Any] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        sources: dict[str, CarbonSource],
+        predictor: EnergyPredictor,
+        base_dir: Any = None,
+    ) -> Router:
+        router = cls(
+            config,
+            CarbonView(config.regions, sources),
+            predictor,
+            make_policy(config.policy.name, tie_tolerance=config.policy.tie_tolerance),
+        )
+        for region in config.regions:
+            prices = PriceSchedule(region.price, base_dir=base_dir)
+            for rep in region.replicas:
+                router.states.append(ReplicaState(rep, region, profile_of(rep), prices))
+        router._book = SlotBook(
+            np.array([s.replica.max_concurrency * 3600.0 for s in router.states])
+        )
+        return router
+
+    def preference(self, header: str | None) -> Preference:
+        """The parsed header; clients send few distinct ones, so parses are kept (bounded)."""
+        pref = self._prefs.get(header)
+        if pref is not None:
+            return pref
+        pref = parse_preference(header, default_weight=self.config.policy.weight)
+        if len(self._prefs) >= 4096:
+            self._prefs.clear()
+        self._prefs[header] = pref
+        return pref
+
+    async def candidates(self, prompt_tokens: int, output_tokens: float) -> Candidates:
+        now = self.clock()
+        wall = datetime.now(UTC)
+        n = len(self.states)
+        intensity = np.empty(n)
+        price = np.empty(n)
+        kwh = np.empty(n)
+        service_ms = np.empty(n)
+        for i, st in enumerate(self.states):
+            intensity[i] = (await self.carbon.get(st.region)).g_per_kwh
+            price[i] = st.prices.at(wall)
+            kwh[i] = (
+                self.predictor.predict_j(
+                    st.profile, prompt_tokens, output_tokens, batch=max(1, st.active)
+                )
+                / 3.6e6
+            )
+            per_tok = st.service_s_per_token or 1.0 / st.replica.tokens_per_s
+            service_ms[i] = output_tokens * per_tok * 1000.0
+        load = np.array([st.active / st.replica.max_concurrency for st in self.states])
+        queue_ms = np.maximum(0, load - 1) * service_ms
+        if self._static is None:  # what does not change while this router lives
+            self._static = {
+                "names": [s.replica.name for s in self.states],
+                "regions": [s.region.name for s in self.states],
+                "residency": [tuple(s.region.residency) for s in self.states],
+                "pue": np.array([s.region.pue for s in self.states]),
+                "rtt_ms": np.array([s.region.rtt_ms for s in self.states]),
+            }
+        static = self._static
+        return Candidates(
+            names=static["names"],
+            regions=static["regions"],
+            residency=static["residency"],
+            healthy=np.array([s.usable(now) for s in self.states]),
+            has_capacity=np.array([s.active < 4 * s.replica.max_concurrency for s in self.states]),
+            kwh=kwh,
+            pue=static["pue"],
+            price_usd_per_kwh=price,
+            intensity_g_per_kwh=intensity,
+            rtt_ms=static["rtt_ms"],
+            queue_wait_ms=queue_ms,
+            service_ms=service_ms,
+            load=load,
+        )
+
+    def decide(self, c: Candidates, pref: Preference, exclude: set[int] = frozenset()) -> Decision:  # type: ignore[assignment]
+        if exclude:
+            c.healthy = c.healthy & ~np.isin(np.arange(len(c)), list(exclude))
+        return self.policy.rank(c, pref)
+
+    async def _forecast(self, region: Region, hours: int) -> Any:
+        key = (region.name, hours)
+        hit = self._forecasts.get(key)
+        if hit and self.clock() - hit[0] < 900:
+            return hit[1]
+        fc = await self.carbon.sources[region.carbon_source].forecast(region.zone, hours)
+        self._forecasts[key] = (self.clock(), fc)
+        return fc
+
+    async def plan_deferral(
+        self, c: Candidates, pref: Preference, expected_output: float
+    ) -> tuple[datetime, int, float, float] | None:
+        """``(start_at, replica index, forecast score, score now)`` when waiting pays within
+        the request's ``defer`` window, else ``None`` (run now)."""
+        horizon = min(48, int(min(pref.defer_s, self.config.policy.max_defer_s) // 3600) + 1)
+        ok = c.healthy & c.allowed(pref.regions) & c.has_capacity
+        if horizon < 2 or not ok.any():
+            return None
+        now = datetime.now(UTC)
+        hour0 = now.replace(minute=0, second=0, microsecond=0)
+        hours = [hour0 + timedelta(hours=k) for k in range(horizon)]
+        n = len(self.states)
+        intensity = np.full((horizon, n), np.inf)
+        price = np.ones((horizon, n))
+        for i, st in enumerate(self.states):
+            if not ok[i]:
+                continue
+            try:
+                fc = await self._forecast(st.region, horizon)
+            except CarbonSourceError as e:
+                log.warning(
+                    "no forecast for %s (%s): it is not a deferral target", st.region.name, e
+                )
+                continue
+            intensity[0, i] = c.intensity_g_per_kwh[i]  # now is known
+            intensity[1:, i] = [fc.at(h) for h in hours[1:]]
+            price[:, i] = [st.prices.at(h) for h in hours]
+        s = slot_scores(c.kwh, c.pue, price, intensity, pref.weight)
+        s[:, ~ok] = np.inf
+        s = worth_waiting(s, self.config.policy.defer_min_gain)
+        if not np.isfinite(s[1:]).any():
+            return None
+        work_s = float(c.service_ms.max()) / 1000.0
+        try:
+            k, r, best = plan(s, first_hour=0, work_s=work_s, book=self._book_for(hour0))
+        except PlanError:
+            return None
+        if k == 0:
+            return None
+        start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, 600)))
+        return start, r, best, float(np.nanmin(s[0]))
+
+    def _book_for(self, hour0: datetime) -> SlotBook:
+        """Bookings per (hour, replica), shifted as hours pass (in memory: a restart forgets
+        the bookings, not the jobs)."""
+        if self._book_hour != hour0:
+            shift = (
+                0
+                if self._book_hour is None
+                else int((hour0 - self._book_hour).total_seconds() // 3600)
+            )
+            self._book.booked = {
+                (h - shift, r): v for (h, r), v in self._book.booked.items() if h - shift >= 0
+            }
+            self._book_hour = hour0
+        return self._book
+
+    def failed(self, index: int) -> None:
+        self.states[index].cooldown_until = self.clock() + self.cooldown_s
+
+    async def bill(
+        self,
+        *,
+        request_id: str,
+        tenant: str,
+        index: int,
+        started_at: datetime,
+        ended_at: datetime,
+        prompt_tokens: int,
+        completion_tokens: int,
+        energy_j: float,
+        energy_source: str,
+    ) -> LedgerRow:
+        st = self.states[index]
+        carbon = await self.carbon.get(st.region)
+        return bill_line(
+            request_id=request_id,
+            tenant=tenant,
+            region=st.region.name,
+            replica=st.replica.name,
+            model=st.replica.backend.model,
+            started_at=started_at,
+            ended_at=ended_at,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            energy_j=energy_j,
+            energy_source=energy_source,
+            pue=st.region.pue,
+            intensity_g_per_kwh=carbon.g_per_kwh,
+            signal=carbon.signal,
+            carbon_stale=carbon.stale,
+            price_usd_per_kwh=st.prices.at(started_at),
+            tariff=tariff_for(self.config.billing),
+        )

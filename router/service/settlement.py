@@ -1,0 +1,142 @@
+"""A request's bill: priced when it ends, handed to the ledger, counted against its budget.
+
+Three billing paths end here (see ARCHITECTURE.md):
+
+- in process (llama.cpp on a replica deployment): the replica's metered energy comes back with
+  the answer; the row goes to the outbox (the sink) at once;
+- proxied (a remote OpenAI-compatible server): the answer comes before the meter settles; the
+  predicted row goes to the replica (:class:`router.service.proxied.ProxiedMetering`), which
+  bills the measurement, or it is billed as predicted if none comes back in time;
+- cut (a client that hung up mid-stream): the tokens sent until then, by prediction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from router.ledger import LedgerRow
+from router.policy import Candidates
+from router.service.live import Live
+from router.service.metrics import Metrics
+from router.service.ports import BillSink, Final, LedgerReader, ParsedRequest, ReplicaClient
+from router.service.proxied import ProxiedMetering
+from router.service.tenants import period_start
+
+
+def usage_fields(row: LedgerRow) -> dict[str, Any]:
+    """What ``usage`` gains beyond the OpenAI token counts."""
+    return {
+        "energy_kwh": row.kwh_billed,
+        "carbon_g": row.carbon_g,
+        "cost_usd": row.cost_usd,
+        "region": row.region,
+        "replica": row.replica,
+        "energy_source": row.energy_source,
+    }
+
+
+class Settlement:
+    def __init__(
+        self,
+        live: Callable[[], Live],
+        replicas: Sequence[ReplicaClient],
+        sink: BillSink,
+        ledger: LedgerReader,
+        proxied: ProxiedMetering | None,
+        metrics: Metrics,
+    ) -> None:
+        self._live = live
+        self.replicas = replicas
+        self.sink = sink
+        self.ledger = ledger
+        self.proxied = proxied
+        self.metrics = metrics
+
+    async def check_budget(self, tenant: str, cands: Candidates) -> None:
+        """Refuse (:class:`router.errors.BudgetExceeded`) a request whose predicted spend on
+        its cheapest candidate would cross the tenant's budget."""
+        budgets = self._live().budgets
+        if tenant not in budgets.limits:
+            return
+        now = datetime.now(UTC)
+        if tenant not in budgets.spend:  # first request since start: sum the ledger
+            since = period_start(now, budgets.limits[tenant].period)
+            await self.sink.flush()
+            rows = [LedgerRow(**r) for r in await self.ledger.usage(tenant)]
+            budgets.load(tenant, [r for r in rows if r.started_at >= since.isoformat()], now)
+        i = int(np.argmin(cands.kwh))
+        kwh = float(cands.kwh[i] * cands.pue[i])
+        budgets.check(
+            tenant,
+            kwh,
+            kwh * float(cands.intensity_g_per_kwh[i]),
+            kwh * float(cands.price_usd_per_kwh[i]),
+            now,
+        )
+
+    async def settle(
+        self,
+        request_id: str,
+        tenant: str,
+        index: int,
+        final: Final | None,
+        parsed: ParsedRequest,
+    ) -> dict[str, Any]:
+        """Bill what the request used and return its ``usage``: token counts and the bill."""
+        live = self._live()
+        router = live.router
+        st = router.states[index]
+        now = datetime.now(UTC)
+        if final is None:  # the replica ended without its figures
+            final = Final(0, 0, now, now)
+        energy_j, source = final.energy_j, final.energy_source
+        if energy_j is None:  # not metered in time: bill the prediction, say so
+            energy_j = router.predictor.predict_j(
+                st.profile, final.prompt_tokens, final.completion_tokens
+            )
+            source = "estimated"
+        row = await router.bill(
+            request_id=request_id,
+            tenant=tenant,
+            index=index,
+            started_at=final.started_at,
+            ended_at=final.ended_at,
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            energy_j=energy_j,
+            energy_source=source,
+        )
+        extra = usage_fields(row)
+        if self.replicas[index].bills_remotely and self.proxied is not None:
+            extra["energy_source"] = "predicted"  # the replica bills the measurement
+            self.proxied.expect(index, row.__dict__, live.billing_json)
+        else:
+            self.sink.add(row.__dict__)  # in the ledger within milliseconds; see Outbox
+        live.budgets.add(row, now)
+        router.lengths.observe(tenant, parsed.model, final.completion_tokens)
+        self.metrics.billed(row)
+        prompt, completion = final.prompt_tokens, final.completion_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            **extra,
+        }
+
+    async def wait_settled(self, tenant: str | None, timeout_s: float = 5.0) -> None:
+        """Wait (up to ``timeout_s``) until ``tenant``'s (None: everyone's) answered requests
+        are in the ledger: measured bills still being attributed, and the outbox."""
+        deadline = time.monotonic() + timeout_s
+        while (
+            self.proxied is not None
+            and time.monotonic() < deadline
+            and self.proxied.waiting(tenant)
+        ):
+            await asyncio.sleep(0.05)
+        await self.sink.flush(timeout_s)

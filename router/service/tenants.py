@@ -1,0 +1,127 @@
+"""Who is calling (API keys to tenants) and what each tenant may still spend (budgets)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from regions.config import Tenant
+from router.errors import AuthError, BudgetExceeded
+from router.ledger import LedgerRow
+
+ADMIN_KEY_ENV = "CARBON_ROUTER_ADMIN_KEY"
+
+
+# ---- tenants -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    admin: bool
+
+
+class Tenants:
+    """API keys to tenants; keys are compared as sha256 digests in constant time."""
+
+    def __init__(self, tenants: list[Tenant], env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ) if env is None else env
+        self._entries: list[tuple[bytes, Tenant]] = [
+            (bytes.fromhex(h), t) for t in tenants for h in t.api_key_sha256
+        ]
+        admin = env.get(ADMIN_KEY_ENV)
+        self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found: Tenant | None = None
+        for stored, tenant in self._entries:  # every entry is compared: no early exit
+            if hmac.compare_digest(stored, digest):
+                found = tenant
+        if self._admin_digest is not None and hmac.compare_digest(self._admin_digest, digest):
+            return Caller("admin", True)
+        if found is None:
+            raise AuthError("invalid API key")
+        return Caller(found.name, found.admin)
+
+
+# ---- budgets ---------------------------------------------------------------------------------
+
+
+def period_start(now: datetime, period: str) -> datetime:
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if period == "day" else day.replace(day=1)
+
+
+def period_end(start: datetime, period: str) -> datetime:
+    if period == "day":
+        return start + timedelta(days=1)
+    return start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
+
+
+@dataclass
+class Spend:
+    since: datetime
+    kwh: float = 0.0
+    co2_g: float = 0.0
+    usd: float = 0.0
+
+
+class Budgets:
+    """Each tenant's spend in its budget period (kWh, g CO2e, $), checked before a request runs.
+
+    Totals start from the ledger and grow with every billed row; a request whose predicted
+    spend would cross a limit is refused (:class:`BudgetExceeded`, with the time the budget
+    resets).
+    """
+
+    def __init__(self, tenants: list[Tenant]) -> None:
+        self.limits = {t.name: t.budget for t in tenants if t.budget is not None}
+        self.spend: dict[str, Spend] = {}
+
+    def _current(self, tenant: str, now: datetime) -> Spend:
+        budget = self.limits[tenant]
+        start = period_start(now, budget.period)
+        sp = self.spend.get(tenant)
+        if sp is None or sp.since != start:
+            sp = self.spend[tenant] = Spend(start)
+        return sp
+
+    def load(self, tenant: str, rows: list[LedgerRow], now: datetime) -> None:
+        if tenant not in self.limits:
+            return
+        sp = self._current(tenant, now)
+        sp.kwh = sum(r.kwh_billed for r in rows)
+        sp.co2_g = sum(r.carbon_g for r in rows)
+        sp.usd = sum(r.cost_usd for r in rows)
+
+    def check(self, tenant: str, kwh: float, co2_g: float, usd: float, now: datetime) -> None:
+        budget = self.limits.get(tenant)
+        if budget is None:
+            return
+        sp = self._current(tenant, now)
+        reset = period_end(sp.since, budget.period)
+        for name, used, add, limit, unit in (
+            ("energy", sp.kwh, kwh, budget.kwh, "kWh"),
+            ("carbon", sp.co2_g, co2_g, budget.co2_g, "g CO2e"),
+            ("cost", sp.usd, usd, budget.usd, "USD"),
+        ):
+            if limit is not None and used + add > limit:
+                raise BudgetExceeded(
+                    f"{name} budget of tenant {tenant} exceeded: {used:.6g} of {limit:g} {unit} "
+                    f"used this {budget.period}, this request needs about {add:.3g} more; the "
+                    f"budget resets at {reset.isoformat()}",
+                    reset_at=reset,
+                )
+
+    def add(self, row: LedgerRow, now: datetime) -> None:
+        if row.tenant in self.limits:
+            sp = self._current(row.tenant, now)
+            sp.kwh += row.kwh_billed
+            sp.co2_g += row.carbon_g
+            sp.usd += row.cost_usd

@@ -1,0 +1,114 @@
+"""A RouterService on fakes behind the real ASGI front, for millisecond tests of the request
+path: three regions (eu-north clean and cheap, eu-central dirty and dear, us-south dirty and
+cheap), scripted replicas, a static carbon source and a real SQLite ledger."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from forecasting.energy import EnergyPredictor
+from router.http.app import make_api
+from router.http.wire import OpenAIWire
+from router.jobs import JobStore
+from router.service.app import RouterService
+from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
+
+DEMO = {"Authorization": "Bearer sk-local-demo"}
+ADMIN = {"Authorization": "Bearer sk-local-admin"}
+
+CONFIG = """
+carbon_sources:
+  grid: {kind: replay, dataset: electricitymaps_hourly}
+regions:
+  - name: eu-north
+    zone: SE
+    carbon_source: grid
+    price: {flat_usd_per_kwh: 0.07}
+    residency: [eu]
+    replicas:
+      - {name: eu-north-0, backend: {kind: llama_cpp, model: smollm2-135m}, meter: cpu}
+  - name: eu-central
+    zone: DE
+    carbon_source: grid
+    price: {flat_usd_per_kwh: 0.20}
+    residency: [eu]
+    replicas:
+      - {name: eu-central-0, backend: {kind: llama_cpp, model: smollm2-135m}, meter: cpu}
+  - name: us-south
+    zone: US-TEX-ERCO
+    carbon_source: grid
+    price: {flat_usd_per_kwh: 0.06}
+    residency: [us]
+    replicas:
+      - {name: us-south-0, backend: {kind: llama_cpp, model: smollm2-135m}, meter: cpu}
+tenants:
+  - name: demo
+    api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]
+  - name: admin
+    admin: true
+    api_key_sha256: [dd64c8e8eaafa1abb74fd2a2ccad64f4dcb9f2bd6fae158f50e000958395a29e]
+billing: {tariff: energy}
+policy: {name: price_carbon, weight: 0.5}
+ledger: ledger.sqlite
+"""
+
+INTENSITY = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
+
+
+@dataclass
+class Kit:
+    service: RouterService
+    client: httpx.AsyncClient
+    replicas: dict[str, FakeReplicaClient]
+    sink: LedgerSink
+
+    def rows(self) -> list[Any]:
+        return self.sink.ledger.tenant_rows(None)
+
+
+@asynccontextmanager
+async def service_kit(
+    tmp: Path,
+    *,
+    replicas: Sequence[FakeReplicaClient] | None = None,
+    profile: Sequence[float] = (1.0,),
+    config: str = CONFIG,
+) -> AsyncIterator[Kit]:
+    """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast."""
+    cfg = tmp / "router.yaml"
+    cfg.write_text(config)
+    fakes = list(replicas or [FakeReplicaClient(n) for n in
+                              ("eu-north-0", "eu-central-0", "us-south-0")])  # fmt: skip
+    sink = LedgerSink(tmp / "ledger.sqlite")
+    source = StaticCarbonSource(INTENSITY, profile=profile)
+    service = RouterService(
+        cfg,
+        replicas=fakes,
+        sink=sink,
+        ledger=sink,
+        jobs=JobStore(tmp / "jobs.sqlite"),
+        wire=OpenAIWire(),
+        sources=lambda c, base: {"grid": source},
+        predictor=EnergyPredictor(),
+    )
+    api = make_api()
+    api.state.service = service
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+        yield Kit(service, client, {f.name: f for f in fakes}, sink)
+    service.jobs.close()
+
+
+def chat(**kw: Any) -> dict[str, Any]:
+    return {
+        "model": "smollm2-135m",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Name one fruit."}],
+        **kw,
+    }
