@@ -31,6 +31,11 @@ class BackendError(RegionsError):
     """A backend failed to load or to run a completion."""
 
 
+class BackendRefused(BackendError):
+    """The backend refused the request as invalid (a prompt over its context, a parameter it
+    rejects, its server's HTTP 4xx other than 429): the client's mistake, not the replica's."""
+
+
 class BackendUnavailable(BackendError):
     """The backend cannot take the request now (down, overloaded, timed out before output)."""
 
@@ -142,7 +147,7 @@ class LlamaCppBackend(Backend):
     def _render(self, request: CompletionRequest) -> tuple[str, list[str]]:
         if request.messages is not None:
             if self._chat is None:
-                raise BackendError(f"{self.path.name} has no chat template; use /v1/completions")
+                raise BackendRefused(f"{self.path.name} has no chat template; use /v1/completions")
             out = self._chat(messages=request.messages)  # type: ignore[arg-type]
             stops = [s for s in ([out.stop] if isinstance(out.stop, str) else out.stop or []) if s]
             return out.prompt, stops + list(request.stop)
@@ -156,7 +161,7 @@ class LlamaCppBackend(Backend):
         prompt, stops = self._render(request)
         n_prompt = await self.prompt_tokens(request)
         if n_prompt + request.max_tokens > self.n_ctx:
-            raise BackendError(
+            raise BackendRefused(
                 f"prompt ({n_prompt} tokens) + max_tokens ({request.max_tokens}) exceed the "
                 f"context window of {self.n_ctx} tokens"
             )

@@ -15,6 +15,7 @@ import orjson
 from regions.backends import (
     Backend,
     BackendError,
+    BackendRefused,
     BackendUnavailable,
     CompletionRequest,
     TokenChunk,
@@ -82,7 +83,7 @@ class OpenAIBackend(Backend):
             raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
         if resp.status >= 400:
             text = (await resp.read()).decode(errors="replace")
-            raise BackendError(f"{self.url}: HTTP {resp.status}: {text[:200]}")
+            raise BackendRefused(f"{self.url}: HTTP {resp.status}: {text[:200]}")
         return resp
 
     async def answer(self, request: CompletionRequest) -> Answer:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from regions.backends import BackendError, BackendUnavailable, CompletionRequest
+from regions.backends import BackendError, BackendRefused, BackendUnavailable, CompletionRequest
 from regions.http1 import HIGH_WATER, Http1Pool, UpstreamError
 from regions.openai_backend import OpenAIBackend
 
@@ -327,7 +327,9 @@ def status(code: int, body: bytes) -> Handler:
     [
         (429, BackendUnavailable, "HTTP 429"),
         (503, BackendUnavailable, "HTTP 503"),
-        (400, BackendError, 'HTTP 400: {"error": "max_tokens too large"}'),
+        (500, BackendUnavailable, "HTTP 500"),
+        (400, BackendRefused, 'HTTP 400: {"error": "max_tokens too large"}'),
+        (422, BackendRefused, "HTTP 422"),
     ],
 )
 async def test_backend_maps_upstream_statuses(

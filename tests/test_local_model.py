@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from regions.backends import BackendError, CompletionRequest, LlamaCppBackend
+from regions.backends import BackendRefused, CompletionRequest, LlamaCppBackend
 from regions.meters import CpuModelMeter
 from router.metering.replica import MeteredReplica
 
@@ -50,6 +50,6 @@ async def test_same_seed_same_text(backend: LlamaCppBackend) -> None:
 
 
 async def test_too_long_prompt_is_refused(backend: LlamaCppBackend) -> None:
-    with pytest.raises(BackendError, match="exceed the context window of 2048 tokens"):
+    with pytest.raises(BackendRefused, match="exceed the context window of 2048 tokens"):
         async for _ in backend.stream(ask("word " * 3000, 16)):
             pass

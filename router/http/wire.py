@@ -54,6 +54,8 @@ def parse_body(
     if not 0 <= temperature <= 2:
         raise RequestError("'temperature' must be 0..2", param="temperature")
     top_p = float(field_("top_p", (int, float), 1.0))
+    if not 0 < top_p <= 1:
+        raise RequestError("'top_p' must be in (0, 1]", param="top_p")
     stop = field_("stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop):

@@ -21,12 +21,18 @@ from typing import Any
 import ray
 from ray import serve
 
-from regions.backends import Backend, BackendError, CompletionRequest, LlamaCppBackend
+from regions.backends import (
+    Backend,
+    BackendError,
+    BackendRefused,
+    CompletionRequest,
+    LlamaCppBackend,
+)
 from regions.config import Billing, Replica
 from regions.meters import open_meter
 from regions.openai_backend import OpenAIBackend
 from router.billing import Tariff, rebill, tariff_for
-from router.errors import ReplicaFailed
+from router.errors import ReplicaFailed, UpstreamRefused
 from router.ledger import LedgerRow
 from router.metering.outbox import Outbox
 from router.metering.remote import MeterEvent, RemoteAttribution
@@ -190,8 +196,16 @@ class RayReplicaClient:
         try:
             answer: Answer = await self.handle.complete.remote(request_id, request)
         except (ray.exceptions.RayError, BackendError) as e:
-            raise ReplicaFailed(str(e), replica=self.name) from e
+            raise self._failed(e) from e
         return answer
+
+    def _failed(self, e: Exception) -> ReplicaFailed | UpstreamRefused:
+        """The client's error when the backend refused the request (Ray's task error is an
+        instance of its cause), else the replica's."""
+        cause = getattr(e, "cause", None) or e
+        if isinstance(e, BackendRefused) or isinstance(cause, BackendRefused):
+            return UpstreamRefused(f"replica {self.name} refused the request: {cause}")
+        return ReplicaFailed(str(cause), replica=self.name)
 
     async def stream(
         self, request_id: str, request: CompletionRequest
@@ -204,7 +218,7 @@ class RayReplicaClient:
             finished = True
         except (ray.exceptions.RayError, BackendError) as e:
             finished = True
-            raise ReplicaFailed(str(e), replica=self.name) from e
+            raise self._failed(e) from e
         finally:
             if not finished:  # closed early (the client went away): stop generating
                 gen.cancel()

@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from regions.backends import BackendError, BackendUnavailable, CompletionRequest
+from regions.backends import BackendError, BackendRefused, CompletionRequest
 from regions.openai_backend import OpenAIBackend
-from router.errors import ReplicaFailed
+from router.errors import ReplicaFailed, UpstreamRefused
 from router.metering.remote import AwaitingBills, MeterEvent, timeline
 from router.service.ports import Answer, BillSink, Chunk, Final, StreamItem
 
@@ -114,7 +114,10 @@ class ProxiedReplica:
         self.backend = backend
         self.metering = metering
 
-    def _failed(self, e: BackendError) -> ReplicaFailed:
+    def _failed(self, e: BackendError) -> ReplicaFailed | UpstreamRefused:
+        """The replica's failure, or the client's (its server refused the request)."""
+        if isinstance(e, BackendRefused):
+            return UpstreamRefused(f"replica {self.name} refused the request: {e}")
         return ReplicaFailed(str(e), replica=self.name)
 
     async def complete(self, request_id: str, request: CompletionRequest) -> Answer:
@@ -123,7 +126,7 @@ class ProxiedReplica:
         started, wall0 = datetime.now(UTC), time.time()
         try:
             ans = await self.backend.answer(request)
-        except (BackendUnavailable, BackendError) as e:
+        except BackendError as e:
             raise self._failed(e) from e
         wall1 = time.time()
         prompt = ans.prompt_tokens
@@ -154,7 +157,7 @@ class ProxiedReplica:
                 # what arrived together leaves together: one write for the whole batch (with
                 # the end of the stream too when the server ended it in that read)
                 yield Chunk(tuple((c.text, c.finish_reason) for c in batch), last)
-        except (BackendUnavailable, BackendError) as e:
+        except BackendError as e:
             raise self._failed(e) from e
         finally:
             if begun:
