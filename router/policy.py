@@ -36,6 +36,15 @@ class NoCandidateError(RouterError):
     """No replica can take the request under its constraints (the message says which)."""
 
 
+class AtCapacity(NoCandidateError):
+    """Every allowed replica is full (its slots and its queue): shed the request, to be
+    retried after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 def score(
     kwh: np.ndarray | float,
     pue: np.ndarray | float,
@@ -147,7 +156,12 @@ class Policy(ABC):
             raise NoCandidateError(why)
         ok = base & c.has_capacity
         if not ok.any():
-            raise NoCandidateError("every allowed replica is at capacity; retry later")
+            # the queue ahead drains in about one service time of the quickest allowed replica
+            retry_s = float(np.min(c.service_ms[base])) / 1000.0
+            raise AtCapacity(
+                "every allowed replica is at capacity; retry later",
+                retry_after_s=max(1.0, retry_s),
+            )
         if pref.max_carbon_g is not None:
             under = ok & (c.carbon_g <= pref.max_carbon_g)
             if not under.any():

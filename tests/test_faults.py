@@ -3,7 +3,10 @@ client or one upstream could hurt others (issue 11) and checks that it no longer
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from regions.openai_backend import OpenAIBackend
 from router.service.fakes import FakeReplicaClient, LedgerSink
 from router.service.proxied import ProxiedMetering, ProxiedReplica
-from tests.service_kit import DEMO, chat, service_kit
+from tests.service_kit import CONFIG, DEMO, chat, service_kit
 from tests.test_http1 import server, status
 
 
@@ -46,3 +49,97 @@ async def test_a_top_p_out_of_range_is_refused_at_the_front(tmp_path: Path, top_
         r = await kit.client.post("/v1/chat/completions", json=chat(top_p=top_p), headers=DEMO)
         assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
         assert all(f.calls == [] for f in kit.replicas.values())
+
+
+NAMES = ("eu-north-0", "eu-central-0", "us-south-0")
+
+
+async def test_requests_in_flight_count_as_load_before_they_answer(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    fakes = [FakeReplicaClient(n, gate=gate) for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes) as kit:
+        calls = [
+            asyncio.create_task(kit.client.post("/v1/chat/completions", json=chat(stream=s),
+                                                headers=DEMO))
+            for s in (False, False, True)
+        ]  # fmt: skip
+        await until(lambda: sum(len(f.calls) for f in fakes) == 3)
+        states = kit.service.live.router.states
+        assert sum(st.active for st in states) == 3  # seen by the policy and queue estimates
+        gate.set()
+        assert [r.status_code for r in await asyncio.gather(*calls)] == [200, 200, 200]
+        assert sum(st.active for st in states) == 0
+        assert len(kit.rows()) == 3
+
+
+async def test_when_every_allowed_replica_is_full_the_answer_is_429_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    gate = asyncio.Event()
+    fakes = [FakeReplicaClient(n, gate=gate) for n in NAMES]
+    config = CONFIG.replace("meter: cpu}", "meter: cpu, max_concurrency: 1}")
+    async with service_kit(tmp_path, replicas=fakes, config=config) as kit:
+        eu = {**DEMO, "X-Carbon-Preference": 'regions=("eu-*")'}
+        post = kit.client.post
+        held = [
+            asyncio.create_task(post("/v1/chat/completions", json=chat(), headers=eu))
+            for _ in range(8)  # 4 a replica (the queue allowed per slot) x 2 eu replicas
+        ]
+        try:
+            await until(lambda: sum(len(f.calls) for f in fakes) == 8)
+            r = await asyncio.wait_for(post("/v1/chat/completions", json=chat(), headers=eu), 5)
+            assert r.status_code == 429, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "at_capacity"
+            # a request that may also run in us-south still goes there
+            anywhere = asyncio.create_task(
+                post("/v1/chat/completions", json=chat(), headers=DEMO)
+            )
+            await until(lambda: len(kit.replicas["us-south-0"].calls) == 1)
+        finally:
+            gate.set()  # lets everything held end, whatever happened
+        assert all(x.status_code == 200 for x in await asyncio.gather(*held))
+        assert (await anywhere).headers["x-carbon-region"] == "us-south"
+        assert len(kit.rows()) == 9
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_non_streaming_request_whose_client_hangs_up_is_billed(tmp_path: Path) -> None:
+    fakes = [FakeReplicaClient(n, delay_s=0.05) for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes) as kit:
+        call = asyncio.create_task(
+            kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        )
+        await asyncio.sleep(0.1)  # it is running on its replica
+        call.cancel()  # the client hangs up (Serve cancels the request)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await until(lambda: bool(kit.rows()))
+        (row,) = kit.rows()
+        assert row.energy_source == "estimated" and row.energy_j > 0
+        assert sum(st.active for st in kit.service.live.router.states) == 0
+
+
+async def test_a_stream_whose_upstream_dies_mid_way_is_billed_and_ends_with_an_error(
+    tmp_path: Path,
+) -> None:
+    fakes = [FakeReplicaClient(n, fail="die_mid_stream") for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(stream=True), headers=DEMO)
+        assert r.status_code == 200  # its head was sent with the first chunk
+        data = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+        assert "Hello" in data[0]
+        error = json.loads(data[-1])["error"]
+        assert error["code"] == "replica_failed" and "mid-stream" in error["message"]
+        await until(lambda: bool(kit.rows()))  # the bill is settled on a task of its own
+        (row,) = kit.rows()
+        assert row.completion_tokens == 1 and row.energy_source == "estimated"
+        i = next(k for k, f in enumerate(fakes) if f.calls)
+        assert kit.service.live.router.states[i].cooldown_until > time.monotonic()
+        assert kit.service.live.router.states[i].active == 0

@@ -92,7 +92,7 @@ async def test_a_stream_cut_by_its_client_is_billed_for_what_it_was_sent(
         caller = svc.authenticate(DEMO["Authorization"])
         pref = svc.live.router.preference(None)
         cands, _ = await svc.completions.admit(caller, parsed, pref)
-        started = await svc.completions.start("chatcmpl-cut", parsed, cands, pref)
+        started = await svc.completions.start("chatcmpl-cut", "demo", parsed, cands, pref)
         out = sse_events(
             svc.completions.relay(started, "chatcmpl-cut", "demo", parsed), "chatcmpl-cut",
             parsed, 0,
@@ -118,7 +118,7 @@ async def test_relay_yields_chunks_then_the_bill(tmp_path: Path) -> None:
         pref = svc.live.router.preference(None)
         cands, _ = await svc.completions.admit(svc.authenticate("Bearer sk-local-demo"), parsed,
                                                pref)  # fmt: skip
-        started = await svc.completions.start("r1", parsed, cands, pref)
+        started = await svc.completions.start("r1", "demo", parsed, cands, pref)
         items = [i async for i in svc.completions.relay(started, "r1", "demo", parsed)]
         assert [type(i) for i in items] == [Chunk, Chunk, Settled]
         assert items[-1].usage["completion_tokens"] == 2  # type: ignore[union-attr]

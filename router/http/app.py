@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 
 from carbonrouter.errors import CarbonRouterError
 from router.errors import RequestError
-from router.http.errors import JSONResponse, error_response
+from router.http.errors import JSONResponse, error_parts, error_response
 from router.http.wire import (
     MAX_BODY_BYTES,
     SSE_DONE,
@@ -35,7 +35,7 @@ from router.http.wire import (
     sse_event,
 )
 from router.service.app import RouterService
-from router.service.completions import Settled
+from router.service.completions import Settled, StreamFailed
 from router.service.ports import Chunk, ParsedRequest
 from router.service.tenants import Caller
 
@@ -70,7 +70,7 @@ async def answer_completion(
             location = {"Location": f"/v1/jobs/{job.id}"}
             return JSONResponse(job.public(), status_code=202, headers=location)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    started = await svc.completions.start(request_id, parsed, cands, pref)
+    started = await svc.completions.start(request_id, caller.tenant, parsed, cands, pref)
     st = router.states[started.index]
     out = {
         "X-Carbon-Region": st.region.name,
@@ -95,7 +95,10 @@ async def answer_completion(
 
 
 async def sse_events(
-    items: AsyncIterator[Chunk | Settled], request_id: str, parsed: ParsedRequest, created: int
+    items: AsyncIterator[Chunk | Settled | StreamFailed],
+    request_id: str,
+    parsed: ParsedRequest,
+    created: int,
 ) -> AsyncIterator[bytes]:
     """A relayed stream as server-sent events. What arrived together leaves in one write, and
     a chunk the upstream ended the stream with leaves with the usage event and ``[DONE]``.
@@ -104,6 +107,10 @@ async def sse_events(
     held = b""  # the last chunk, sent with the end (which follows it without waiting)
     try:
         async for item in items:
+            if isinstance(item, StreamFailed):  # the replica failed after the first byte
+                _, body, _ = error_parts(item.error)
+                yield held + b"data: " + orjson.dumps(body) + b"\n\n"
+                return
             if isinstance(item, Settled):
                 end = SSE_DONE
                 if parsed.include_usage:

@@ -9,6 +9,7 @@ to the log).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from router.errors import (
     RequestError,
     UpstreamRefused,
 )
-from router.policy import NoCandidateError
+from router.policy import AtCapacity, NoCandidateError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (PermissionDenied, 403, "permission_error", None),
     (NotFound, 404, "invalid_request_error", "not_found"),
     (Conflict, 409, "invalid_request_error", None),
+    (AtCapacity, 429, "rate_limit_error", "at_capacity"),
     (NoCandidateError, 503, "server_error", "no_replica"),
     (CarbonUnavailable, 503, "server_error", "carbon_unavailable"),
     (ReplicaFailed, 503, "server_error", "replica_failed"),
@@ -64,21 +66,27 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(e: BaseException) -> JSONResponse:
-    """The OpenAI-style answer to ``e``."""
+def error_parts(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``e`` as (HTTP status, OpenAI error body, headers)."""
     row = next((r for r in TABLE if isinstance(e, r[0])), None)
     if row is None:
         if not isinstance(e, CarbonRouterError):
             log.error("unexpected error on the request path", exc_info=e)
         else:
             log.error("an error the table does not name: %r", e, exc_info=e)
-        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+        return 500, error_body("internal error", "server_error"), {}
     _, status, type_, code = row
     param = getattr(e, "param", None)
     code = getattr(e, "code", None) or code
     headers: dict[str, str] = {}
     if isinstance(e, BudgetExceeded):
         headers["X-Budget-Reset"] = e.reset_at.isoformat()
-    return JSONResponse(
-        error_body(str(e), type_, param=param, code=code), status_code=status, headers=headers
-    )
+    if isinstance(e, AtCapacity):
+        headers["Retry-After"] = str(math.ceil(e.retry_after_s))
+    return status, error_body(str(e), type_, param=param, code=code), headers
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    """The OpenAI-style answer to ``e``."""
+    status, body, headers = error_parts(e)
+    return JSONResponse(body, status_code=status, headers=headers)

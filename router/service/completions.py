@@ -55,6 +55,14 @@ class Collected:
 
 
 @dataclass(frozen=True)
+class StreamFailed:
+    """The last item of a stream whose replica failed after the first byte (it is billed for
+    what was sent)."""
+
+    error: ReplicaFailed
+
+
+@dataclass(frozen=True)
 class Settled:
     """The last item of a relayed stream: its bill."""
 
@@ -71,7 +79,7 @@ class Completions:
         self._live = live
         self.replicas = replicas
         self.settlement = settlement
-        self._cut_bills: set[asyncio.Task[Any]] = set()  # streams whose client went away
+        self._settling: set[asyncio.Task[Any]] = set()  # bills no caller awaits any more
 
     async def admit(
         self, caller: Caller, parsed: ParsedRequest, pref: Preference
@@ -88,6 +96,7 @@ class Completions:
     async def start(
         self,
         request_id: str,
+        tenant: str,
         parsed: ParsedRequest,
         cands: Candidates,
         pref: Preference,
@@ -108,24 +117,61 @@ class Completions:
                 and router.states[only].usable(time.monotonic())
             ):
                 i = only
-            replica = self.replicas[i]
+            replica, st = self.replicas[i], router.states[i]
+            st.active += 1  # in flight from now: seen by capacity and queue estimates
+            began = datetime.now(UTC)
             try:
                 if not parsed.stream:
                     answer = await replica.complete(request_id, parsed.completion)
-                    router.states[i].active += 1
                     return Started(i, decision, answer=answer)
                 stream = replica.stream(request_id, parsed.completion)
-                try:
-                    first: StreamItem | None = await stream.__anext__()
-                except StopAsyncIteration:
-                    first = None
+                first: StreamItem | None = await anext(stream, None)
             except ReplicaFailed as e:
+                st.active -= 1
                 log.warning("replica %s failed before the first byte: %s", decision.replica, e)
                 router.failed(i)
                 tried.add(i)
                 continue
-            router.states[i].active += 1
+            except asyncio.CancelledError:  # the client went away while the replica worked
+                st.active -= 1
+                self._bill_cut(request_id, tenant, i, parsed, began, produced=None)
+                raise
+            except BaseException:
+                st.active -= 1
+                raise
             return Started(i, decision, first=first, stream=stream)
+
+    def _bill_cut(
+        self,
+        request_id: str,
+        tenant: str,
+        index: int,
+        parsed: ParsedRequest,
+        began: datetime,
+        produced: int | None,
+    ) -> None:
+        """Bill a request cut before its end, by prediction (``estimated``): its prompt, and
+        the output it was sent (``produced``) or, not streamed, what its replica's rate makes
+        of the time it ran (at most ``max_tokens``). The energy was spent either way."""
+        now = datetime.now(UTC)
+        if produced is None:
+            per_s = self._live().router.states[index].replica.tokens_per_s
+            elapsed_s = (now - began).total_seconds()
+            produced = min(parsed.completion.max_tokens, int(elapsed_s * per_s))
+        cut = Final(parsed.prompt_estimate(), produced, began, now)
+        self._settle_soon(request_id, tenant, index, cut, parsed)
+
+    def _settle_soon(
+        self, request_id: str, tenant: str, index: int, final: Final | None,
+        parsed: ParsedRequest,
+    ) -> asyncio.Task[dict[str, Any]]:  # fmt: skip
+        """Settle on a task of its own: a cancelled caller cannot lose the bill."""
+        task = asyncio.get_running_loop().create_task(
+            self.settlement.settle(request_id, tenant, index, final, parsed)
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
 
     async def collect(
         self, started: Started, request_id: str, tenant: str, parsed: ParsedRequest
@@ -151,15 +197,17 @@ class Completions:
                     item = await anext(stream, None)
         finally:
             router.states[started.index].active -= 1
-        usage = await self.settlement.settle(request_id, tenant, started.index, final, parsed)
+        settling = self._settle_soon(request_id, tenant, started.index, final, parsed)
+        usage = await asyncio.shield(settling)
         return Collected("".join(text), finish or "stop", usage)
 
     async def relay(
         self, started: Started, request_id: str, tenant: str, parsed: ParsedRequest
-    ) -> AsyncIterator[Chunk | Settled]:
+    ) -> AsyncIterator[Chunk | Settled | StreamFailed]:
         """The stream's chunks as they come, then its bill (:class:`Settled`). Closed or
         cancelled early (the client went away), it stops the replica and bills what was
-        generated until then, by prediction: that energy was spent."""
+        generated until then, by prediction: that energy was spent. A replica that fails
+        mid-stream is cooled down and the stream ends with :class:`StreamFailed`."""
         st = self._live().router.states[started.index]
         final: Final | None = None
         begun, produced = datetime.now(UTC), 0
@@ -172,19 +220,19 @@ class Completions:
                     produced += sum(1 for text, _ in item.pieces if text)
                     yield item
                 item = await anext(stream, None)
+        except ReplicaFailed as e:  # after the first byte: no failover; bill what was sent
+            log.warning("replica %s failed mid-stream: %s", self.replicas[started.index].name, e)
+            self._live().router.failed(started.index)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced)
+            yield StreamFailed(e)
+            return
         except (asyncio.CancelledError, GeneratorExit):
-            cut = Final(parsed.prompt_estimate(), produced, begun, datetime.now(UTC))
-            task = asyncio.get_running_loop().create_task(
-                self.settlement.settle(request_id, tenant, started.index, cut, parsed)
-            )
-            self._cut_bills.add(task)
-            task.add_done_callback(self._cut_bills.discard)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:  # stop the upstream: the replica stops generating
                 await aclose()
             raise
         finally:
             st.active -= 1
-        yield Settled(
-            await self.settlement.settle(request_id, tenant, started.index, final, parsed)
-        )
+        settling = self._settle_soon(request_id, tenant, started.index, final, parsed)
+        yield Settled(await asyncio.shield(settling))

@@ -132,7 +132,9 @@ class Deferral:
             cands = await router.candidates(0, expected)
             index = next(k for k, s in enumerate(router.states) if s.replica.name == job.replica)
             pref = router.preference(None)
-            started = await self.completions.start(job.id, parsed, cands, pref, only=index)
+            started = await self.completions.start(
+                job.id, job.tenant, parsed, cands, pref, only=index
+            )
             done = await self.completions.collect(started, job.id, job.tenant, parsed)
             body = self.wire.body(
                 job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())

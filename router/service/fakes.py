@@ -32,7 +32,8 @@ class FakeReplicaClient:
     token per word, with ``energy_j`` metered (``None``: not metered). ``fail``: ``down``
     raises :class:`ReplicaFailed` before any output, ``refuse`` raises
     :class:`UpstreamRefused` (the server's 4xx), ``die_mid_stream`` fails after the first
-    chunk. ``delay_s`` is waited before each chunk. It records what it was asked
+    chunk. ``delay_s`` is waited before each chunk, and ``gate`` (when given) must be set before
+    any output. It records what it was asked
     (``calls``) and which streams were closed before their end (``closed``)."""
 
     def __init__(
@@ -44,6 +45,7 @@ class FakeReplicaClient:
         energy_j: float | None = 40.0,
         fail: Failure | None = None,
         delay_s: float = 0.0,
+        gate: asyncio.Event | None = None,
         bills_remotely: bool = False,
     ) -> None:
         self.name = name
@@ -52,11 +54,14 @@ class FakeReplicaClient:
         self.energy_j = energy_j
         self.fail = fail
         self.delay_s = delay_s
+        self.gate = gate
         self.bills_remotely = bills_remotely
         self.calls: list[str] = []
         self.closed: list[str] = []
 
-    def _check(self) -> None:
+    async def _begin(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail == "down":
             raise ReplicaFailed("connection refused", replica=self.name)
         if self.fail == "refuse":
@@ -69,7 +74,7 @@ class FakeReplicaClient:
     async def complete(self, request_id: str, request: CompletionRequest) -> Answer:
         self.calls.append(request_id)
         started = datetime.now(UTC)
-        self._check()
+        await self._begin()
         words = self.words[: request.max_tokens]
         await asyncio.sleep(self.delay_s * len(words))
         return Answer("".join(words), "stop", self._final(started, len(words)))
@@ -79,7 +84,7 @@ class FakeReplicaClient:
     ) -> AsyncIterator[StreamItem]:
         self.calls.append(request_id)
         started = datetime.now(UTC)
-        self._check()
+        await self._begin()
         words = self.words[: request.max_tokens]
         ended = False
         try:
