@@ -24,6 +24,8 @@ from regions.http1 import Http1Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
+MAX_REPORTED_TOKENS = 10_000_000  # more than any context window: past it, a server's nonsense
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -107,9 +109,20 @@ class OpenAIBackend(Backend):
         return Answer(
             text=text or "",
             finish_reason=choice.get("finish_reason"),
-            prompt_tokens=int(prompt) if prompt is not None else None,
-            completion_tokens=int(completion) if completion is not None else None,
+            prompt_tokens=self._count(prompt, "prompt_tokens"),
+            completion_tokens=self._count(completion, "completion_tokens"),
         )
+
+    def _count(self, value: Any, name: str) -> int | None:
+        """A token count the server reported, if it is one; nonsense (negative, fractional,
+        absurdly large, not a number) is ignored, logged, and the caller estimates instead."""
+        if value is None:
+            return None
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and float(value).is_integer() and 0 <= value <= MAX_REPORTED_TOKENS:
+            return int(value)
+        log.warning("%s: ignoring usage.%s = %r from the server", self.url, name, value)
+        return None
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
         async for batch, _ in self.stream_batches(request):

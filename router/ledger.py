@@ -14,6 +14,7 @@ reason.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,15 @@ SCHEMA_VERSION = 2
 
 class LedgerError(RouterError):
     """The ledger cannot be opened, migrated or written."""
+
+
+# no request has more tokens than this; SQLite's integers stop at 2**63 and a figure past
+# this is an upstream's nonsense, refused where the row is made
+MAX_TOKENS = 10**9
+FLOAT_COLUMNS = (
+    "energy_j", "pue", "kwh_billed", "intensity_g_per_kwh", "carbon_g", "price_usd_per_kwh",
+    "cost_usd", "energy_cost_usd", "token_cost_usd", "carbon_cost_usd",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,13 @@ class LedgerRow:
     status: Literal["ok", "error", "cancelled"] = "ok"
 
     def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "completion_tokens"):
+            n = getattr(self, name)
+            if type(n) is not int or not 0 <= n <= MAX_TOKENS:
+                raise LedgerError(f"request {self.request_id}: {name} {n!r} is not 0..{MAX_TOKENS}")
+        for name in FLOAT_COLUMNS:
+            if not math.isfinite(getattr(self, name)):
+                raise LedgerError(f"request {self.request_id}: {name} is not a finite number")
         if self.energy_j < 0 or self.kwh_billed < 0 or self.carbon_g < 0 or self.cost_usd < 0:
             raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost")
         for name in ("started_at", "ended_at"):
@@ -202,9 +219,12 @@ class Ledger:
                 # attribute reads, not dataclasses.astuple: that deep-copies every field
                 self._db.executemany(sql, ([getattr(r, c) for c in COLUMNS] for r in rows))
                 self._db.execute("COMMIT")
-            except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
-                raise LedgerError(f"{self.path}: write of {len(rows)} rows failed: {e}") from e
+            except BaseException as e:  # nothing of the batch is kept, no transaction left open
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error | OverflowError | ValueError | TypeError):
+                    raise LedgerError(f"{self.path}: write of {len(rows)} rows failed: {e}") from e
+                raise
             return self._db.total_changes - before
 
     def write_readings(

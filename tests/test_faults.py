@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from regions.openai_backend import OpenAIBackend
+from router.metering.remote import AwaitingBills
 from router.service.fakes import FakeReplicaClient, LedgerSink
 from router.service.proxied import ProxiedMetering, ProxiedReplica
 from tests.service_kit import CONFIG, DEMO, chat, service_kit
-from tests.test_http1 import server, status
+from tests.test_http1 import keep_answering, server, status
 
 
 async def test_an_upstream_4xx_is_the_callers_400_and_cools_no_replica_down(
@@ -143,3 +144,31 @@ async def test_a_stream_whose_upstream_dies_mid_way_is_billed_and_ends_with_an_e
         i = next(k for k, f in enumerate(fakes) if f.calls)
         assert kit.service.live.router.states[i].cooldown_until > time.monotonic()
         assert kit.service.live.router.states[i].active == 0
+
+
+async def test_absurd_usage_from_an_upstream_does_not_stop_billing(tmp_path: Path) -> None:
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1e30, "completion_tokens": -3},
+    }  # fmt: skip
+    async with server(keep_answering(json.dumps(answer).encode())) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "smollm2-135m")
+        sink = LedgerSink(tmp_path / "ledger.sqlite")
+        metering = ProxiedMetering([0], sink, AwaitingBills(timeout_s=0.0))
+        proxied = ProxiedReplica(0, "eu-north-0", backend, metering)
+        others = [FakeReplicaClient("eu-central-0"), FakeReplicaClient("us-south-0")]
+        async with service_kit(tmp_path, replicas=[proxied, *others]) as kit:  # type: ignore[list-item]
+            for _ in range(3):
+                r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+                assert r.status_code == 200, r.text
+                usage = r.json()["usage"]
+                assert 0 < usage["prompt_tokens"] < 100 and usage["completion_tokens"] == 1
+            await asyncio.sleep(0.01)
+            await metering.send(no_replica_answers)  # measurements never come: bill predictions
+            assert len(sink.ledger.tenant_rows(None)) == 3
+        await backend.aclose()
+
+
+async def no_replica_answers(i: int, events: object, bills: object) -> list[str]:
+    raise ConnectionError("replica down")

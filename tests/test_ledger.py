@@ -149,3 +149,29 @@ def test_raw_readings_idle_and_refit_rows_are_kept(tmp_path: Path) -> None:
     assert ledger.idle_j("eu-north-0") == 5.0
     ledger.write([row("a"), row("b", replica="other", prompt_tokens=7)])
     assert ledger.measured_rows("eu-north-0") == [(100, 50, 360.0)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt_tokens": 10**30},
+        {"completion_tokens": -1},
+        {"energy_j": float("inf")},
+        {"carbon_g": float("nan")},
+        {"prompt_tokens": 1.5},
+    ],
+)
+def test_an_absurd_row_is_refused_where_it_is_made(bad: dict[str, object]) -> None:
+    with pytest.raises(LedgerError):
+        row("absurd", **bad)
+
+
+def test_a_failed_write_leaves_no_transaction_open(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    good = row("ok")
+    bad = row("ok2")
+    object.__setattr__(bad, "prompt_tokens", 10**30)  # past the row's own checks
+    with pytest.raises(LedgerError):
+        ledger.write([good, bad])
+    assert not ledger._db.in_transaction  # other writers are not locked out
+    assert ledger.write([good]) == 1  # and nothing of the failed batch was kept

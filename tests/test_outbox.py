@@ -150,3 +150,51 @@ async def test_flush_with_nothing_pending_returns(n: int) -> None:
         box.add({"n": k})
     await asyncio.wait_for(box.flush(), 2)
     assert sink.ids == list(range(n))
+
+
+class PickySink(Sink):
+    """Refuses, for good, any call holding a row marked ``bad`` (as the ledger refuses a row
+    it cannot store): the outbox must set that row aside and keep the rest flowing."""
+
+    async def __call__(self, rows: list[dict[str, Any]]) -> None:
+        if any(r.get("bad") for r in rows):
+            from router.ledger import LedgerError
+
+            raise LedgerError("row refused: integer overflow")
+        self.calls.append(list(rows))
+
+
+async def test_a_row_the_sink_refuses_is_set_aside_and_the_rest_flow(tmp_path: Path) -> None:
+    sink = PickySink()
+    box = Outbox(sink, interval_s=0.005, spool_dir=tmp_path / "spool")
+    for n in range(5):
+        box.add({"n": n, "bad": n == 2})
+    await asyncio.wait_for(box.flush(), 5)
+    for n in range(5, 10):
+        box.add({"n": n})
+    await asyncio.wait_for(box.flush(), 5)
+    assert sink.ids == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert [r["n"] for r in box.dead_letters()] == [2]
+    await box.aclose()
+
+
+async def test_flush_returns_under_steady_traffic() -> None:
+    sink = Sink()
+    box = Outbox(sink, interval_s=0.005)
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        n = 0
+        while not stop.is_set():
+            box.add({"n": n})
+            n += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(traffic())
+    await asyncio.sleep(0.05)
+    marker = box.added
+    await asyncio.wait_for(box.flush(timeout_s=2.0), 3)  # never idle, still returns
+    assert box.sent >= marker
+    stop.set()
+    await task
+    await box.flush()

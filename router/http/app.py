@@ -222,6 +222,11 @@ def make_api() -> FastAPI:
         and policy without dropping requests (a changed set of replicas needs a redeploy)."""
         return JSONResponse(service_of(request).reload(caller))
 
+    @api.get("/v1/admin/dead-letters")
+    async def dead_letters(request: Request, caller: Auth) -> JSONResponse:
+        """Admin: billed rows the ledger refused for good, set aside while the rest flowed."""
+        return JSONResponse(service_of(request).dead_letters(caller))
+
     @api.post("/v1/files")
     async def upload_file(request: Request, caller: Auth) -> JSONResponse:
         async with request.form() as form:  # closes the upload's temporary file

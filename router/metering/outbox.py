@@ -4,7 +4,9 @@ The ingress answers a request as soon as it has billed it in memory; the row the
 metering actor with others in one call. :class:`Outbox` gathers rows, sends what has gathered
 every ``interval_s`` (or at once when ``max_rows`` are waiting), and keeps every row until the
 sink has acknowledged it (the ledger is durable then; ``on_sent`` hears of it), retrying with
-backoff while the sink is down. Rows are acknowledged in the order they were added.
+backoff while the sink is down. Rows are acknowledged in the order they were added. A row the
+sink refuses for good (the ledger cannot store it) is set aside in ``dead-letters.jsonl``
+beside the spool, logged, and the rows after it keep flowing.
 
 With a spool directory, each row is also appended to a segment file before :meth:`add` returns,
 and a segment is deleted only once its rows are acknowledged. The append is a ``write`` with no
@@ -30,6 +32,16 @@ from typing import Any, TextIO
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[dict[str, Any]]], Awaitable[Any]]
+DEAD_LETTERS = "dead-letters.jsonl"
+
+
+def refused_for_good(e: Exception) -> bool:
+    """Whether the sink refused the rows themselves (the ledger's own error, also when it comes
+    back through a Ray task error, which is an instance of its cause), rather than failing to
+    take them (an actor restarting, a timeout): those are retried, these never will succeed."""
+    from router.ledger import LedgerError
+
+    return isinstance(e, LedgerError | ValueError | TypeError)
 
 
 class Outbox:
@@ -42,6 +54,7 @@ class Outbox:
         max_rows: int = 512,
         max_backoff_s: float = 5.0,
         on_sent: Callable[[list[dict[str, Any]]], None] | None = None,
+        permanent: Callable[[Exception], bool] = refused_for_good,
     ) -> None:
         self._sink = sink
         self._on_sent = on_sent
@@ -53,6 +66,12 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._permanent = permanent
+        self.added = 0  # rows added so far (a sequence number: flush waits up to it)
+        self._done = 0  # rows acknowledged or set aside, in order
+        self._progress = asyncio.Event()
+        self.dead = 0  # rows the sink refused for good, set aside
+        self._dead_rows: list[dict[str, Any]] = []
         self.sent = 0  # rows acknowledged by the sink
         self.failures = 0  # sink calls that failed (each retried)
         self._root: Path | None = None
@@ -127,6 +146,7 @@ class Outbox:
         if self._segment is not None:
             self._segment.write(json.dumps(row, separators=(",", ":")) + "\n")
         self._pending.append(row)
+        self.added += 1
         self._idle.clear()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -134,34 +154,69 @@ class Outbox:
             self._wake.set()
 
     async def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until every row added so far is acknowledged."""
+        """Wait until every row added before the call is acknowledged (or set aside); rows
+        added meanwhile do not hold it up, so it returns under steady traffic too."""
+        target = self.added
         self._wake.set()
-        await asyncio.wait_for(self._idle.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            while self._done < target:
+                self._progress.clear()
+                await self._progress.wait()
 
     async def _run(self) -> None:
-        backoff = 0.05
         while self._pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             self._wake.clear()
             batch, self._pending = self._pending, []
             segment = self._rotate()
-            while True:
-                try:
-                    await self._sink(batch)
-                    break
-                except Exception:  # the rows stay ours; try again
-                    self.failures += 1
-                    log.warning("outbox: sink failed for %d rows, retrying", len(batch))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
-            backoff = 0.05
-            self.sent += len(batch)
-            if self._on_sent is not None:
-                self._on_sent(batch)
+            sent = await self._deliver(batch)
+            self.sent += len(sent)
+            if self._on_sent is not None and sent:
+                self._on_sent(sent)
             if segment is not None:
                 segment.unlink(missing_ok=True)
+            self._done += len(batch)
+            self._progress.set()
         self._idle.set()
+
+    async def _deliver(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send ``batch`` until the sink takes it, retrying with backoff while it fails. A
+        batch the sink refuses for good (``permanent``) is split to find the rows it refuses;
+        those are set aside (:meth:`dead_letters`) and the rest go on. Returns what was sent."""
+        backoff = 0.05
+        while True:
+            try:
+                await self._sink(batch)
+                return batch
+            except Exception as e:
+                if self._permanent(e):
+                    if len(batch) == 1:
+                        self._set_aside(batch[0], e)
+                        return []
+                    half = len(batch) // 2
+                    return await self._deliver(batch[:half]) + await self._deliver(batch[half:])
+                self.failures += 1  # the rows stay ours; try again
+                log.warning("outbox: sink failed for %d rows, retrying: %s", len(batch), e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _set_aside(self, row: dict[str, Any], e: Exception) -> None:
+        self.dead += 1
+        log.error(
+            "outbox: the sink refused row %s for good (%s); set aside", row.get("request_id"), e
+        )
+        self._dead_rows.append(row)
+        if self._root is not None:  # beside the spool, for the admin to see and replay
+            with (self._root / DEAD_LETTERS).open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"row": row, "error": str(e)}, separators=(",", ":")) + "\n")
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """The rows the sink refused for good: this process's, and those on file."""
+        if self._root is None or not (self._root / DEAD_LETTERS).exists():
+            return list(self._dead_rows)
+        lines = (self._root / DEAD_LETTERS).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["row"] for line in lines if line.strip()]
 
     async def aclose(self) -> None:
         """Send what is pending, stop, and remove this outbox's (now empty) spool."""

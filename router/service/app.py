@@ -86,6 +86,13 @@ class RouterService:
         rows = await self.ledger.usage(tenant)
         return {"object": "list", "tenant": tenant, "data": rows}
 
+    def dead_letters(self, caller: Caller) -> dict[str, Any]:
+        """Admin: the billed rows the ledger refused for good (set aside, not lost)."""
+        if not caller.admin:
+            raise PermissionDenied("admin key required")
+        rows = self.sink.dead_letters()
+        return {"object": "list", "data": rows}
+
     def models(self) -> list[str]:
         return sorted({s.replica.backend.model for s in self.live.router.states})
 

@@ -153,6 +153,9 @@ class LedgerSink:
     async def flush(self, timeout_s: float = 30.0) -> None:
         return None
 
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return []  # a row the ledger refuses raises at add(): the test sees it
+
     async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
         return [r.__dict__ for r in self.ledger.tenant_rows(tenant)]
 

@@ -83,7 +83,10 @@ class BillSink(Protocol):
         """Take one billed row (a :class:`router.ledger.LedgerRow` as a dict); durable soon."""
 
     async def flush(self, timeout_s: float = 30.0) -> None:
-        """Return once every row added before the call is in the ledger."""
+        """Return once every row added before the call is in the ledger (or set aside)."""
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Rows the ledger refused for good, set aside so the rest keep flowing."""
 
 
 class LedgerReader(Protocol):
