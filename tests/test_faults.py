@@ -7,15 +7,17 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from regions.config import Budget
 from regions.openai_backend import OpenAIBackend
 from router.metering.remote import AwaitingBills
 from router.service.fakes import FakeReplicaClient, LedgerSink
 from router.service.proxied import ProxiedMetering, ProxiedReplica
-from tests.service_kit import CONFIG, DEMO, chat, service_kit
+from tests.service_kit import CONFIG, DEMO, Kit, chat, service_kit
 from tests.test_http1 import keep_answering, server, status
 
 
@@ -93,9 +95,7 @@ async def test_when_every_allowed_replica_is_full_the_answer_is_429_with_retry_a
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["code"] == "at_capacity"
             # a request that may also run in us-south still goes there
-            anywhere = asyncio.create_task(
-                post("/v1/chat/completions", json=chat(), headers=DEMO)
-            )
+            anywhere = asyncio.create_task(post("/v1/chat/completions", json=chat(), headers=DEMO))
             await until(lambda: len(kit.replicas["us-south-0"].calls) == 1)
         finally:
             gate.set()  # lets everything held end, whatever happened
@@ -172,3 +172,75 @@ async def test_absurd_usage_from_an_upstream_does_not_stop_billing(tmp_path: Pat
 
 async def no_replica_answers(i: int, events: object, bills: object) -> list[str]:
     raise ConnectionError("replica down")
+
+
+async def per_request_kwh(kit: Kit) -> float:
+    """The predicted kWh (x PUE) of one chat() request on its cheapest replica."""
+    from router.http.wire import parse_body
+
+    parsed = parse_body(json.dumps(chat()).encode(), chat=True)
+    router = kit.service.live.router
+    expected = router.lengths.expected("demo", parsed.model, parsed.completion.max_tokens)
+    cands = await router.candidates(parsed.prompt_estimate(), expected)
+    return float((cands.kwh * cands.pue).min())
+
+
+async def test_concurrent_requests_cannot_overspend_a_budget(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    fakes = [FakeReplicaClient(n, gate=gate) for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes) as kit:
+        per = await per_request_kwh(kit)
+        kit.service.live.budgets.limits["demo"] = Budget(period="month", kwh=3.5 * per)
+        calls = [
+            asyncio.create_task(kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO))
+            for _ in range(40)
+        ]
+        await until(lambda: sum(len(f.calls) for f in fakes) >= 3)
+        await asyncio.sleep(0.05)
+        gate.set()
+        statuses = [r.status_code for r in await asyncio.gather(*calls)]
+        assert statuses.count(200) == 3 and statuses.count(402) == 37
+        spend = kit.service.live.budgets.spend["demo"]
+        assert spend.held_kwh == pytest.approx(0.0, abs=1e-15)  # every hold released
+        assert len(kit.rows()) == 3
+
+
+async def test_a_deferred_job_is_checked_against_the_budget_when_it_runs(tmp_path: Path) -> None:
+    async with service_kit(tmp_path, profile=(1.0, 0.2)) as kit:
+        per = await per_request_kwh(kit)
+        budgets = kit.service.live.budgets
+        budgets.limits["demo"] = Budget(period="month", kwh=1.5 * per)
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202
+        job = r.json()["id"]
+        assert (await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)).is_success
+        # the budget is spent now; the job, due, must not run and bill
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        done = kit.service.jobs.get(job)
+        assert done is not None and done.status == "failed" and "budget" in (done.error or "")
+        assert [row.request_id for row in kit.rows()] != [] and job not in {
+            row.request_id for row in kit.rows()
+        }
+
+
+async def test_a_batch_over_the_budget_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    line = json.dumps({"custom_id": "q", "body": chat()})
+    jsonl = ("\n".join([line] * 20) + "\n").encode()
+    async with service_kit(tmp_path) as kit:
+        per = await per_request_kwh(kit)
+        kit.service.live.budgets.limits["demo"] = Budget(period="month", kwh=3.5 * per)
+        up = await kit.client.post(
+            "/v1/files", files={"file": ("in.jsonl", jsonl)}, data={"purpose": "batch"},
+            headers=DEMO,
+        )  # fmt: skip
+        r = await kit.client.post(
+            "/v1/batches",
+            json={"input_file_id": up.json()["id"], "endpoint": "/v1/chat/completions"},
+            headers=DEMO,
+        )
+        assert r.status_code == 402, r.text
+        assert r.json()["error"]["code"] == "budget_exceeded"
+        assert kit.service.jobs.due(datetime(2100, 1, 1, tzinfo=UTC)) == []

@@ -91,7 +91,7 @@ async def test_a_stream_cut_by_its_client_is_billed_for_what_it_was_sent(
         parsed = parse_body(json.dumps(chat(stream=True)).encode(), chat=True)
         caller = svc.authenticate(DEMO["Authorization"])
         pref = svc.live.router.preference(None)
-        cands, _ = await svc.completions.admit(caller, parsed, pref)
+        cands = (await svc.completions.admit(caller, parsed)).cands
         started = await svc.completions.start("chatcmpl-cut", "demo", parsed, cands, pref)
         out = sse_events(
             svc.completions.relay(started, "chatcmpl-cut", "demo", parsed), "chatcmpl-cut",
@@ -116,8 +116,9 @@ async def test_relay_yields_chunks_then_the_bill(tmp_path: Path) -> None:
         svc = kit.service
         parsed = parse_body(json.dumps(chat(stream=True, max_tokens=2)).encode(), chat=True)
         pref = svc.live.router.preference(None)
-        cands, _ = await svc.completions.admit(svc.authenticate("Bearer sk-local-demo"), parsed,
-                                               pref)  # fmt: skip
+        cands = (
+            await svc.completions.admit(svc.authenticate("Bearer sk-local-demo"), parsed)
+        ).cands
         started = await svc.completions.start("r1", "demo", parsed, cands, pref)
         items = [i async for i in svc.completions.relay(started, "r1", "demo", parsed)]
         assert [type(i) for i in items] == [Chunk, Chunk, Settled]

@@ -63,14 +63,22 @@ async def answer_completion(
     parsed = parse_body(raw, chat=chat)
     router = svc.live.router
     pref = router.preference(headers.get("x-carbon-preference"))
-    cands, expected = await svc.completions.admit(caller, parsed, pref)
+    admitted = await svc.completions.admit(caller, parsed)
+    cands, hold = admitted.cands, admitted.hold
     if pref.defer_s > 0 and not parsed.stream:
-        job = await svc.deferral.maybe_defer(raw, caller.tenant, parsed, pref, cands, expected)
-        if job is not None:
+        try:
+            job = await svc.deferral.maybe_defer(
+                raw, caller.tenant, parsed, pref, cands, admitted.expected_tokens
+            )
+        except BaseException:
+            svc.settlement.release(hold)
+            raise
+        if job is not None:  # it holds its budget when it runs
+            svc.settlement.release(hold)
             location = {"Location": f"/v1/jobs/{job.id}"}
             return JSONResponse(job.public(), status_code=202, headers=location)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    started = await svc.completions.start(request_id, caller.tenant, parsed, cands, pref)
+    started = await svc.completions.start(request_id, caller.tenant, parsed, cands, pref, hold=hold)
     st = router.states[started.index]
     out = {
         "X-Carbon-Region": st.region.name,

@@ -13,6 +13,7 @@ from typing import Any
 
 from router.errors import NotFound, PermissionDenied, RequestError
 from router.jobs import Batch, Job, JobStore, StoredFile
+from router.policy import Candidates
 from router.service.deferral import Deferral
 from router.service.live import Live
 from router.service.ports import Wire
@@ -62,6 +63,7 @@ class Batches:
         pref = router.preference(f"defer={int(window[:-1]) * 3600}")
         jobs: list[Job] = []
         custom_ids: list[str] = []
+        predicted: list[Candidates] = []
         for n, line in enumerate(f.content.decode().splitlines(), 1):
             if not line.strip():
                 continue
@@ -74,13 +76,17 @@ class Batches:
             expected = router.lengths.expected(
                 caller.tenant, parsed.model, parsed.completion.max_tokens
             )
-            cands = await router.candidates(0, expected)
+            cands = await router.candidates(parsed.prompt_estimate(), expected)
+            predicted.append(cands)
             job = await self.deferral.plan(
                 raw, caller.tenant, parsed, pref, cands, expected, force=True
             )
             assert job is not None  # forced
             jobs.append(job)
             custom_ids.append(str(item.get("custom_id", f"line-{n}")))
+        # the whole batch must fit the tenant's budget now; each line is checked again when it
+        # runs (others may have spent it meanwhile)
+        await self.deferral.completions.settlement.check(caller.tenant, predicted)
         batch = Batch(
             f"batch_{uuid.uuid4().hex}",
             caller.tenant,

@@ -30,9 +30,19 @@ from router.service.ports import (
     StreamItem,
 )
 from router.service.settlement import Settlement
-from router.service.tenants import Caller
+from router.service.tenants import Caller, Hold
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request let in: where it could run, how long it is expected to be, and what it
+    holds of its tenant's budget until it is billed."""
+
+    cands: Candidates
+    expected_tokens: float
+    hold: Hold | None
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Started:
 
     index: int
     decision: Decision
+    hold: Hold | None = None
     answer: Answer | None = None
     first: StreamItem | None = None
     stream: AsyncIterator[StreamItem] | None = None
@@ -81,17 +92,16 @@ class Completions:
         self.settlement = settlement
         self._settling: set[asyncio.Task[Any]] = set()  # bills no caller awaits any more
 
-    async def admit(
-        self, caller: Caller, parsed: ParsedRequest, pref: Preference
-    ) -> tuple[Candidates, float]:
-        """The request's candidates and expected output tokens, once its budget allows it."""
+    async def admit(self, caller: Caller, parsed: ParsedRequest) -> Admitted:
+        """The request's candidates and expected output tokens, its predicted spend held
+        against its tenant's budget (or :class:`router.errors.BudgetExceeded`)."""
         router = self._live().router
         expected = router.lengths.expected(
             caller.tenant, parsed.model, parsed.completion.max_tokens
         )
         cands = await router.candidates(parsed.prompt_estimate(), expected)
-        await self.settlement.check_budget(caller.tenant, cands)
-        return cands, expected
+        hold = await self.settlement.reserve(caller.tenant, cands)
+        return Admitted(cands, expected, hold)
 
     async def start(
         self,
@@ -101,9 +111,27 @@ class Completions:
         cands: Candidates,
         pref: Preference,
         only: int | None = None,
+        hold: Hold | None = None,
     ) -> Started:
         """Send the request to the best replica, failing over until one answers (or gives
-        its first stream item). ``only``: a planned job's replica, tried first."""
+        its first stream item). ``only``: a planned job's replica, tried first. ``hold`` is
+        released if no replica takes the request, else it travels with it to its bill."""
+        try:
+            return await self._start(request_id, tenant, parsed, cands, pref, only, hold)
+        except BaseException:
+            self.settlement.release(hold)
+            raise
+
+    async def _start(
+        self,
+        request_id: str,
+        tenant: str,
+        parsed: ParsedRequest,
+        cands: Candidates,
+        pref: Preference,
+        only: int | None,
+        hold: Hold | None,
+    ) -> Started:
         router = self._live().router
         tried: set[int] = set()
         if only is not None:  # a planned job: its replica first, the others if it is down
@@ -123,7 +151,7 @@ class Completions:
             try:
                 if not parsed.stream:
                     answer = await replica.complete(request_id, parsed.completion)
-                    return Started(i, decision, answer=answer)
+                    return Started(i, decision, hold, answer=answer)
                 stream = replica.stream(request_id, parsed.completion)
                 first: StreamItem | None = await anext(stream, None)
             except ReplicaFailed as e:
@@ -134,12 +162,12 @@ class Completions:
                 continue
             except asyncio.CancelledError:  # the client went away while the replica worked
                 st.active -= 1
-                self._bill_cut(request_id, tenant, i, parsed, began, produced=None)
+                self._bill_cut(request_id, tenant, i, parsed, began, None, hold)
                 raise
             except BaseException:
                 st.active -= 1
                 raise
-            return Started(i, decision, first=first, stream=stream)
+            return Started(i, decision, hold, first=first, stream=stream)
 
     def _bill_cut(
         self,
@@ -149,6 +177,7 @@ class Completions:
         parsed: ParsedRequest,
         began: datetime,
         produced: int | None,
+        hold: Hold | None,
     ) -> None:
         """Bill a request cut before its end, by prediction (``estimated``): its prompt, and
         the output it was sent (``produced``) or, not streamed, what its replica's rate makes
@@ -159,15 +188,15 @@ class Completions:
             elapsed_s = (now - began).total_seconds()
             produced = min(parsed.completion.max_tokens, int(elapsed_s * per_s))
         cut = Final(parsed.prompt_estimate(), produced, began, now)
-        self._settle_soon(request_id, tenant, index, cut, parsed)
+        self._settle_soon(request_id, tenant, index, cut, parsed, hold)
 
     def _settle_soon(
         self, request_id: str, tenant: str, index: int, final: Final | None,
-        parsed: ParsedRequest,
+        parsed: ParsedRequest, hold: Hold | None,
     ) -> asyncio.Task[dict[str, Any]]:  # fmt: skip
         """Settle on a task of its own: a cancelled caller cannot lose the bill."""
         task = asyncio.get_running_loop().create_task(
-            self.settlement.settle(request_id, tenant, index, final, parsed)
+            self.settlement.settle(request_id, tenant, index, final, parsed, hold)
         )
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -197,7 +226,7 @@ class Completions:
                     item = await anext(stream, None)
         finally:
             router.states[started.index].active -= 1
-        settling = self._settle_soon(request_id, tenant, started.index, final, parsed)
+        settling = self._settle_soon(request_id, tenant, started.index, final, parsed, started.hold)
         usage = await asyncio.shield(settling)
         return Collected("".join(text), finish or "stop", usage)
 
@@ -223,16 +252,16 @@ class Completions:
         except ReplicaFailed as e:  # after the first byte: no failover; bill what was sent
             log.warning("replica %s failed mid-stream: %s", self.replicas[started.index].name, e)
             self._live().router.failed(started.index)
-            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold)
             yield StreamFailed(e)
             return
         except (asyncio.CancelledError, GeneratorExit):
-            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:  # stop the upstream: the replica stops generating
                 await aclose()
             raise
         finally:
             st.active -= 1
-        settling = self._settle_soon(request_id, tenant, started.index, final, parsed)
+        settling = self._settle_soon(request_id, tenant, started.index, final, parsed, started.hold)
         yield Settled(await asyncio.shield(settling))

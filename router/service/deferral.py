@@ -132,8 +132,10 @@ class Deferral:
             cands = await router.candidates(0, expected)
             index = next(k for k, s in enumerate(router.states) if s.replica.name == job.replica)
             pref = router.preference(None)
+            # checked when it runs, not only when it was planned: the budget may be spent now
+            hold = await self.completions.settlement.reserve(job.tenant, cands)
             started = await self.completions.start(
-                job.id, job.tenant, parsed, cands, pref, only=index
+                job.id, job.tenant, parsed, cands, pref, only=index, hold=hold
             )
             done = await self.completions.collect(started, job.id, job.tenant, parsed)
             body = self.wire.body(

@@ -26,7 +26,7 @@ from router.service.live import Live
 from router.service.metrics import Metrics
 from router.service.ports import BillSink, Final, LedgerReader, ParsedRequest, ReplicaClient
 from router.service.proxied import ProxiedMetering
-from router.service.tenants import period_start
+from router.service.tenants import Hold, period_start
 
 
 def usage_fields(row: LedgerRow) -> dict[str, Any]:
@@ -58,12 +58,31 @@ class Settlement:
         self.proxied = proxied
         self.metrics = metrics
 
-    async def check_budget(self, tenant: str, cands: Candidates) -> None:
-        """Refuse (:class:`router.errors.BudgetExceeded`) a request whose predicted spend on
-        its cheapest candidate would cross the tenant's budget."""
+    async def reserve(self, tenant: str, cands: Candidates) -> Hold | None:
+        """Hold the request's predicted spend on its cheapest candidate, or refuse
+        (:class:`router.errors.BudgetExceeded`) when it would cross the budget."""
         budgets = self._live().budgets
         if tenant not in budgets.limits:
-            return
+            return None
+        kwh, co2_g, usd = await self._predicted(tenant, cands)
+        return budgets.reserve(tenant, kwh, co2_g, usd, datetime.now(UTC))
+
+    async def check(self, tenant: str, requests: Sequence[Candidates]) -> None:
+        """Refuse these requests together if they would cross the budget; holds nothing."""
+        budgets = self._live().budgets
+        if tenant in budgets.limits:
+            total = [0.0, 0.0, 0.0]
+            for cands in requests:
+                for k, v in enumerate(await self._predicted(tenant, cands)):
+                    total[k] += v
+            budgets.check(tenant, *total, datetime.now(UTC))
+
+    def release(self, hold: Hold | None) -> None:
+        self._live().budgets.release(hold)
+
+    async def _predicted(self, tenant: str, cands: Candidates) -> tuple[float, float, float]:
+        """(kWh, g, $) of the request on its cheapest candidate, the tenant's spend loaded."""
+        budgets = self._live().budgets
         now = datetime.now(UTC)
         if tenant not in budgets.spend:  # first request since start: sum the ledger
             since = period_start(now, budgets.limits[tenant].period)
@@ -72,12 +91,10 @@ class Settlement:
             budgets.load(tenant, [r for r in rows if r.started_at >= since.isoformat()], now)
         i = int(np.argmin(cands.kwh))
         kwh = float(cands.kwh[i] * cands.pue[i])
-        budgets.check(
-            tenant,
+        return (
             kwh,
             kwh * float(cands.intensity_g_per_kwh[i]),
             kwh * float(cands.price_usd_per_kwh[i]),
-            now,
         )
 
     async def settle(
@@ -87,8 +104,10 @@ class Settlement:
         index: int,
         final: Final | None,
         parsed: ParsedRequest,
+        hold: Hold | None = None,
     ) -> dict[str, Any]:
-        """Bill what the request used and return its ``usage``: token counts and the bill."""
+        """Bill what the request used, release what it held of its budget, and return its
+        ``usage``: token counts and the bill."""
         live = self._live()
         router = live.router
         st = router.states[index]
@@ -101,17 +120,20 @@ class Settlement:
                 st.profile, final.prompt_tokens, final.completion_tokens
             )
             source = "estimated"
-        row = await router.bill(
-            request_id=request_id,
-            tenant=tenant,
-            index=index,
-            started_at=final.started_at,
-            ended_at=final.ended_at,
-            prompt_tokens=final.prompt_tokens,
-            completion_tokens=final.completion_tokens,
-            energy_j=energy_j,
-            energy_source=source,
-        )
+        try:
+            row = await router.bill(
+                request_id=request_id,
+                tenant=tenant,
+                index=index,
+                started_at=final.started_at,
+                ended_at=final.ended_at,
+                prompt_tokens=final.prompt_tokens,
+                completion_tokens=final.completion_tokens,
+                energy_j=energy_j,
+                energy_source=source,
+            )
+        finally:  # billed or not, the request holds nothing any more
+            live.budgets.release(hold)
         extra = usage_fields(row)
         if self.replicas[index].bills_remotely and self.proxied is not None:
             extra["energy_source"] = "predicted"  # the replica bills the measurement

@@ -66,18 +66,39 @@ def period_end(start: datetime, period: str) -> datetime:
 
 @dataclass
 class Spend:
+    """Billed spend in a period, and what requests in flight hold of it (their prediction)."""
+
     since: datetime
     kwh: float = 0.0
     co2_g: float = 0.0
     usd: float = 0.0
+    held_kwh: float = 0.0
+    held_co2_g: float = 0.0
+    held_usd: float = 0.0
+
+
+@dataclass
+class Hold:
+    """A request's predicted spend, reserved at admission and released (once, whoever asks
+    first) when it is billed or never runs."""
+
+    tenant: str
+    since: datetime
+    kwh: float
+    co2_g: float
+    usd: float
+    released: bool = False
 
 
 class Budgets:
     """Each tenant's spend in its budget period (kWh, g CO2e, $), checked before a request runs.
 
-    Totals start from the ledger and grow with every billed row; a request whose predicted
-    spend would cross a limit is refused (:class:`BudgetExceeded`, with the time the budget
-    resets).
+    Totals start from the ledger and grow with every billed row. A request reserves its
+    predicted spend when it is admitted (:meth:`reserve`) and releases it when it is billed
+    (:meth:`release`), so requests in flight count against the budget: one whose prediction,
+    on top of what is billed and held, would cross a limit is refused
+    (:class:`BudgetExceeded`, with the time the budget resets). A budget is overshot by at most
+    the prediction error of the requests in flight.
     """
 
     def __init__(self, tenants: list[Tenant]) -> None:
@@ -101,23 +122,51 @@ class Budgets:
         sp.usd = sum(r.cost_usd for r in rows)
 
     def check(self, tenant: str, kwh: float, co2_g: float, usd: float, now: datetime) -> None:
+        """Refuse spend of ``kwh``, ``co2_g``, ``usd`` that would cross a limit, counting what
+        is billed and what requests in flight hold."""
         budget = self.limits.get(tenant)
         if budget is None:
             return
         sp = self._current(tenant, now)
         reset = period_end(sp.since, budget.period)
-        for name, used, add, limit, unit in (
-            ("energy", sp.kwh, kwh, budget.kwh, "kWh"),
-            ("carbon", sp.co2_g, co2_g, budget.co2_g, "g CO2e"),
-            ("cost", sp.usd, usd, budget.usd, "USD"),
+        for name, used, held, add, limit, unit in (
+            ("energy", sp.kwh, sp.held_kwh, kwh, budget.kwh, "kWh"),
+            ("carbon", sp.co2_g, sp.held_co2_g, co2_g, budget.co2_g, "g CO2e"),
+            ("cost", sp.usd, sp.held_usd, usd, budget.usd, "USD"),
         ):
-            if limit is not None and used + add > limit:
+            if limit is not None and used + held + add > limit:
                 raise BudgetExceeded(
                     f"{name} budget of tenant {tenant} exceeded: {used:.6g} of {limit:g} {unit} "
-                    f"used this {budget.period}, this request needs about {add:.3g} more; the "
-                    f"budget resets at {reset.isoformat()}",
+                    f"used this {budget.period} and {held:.3g} held by requests in flight; this "
+                    f"request needs about {add:.3g} more; the budget resets at "
+                    f"{reset.isoformat()}",
                     reset_at=reset,
                 )
+
+    def reserve(
+        self, tenant: str, kwh: float, co2_g: float, usd: float, now: datetime
+    ) -> Hold | None:
+        """Check, then hold, a request's predicted spend; ``None`` for a tenant with no budget."""
+        if tenant not in self.limits:
+            return None
+        self.check(tenant, kwh, co2_g, usd, now)
+        sp = self._current(tenant, now)
+        sp.held_kwh += kwh
+        sp.held_co2_g += co2_g
+        sp.held_usd += usd
+        return Hold(tenant, sp.since, kwh, co2_g, usd)
+
+    def release(self, hold: Hold | None) -> None:
+        """Give back what ``hold`` reserved (its request is billed, or never ran)."""
+        if hold is None or hold.released:
+            return
+        hold.released = True
+        sp = self.spend.get(hold.tenant)
+        if sp is None or sp.since != hold.since:
+            return  # a new period (or a reload) started from zero holds
+        sp.held_kwh = max(0.0, sp.held_kwh - hold.kwh)
+        sp.held_co2_g = max(0.0, sp.held_co2_g - hold.co2_g)
+        sp.held_usd = max(0.0, sp.held_usd - hold.usd)
 
     def add(self, row: LedgerRow, now: datetime) -> None:
         if row.tenant in self.limits:
