@@ -40,9 +40,10 @@ class Job:
     forecast_score: float
     result: dict[str, Any] | None = None
     error: str | None = None
+    preference: str | None = None  # the X-Carbon-Preference it came with, applied when it runs
 
     def public(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("body",)}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("body", "preference")}
         out["object"] = "job"
         return out
 
@@ -67,7 +68,9 @@ CREATE TABLE IF NOT EXISTS batches (
     custom_ids TEXT NOT NULL, output_file_id TEXT
 );
 """
-MIGRATIONS: dict[int, str] = {0: _V1}  # from version k to k + 1
+# v2: a job keeps the preference it came with (its regions above all) for when it runs
+_V1_TO_V2 = "ALTER TABLE jobs ADD COLUMN preference TEXT"
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2}  # from version k to k + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JOB_COLUMNS = [f.name for f in fields(Job)]

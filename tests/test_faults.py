@@ -244,3 +244,20 @@ async def test_a_batch_over_the_budget_is_refused_before_anything_runs(tmp_path:
         assert r.status_code == 402, r.text
         assert r.json()["error"]["code"] == "budget_exceeded"
         assert kit.service.jobs.due(datetime(2100, 1, 1, tzinfo=UTC)) == []
+
+
+async def test_a_deferred_job_keeps_its_data_residency_when_it_fails_over(tmp_path: Path) -> None:
+    fakes = [FakeReplicaClient(n) for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes, profile=(1.0, 0.2)) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-*")'}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202 and r.json()["region"].startswith("eu-")
+        job = r.json()["id"]
+        for f in fakes[:2]:  # both eu replicas are down when it runs
+            f.fail = "down"
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        done = kit.service.jobs.get(job)
+        assert done is not None and done.status == "failed", done
+        assert fakes[2].calls == [] and kit.rows() == []  # never ran in us-south

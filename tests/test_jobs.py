@@ -54,3 +54,24 @@ def test_planned_job_round_trips() -> None:
     p = PlannedJob("j", "demo", "r", "eu", T0.isoformat(), T0.isoformat(), T0.isoformat(), 0.1,
                    {"model": "m"})  # fmt: skip
     assert PlannedJob.from_json(p.to_json()) == p
+
+
+def test_a_store_of_the_first_schema_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
+    import sqlite3
+
+    from router.jobs import _V1, SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # as the first, unversioned release left it
+        db.executescript(_V1)
+        db.execute(
+            "INSERT INTO jobs VALUES ('j', 'demo', 'scheduled', ?, ?, ?, 'r', 'eu', 1, '{}', 0.5,"
+            " NULL, NULL)",
+            (T0.isoformat(), T0.isoformat(), T0.isoformat()),
+        )
+    store = JobStore(path)
+    assert store.schema_version == SCHEMA_VERSION
+    old = store.get("j")
+    assert old is not None and old.preference is None and old.status == "scheduled"
+    store.add(job("k", T0))
+    assert store.get("k") == job("k", T0)

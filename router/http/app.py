@@ -68,7 +68,13 @@ async def answer_completion(
     if pref.defer_s > 0 and not parsed.stream:
         try:
             job = await svc.deferral.maybe_defer(
-                raw, caller.tenant, parsed, pref, cands, admitted.expected_tokens
+                raw,
+                caller.tenant,
+                parsed,
+                pref,
+                cands,
+                admitted.expected_tokens,
+                header=headers.get("x-carbon-preference"),
             )
         except BaseException:
             svc.settlement.release(hold)

@@ -60,7 +60,8 @@ class Batches:
             raise NotFound(f"no file {input_file_id}")
         chat = ENDPOINTS[endpoint]
         router = self._live().router
-        pref = router.preference(f"defer={int(window[:-1]) * 3600}")
+        header = f"defer={int(window[:-1]) * 3600}"
+        pref = router.preference(header)
         jobs: list[Job] = []
         custom_ids: list[str] = []
         predicted: list[Candidates] = []
@@ -79,7 +80,7 @@ class Batches:
             cands = await router.candidates(parsed.prompt_estimate(), expected)
             predicted.append(cands)
             job = await self.deferral.plan(
-                raw, caller.tenant, parsed, pref, cands, expected, force=True
+                raw, caller.tenant, parsed, pref, cands, expected, force=True, header=header
             )
             assert job is not None  # forced
             jobs.append(job)

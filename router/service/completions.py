@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -134,8 +134,7 @@ class Completions:
     ) -> Started:
         router = self._live().router
         tried: set[int] = set()
-        if only is not None:  # a planned job: its replica first, the others if it is down
-            pref = replace(pref, regions=())
+        # only: a planned job's replica first, then others its preference allows
         while True:
             decision = router.decide(cands, pref, tried)
             i = decision.index

@@ -44,6 +44,7 @@ class Deferral:
         expected: float,
         *,
         force: bool = False,
+        header: str | None = None,
     ) -> Job | None:
         """The job, planned, when waiting pays; with ``force`` (batch lines) also when it does
         not, to run now. ``None``: run it now, inline. The job is not stored yet."""
@@ -77,6 +78,7 @@ class Deferral:
             chat=parsed.chat,
             body=json.loads(raw),
             forecast_score=best,
+            preference=header,
         )
 
     async def maybe_defer(
@@ -87,9 +89,11 @@ class Deferral:
         pref: Preference,
         cands: Candidates,
         expected: float,
+        header: str | None = None,
     ) -> Job | None:
-        """Plan and store the job when waiting pays; ``None``: run it now."""
-        job = await self.plan(raw, tenant, parsed, pref, cands, expected)
+        """Plan and store the job when waiting pays; ``None``: run it now. ``header``, the
+        request's ``X-Carbon-Preference``, is kept and applied when the job runs."""
+        job = await self.plan(raw, tenant, parsed, pref, cands, expected, header=header)
         if job is not None:
             self.jobs.add(job)
         return job
@@ -131,7 +135,7 @@ class Deferral:
             )
             cands = await router.candidates(0, expected)
             index = next(k for k, s in enumerate(router.states) if s.replica.name == job.replica)
-            pref = router.preference(None)
+            pref = router.preference(job.preference)  # its regions hold on failover too
             # checked when it runs, not only when it was planned: the budget may be spent now
             hold = await self.completions.settlement.reserve(job.tenant, cands)
             started = await self.completions.start(

@@ -71,11 +71,11 @@ class Settlement:
         """Refuse these requests together if they would cross the budget; holds nothing."""
         budgets = self._live().budgets
         if tenant in budgets.limits:
-            total = [0.0, 0.0, 0.0]
+            kwh = co2_g = usd = 0.0
             for cands in requests:
-                for k, v in enumerate(await self._predicted(tenant, cands)):
-                    total[k] += v
-            budgets.check(tenant, *total, datetime.now(UTC))
+                one = await self._predicted(tenant, cands)
+                kwh, co2_g, usd = kwh + one[0], co2_g + one[1], usd + one[2]
+            budgets.check(tenant, kwh, co2_g, usd, datetime.now(UTC))
 
     def release(self, hold: Hold | None) -> None:
         self._live().budgets.release(hold)
