@@ -170,7 +170,7 @@ async def test_absurd_usage_from_an_upstream_does_not_stop_billing(tmp_path: Pat
         await backend.aclose()
 
 
-async def no_replica_answers(i: int, events: object, bills: object) -> list[str]:
+async def no_replica_answers(i: int, batch: object) -> list[str]:
     raise ConnectionError("replica down")
 
 

@@ -147,3 +147,22 @@ def test_an_unmeasured_bill_falls_back_to_the_prediction_after_the_timeout() -> 
     clock.t += 2.0
     assert bills.expired() == [{"request_id": "b", "tenant": "other", "energy_j": 7.0}]
     assert len(bills) == 0 and bills.expired() == []
+
+
+def test_a_request_whose_end_never_arrives_expires_and_the_rest_keep_being_billed() -> None:
+    clock = Clock()
+    remote = RemoteAttribution(
+        FakeMeter(100.0, clock=clock), lag_s=0.2, wall=lambda: clock(), max_silence_s=5.0
+    )
+    remote.events([("start", "lost", 100.05, 10)])  # its end was in a batch that was lost
+    done = []
+    for k in range(100):  # 10 s of traffic after it
+        clock.t += 0.1
+        remote.sample()
+        rid = f"r{k}"
+        remote.events([("start", rid, clock.t - 0.09, 5), ("end", rid, clock.t - 0.01, 0)])
+        done += remote.advance()
+    assert "lost" not in remote.open_requests and remote.expired == 1
+    billed = {d.request_id for d in done}
+    assert {f"r{k}" for k in range(90)} <= billed  # all but the newest, still in the lag
+    assert len(remote.open_requests) < 5  # nothing piles up

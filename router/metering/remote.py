@@ -17,6 +17,7 @@ bills such a request by its prediction when no measured bill comes back in time.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -68,8 +69,10 @@ class RemoteAttribution:
     prefill_weight: float = DEFAULT_PREFILL_WEIGHT
     lag_s: float = 1.0
     wall: Callable[[], float] = time.time
+    max_silence_s: float = 120.0  # an open request with no event for this long is given up
     late: int = 0
     unknown: int = 0
+    expired: int = 0
 
     def __post_init__(self) -> None:
         self.attributor = ReplicaAttributor(prefill_weight=self.prefill_weight)
@@ -78,6 +81,8 @@ class RemoteAttribution:
         self._queue: list[tuple[float, int, int, str, str, int, float]] = []
         self._seq = itertools.count()
         self._known: set[str] = set()
+        self._last_seen: dict[str, float] = {}  # open request -> time of its latest event
+        self._given_up: set[str] = set()
         self._fed_until = -float("inf")
         self._last_reading = MeterReading(first.t_s + self._offset, first.energy_j)
         self.attributor.reading(self._last_reading)
@@ -116,17 +121,40 @@ class RemoteAttribution:
                     if rid not in self._known:  # a start sent twice counts once
                         self.attributor.start(rid, t, n)
                         self._known.add(rid)
+                        self._last_seen[rid] = t
                 elif rid not in self._known:
                     self.unknown += 1
                 elif kind == "tokens":
                     self.attributor.token(rid, t, n)
+                    self._last_seen[rid] = t
                 else:
                     self.attributor.end(rid, t)
+                    self._last_seen.pop(rid, None)
             except AttributionError:  # e.g. an end sent twice: the first one stands
                 self.unknown += 1
+        self._expire(watermark)
+        out = []
         for a in done:
             self._known.discard(a.request_id)
-        return done
+            if a.request_id in self._given_up:  # not a measurement: the ingress predicts it
+                self._given_up.discard(a.request_id)
+            else:
+                out.append(a)
+        return out
+
+    def _expire(self, watermark: float) -> None:
+        """End the open requests silent for ``max_silence_s`` (their end was lost with a
+        timeline batch, or their ingress died): left open, they would hold every later
+        interval open with them. Their energy is not reported as measured: the ingress bills
+        their prediction."""
+        cutoff = watermark - self.max_silence_s
+        for rid in [r for r, t in self._last_seen.items() if t < cutoff]:
+            del self._last_seen[rid]
+            self._fed_until = max(self._fed_until, cutoff)  # later events keep time order
+            with contextlib.suppress(AttributionError):
+                self.attributor.end(rid, self._fed_until)
+                self._given_up.add(rid)
+                self.expired += 1
 
     @property
     def open_requests(self) -> list[str]:

@@ -28,12 +28,11 @@ from router.http.app import make_api
 from router.http.wire import OpenAIWire
 from router.jobs import JobStore
 from router.metering.outbox import Outbox
-from router.metering.remote import MeterEvent
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE, MeteringActor
 from router.ray_app.replica import RayReplicaClient, RegionReplica, remote_backend
 from router.service.app import RouterService
 from router.service.ports import ReplicaClient
-from router.service.proxied import ProxiedMetering, ProxiedReplica
+from router.service.proxied import ProxiedMetering, ProxiedReplica, TimelineBatch
 
 
 class ActorLedger:
@@ -112,10 +111,8 @@ class Ingress:
     async def _record(self, rows: list[dict[str, Any]]) -> None:
         await self.metering.record.remote(rows)
 
-    async def _send(
-        self, i: int, events: list[MeterEvent], bills: dict[str, dict[str, Any]]
-    ) -> list[str]:
-        billed: list[str] = await self.handles[i].meter_events.remote(events, bills)
+    async def _send(self, i: int, batch: TimelineBatch) -> list[str]:
+        billed: list[str] = await self.handles[i].meter_events.remote(batch)
         return billed
 
 

@@ -35,10 +35,11 @@ from router.billing import Tariff, rebill, tariff_for
 from router.errors import ReplicaFailed, UpstreamRefused
 from router.ledger import LedgerRow
 from router.metering.outbox import Outbox
-from router.metering.remote import MeterEvent, RemoteAttribution
+from router.metering.remote import RemoteAttribution
 from router.metering.replica import MeteredReplica
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE
 from router.service.ports import Answer, Chunk, Final, StreamItem
+from router.service.proxied import TimelineBatch
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class RegionReplica:
         else:
             self.remote = RemoteAttribution(meter, prefill_weight=rep.prefill_weight)
             self._templates: dict[str, dict[str, Any]] = {}
+            self._seqs: dict[str, int] = {}  # sender -> last batch number seen
+            self.lost_batches = 0
             self._billed: list[str] = []
             self._tariffs: dict[str, Tariff] = {}
             self._period_s = period_s
@@ -124,18 +127,26 @@ class RegionReplica:
             row = rebill(LedgerRow(**template), att.energy_j, source, tariff)
             self.outbox.add(row.__dict__)
 
-    async def meter_events(
-        self, events: list[MeterEvent], bills: dict[str, dict[str, Any]]
-    ) -> list[str]:
+    async def meter_events(self, batch: TimelineBatch) -> list[str]:
         """Timelines from the ingress, and for each ended request its predicted bill (the
         template the measured bill is priced from, with ``billing``: the tariff's config).
         Returns the requests whose measured bill reached the ledger since the last call: the
-        ingress stops waiting on them (one that never comes back is billed by its prediction)."""
-        self._templates.update(bills)
+        ingress stops waiting on them (one that never comes back is billed by its prediction).
+        A gap in the batches' numbers is counted and logged (``lost_batches``); the requests
+        whose ends it held expire in the attribution."""
+        last = self._seqs.get(batch.sender)
+        if last is not None and batch.seq != last + 1:
+            self.lost_batches += max(0, batch.seq - last - 1)
+            log.warning("replica %s: timeline batches %s..%s from %s were lost", self.name,
+                        last + 1, batch.seq - 1, batch.sender)  # fmt: skip
+        self._seqs[batch.sender] = max(batch.seq, last or 0)
+        if len(self._seqs) > 1024:  # ingress replicas come and go: forget the oldest
+            self._seqs.pop(next(iter(self._seqs)))
+        self._templates.update(batch.bills)
         if len(self._templates) > MAX_TEMPLATES:  # bills whose timeline never came: the
             for rid in list(self._templates)[: len(self._templates) - MAX_TEMPLATES]:  # oldest
                 del self._templates[rid]  # go; the ingress bills their prediction
-        self.remote.events(events)
+        self.remote.events(batch.events)
         billed, self._billed = self._billed, []
         return billed
 

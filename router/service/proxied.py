@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,9 +33,21 @@ from router.service.ports import Answer, BillSink, Chunk, Final, StreamItem
 
 log = logging.getLogger(__name__)
 
-# send(replica index, timeline events, {request id: bill template}) -> request ids whose
-# measured bill reached the ledger since the last call
-SendTimelines = Callable[[int, list[MeterEvent], dict[str, dict[str, Any]]], Awaitable[list[str]]]
+# send(replica index, Batch) -> request ids whose measured bill reached the ledger since the
+# last call
+SendTimelines = Callable[[int, "TimelineBatch"], Awaitable[list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineBatch:
+    """What one ingress sends one metering replica every period. ``seq`` counts up by one per
+    batch from ``sender``: a gap tells the replica a batch was lost (its requests' ends with
+    it; they expire there, and are billed by prediction here)."""
+
+    sender: str
+    seq: int
+    events: list[MeterEvent]
+    bills: dict[str, dict[str, Any]]
 
 
 class ProxiedMetering:
@@ -49,6 +63,8 @@ class ProxiedMetering:
         self._bills: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in self.replicas}
         # output tokens seen since the last send, merged per request: (last time, count)
         self._tokens: dict[int, dict[str, tuple[float, int]]] = {i: {} for i in self.replicas}
+        self.sender = uuid.uuid4().hex[:12]
+        self._seq = dict.fromkeys(self.replicas, 0)
 
     def started(self, i: int, request_id: str, t_s: float, prompt_tokens: int) -> None:
         self._events[i].append(MeterEvent("start", request_id, t_s, prompt_tokens))
@@ -89,8 +105,10 @@ class ProxiedMetering:
             bills, self._bills[i] = self._bills[i], {}
             if not events and not bills:
                 return
+            self._seq[i] += 1
+            batch = TimelineBatch(self.sender, self._seq[i], events, bills)
             try:
-                self.awaiting.measured(await send_one(i, events, bills))
+                self.awaiting.measured(await send_one(i, batch))
             except Exception as e:  # its bills fall back to the prediction at the deadline
                 log.warning("replica %s did not take its timelines: %s", i, e)
 
