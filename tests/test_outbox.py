@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from router.metering.outbox import Outbox
+from router.metering.outbox import Outbox, SpoolError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ async def test_rows_of_a_killed_process_are_taken_over(tmp_path: Path) -> None:
     # a process spools 50 rows, its sink never answers, and it is SIGKILLed
     script = textwrap.dedent(f"""
         import asyncio, os, signal
-        from router.metering.outbox import Outbox
+        from router.metering.outbox import Outbox, SpoolError
 
         async def never(rows):
             await asyncio.sleep(3600)
@@ -198,3 +199,42 @@ async def test_flush_returns_under_steady_traffic() -> None:
     stop.set()
     await task
     await box.flush()
+
+
+def planted_rows(spool: Path, owner: int | None = None) -> Path:
+    """A folder of rows as a dead outbox would leave it, planted by someone else."""
+    d = spool / "0planted"
+    d.mkdir(parents=True)
+    (d / "seg.jsonl").write_text(json.dumps({"request_id": "forged", "tenant": "victim"}) + "\n")
+    if owner is not None:
+        for p in (d / "seg.jsonl", d):
+            os.chown(p, owner, owner)
+    return d
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting files as another user needs root")
+async def test_rows_planted_by_another_user_are_not_replayed(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    planted = planted_rows(spool, owner=65534)
+    sink = Sink()
+    box = Outbox(sink, interval_s=0.005, spool_dir=spool)
+    assert box.orphans() == []
+    await box.flush()
+    assert sink.ids == [] and planted.exists()
+    await box.aclose()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_a_spool_others_can_write_to_is_refused(tmp_path: Path, mode: int) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    os.chmod(spool, mode)
+    with pytest.raises(SpoolError, match="others can write"):
+        Outbox(Sink(), spool_dir=spool)
+
+
+async def test_a_new_spool_is_private(tmp_path: Path) -> None:
+    box = Outbox(Sink(), spool_dir=tmp_path / "a" / "spool")
+    assert (tmp_path / "a" / "spool").stat().st_mode & 0o777 == 0o700
+    await box.aclose()

@@ -24,15 +24,53 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from router.errors import RouterError
+
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[dict[str, Any]]], Awaitable[Any]]
 DEAD_LETTERS = "dead-letters.jsonl"
+
+
+class SpoolError(RouterError):
+    """A spool folder is not private to this user: rows in it could be forged or read."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can enter: created 0700 (parents too); an existing
+    one must be a real folder (no link) owned by this user that no one else can write to, and
+    is then closed to reading by others. Anything else is a :class:`SpoolError`: a spool that
+    others could write to would let them plant rows that get billed."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise SpoolError(f"{path} is not a folder (a link?); remove it or choose another spool")
+    if st.st_uid != os.geteuid():
+        raise SpoolError(f"{path} belongs to uid {st.st_uid}, not to this user; remove it")
+    if st.st_mode & 0o022:
+        raise SpoolError(
+            f"others can write to {path} (mode {stat.S_IMODE(st.st_mode):o}): rows planted in "
+            f"it would be billed; check what is in it, then chmod 700 it"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` (a folder or file in our spool) was made by this user and no one else
+    can have written it."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
 
 
 def refused_for_good(e: Exception) -> bool:
@@ -84,10 +122,9 @@ class Outbox:
 
     # -- spool -----------------------------------------------------------------------------------
     def _open_spool(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self._root = root
+        self._root = private_dir(root)
         self._dir = root / uuid.uuid4().hex
-        self._dir.mkdir()
+        self._dir.mkdir(mode=0o700)
         self._lock = os.open(self._dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._new_segment()
@@ -95,7 +132,8 @@ class Outbox:
     def _new_segment(self) -> None:
         assert self._dir is not None
         self._segment_path = self._dir / f"{uuid.uuid4().hex}.jsonl"
-        self._segment = self._segment_path.open("a", encoding="utf-8", buffering=1)
+        fd = os.open(self._segment_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+        self._segment = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
     def _rotate(self) -> Path | None:
         """Close the segment holding the rows about to be sent; new rows go to a fresh one."""
@@ -113,6 +151,9 @@ class Outbox:
             return []
         rows: list[dict[str, Any]] = []
         for d in sorted(p for p in self._root.iterdir() if p.is_dir() and p != self._dir):
+            if not _ours(d):
+                log.warning("outbox: %s in the spool is not this user's own: not replayed", d)
+                continue
             fd = os.open(d / "lock", os.O_CREAT | os.O_RDWR, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,6 +162,9 @@ class Outbox:
                 continue  # its owner is alive
             found = []
             for seg in sorted(d.glob("*.jsonl")):
+                if not _ours(seg):
+                    log.warning("outbox: %s is not this user's own: not replayed", seg)
+                    continue
                 for line in seg.read_text(encoding="utf-8").splitlines():
                     with contextlib.suppress(ValueError):  # a torn last line from the crash
                         found.append(json.loads(line))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,8 +63,15 @@ def remote_backend(rep: Replica) -> OpenAIBackend:
 
 
 def spool_root() -> Path:
-    """Where a process spools rows it has not yet handed to the metering actor (node-local)."""
-    return Path(tempfile.gettempdir()) / "carbon-router" / "spool"
+    """Where a replica spools the bills it has not yet handed to the metering actor: a private
+    (0700) state folder on its node, ``$CARBON_ROUTER_STATE_DIR`` or
+    ``$XDG_STATE_HOME/carbon-router`` (``~/.local/state/carbon-router``), never a shared,
+    predictable temporary folder where another user could plant rows to be billed."""
+    state = os.environ.get("CARBON_ROUTER_STATE_DIR") or str(
+        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        / "carbon-router"
+    )
+    return Path(state) / "spool"
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
