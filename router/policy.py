@@ -77,6 +77,8 @@ class Candidates:
     queue_wait_ms: np.ndarray
     service_ms: np.ndarray
     load: np.ndarray  # active / max concurrency
+    # regions left out for missing data (carbon intensity, price): region -> why
+    unavailable: dict[str, str] = field(default_factory=dict)
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -153,6 +155,11 @@ class Policy(ABC):
             why = "no healthy replica" + (
                 f" in the allowed regions {list(pref.regions)}" if pref.regions else ""
             )
+            allowed = c.allowed(pref.regions)
+            gaps = {r: w for k, r in enumerate(c.regions) if allowed[k]
+                    for rr, w in c.unavailable.items() if rr == r}  # fmt: skip
+            if gaps:
+                why += "; " + "; ".join(gaps.values())
             raise NoCandidateError(why)
         ok = base & c.has_capacity
         if not ok.any():

@@ -9,13 +9,17 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from forecasting.errors import CarbonSourceError
+from forecasting.sources.base import Forecast, Intensity
 from regions.config import Budget
 from regions.openai_backend import OpenAIBackend
+from router.errors import CarbonUnavailable
 from router.metering.remote import AwaitingBills
-from router.service.fakes import FakeReplicaClient, LedgerSink
+from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
 from router.service.proxied import ProxiedMetering, ProxiedReplica
 from tests.service_kit import CONFIG, DEMO, Kit, chat, service_kit
 from tests.test_http1 import keep_answering, server, status
@@ -261,3 +265,98 @@ async def test_a_deferred_job_keeps_its_data_residency_when_it_fails_over(tmp_pa
         done = kit.service.jobs.get(job)
         assert done is not None and done.status == "failed", done
         assert fakes[2].calls == [] and kit.rows() == []  # never ran in us-south
+
+
+class CountingSource(StaticCarbonSource):
+    """A static source that counts its calls and can be switched off (fails like a dead API)."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        super().__init__(values)
+        self.calls = 0
+        self.down = False
+
+    async def latest(self, zone: str) -> Intensity:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        if self.down:
+            raise CarbonSourceError("HTTP 503", source=self.name, zone=zone)
+        return await super().latest(zone)
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        self.calls += 1
+        if self.down:
+            raise CarbonSourceError("HTTP 503", source=self.name, zone=zone)
+        return await super().forecast(zone, horizon_h)
+
+
+async def test_a_region_without_carbon_data_is_unavailable_and_the_others_serve(
+    tmp_path: Path,
+) -> None:
+    async with service_kit(tmp_path) as kit:
+        # us-south's zone is unknown to the source: no value, no cache, no forecast
+        kit.service.live.router.carbon.sources["grid"] = StaticCarbonSource(
+            {"SE": 30.0, "DE": 400.0}
+        )
+        for pref in ('regions=("eu-*")', "mode=cost"):
+            headers = {**DEMO, "X-Carbon-Preference": pref}
+            r = await kit.client.post("/v1/chat/completions", json=chat(), headers=headers)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-carbon-region"].startswith("eu-")
+        us = {**DEMO, "X-Carbon-Preference": 'regions=("us-*")'}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=us)
+        assert r.status_code == 503 and "us-south" in r.json()["error"]["message"]
+
+
+async def test_a_dead_carbon_api_is_asked_once_not_by_every_request() -> None:
+    from router.service.carbon import CarbonView
+
+    clock = FakeMonotonic()
+    source = CountingSource({"SE": 30.0})
+    source.down = True
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, fail_ttl_s=10.0)
+    results = await asyncio.gather(*(view.get(region) for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, CarbonUnavailable) for r in results)
+    assert source.calls <= 2  # one latest and one forecast, shared by all twenty
+    calls = source.calls
+    await asyncio.gather(*(view.get(region) for _ in range(5)), return_exceptions=True)
+    assert source.calls == calls  # the failure is remembered for fail_ttl_s
+    clock.t += 11
+    source.down = False
+    assert (await view.get(region)).g_per_kwh == 30.0
+
+
+async def test_a_stale_value_is_not_served_past_max_stale_s() -> None:
+    from router.service.carbon import CarbonView
+
+    clock = FakeMonotonic()
+    source = CountingSource({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, ttl_s=60, max_stale_s=3600)
+    assert not (await view.get(region)).stale
+    source.down = True
+    clock.t += 600
+    reading = await view.get(region)
+    assert reading.stale and reading.g_per_kwh == 30.0  # within its stated age
+    clock.t += 3600
+    with pytest.raises(CarbonUnavailable):
+        await view.get(region)
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def load_config_text(text: str) -> Any:
+    import tempfile
+
+    from regions.config import load_config
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.yaml"
+        path.write_text(text)
+        return load_config(path)

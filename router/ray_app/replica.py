@@ -68,8 +68,7 @@ def spool_root() -> Path:
     ``$XDG_STATE_HOME/carbon-router`` (``~/.local/state/carbon-router``), never a shared,
     predictable temporary folder where another user could plant rows to be billed."""
     state = os.environ.get("CARBON_ROUTER_STATE_DIR") or str(
-        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-        / "carbon-router"
+        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "carbon-router"
     )
     return Path(state) / "spool"
 

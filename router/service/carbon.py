@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -25,8 +26,14 @@ class CarbonReading:
 
 
 class CarbonView:
-    """Each region's intensity now, cached for ``ttl_s``. On a source failure it keeps the
-    last value (marked stale) and, lacking one, uses the forecast; it never invents a value."""
+    """Each region's intensity now, cached for ``ttl_s``, never invented.
+
+    Concurrent requests for a region share one fetch (single flight). When the source fails,
+    the last value is used, marked stale, while it is at most ``max_stale_s`` old; lacking
+    one, the source's forecast for this hour; lacking that, the region is unavailable
+    (:class:`CarbonUnavailable`), and the failure is remembered for ``fail_ttl_s`` so that a
+    dead API is not asked again by every request. Other regions are not affected.
+    """
 
     def __init__(
         self,
@@ -34,40 +41,75 @@ class CarbonView:
         sources: dict[str, CarbonSource],
         ttl_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_stale_s: float = 3 * 3600.0,
+        fail_ttl_s: float = 10.0,
     ) -> None:
         self.regions = regions
         self.sources = sources
         self.ttl_s = ttl_s
+        self.max_stale_s = max_stale_s
+        self.fail_ttl_s = fail_ttl_s
         self._clock = clock
-        self._values: dict[str, tuple[float, CarbonReading]] = {}
+        self._values: dict[str, tuple[float, CarbonReading]] = {}  # fetched at, reading
+        self._failed: dict[str, tuple[float, CarbonUnavailable]] = {}  # failed at, why
+        self._inflight: dict[str, asyncio.Task[CarbonReading]] = {}
 
     async def get(self, region: Region) -> CarbonReading:
         now = self._clock()
         cached = self._values.get(region.name)
         if cached and now - cached[0] < self.ttl_s:
             return cached[1]
+        failed = self._failed.get(region.name)
+        if failed and now - failed[0] < self.fail_ttl_s:
+            return self._stale_or(region, now, failed[1])
+        task = self._inflight.get(region.name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._refresh(region))
+            self._inflight[region.name] = task
+            task.add_done_callback(lambda _: self._inflight.pop(region.name, None))
+        return await asyncio.shield(task)
+
+    async def _refresh(self, region: Region) -> CarbonReading:
         src = self.sources[region.carbon_source]
         try:
             latest = await src.latest(region.zone)
-            reading = CarbonReading(
-                latest.g_per_kwh, latest.signal, latest.stale, src.name, latest.age_s
-            )
         except CarbonSourceError as e:
-            if cached:
-                old = cached[1]
-                reading = CarbonReading(
-                    old.g_per_kwh, old.signal, True, old.source, old.age_s + now - cached[0]
-                )
-                log.warning("%s; using the last value, %.0f s old", e, reading.age_s)
-            else:
+            now = self._clock()
+            cached = self._values.get(region.name)
+            if cached is None:  # never had a value: this hour's forecast, if the source has one
                 try:
                     fc = await src.forecast(region.zone, 1)
                 except CarbonSourceError:
-                    raise CarbonUnavailable(
-                        f"no carbon intensity for region {region.name}: {e}"
-                    ) from e
+                    why = CarbonUnavailable(f"no carbon intensity for region {region.name}: {e}")
+                    self._failed[region.name] = (now, why)
+                    raise why from e
                 reading = CarbonReading(
                     float(fc.g_per_kwh.iloc[0]), fc.signal, True, f"{src.name} forecast", 0.0
                 )
-        self._values[region.name] = (now, reading)
+                self._values[region.name] = (now, reading)
+                return reading
+            why = CarbonUnavailable(
+                f"no carbon intensity for region {region.name}: {e}; its last value is over "
+                f"{self.max_stale_s:.0f} s old"
+            )
+            self._failed[region.name] = (now, why)
+            log.warning("%s; using the last value while it is under %.0f s old", e,
+                        self.max_stale_s)  # fmt: skip
+            return self._stale_or(region, now, why)
+        reading = CarbonReading(latest.g_per_kwh, latest.signal, latest.stale, src.name,
+                                latest.age_s)  # fmt: skip
+        self._values[region.name] = (self._clock(), reading)
+        self._failed.pop(region.name, None)
         return reading
+
+    def _stale_or(self, region: Region, now: float, why: CarbonUnavailable) -> CarbonReading:
+        """The last value, marked stale with its age, while it is within ``max_stale_s``."""
+        cached = self._values.get(region.name)
+        if cached is None:
+            raise why
+        fetched_at, old = cached
+        age_s = old.age_s + now - fetched_at
+        if age_s > self.max_stale_s:
+            raise why
+        return CarbonReading(old.g_per_kwh, old.signal, True, old.source, age_s)

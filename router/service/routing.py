@@ -17,7 +17,8 @@ from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
 from forecasting.errors import CarbonSourceError
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, Region, Replica
-from router.billing import PriceSchedule, bill_line, tariff_for
+from router.billing import PriceError, PriceSchedule, bill_line, tariff_for
+from router.errors import CarbonUnavailable
 from router.ledger import LedgerRow
 from router.policy import Candidates, Decision, Policy, make_policy
 from router.preference import Preference, parse_preference
@@ -123,9 +124,14 @@ class Router:
         price = np.empty(n)
         kwh = np.empty(n)
         service_ms = np.empty(n)
+        missing: dict[str, str] = {}  # a region without data is unavailable, not the service
         for i, st in enumerate(self.states):
-            intensity[i] = (await self.carbon.get(st.region)).g_per_kwh
-            price[i] = st.prices.at(wall)
+            try:
+                intensity[i] = (await self.carbon.get(st.region)).g_per_kwh
+                price[i] = st.prices.at(wall)
+            except (CarbonUnavailable, PriceError) as e:
+                missing[st.region.name] = str(e)
+                intensity[i], price[i] = np.inf, np.inf
             kwh[i] = (
                 self.predictor.predict_j(
                     st.profile, prompt_tokens, output_tokens, batch=max(1, st.active)
@@ -149,7 +155,7 @@ class Router:
             names=static["names"],
             regions=static["regions"],
             residency=static["residency"],
-            healthy=np.array([s.usable(now) for s in self.states]),
+            healthy=np.array([s.usable(now) and s.region.name not in missing for s in self.states]),
             has_capacity=np.array([s.active < 4 * s.replica.max_concurrency for s in self.states]),
             kwh=kwh,
             pue=static["pue"],
@@ -159,6 +165,7 @@ class Router:
             queue_wait_ms=queue_ms,
             service_ms=service_ms,
             load=load,
+            unavailable=missing,
         )
 
     def decide(self, c: Candidates, pref: Preference, exclude: set[int] = frozenset()) -> Decision:  # type: ignore[assignment]
