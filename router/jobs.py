@@ -217,6 +217,10 @@ class JobStore:
             return None
         return StoredFile(**{**dict(row), "content": bytes(row["content"])})
 
+    def delete_file(self, file_id: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM files WHERE id=?", (file_id,))
+
     def add_batch(self, batch: Batch, jobs: list[Job]) -> None:
         """Store ``batch`` and its ``jobs`` in one transaction: all of them or none."""
         params = {

@@ -360,3 +360,80 @@ def load_config_text(text: str) -> Any:
         path = Path(d) / "c.yaml"
         path.write_text(text)
         return load_config(path)
+
+
+async def upload(kit: Kit, content: bytes) -> Any:
+    return await kit.client.post(
+        "/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"},
+        headers=DEMO,
+    )  # fmt: skip
+
+
+async def create_batch(kit: Kit, file_id: str, **kw: Any) -> Any:
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", **kw}
+    return await kit.client.post("/v1/batches", json=body, headers=DEMO)
+
+
+@pytest.mark.parametrize(
+    ("content", "window", "expect"),
+    [
+        (b"\xff\xfe not utf-8\n", "24h", "UTF-8"),
+        (b"[" * 100_000 + b"\n", "24h", "line 1"),
+        (b"[]\n", "24h", "line 1"),
+        (json.dumps({"custom_id": "a", "body": chat()}).encode(), "\u00b2h", "completion_window"),
+        (json.dumps({"custom_id": "a", "body": chat()}).encode(), "0h", "completion_window"),
+    ],
+)
+async def test_bad_batch_input_is_a_400_that_says_why(
+    tmp_path: Path, content: bytes, window: str, expect: str
+) -> None:
+    async with service_kit(tmp_path) as kit:
+        up = await upload(kit, content)
+        assert up.status_code == 200
+        r = await create_batch(kit, up.json()["id"], completion_window=window)
+        assert r.status_code == 400, r.text
+        assert expect in r.json()["error"]["message"] + str(r.json()["error"]["param"])
+        assert kit.service.jobs.due(datetime(2100, 1, 1, tzinfo=UTC)) == []
+
+
+async def test_batch_uploads_and_line_counts_are_capped(tmp_path: Path) -> None:
+    from router.service.batches import MAX_FILE_BYTES, MAX_LINES
+
+    async with service_kit(tmp_path) as kit:
+        r = await upload(kit, b"x" * (MAX_FILE_BYTES + 1))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        line = json.dumps({"custom_id": "a", "body": chat()}).encode()
+        up = await upload(kit, b"\n".join([line] * (MAX_LINES + 1)))
+        r = await create_batch(kit, up.json()["id"])
+        assert r.status_code == 400 and str(MAX_LINES) in r.json()["error"]["message"]
+
+
+async def test_a_large_batch_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    line = json.dumps({"custom_id": "a", "body": chat()}).encode()
+    async with service_kit(tmp_path) as kit:
+        up = await upload(kit, b"\n".join([line] * 2000))
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        r = await create_batch(kit, up.json()["id"])
+        task.cancel()
+        assert r.status_code == 200 and r.json()["request_counts"]["total"] == 2000
+        assert ticks >= 20  # other work ran while the 2,000 lines were planned
+
+
+async def test_files_can_be_deleted(tmp_path: Path) -> None:
+    async with service_kit(tmp_path) as kit:
+        up = await upload(kit, b'{"custom_id": "a"}\n')
+        file_id = up.json()["id"]
+        r = await kit.client.delete(f"/v1/files/{file_id}", headers=DEMO)
+        assert r.status_code == 200 and r.json() == {"id": file_id, "object": "file",
+                                                     "deleted": True}  # fmt: skip
+        assert (
+            await kit.client.get(f"/v1/files/{file_id}/content", headers=DEMO)
+        ).status_code == 404

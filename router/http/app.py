@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 
 from carbonrouter.errors import CarbonRouterError
-from router.errors import RequestError
+from router.errors import BodyTooLarge, RequestError
 from router.http.errors import JSONResponse, error_parts, error_response
 from router.http.wire import (
     MAX_BODY_BYTES,
@@ -35,6 +35,7 @@ from router.http.wire import (
     sse_event,
 )
 from router.service.app import RouterService
+from router.service.batches import MAX_FILE_BYTES
 from router.service.completions import Settled, StreamFailed
 from router.service.ports import Chunk, ParsedRequest
 from router.service.tenants import Caller
@@ -243,11 +244,14 @@ def make_api() -> FastAPI:
 
     @api.post("/v1/files")
     async def upload_file(request: Request, caller: Auth) -> JSONResponse:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_FILE_BYTES + (64 << 10):
+            raise BodyTooLarge(f"file over {MAX_FILE_BYTES} bytes", param="file")
         async with request.form() as form:  # closes the upload's temporary file
             upload, purpose = form.get("file"), str(form.get("purpose") or "")
             if upload is None or isinstance(upload, str):
                 raise RequestError("multipart field 'file' is required", param="file")
-            content = await upload.read()
+            content = await upload.read(MAX_FILE_BYTES + 1)
             filename = upload.filename or "input.jsonl"
         f = service_of(request).batches.add_file(caller, purpose, filename, content)
         return JSONResponse(
@@ -260,6 +264,11 @@ def make_api() -> FastAPI:
                 "purpose": f.purpose,
             }
         )
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(request: Request, file_id: str, caller: Auth) -> JSONResponse:
+        service_of(request).batches.delete_file(caller, file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str, caller: Auth) -> Response:

@@ -4,14 +4,18 @@ as jobs, and gathered into an output file when the last one ends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from router.errors import NotFound, PermissionDenied, RequestError
+import orjson
+
+from router.errors import BodyTooLarge, NotFound, PermissionDenied, RequestError
 from router.jobs import Batch, Job, JobStore, StoredFile
 from router.policy import Candidates
 from router.service.deferral import Deferral
@@ -20,6 +24,13 @@ from router.service.ports import Wire
 from router.service.tenants import Caller
 
 ENDPOINTS = {"/v1/chat/completions": True, "/v1/completions": False}  # path -> chat
+# OpenAI allows 200 MB and 50,000 requests a batch; files here live in SQLite and a batch is
+# planned in one pass when it is created, so both are smaller
+MAX_FILE_BYTES = 16 << 20
+MAX_LINES = 10_000
+MAX_WINDOW_H = 168  # a week: forecasts reach no further
+WINDOW = re.compile(r"[1-9][0-9]{0,2}h", re.ASCII)
+YIELD_EVERY = 50  # lines planned between two turns of the event loop
 
 
 class Batches:
@@ -32,6 +43,8 @@ class Batches:
         self.wire = wire
 
     def add_file(self, caller: Caller, purpose: str, filename: str, content: bytes) -> StoredFile:
+        if len(content) > MAX_FILE_BYTES:
+            raise BodyTooLarge(f"file over {MAX_FILE_BYTES} bytes", param="file")
         if purpose != "batch":
             raise RequestError("purpose must be 'batch'", param="purpose")
         f = StoredFile(
@@ -46,6 +59,10 @@ class Batches:
             raise NotFound(f"no file {file_id}")
         return f
 
+    def delete_file(self, caller: Caller, file_id: str) -> None:
+        self.file(caller, file_id)  # the caller's, or NotFound
+        self.jobs.delete_file(file_id)
+
     async def create(
         self, caller: Caller, input_file_id: Any, endpoint: Any, window: Any
     ) -> dict[str, Any]:
@@ -53,11 +70,28 @@ class Batches:
         batch in one transaction, or none (a bad line refuses the batch, naming the line)."""
         if endpoint not in ENDPOINTS:
             raise RequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
-        if not (isinstance(window, str) and window.endswith("h") and window[:-1].isdigit()):
-            raise RequestError("completion_window must look like '24h'", param="completion_window")
+        if not (
+            isinstance(window, str)
+            and WINDOW.fullmatch(window)
+            and int(window[:-1]) <= MAX_WINDOW_H
+        ):
+            raise RequestError(
+                f"completion_window must be hours, 1h..{MAX_WINDOW_H}h, like '24h'",
+                param="completion_window",
+            )
         f = self.jobs.file(str(input_file_id))
         if f is None or f.tenant != caller.tenant:
             raise NotFound(f"no file {input_file_id}")
+        try:
+            text = f.content.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{f.filename} is not UTF-8: {e}", param="input_file_id") from e
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if len(lines) > MAX_LINES:
+            raise RequestError(
+                f"{f.filename} has {len(lines)} requests; a batch takes at most {MAX_LINES}",
+                param="input_file_id",
+            )
         chat = ENDPOINTS[endpoint]
         router = self._live().router
         header = f"defer={int(window[:-1]) * 3600}"
@@ -65,14 +99,16 @@ class Batches:
         jobs: list[Job] = []
         custom_ids: list[str] = []
         predicted: list[Candidates] = []
-        for n, line in enumerate(f.content.decode().splitlines(), 1):
-            if not line.strip():
-                continue
+        for k, (n, line) in enumerate(lines):
+            if k % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # the loop serves other requests meanwhile
             try:
-                item = json.loads(line)
-                raw = json.dumps(item["body"]).encode()
+                item = orjson.loads(line)
+                if not isinstance(item, dict) or not isinstance(item.get("body"), dict):
+                    raise ValueError("a line must be an object with a 'body' object")
+                raw = orjson.dumps(item["body"])
                 parsed = self.wire.parse(raw, chat=chat)
-            except (ValueError, KeyError, TypeError, RequestError) as e:
+            except (ValueError, TypeError, RecursionError, RequestError) as e:
                 raise RequestError(f"{f.filename} line {n}: {e}", param="input_file_id") from e
             expected = router.lengths.expected(
                 caller.tenant, parsed.model, parsed.completion.max_tokens
