@@ -172,3 +172,31 @@ def test_backtest_bad_period_is_clear(data_dir: Path) -> None:
             train_end="2019-01-01",
             test_end="2019-02-01",
         )
+
+
+async def test_tenants_asking_many_horizons_share_one_fit_run_off_the_event_loop() -> None:
+    clock = FakeClock(datetime(2024, 6, 3, 12, tzinfo=UTC))
+    src = FileSource(
+        {"DE": ZoneFile(DATA / "carbon/electricitymaps_hourly/DE.csv")},
+        clock=clock,
+        forecaster_history_days=60,
+    )
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    forecasts = [await src.forecast("DE", h) for h in range(2, 25)]  # defer=1h..23h
+    task.cancel()
+    assert [len(f.g_per_kwh) for f in forecasts] == list(range(2, 25))
+    assert forecasts[-1].g_per_kwh.iloc[:2].tolist() == forecasts[0].g_per_kwh.tolist()
+    assert len(src._forecast_cache) == 1  # one fit for all of them, not 23
+    assert ticks >= 5  # the loop kept turning while it was fitted
+    for day in range(40):  # a long-running router: the cache stays bounded
+        clock.advance(3600)
+        src._forecast_cache.setdefault(("DE", pd.Timestamp(clock()), 24 + day), pd.Series())
+    assert len(src._forecast_cache) <= src.MAX_CACHED_FORECASTS + 1

@@ -12,8 +12,10 @@ history before ``clock()``. Driven by a simulated clock it is the simulator's ca
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -130,6 +132,8 @@ class ZoneFile:
 class FileSource(CarbonSource):
     """Historical files, one per zone, answered as of ``clock()``."""
 
+    MAX_CACHED_FORECASTS = 64  # fits kept (zone, hour issued, horizon): bounded memory
+
     def __init__(
         self,
         files: Mapping[str, ZoneFile],
@@ -146,6 +150,7 @@ class FileSource(CarbonSource):
         self._frames: dict[str, pd.DataFrame] = {}
         self._series: dict[str, pd.Series] = {}
         self._forecast_cache: dict[tuple[str, pd.Timestamp, int], pd.Series] = {}
+        self._fit_lock = threading.Lock()
         self._history_days = forecaster_history_days
 
     @property
@@ -216,10 +221,12 @@ class FileSource(CarbonSource):
 
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         now = self._now().floor("h")
+        # a fit takes seconds of CPU: in a worker thread, so the event loop keeps serving
+        series = await asyncio.to_thread(self.forecast_at, zone, now, horizon_h)
         return Forecast(
             zone=zone,
             issued_at=now.to_pydatetime(),
-            g_per_kwh=self.forecast_at(zone, now, horizon_h),
+            g_per_kwh=series,
             signal=self.signal,
             source=self.name,
         )
@@ -230,22 +237,29 @@ class FileSource(CarbonSource):
         A published forecast column (DACF files) is used as is; otherwise
         :class:`CarbonForecaster` is fitted on the year before ``issued`` (cached per day).
         """
-        key = (zone, issued, horizon_h)
-        if key in self._forecast_cache:
-            return self._forecast_cache[key]
+        # horizons share fits: one for up to 24 h, one for up to 48 h (the longest deferral),
+        # so tenants choosing their own defer= cannot make a fit per horizon
+        fit_h = 24 if horizon_h <= 24 else 48 if horizon_h <= 48 else horizon_h
+        key = (zone, issued, fit_h)
+        with self._fit_lock:  # one fit at a time; a second asker waits for the first's result
+            cached = self._forecast_cache.get(key)
+            if cached is None:
+                cached = self._fit(zone, issued, fit_h)
+                self._forecast_cache[key] = cached
+                while len(self._forecast_cache) > self.MAX_CACHED_FORECASTS:
+                    self._forecast_cache.pop(next(iter(self._forecast_cache)))  # the oldest
+        return cached.iloc[:horizon_h]
+
+    def _fit(self, zone: str, issued: pd.Timestamp, horizon_h: int) -> pd.Series:
         frame = self.frame(zone)
         target = pd.date_range(issued, periods=horizon_h, freq="h")
         if PUBLISHED_FORECAST_COLUMN in frame:
             published = frame[PUBLISHED_FORECAST_COLUMN].reindex(target)
             if published.notna().all():
-                out = clean_series(published, source=self.name, zone=zone)
-                self._forecast_cache[key] = out
-                return out
+                return clean_series(published, source=self.name, zone=zone)
         from forecasting.forecaster import CarbonForecaster
 
         since = issued - pd.Timedelta(days=self._history_days)
         train = frame[(frame.index < issued) & (frame.index >= since)]
         model = CarbonForecaster(max_horizon_h=max(horizon_h, 24)).fit(train)
-        out = model.predict(train, issued, horizon_h)
-        self._forecast_cache[key] = out
-        return out
+        return model.predict(train, issued, horizon_h)

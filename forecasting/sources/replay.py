@@ -8,6 +8,7 @@ forecast never needs data the file lacks. Values are returned with real (current
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import datetime
 
@@ -74,7 +75,10 @@ class ReplaySource(CarbonSource):
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         shift = self.offset(zone)
         now = pd.Timestamp(require_utc(self._clock())).floor("h")
-        played = self._files.forecast_at(zone, now - shift, horizon_h).copy()
+        # a fit takes seconds of CPU: in a worker thread, so the event loop keeps serving
+        played = (
+            await asyncio.to_thread(self._files.forecast_at, zone, now - shift, horizon_h)
+        ).copy()
         played.index = played.index + shift
         return Forecast(
             zone=zone,

@@ -174,6 +174,8 @@ class Router:
         return self.policy.rank(c, pref)
 
     async def _forecast(self, region: Region, hours: int) -> Any:
+        # two horizons (24 h, 48 h): how many cached does not grow with what tenants ask for
+        hours = 24 if hours <= 24 else 48
         key = (region.name, hours)
         hit = self._forecasts.get(key)
         if hit and self.clock() - hit[0] < 900:
