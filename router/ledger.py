@@ -21,13 +21,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from router.errors import RouterError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class LedgerError(RouterError):
@@ -92,6 +92,20 @@ class LedgerRow:
 
 COLUMNS = [f.name for f in fields(LedgerRow)]
 
+
+@dataclass(frozen=True)
+class UsagePage:
+    rows: list[LedgerRow]
+    totals: dict[str, float]  # requests, kwh, carbon_g, cost_usd over the whole period
+    has_more: bool
+
+
+def _row(r: Sequence[object]) -> LedgerRow:
+    d = dict(zip(COLUMNS, r, strict=True))
+    d["carbon_stale"] = bool(d["carbon_stale"])
+    return LedgerRow(**d)  # type: ignore[arg-type]
+
+
 _V1 = """
 CREATE TABLE requests (
     request_id TEXT PRIMARY KEY,
@@ -137,7 +151,9 @@ CREATE TABLE idle_energy (
 """
 # v2: the carbon price is billed separately, so invoices can show it
 _V1_TO_V2 = "ALTER TABLE requests ADD COLUMN carbon_cost_usd REAL NOT NULL DEFAULT 0;"
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2}
+# v3: all tenants' usage pages in time order (the admin's view) by index, not by a sort
+_V2_TO_V3 = "CREATE INDEX IF NOT EXISTS requests_time ON requests (started_at, request_id);"
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3}
 
 
 def utc_iso(when: datetime) -> str:
@@ -160,6 +176,13 @@ class Ledger:
             raise LedgerError(f"{self.path}: cannot open the ledger: {e}") from e
         self._lock = threading.Lock()
         self._migrate()
+        try:
+            self._reader = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except sqlite3.Error as e:
+            raise LedgerError(f"{self.path}: cannot open the ledger: {e}") from e
+        self._read_lock = threading.Lock()
 
     # ---- schema -----------------------------------------------------------------------------
 
@@ -253,15 +276,12 @@ class Ledger:
         return rows[0] if rows else None
 
     def rows(self, *, where: str = "1", params: Sequence[object] = ()) -> list[LedgerRow]:
-        cur = self._db.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {where} ORDER BY started_at", params
+        cur = self._query(
+            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {where} "
+            "ORDER BY started_at, request_id",
+            params,
         )
-        out = []
-        for r in cur:
-            d = dict(zip(COLUMNS, r, strict=True))
-            d["carbon_stale"] = bool(d["carbon_stale"])
-            out.append(LedgerRow(**d))
-        return out
+        return [_row(r) for r in cur]
 
     def tenant_rows(
         self, tenant: str | None, start: datetime | None = None, end: datetime | None = None
@@ -280,7 +300,7 @@ class Ledger:
 
     def readings(self, replica: str) -> list[tuple[float, str, float]]:
         return list(
-            self._db.execute(
+            self._query(
                 "SELECT t_s, wall_time, energy_j FROM meter_readings "
                 "WHERE replica = ? ORDER BY t_s",
                 (replica,),
@@ -289,32 +309,89 @@ class Ledger:
 
     def idle_j(self, replica: str | None = None) -> float:
         sql = "SELECT COALESCE(SUM(energy_j), 0) FROM idle_energy"
-        cur = (
-            self._db.execute(sql + " WHERE replica = ?", (replica,))
-            if replica
-            else self._db.execute(sql)
-        )
-        return float(cur.fetchone()[0])
+        cur = self._query(sql + " WHERE replica = ?", (replica,)) if replica else self._query(sql)
+        return float(cur[0][0])
 
     def measured_rows(self, replica: str, limit: int = 5000) -> list[tuple[int, int, float]]:
         """``(prompt_tokens, completion_tokens, energy_j)`` of a replica's latest ok requests,
         the energy predictor's refit data."""
-        cur = self._db.execute(
+        cur = self._query(
             "SELECT prompt_tokens, completion_tokens, energy_j FROM requests "
             "WHERE replica = ? AND status = 'ok' ORDER BY started_at DESC LIMIT ?",
             (replica, limit),
         )
         return [(int(p), int(c), float(e)) for p, c, e in cur]
 
+    def usage_page(
+        self,
+        tenant: str | None,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> UsagePage:
+        """One page of ``tenant``'s rows (None: everyone's) started in ``[start, end)``, in
+        time order from the row after request ``after``, with the period's totals, summed by
+        SQL: the cost does not grow with the rows a tenant has, only with the page."""
+        clauses, params = ["1"], []
+        if tenant is not None:
+            clauses.append("tenant = ?")
+            params.append(tenant)
+        if start is not None:
+            clauses.append("started_at >= ?")
+            params.append(utc_iso(start))
+        if end is not None:
+            clauses.append("started_at < ?")
+            params.append(utc_iso(end))
+        where = " AND ".join(clauses)
+        n, kwh, g, usd = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
+            f"COALESCE(SUM(cost_usd), 0) FROM requests WHERE {where}",
+            params,
+        )[0]
+        page_where, page_params = where, list(params)
+        if after is not None:
+            found = self._query("SELECT started_at FROM requests WHERE request_id = ?", (after,))
+            if not found:
+                raise LedgerError(f"no row {after} to page after")
+            page_where += " AND (started_at, request_id) > (?, ?)"
+            page_params += [found[0][0], after]
+        cur = self._query(
+            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {page_where} "
+            "ORDER BY started_at, request_id LIMIT ?",
+            [*page_params, limit + 1],
+        )
+        rows = [_row(r) for r in cur]
+        totals = {"requests": int(n), "kwh": float(kwh), "carbon_g": float(g),
+                  "cost_usd": float(usd)}  # fmt: skip
+        return UsagePage(rows[:limit], totals, len(rows) > limit)
+
+    def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
+        """``tenant``'s billed (kWh, g CO2e, USD) since ``since``, summed by SQL."""
+        kwh, g, usd = self._query(
+            "SELECT COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
+            "COALESCE(SUM(cost_usd), 0) FROM requests WHERE tenant = ? AND started_at >= ?",
+            (tenant, utc_iso(since)),
+        )[0]
+        return float(kwh), float(g), float(usd)
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """A read on the reader's own connection, fetched whole under its lock: it sees
+        committed rows only, never a write in progress (or one rolled back) on the writer's."""
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
+
     def tenants(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM requests ORDER BY 1")]
+        return [r[0] for r in self._query("SELECT DISTINCT tenant FROM requests ORDER BY 1")]
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+        return int(self._query("SELECT COUNT(*) FROM requests")[0][0])
 
     def integrity_ok(self) -> bool:
         return bool(self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from router.ledger import SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
+from router.ledger import COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
 from tests.conftest import ROOT
 
 
@@ -175,3 +175,42 @@ def test_a_failed_write_leaves_no_transaction_open(tmp_path: Path) -> None:
         ledger.write([good, bad])
     assert not ledger._db.in_transaction  # other writers are not locked out
     assert ledger.write([good]) == 1  # and nothing of the failed batch was kept
+
+
+def test_usage_pages_and_totals_come_from_sql(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    ledger.write([row(f"r{k:03d}", t0 + timedelta(minutes=k)) for k in range(250)])
+    ledger.write([row("other", t0, tenant="globex")])
+    page = ledger.usage_page("acme", limit=100)
+    assert [r.request_id for r in page.rows] == [f"r{k:03d}" for k in range(100)]
+    assert page.has_more and page.totals["requests"] == 250
+    assert page.totals["kwh"] == pytest.approx(250 * row("x").kwh_billed)
+    last = ledger.usage_page("acme", limit=100, after="r199")
+    assert [r.request_id for r in last.rows] == [f"r{k:03d}" for k in range(200, 250)]
+    assert not last.has_more
+    window = ledger.usage_page("acme", start=t0 + timedelta(minutes=10),
+                               end=t0 + timedelta(minutes=20), limit=1000)  # fmt: skip
+    assert window.totals["requests"] == 10 and len(window.rows) == 10
+    assert ledger.spend("acme", t0) == pytest.approx(
+        (250 * row("x").kwh_billed, 250 * row("x").carbon_g, 250 * row("x").cost_usd)
+    )
+    with pytest.raises(LedgerError, match="no row"):
+        ledger.usage_page("acme", after="nope")
+
+
+def test_reads_do_not_see_a_write_that_is_rolled_back(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger._db.execute("BEGIN IMMEDIATE")  # a write in progress on the writer's connection
+    ledger._db.execute(
+        "INSERT INTO requests SELECT * FROM requests WHERE 0"  # (nothing, just a transaction)
+    )
+    good = row("pending")
+    cols = ", ".join(COLUMNS)
+    ledger._db.execute(
+        f"INSERT INTO requests ({cols}) VALUES ({', '.join('?' for _ in COLUMNS)})",
+        [getattr(good, c) for c in COLUMNS],
+    )
+    assert ledger.usage_page(None).rows == []  # not committed: not seen
+    ledger._db.execute("ROLLBACK")
+    assert ledger.usage_page(None).rows == []

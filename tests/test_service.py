@@ -234,3 +234,23 @@ async def test_errors_come_from_one_table_in_openai_format(
         if expect is not None:
             assert expect in (error["code"], error["param"])
         assert kit.rows() == []
+
+
+async def test_usage_comes_in_pages_with_the_periods_totals(tmp_path: Path) -> None:
+    async with service_kit(tmp_path) as kit:
+        for _ in range(3):
+            assert (await kit.client.post("/v1/chat/completions", json=chat(),
+                                          headers=DEMO)).is_success  # fmt: skip
+        first = (await kit.client.get("/v1/usage?limit=2", headers=DEMO)).json()
+        assert len(first["data"]) == 2 and first["has_more"] and first["totals"]["requests"] == 3
+        rest = (
+            await kit.client.get(f"/v1/usage?limit=2&after={first['last_id']}", headers=DEMO)
+        ).json()
+        assert len(rest["data"]) == 1 and not rest["has_more"]
+        ids = [r["request_id"] for r in first["data"] + rest["data"]]
+        assert sorted(ids) == sorted(r.request_id for r in kit.rows())
+        future = (await kit.client.get("/v1/usage?start=2100-01-01", headers=DEMO)).json()
+        assert future["data"] == [] and future["totals"]["requests"] == 0
+        for bad in ("limit=0", "limit=5000", "start=yesterday", "after=nope"):
+            r = await kit.client.get(f"/v1/usage?{bad}", headers=DEMO)
+            assert r.status_code in (400, 422), (bad, r.text)

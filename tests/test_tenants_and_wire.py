@@ -13,7 +13,6 @@ from router.errors import AuthError, BudgetExceeded, RequestError
 from router.http.errors import error_response
 from router.http.wire import parse_body
 from router.service.tenants import Budgets, Tenants, period_end, period_start
-from tests.test_ledger import row
 
 KEY_HASH = hashlib.sha256(b"sk-a").hexdigest()
 NOW = datetime(2026, 11, 26, 20, tzinfo=UTC)
@@ -64,7 +63,7 @@ def test_good_body() -> None:
 
 def test_budget_refuses_with_the_reset_time() -> None:
     b = Budgets([Tenant(name="acme", api_key_sha256=[KEY_HASH], budget=Budget(kwh=1e-3))])
-    b.load("acme", [row("a", kwh_billed=9e-4)], NOW)
+    b.load("acme", 9e-4, 0.0, 0.0, NOW)
     b.check("acme", 5e-5, 0.0, 0.0, NOW)  # still under
     with pytest.raises(BudgetExceeded) as info:
         b.check("acme", 2e-4, 0.0, 0.0, NOW)

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
 
 import orjson
@@ -37,7 +38,7 @@ from router.http.wire import (
 from router.service.app import RouterService
 from router.service.batches import MAX_FILE_BYTES
 from router.service.completions import Settled, StreamFailed
-from router.service.ports import Chunk, ParsedRequest
+from router.service.ports import Chunk, ParsedRequest, UsageQuery
 from router.service.tenants import Caller
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,19 @@ def make_api() -> FastAPI:
         return JSONResponse({"object": "list", "data": data})
 
     @api.get("/v1/usage")
-    async def usage(request: Request, caller: Auth, tenant: str | None = None) -> JSONResponse:
-        return JSONResponse(await service_of(request).usage(caller, tenant))
+    async def usage(
+        request: Request,
+        caller: Auth,
+        tenant: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> JSONResponse:
+        """A page of usage (``limit`` rows after ``after``, a request id) started in
+        ``[start, end)`` (ISO 8601, UTC when no offset), with the period's totals."""
+        query = UsageQuery(utc_param(start, "start"), utc_param(end, "end"), limit, after)
+        return JSONResponse(await service_of(request).usage(caller, tenant, query))
 
     @api.get("/v1/jobs/{job_id}")
     async def get_job(request: Request, job_id: str, caller: Auth) -> JSONResponse:
@@ -315,6 +327,17 @@ def make_api() -> FastAPI:
         return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
     return api
+
+
+def utc_param(value: str | None, name: str) -> datetime | None:
+    """A query parameter as a UTC time: ISO 8601, a date, or a time with no offset as UTC."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise RequestError(f"'{name}' must be an ISO 8601 time, got {value!r}", param=name) from e
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

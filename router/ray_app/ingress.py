@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from router.metering.outbox import Outbox
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE, MeteringActor
 from router.ray_app.replica import RayReplicaClient, RegionReplica, remote_backend
 from router.service.app import RouterService
-from router.service.ports import ReplicaClient
+from router.service.ports import ReplicaClient, UsageQuery
 from router.service.proxied import ProxiedMetering, ProxiedReplica, TimelineBatch
 
 
@@ -41,9 +42,13 @@ class ActorLedger:
     def __init__(self, actor: Any) -> None:
         self.actor = actor
 
-    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = await self.actor.usage.remote(tenant)
-        return rows
+    async def usage(self, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
+        page: dict[str, Any] = await self.actor.usage.remote(tenant, query)
+        return page
+
+    async def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
+        kwh, g, usd = await self.actor.spend.remote(tenant, since)
+        return float(kwh), float(g), float(usd)
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         rows: list[tuple[int, int, float]] = await self.actor.refit_rows.remote(replica)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 import ray
 
 from router.ledger import Ledger, LedgerRow
+from router.service.ports import UsageQuery, usage_answer
 
 METERING_ACTOR = "carbon-router-metering"
 NAMESPACE = "carbon-router"
@@ -47,8 +49,13 @@ class MeteringActor:
                 if not fut.done():
                     fut.set_result(written)
 
-    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
-        return [r.__dict__ for r in self.ledger.tenant_rows(tenant)]
+    async def usage(self, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
+        """A page of usage with its totals, read in a worker thread: the loop keeps taking
+        rows to write meanwhile."""
+        return await asyncio.to_thread(usage_answer, self.ledger, tenant, query)
+
+    async def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
+        return await asyncio.to_thread(self.ledger.spend, tenant, since)
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         return self.ledger.measured_rows(replica)

@@ -17,17 +17,20 @@ from forecasting.sources.base import CarbonSource
 from regions.config import Config, ConfigError, load_config
 from router.errors import Conflict, PermissionDenied, RequestError
 from router.jobs import JobStore
+from router.ledger import LedgerError
 from router.service.batches import Batches
 from router.service.completions import Completions
 from router.service.deferral import Deferral
 from router.service.live import Live
 from router.service.metrics import Metrics
-from router.service.ports import BillSink, LedgerReader, ReplicaClient, Wire
+from router.service.ports import BillSink, LedgerReader, ReplicaClient, UsageQuery, Wire
 from router.service.proxied import ProxiedMetering, SendTimelines
 from router.service.settlement import Settlement
 from router.service.tenants import Caller
 
 log = logging.getLogger(__name__)
+
+MAX_USAGE_PAGE = 1000  # rows in one page of GET /v1/usage
 
 # the carbon sources of a config, files resolved against the config's folder
 SourcesFactory = Callable[[Config, Path], dict[str, CarbonSource]]
@@ -78,13 +81,26 @@ class RouterService:
     def authenticate(self, authorization: str | None) -> Caller:
         return self.live.tenants.authenticate(authorization)
 
-    async def usage(self, caller: Caller, tenant: str | None) -> dict[str, Any]:
-        """The caller's ledger rows (the admin's: ``tenant``'s, or everyone's), once the
-        requests it was answered have reached the ledger."""
+    async def usage(self, caller: Caller, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
+        """A page of the caller's ledger rows (the admin's: ``tenant``'s, or everyone's) and
+        the period's totals, once the requests it was answered have reached the ledger."""
+        if not 1 <= query.limit <= MAX_USAGE_PAGE:
+            raise RequestError(f"limit must be 1..{MAX_USAGE_PAGE}", param="limit")
         tenant = tenant if caller.admin else caller.tenant
         await self.settlement.wait_settled(tenant)
-        rows = await self.ledger.usage(tenant)
-        return {"object": "list", "tenant": tenant, "data": rows}
+        try:
+            page = await self.ledger.usage(tenant, query)
+        except LedgerError as e:  # a cursor that names no row
+            raise RequestError(str(e), param="after") from e
+        data = page["data"]
+        return {
+            "object": "list",
+            "tenant": tenant,
+            "data": data,
+            "totals": page["totals"],
+            "has_more": page["has_more"],
+            "last_id": data[-1]["request_id"] if data else None,
+        }
 
     def dead_letters(self, caller: Caller) -> dict[str, Any]:
         """Admin: the billed rows the ledger refused for good (set aside, not lost)."""

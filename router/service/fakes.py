@@ -22,7 +22,7 @@ from forecasting.sources.base import CarbonSource, Forecast, Intensity
 from regions.backends import CompletionRequest
 from router.errors import ReplicaFailed, UpstreamRefused
 from router.ledger import Ledger, LedgerRow
-from router.service.ports import Answer, Chunk, Final, StreamItem
+from router.service.ports import Answer, Chunk, Final, StreamItem, UsageQuery, usage_answer
 
 Failure = Literal["down", "refuse", "die_mid_stream"]
 
@@ -156,8 +156,11 @@ class LedgerSink:
     def dead_letters(self) -> list[dict[str, Any]]:
         return []  # a row the ledger refuses raises at add(): the test sees it
 
-    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
-        return [r.__dict__ for r in self.ledger.tenant_rows(tenant)]
+    async def usage(self, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
+        return usage_answer(self.ledger, tenant, query)
+
+    async def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
+        return self.ledger.spend(tenant, since)
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         return self.ledger.measured_rows(replica)

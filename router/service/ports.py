@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from regions.backends import CompletionRequest
+from router.ledger import Ledger
 
 Piece = tuple[str, str | None]  # (text, finish_reason)
 
@@ -89,9 +90,32 @@ class BillSink(Protocol):
         """Rows the ledger refused for good, set aside so the rest keep flowing."""
 
 
+@dataclass(frozen=True)
+class UsageQuery:
+    """Which usage rows: started in ``[start, end)``, ``limit`` of them after ``after``."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    limit: int = 100
+    after: str | None = None
+
+
+def usage_answer(ledger: Ledger, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
+    """A :class:`router.ledger.Ledger`'s page as :meth:`LedgerReader.usage` returns it."""
+    page = ledger.usage_page(
+        tenant, start=query.start, end=query.end, limit=query.limit, after=query.after
+    )
+    data = [r.__dict__ for r in page.rows]
+    return {"data": data, "totals": page.totals, "has_more": page.has_more}
+
+
 class LedgerReader(Protocol):
-    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
-        """``tenant``'s ledger rows (None: everyone's), as dicts."""
+    async def usage(self, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
+        """One page of ``tenant``'s ledger rows (None: everyone's): ``data`` (rows as dicts),
+        ``totals`` over the period (requests, kwh, carbon_g, cost_usd) and ``has_more``."""
+
+    async def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
+        """``tenant``'s billed (kWh, g CO2e, USD) since ``since``."""
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         """``(prompt tokens, completion tokens, measured J)`` of ``replica``'s metered rows."""

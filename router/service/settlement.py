@@ -87,8 +87,7 @@ class Settlement:
         if tenant not in budgets.spend:  # first request since start: sum the ledger
             since = period_start(now, budgets.limits[tenant].period)
             await self.sink.flush()
-            rows = [LedgerRow(**r) for r in await self.ledger.usage(tenant)]
-            budgets.load(tenant, [r for r in rows if r.started_at >= since.isoformat()], now)
+            budgets.load(tenant, *await self.ledger.spend(tenant, since), now)
         i = int(np.argmin(cands.kwh))
         kwh = float(cands.kwh[i] * cands.pue[i])
         return (

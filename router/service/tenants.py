@@ -113,13 +113,12 @@ class Budgets:
             sp = self.spend[tenant] = Spend(start)
         return sp
 
-    def load(self, tenant: str, rows: list[LedgerRow], now: datetime) -> None:
+    def load(self, tenant: str, kwh: float, co2_g: float, usd: float, now: datetime) -> None:
+        """Start ``tenant``'s period from what the ledger says it has spent in it."""
         if tenant not in self.limits:
             return
         sp = self._current(tenant, now)
-        sp.kwh = sum(r.kwh_billed for r in rows)
-        sp.co2_g = sum(r.carbon_g for r in rows)
-        sp.usd = sum(r.cost_usd for r in rows)
+        sp.kwh, sp.co2_g, sp.usd = kwh, co2_g, usd
 
     def check(self, tenant: str, kwh: float, co2_g: float, usd: float, now: datetime) -> None:
         """Refuse spend of ``kwh``, ``co2_g``, ``usd`` that would cross a limit, counting what
