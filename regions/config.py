@@ -148,14 +148,14 @@ class Price(_Strict):
 # ---- replicas and regions --------------------------------------------------------------------
 
 
-class LlamaCppBackend(_Strict):
+class LlamaCppBackendConfig(_Strict):
     kind: Literal["llama_cpp"]
     model: str = Field("smollm2-135m", description="'smollm2-135m' or a path to a GGUF file")
     n_threads: int = Field(2, ge=1)
     n_ctx: int = Field(2048, ge=128)
 
 
-class OpenAIBackend(_Strict):
+class OpenAIBackendConfig(_Strict):
     kind: Literal["openai"]
     url: str = Field(pattern=r"^https?://")
     model: str
@@ -163,7 +163,7 @@ class OpenAIBackend(_Strict):
     timeout_s: float = Field(60.0, gt=0)
 
 
-BackendConfig = Annotated[LlamaCppBackend | OpenAIBackend, Field(discriminator="kind")]
+BackendConfig = Annotated[LlamaCppBackendConfig | OpenAIBackendConfig, Field(discriminator="kind")]
 
 
 class Gpu(_Strict):
