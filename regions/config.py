@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from regions.calibration import PREFILL_WEIGHT
+
 
 class RegionsError(Exception):
     """Root of the errors raised by :mod:`regions`."""
@@ -184,7 +186,7 @@ class Replica(_Strict):
         None, gt=0, description="model size in billions, for the energy predictor's GPU prior"
     )
     prefill_weight: float = Field(
-        0.35, ge=0, description="energy of a prompt token relative to an output token"
+        PREFILL_WEIGHT, ge=0, description="energy of a prompt token relative to an output token"
     )
 
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from regions.calibration import PREFILL_WEIGHT
 from regions.meters import MeterReading, PowerMeter
 from router.metering.attribution import (
-    DEFAULT_PREFILL_WEIGHT,
     Attributed,
     AttributionError,
     ReplicaAttributor,
@@ -40,7 +40,7 @@ Event = tuple[str, str, float, int]
 @dataclass
 class RemoteAttribution:
     meter: PowerMeter
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    prefill_weight: float = PREFILL_WEIGHT
     lag_s: float = 1.0
     wall: Callable[[], float] = time.time
     late: int = 0
