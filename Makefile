@@ -31,10 +31,16 @@ typecheck: $(BIN)/.installed-dev
 
 check: lint typecheck test
 
+# Every benchmark that runs on a CPU-only machine in a few minutes. Left out:
+# - benchmarks/nvml_check.py needs an NVIDIA GPU (it exits 2 without one);
+# - benchmarks/overhead.py (with its helper bare_forwarder.py) starts Ray Serve twice and runs
+#   12 wrk figures x 3 runs x 8 s plus a 60 s soak: over 6 minutes; run it by hand.
 bench: $(BIN)/.installed-dev
 	$(BIN)/python benchmarks/forecast.py
 	$(BIN)/python benchmarks/ledger.py
 	$(BIN)/python benchmarks/attribution_local.py
+	$(BIN)/python benchmarks/simulate.py
+	$(BIN)/python benchmarks/http_client.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,8 @@
 1. Calibration: requests with prompts of 30 to ~1,500 tokens run one at a time on SmolLM2-135M
    (llama.cpp, 2 threads); each one's energy is the meter's delta over its life. A least-squares
    fit E = a x prompt_tokens + b x output_tokens + c gives the prefill weight a / b: the energy
-   of one prompt token relative to one output token.
+   of one prompt token relative to one output token (the shipped default,
+   ``regions.calibration.PREFILL_WEIGHT``, is printed beside it).
 2. Accuracy: N requests run alone (ground truth: the meter delta of each), then the same
    requests (same seed, same outputs) all at once on a replica with 2 slots; the attributed
    energies of the concurrent run are compared with the isolated ones in proportion.
@@ -26,6 +27,7 @@ import time
 import numpy as np
 
 from regions.backends import CompletionRequest, LlamaCppBackend
+from regions.calibration import PREFILL_WEIGHT
 from regions.meters import CpuModelMeter
 from router.metering.replica import MeteredReplica
 
@@ -118,6 +120,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             "j_per_output_token": round(float(b), 5),
             "j_fixed": round(float(c), 4),
             "prefill_weight": round(prefill_weight, 4),
+            "shipped_default": PREFILL_WEIGHT,  # regions/calibration.py
         },
         "accuracy": {
             "requests": args.n,

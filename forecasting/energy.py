@@ -8,8 +8,10 @@ logs is stacked with gradient-boosted trees on its residuals. A request's energy
 
     J = J_per_token(features) x (output_tokens + prefill_weight x prompt_tokens)
 
-ML.ENERGY's J/token already carries the prefill of each task's typical prompt, so the prefill
-term is small on GPUs. Prior (CPU replicas, which ML.ENERGY does not cover): power x time, from
+``prefill_weight`` defaults to :data:`regions.calibration.PREFILL_WEIGHT`, measured on the local
+CPU model. ML.ENERGY's J/token already carries the prefill of each task's typical prompt, so on
+a GPU replica the prefill term should be small: set the replica's ``prefill_weight`` in YAML.
+Prior (CPU replicas, which ML.ENERGY does not cover): power x time, from
 the replica's watts and decode rate. Online: :meth:`EnergyPredictor.refit` fits each replica's
 measured ledger rows (J = a x prompt + b x completion + c, non-negative least squares) and uses
 that once it has enough rows.
@@ -33,6 +35,7 @@ from sklearn.linear_model import HuberRegressor
 
 from forecasting.datasets import dataset_path
 from forecasting.errors import ForecastingError
+from regions.calibration import PREFILL_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +298,7 @@ class ReplicaProfile:
     architecture: Architecture = "dense"
     cpu_watts: float = 30.0  # cpu replicas: watts drawn while decoding
     tokens_per_s: float = 100.0  # cpu replicas: decode rate at batch 1
-    prefill_weight: float = 0.02
+    prefill_weight: float = PREFILL_WEIGHT
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from carbonrouter.errors import CarbonRouterError
+from regions.calibration import PREFILL_WEIGHT
 
 
 class RegionsError(CarbonRouterError):
@@ -150,14 +151,14 @@ class Price(_Strict):
 # ---- replicas and regions --------------------------------------------------------------------
 
 
-class LlamaCppBackend(_Strict):
+class LlamaCppBackendConfig(_Strict):
     kind: Literal["llama_cpp"]
     model: str = Field("smollm2-135m", description="'smollm2-135m' or a path to a GGUF file")
     n_threads: int = Field(2, ge=1)
     n_ctx: int = Field(2048, ge=128)
 
 
-class OpenAIBackend(_Strict):
+class OpenAIBackendConfig(_Strict):
     kind: Literal["openai"]
     url: str = Field(pattern=r"^https?://")
     model: str
@@ -165,7 +166,7 @@ class OpenAIBackend(_Strict):
     timeout_s: float = Field(60.0, gt=0)
 
 
-BackendConfig = Annotated[LlamaCppBackend | OpenAIBackend, Field(discriminator="kind")]
+BackendConfig = Annotated[LlamaCppBackendConfig | OpenAIBackendConfig, Field(discriminator="kind")]
 
 
 class Gpu(_Strict):
@@ -186,7 +187,7 @@ class Replica(_Strict):
         None, gt=0, description="model size in billions, for the energy predictor's GPU prior"
     )
     prefill_weight: float = Field(
-        0.35, ge=0, description="energy of a prompt token relative to an output token"
+        PREFILL_WEIGHT, ge=0, description="energy of a prompt token relative to an output token"
     )
 
 

@@ -3,14 +3,13 @@
 Given a request's window (now .. now + defer) and each region's forecast, :func:`plan` picks the
 (start hour, replica) with the lowest forecast score, the same score the routing policy uses
 (kWh x PUE^w x price^(1-w) x intensity^w), skipping slots whose capacity is already booked.
-:class:`SlotBook` holds the booked work per (replica, hour); :class:`PlannedJob` is the
-persisted form of a decision (one JSON object per line).
+:class:`SlotBook` holds the booked work per (replica, hour). The plan is persisted by the
+deferred-job store (SQLite), not here.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -35,28 +34,6 @@ class SlotBook:
 
     def book(self, hour: int, replica: int, work_s: float) -> None:
         self.booked[(hour, replica)] = self.booked.get((hour, replica), 0.0) + work_s
-
-
-@dataclass(frozen=True)
-class PlannedJob:
-    """A deferred request's plan, as persisted (JSON lines) until it runs."""
-
-    job_id: str
-    tenant: str
-    replica: str
-    region: str
-    arrival: str  # ISO UTC
-    start_at: str  # ISO UTC
-    deadline: str  # ISO UTC
-    forecast_score: float
-    body: dict[str, object]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, line: str) -> PlannedJob:
-        return cls(**json.loads(line))
 
 
 def slot_scores(

@@ -135,3 +135,29 @@ def test_alone_means_everything_between_its_readings(
     ]
     out = attribute(readings, [Timeline("a", start, 7, (end,), end)])
     assert out.energy_j["a"] == pytest.approx(energy[-1], rel=1e-9, abs=1e-9)
+
+
+def test_one_prefill_weight_default_everywhere() -> None:
+    # attribution, the energy predictor and the YAML replica once had 0.1, 0.02 and 0.35
+    import dataclasses
+    import inspect
+
+    from forecasting.energy import ReplicaProfile
+    from regions.calibration import PREFILL_WEIGHT
+    from regions.config import Replica
+    from router.metering.remote import RemoteAttribution
+    from router.metering.replica import MeteredReplica
+
+    defaults = {
+        "attributor": ReplicaAttributor().prefill_weight,
+        "attribute()": inspect.signature(attribute).parameters["prefill_weight"].default,
+        "metered replica": inspect.signature(MeteredReplica).parameters["prefill_weight"].default,
+        "remote": {f.name: f.default for f in dataclasses.fields(RemoteAttribution)}[
+            "prefill_weight"
+        ],
+        "predictor": {f.name: f.default for f in dataclasses.fields(ReplicaProfile)}[
+            "prefill_weight"
+        ],
+        "config": Replica.model_fields["prefill_weight"].default,
+    }
+    assert defaults == dict.fromkeys(defaults, PREFILL_WEIGHT)

@@ -129,3 +129,21 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:" in err and "regions[1].pue: must be >= 1.0, got 0.9" in err
+
+
+def test_config_models_do_not_share_names_with_runtime_classes() -> None:
+    # a config model named like the class it configures reads as the class itself at call sites
+    import inspect
+
+    import regions.backends
+    import regions.config
+    import regions.meters
+    import regions.openai_backend
+
+    def classes(mod: object) -> set[str]:
+        return {n for n, c in inspect.getmembers(mod, inspect.isclass)
+                if c.__module__ == mod.__name__}  # type: ignore[attr-defined]  # fmt: skip
+
+    runtime = (classes(regions.backends) | classes(regions.openai_backend)
+               | classes(regions.meters))  # fmt: skip
+    assert classes(regions.config) & runtime == set()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from router.jobs import Job, JobStore
-from router.scheduler import PlannedJob, SlotBook, plan, worth_waiting
+from router.scheduler import SlotBook, plan, worth_waiting
 
 T0 = datetime(2026, 11, 26, 20, tzinfo=UTC)
 
@@ -48,12 +48,6 @@ def test_waiting_must_pay_and_capacity_is_booked() -> None:
     book = SlotBook(np.array([100.0, 100.0]))
     assert plan(s, first_hour=0, work_s=60, book=book)[:2] == (2, 1)
     assert plan(s, first_hour=0, work_s=60, book=book)[:2] == (2, 0)  # (2, 1) is full now
-
-
-def test_planned_job_round_trips() -> None:
-    p = PlannedJob("j", "demo", "r", "eu", T0.isoformat(), T0.isoformat(), T0.isoformat(), 0.1,
-                   {"model": "m"})  # fmt: skip
-    assert PlannedJob.from_json(p.to_json()) == p
 
 
 def test_a_store_of_the_first_schema_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:

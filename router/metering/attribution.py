@@ -2,6 +2,7 @@
 
 Each interval between two meter readings is split among the requests active in it in
 proportion to the work each did in it: decode tokens, plus prefill tokens x ``prefill_weight``
+(default :data:`regions.calibration.PREFILL_WEIGHT`, measured)
 spread uniformly over the request's prefill (from its start to its first token). Energy of the
 part of an interval when no request was active is idle energy, booked to the replica.
 
@@ -20,12 +21,11 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from regions.calibration import PREFILL_WEIGHT
 from regions.meters import MeterReading
 from router.errors import RouterError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PREFILL_WEIGHT = 0.1  # see router/metering/calibrate.py for how it is measured
 
 
 class AttributionError(RouterError, ValueError):
@@ -67,7 +67,7 @@ class Attributed:
 
 @dataclass
 class ReplicaAttributor:
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    prefill_weight: float = PREFILL_WEIGHT
     idle_j: float = 0.0
     measured_j: float = 0.0
     attributed_j: float = 0.0
@@ -262,7 +262,7 @@ def attribute(
     readings: Iterable[MeterReading],
     timelines: Iterable[Timeline],
     *,
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT,
+    prefill_weight: float = PREFILL_WEIGHT,
 ) -> Attribution:
     """Attribute recorded readings to recorded request timelines (the live code path, replayed).
 

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from regions.calibration import PREFILL_WEIGHT
 from regions.meters import MeterReading, PowerMeter
 from router.metering.attribution import (
-    DEFAULT_PREFILL_WEIGHT,
     Attributed,
     AttributionError,
     ReplicaAttributor,
@@ -66,7 +66,7 @@ def timeline(
 @dataclass
 class RemoteAttribution:
     meter: PowerMeter
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    prefill_weight: float = PREFILL_WEIGHT
     lag_s: float = 1.0
     wall: Callable[[], float] = time.time
     max_silence_s: float = 120.0  # an open request with no event for this long is given up

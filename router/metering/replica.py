@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from regions.backends import Backend, CompletionRequest, TokenChunk
+from regions.calibration import PREFILL_WEIGHT
 from regions.meters import MeterReading, PowerMeter
-from router.metering.attribution import DEFAULT_PREFILL_WEIGHT, Attributed, ReplicaAttributor
+from router.metering.attribution import Attributed, ReplicaAttributor
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class MeteredReplica:
         backend: Backend,
         meter: PowerMeter,
         *,
-        prefill_weight: float = DEFAULT_PREFILL_WEIGHT,
+        prefill_weight: float = PREFILL_WEIGHT,
         period_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         keep_readings: int = 100_000,
