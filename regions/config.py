@@ -48,6 +48,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _header_safe(value: str | None) -> str | None:
+    """A secret that goes into an HTTP header: control characters (CR/LF above all, from an
+    ``${ENV}`` value) would let it add headers of its own."""
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters (CR, LF, ...): check its value")
+    return value
+
+
 # ---- carbon sources -------------------------------------------------------------------------
 
 
@@ -77,6 +85,8 @@ class ElectricityMapsCarbon(_Strict):
     kind: Literal["electricitymaps"]
     api_key: str = Field(min_length=1)
     base_url: str = "https://api.electricitymap.org/v3"
+
+    _safe_key = field_validator("api_key")(_header_safe)
     emission_factor: Literal["lifecycle", "direct"] = "lifecycle"
     timeout_s: float = Field(10.0, gt=0)
     cache_ttl_s: float = Field(300.0, ge=0)
@@ -87,6 +97,8 @@ class WattTimeCarbon(_Strict):
     username: str = Field(min_length=1)
     password: str = Field(min_length=1)
     base_url: str = "https://api.watttime.org"
+
+    _safe_login = field_validator("username", "password")(_header_safe)
     timeout_s: float = Field(10.0, gt=0)
     cache_ttl_s: float = Field(300.0, ge=0)
 
@@ -164,6 +176,8 @@ class OpenAIBackendConfig(_Strict):
     model: str
     api_key: str | None = None
     timeout_s: float = Field(60.0, gt=0)
+
+    _safe_key = field_validator("api_key")(_header_safe)
 
 
 BackendConfig = Annotated[LlamaCppBackendConfig | OpenAIBackendConfig, Field(discriminator="kind")]

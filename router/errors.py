@@ -15,7 +15,7 @@ RouterError
 │   └── UpstreamRefused the replica's server refused the request as invalid (its 4xx)
 ├── AuthError          no key, or an unknown one
 ├── PermissionDenied   the key may not do this (admin only)
-├── NotFound           no such job, file, batch (or not the caller's)
+├── NotFound           no such job, file, batch (or not the caller's), or model
 ├── Conflict           the request cannot be done in the current state (e.g. a redeploy)
 ├── BudgetExceeded     the tenant's budget would be crossed; ``reset_at`` says when it resets
 ├── CarbonUnavailable  no carbon intensity for a region, from any source
@@ -64,6 +64,13 @@ class PermissionDenied(RouterError):
 
 class NotFound(RouterError):
     """No such object, or not the caller's (the two are not told apart)."""
+
+
+class ModelNotFound(NotFound):
+    """The request names a model no replica serves."""
+
+    code = "model_not_found"
+    param = "model"
 
 
 class Conflict(RouterError):

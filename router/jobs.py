@@ -183,13 +183,18 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def finish(self, job_id: str, *, result: dict[str, Any] | None, error: str | None) -> None:
+        """``completed`` with its result, or ``failed`` with why (never completed without
+        a result: an error with an empty message still fails the job)."""
+        failed = result is None or error is not None
+        if failed and not error:
+            error = "failed without a message"
         with self._write():
             self._db.execute(
                 "UPDATE jobs SET status=?, result=?, error=? WHERE id=?",
                 (
-                    "failed" if error else "completed",
-                    json.dumps(result) if result else None,
-                    error,
+                    "failed" if failed else "completed",
+                    None if failed else json.dumps(result),
+                    error if failed else None,
                     job_id,
                 ),
             )

@@ -437,3 +437,78 @@ async def test_files_can_be_deleted(tmp_path: Path) -> None:
         assert (
             await kit.client.get(f"/v1/files/{file_id}/content", headers=DEMO)
         ).status_code == 404
+
+
+async def test_an_unknown_model_is_a_404_and_is_not_kept(tmp_path: Path) -> None:
+    async with service_kit(tmp_path) as kit:
+        for k in range(3):
+            r = await kit.client.post(
+                "/v1/chat/completions", json=chat(model=f"gpt-{k}"), headers=DEMO
+            )
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+            assert "smollm2-135m" in r.json()["error"]["message"]  # what there is
+        assert all(f.calls == [] for f in kit.replicas.values()) and kit.rows() == []
+        lengths = kit.service.live.router.lengths
+        assert not any("gpt-" in str(key) for key in lengths._seen)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+async def test_what_the_router_cannot_do_is_refused_not_dropped(
+    tmp_path: Path, extra: dict[str, Any], param: str
+) -> None:
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(**extra), headers=DEMO)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+        ok = await kit.client.post(
+            "/v1/chat/completions", json=chat(n=1, response_format={"type": "text"}),
+            headers=DEMO,
+        )  # fmt: skip
+        assert ok.status_code == 200
+
+
+def test_a_job_that_fails_with_an_empty_message_reads_failed(tmp_path: Path) -> None:
+    from router.jobs import JobStore
+    from tests.test_jobs import T0, job
+
+    store = JobStore(tmp_path / "j.sqlite")
+    store.add(job("a", T0))
+    store.finish("a", result=None, error="")  # e.g. str(TimeoutError())
+    done = store.get("a")
+    assert done is not None and done.status == "failed" and done.error
+
+
+def test_two_ingress_replicas_never_claim_the_same_job(tmp_path: Path) -> None:
+    from router.jobs import JobStore
+    from tests.test_jobs import T0, job
+
+    a, b = JobStore(tmp_path / "j.sqlite"), JobStore(tmp_path / "j.sqlite")
+    a.add_many([job(f"j{k}", T0) for k in range(40)])
+    claimed_a = {j.id for j in a.due(T0, limit=30)}
+    claimed_b = {j.id for j in b.due(T0, limit=30)}
+    assert not claimed_a & claimed_b and len(claimed_a | claimed_b) == 40
+
+
+@pytest.mark.parametrize("value", ["sk-abc\r\nX-Evil: 1", "sk-abc\nX", "sk\x1b[31m"])
+def test_a_secret_with_control_characters_is_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from regions.config import ConfigError, load_config
+
+    monkeypatch.setenv("UPSTREAM_KEY", value)
+    text = CONFIG.replace(
+        "{name: us-south-0, backend: {kind: llama_cpp, model: smollm2-135m}, meter: cpu}",
+        '{name: us-south-0, backend: {kind: openai, url: "http://127.0.0.1:9/v1", '
+        'model: smollm2-135m, api_key: "${UPSTREAM_KEY}"}, meter: cpu}',
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="api_key"):
+        load_config(path)

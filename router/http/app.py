@@ -63,6 +63,7 @@ async def answer_completion(
     t0 = time.perf_counter()
     caller = svc.authenticate(headers.get("authorization"))
     parsed = parse_body(raw, chat=chat)
+    svc.check_model(parsed.model)
     router = svc.live.router
     pref = router.preference(headers.get("x-carbon-preference"))
     admitted = await svc.completions.admit(caller, parsed)

@@ -44,6 +44,7 @@ def parse_body(
         return v
 
     model = field_("model", str, required=True)
+    refuse_unsupported(body)
     max_tokens = field_("max_completion_tokens", int) or field_("max_tokens", int, 256)
     if not 1 <= max_tokens <= max_tokens_ceiling:
         raise RequestError(
@@ -94,6 +95,25 @@ def parse_body(
             seed=seed,
         )
     return ParsedRequest(model, stream, bool(opts.get("include_usage", True)), req, chat)
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """Refuse what the router would otherwise drop without a word (the client would get an
+    answer to a different question): several choices, tools, structured output, logprobs."""
+    if body.get("n") not in (None, 1):
+        raise RequestError("only n=1 is supported", param="n")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise RequestError(f"'{name}' is not supported by this router", param=name)
+    if body.get("tool_choice") not in (None, "none"):
+        raise RequestError("'tool_choice' is not supported by this router", param="tool_choice")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise RequestError(
+            "only response_format {'type': 'text'} is supported", param="response_format"
+        )
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise RequestError("'logprobs' is not supported by this router", param="logprobs")
 
 
 class OpenAIWire:

@@ -15,7 +15,7 @@ from typing import Any
 from forecasting.energy import EnergyPredictor
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, ConfigError, load_config
-from router.errors import Conflict, PermissionDenied, RequestError
+from router.errors import Conflict, ModelNotFound, PermissionDenied, RequestError
 from router.jobs import JobStore
 from router.ledger import LedgerError
 from router.service.batches import Batches
@@ -108,6 +108,15 @@ class RouterService:
             raise PermissionDenied("admin key required")
         rows = self.sink.dead_letters()
         return {"object": "list", "data": rows}
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model no replica serves (it would otherwise be kept as a key forever)."""
+        served = self.live.router.models
+        if model not in served:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist here; this router serves "
+                f"{', '.join(sorted(served))}"
+            )
 
     def models(self) -> list[str]:
         return sorted({s.replica.backend.model for s in self.live.router.states})

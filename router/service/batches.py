@@ -108,6 +108,8 @@ class Batches:
                     raise ValueError("a line must be an object with a 'body' object")
                 raw = orjson.dumps(item["body"])
                 parsed = self.wire.parse(raw, chat=chat)
+                if parsed.model not in router.models:
+                    raise RequestError(f"model {parsed.model!r} is not served here")
             except (ValueError, TypeError, RecursionError, RequestError) as e:
                 raise RequestError(f"{f.filename} line {n}: {e}", param="input_file_id") from e
             expected = router.lengths.expected(

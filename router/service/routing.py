@@ -105,6 +105,11 @@ class Router:
         )
         return router
 
+    @property
+    def models(self) -> frozenset[str]:
+        """The models the replicas serve."""
+        return frozenset(s.replica.backend.model for s in self.states)
+
     def preference(self, header: str | None) -> Preference:
         """The parsed header; clients send few distinct ones, so parses are kept (bounded)."""
         pref = self._prefs.get(header)
