@@ -40,6 +40,7 @@ from carbonrouter.errors import CarbonRouterError
 
 HIGH_WATER = 256 * 1024  # body bytes buffered before the socket is paused
 MAX_BODY = 64 * 1024 * 1024  # a whole-read body larger than this is refused
+MAX_HEAD = 64 * 1024  # response headers past this are refused, not buffered
 
 
 class UpstreamError(CarbonRouterError):
@@ -64,6 +65,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -106,6 +108,12 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD:
+            if self.error is None:
+                self._fail(f"response head over {MAX_HEAD} bytes")
+                self.close()
+            return
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

@@ -24,6 +24,7 @@ from regions.http1 import Http1Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
+MAX_EVENT_BYTES = 1 << 20  # one SSE line; past it the server is not streaming tokens
 MAX_REPORTED_TOKENS = 10_000_000  # more than any context window: past it, a server's nonsense
 
 
@@ -142,6 +143,8 @@ class OpenAIBackend(Backend):
             async with await self._post(head, body) as resp:
                 async for data in resp.chunks():
                     *lines, pending = (pending + data).split(b"\n")
+                    if len(pending) > MAX_EVENT_BYTES:
+                        raise BackendError(f"{self.url}: stream event over {MAX_EVENT_BYTES} bytes")
                     batch, done = self._events(lines, chat)
                     if done:
                         resp.release_after_end()  # the body's end may still be on its way

@@ -456,3 +456,38 @@ async def test_closing_the_pool_closes_connections_still_draining() -> None:
         conn = next(iter(pool._draining))
         await pool.aclose()
         assert conn.closed and not pool._draining
+
+
+async def test_a_head_past_its_cap_is_refused_not_buffered() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader, Seen())
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for k in range(4000):  # ~200 KiB of headers
+            writer.write(b"X-Filler-%d: %s\r\n" % (k, b"y" * 40))
+        writer.write(b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with server(handler) as seen:
+        pool = pool_for(seen)
+        with pytest.raises(UpstreamError, match="head over"):
+            await pool.request(pool.head("POST", "/x", {}), b"", timeout_s=5)
+        await pool.aclose()
+
+
+async def test_an_sse_line_past_its_cap_is_an_error_not_a_memory_leak() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader, Seen())
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(40):  # 2.5 MiB without a newline
+            writer.write(sse(b"x" * 65536))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with server(handler) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        request = CompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        with pytest.raises(BackendError, match="event over"):
+            async for _ in backend.stream(request):
+                pass
+        await backend.aclose()
