@@ -1,6 +1,11 @@
 """A fast fake OpenAI-compatible server, for the overhead benchmark and the live tests of proxied
 replicas: answers chat completions at once (non-streaming, or 8 SSE chunks), on loopback.
-Run: python -m regions.fake_openai PORT"""
+Run: python -m regions.fake_openai PORT
+
+It misbehaves on command, for fault-injection tests: ``POST /_fault`` with ``{"mode": M}``,
+M one of ``refuse`` (HTTP 400 as a server refusing a parameter), ``error`` (HTTP 500),
+``absurd_usage`` (usage.prompt_tokens 1e30), ``die_mid_stream`` (a stream cut after 2 chunks),
+or ``null`` to behave again."""
 
 from __future__ import annotations
 
@@ -17,13 +22,36 @@ ANSWER = {
 }  # fmt: skip
 
 
+STATE = web.AppKey("state", dict)
+FAULTS = (None, "refuse", "error", "absurd_usage", "die_mid_stream")
+
+
+async def fault(request: web.Request) -> web.StreamResponse:
+    mode = (await request.json()).get("mode")
+    if mode not in FAULTS:
+        return web.json_response({"error": f"mode must be one of {FAULTS}"}, status=400)
+    request.app[STATE]["fault"] = mode
+    return web.json_response({"mode": mode})
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
+    mode = request.app[STATE]["fault"]
+    if mode == "refuse":
+        return web.json_response({"error": {"message": "top_p must be in (0, 1]"}}, status=400)
+    if mode == "error":
+        return web.json_response({"error": {"message": "internal"}}, status=500)
     if not body.get("stream"):
+        if mode == "absurd_usage":
+            return web.json_response({**ANSWER, "usage": {"prompt_tokens": 1e30,
+                                                          "completion_tokens": -3}})  # fmt: skip
         return web.json_response(ANSWER)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     for i in range(8):
+        if mode == "die_mid_stream" and i == 2 and request.transport is not None:
+            request.transport.abort()  # the server dies mid-stream
+            return resp
         chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake",
                  "choices": [{"index": 0, "delta": {"content": f"t{i} "},
                               "finish_reason": "stop" if i == 7 else None}]}  # fmt: skip
@@ -34,7 +62,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 def main() -> None:
     app = web.Application()
+    app[STATE] = {"fault": None}
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/_fault", fault)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 
 

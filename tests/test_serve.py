@@ -96,7 +96,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     serve.run(build_app({"config": str(cfg_path)}), name="carbon-router", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     assert wait_ready(url, timeout_s=180)
-    yield {"url": url, "ledger": ledger, "config": cfg_path}
+    yield {"url": url, "ledger": ledger, "config": cfg_path, "fake_port": fake_port}
     for c in _clients:
         c.close()
     serve.shutdown()
@@ -461,3 +461,64 @@ def test_a_stream_cut_by_its_client_is_billed_for_what_was_generated(
     row = billed(server, first.id)
     assert row.energy_source == "estimated" and row.tenant == "demo"
     assert 1 <= row.completion_tokens < 1000 and row.kwh_billed > 0
+
+
+# ---- faults, on the live stack: proxy-pl's server misbehaves on command ----------------------
+
+
+def fault(server: dict[str, Any], mode: str | None) -> None:
+    import json
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{server['fake_port']}/_fault", method="POST",
+        data=json.dumps({"mode": mode}).encode(), headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=5):
+        pass
+
+
+PROXY = {"X-Carbon-Preference": 'regions=("proxy-*")'}
+
+
+def test_live_an_upstream_4xx_is_the_callers_400_and_the_replica_stays_up(
+    server: dict[str, Any],
+) -> None:
+    fault(server, "refuse")
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            client(server).chat.completions.create(**ask(), extra_headers=PROXY)
+        assert "top_p" in str(info.value) and info.value.code == "upstream_refused"
+    finally:
+        fault(server, None)
+    r = client(server).chat.completions.create(**ask(), extra_headers=PROXY)  # not cooled down
+    assert (r.usage.model_extra or {})["replica"] == "proxy-pl-0"
+
+
+def test_live_absurd_usage_is_estimated_and_billing_goes_on(server: dict[str, Any]) -> None:
+    fault(server, "absurd_usage")
+    try:
+        r = client(server).chat.completions.create(**ask(), extra_headers=PROXY)
+    finally:
+        fault(server, None)
+    assert 0 < r.usage.prompt_tokens < 100 and r.usage.completion_tokens >= 0
+    after = client(server).chat.completions.create(**ask(), extra_headers=PROXY)
+    assert billed(server, r.id, timeout_s=40) is not None
+    assert billed(server, after.id, timeout_s=40) is not None
+
+
+def test_live_a_stream_whose_upstream_dies_is_billed_and_ends_with_an_error(
+    server: dict[str, Any],
+) -> None:
+    fault(server, "die_mid_stream")
+    got: list[Any] = []
+    try:
+        with pytest.raises(openai.APIError):
+            for chunk in client(server).chat.completions.create(
+                **ask(), stream=True, extra_headers=PROXY
+            ):
+                got.append(chunk)
+    finally:
+        fault(server, None)
+    assert got and got[0].choices[0].delta.content == "t0 "
+    row = billed(server, got[0].id, timeout_s=40)
+    assert row.energy_source == "estimated" and 1 <= row.completion_tokens <= 2
