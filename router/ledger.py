@@ -100,6 +100,25 @@ class UsagePage:
     has_more: bool
 
 
+def _period(
+    tenant: str | None, start: datetime | None, end: datetime | None
+) -> tuple[str, list[object]]:
+    """The WHERE clause (and its parameters) of a tenant's (None: everyone's) rows started in
+    ``[start, end)``."""
+    clauses: list[str] = ["1"]
+    params: list[object] = []
+    if tenant is not None:
+        clauses.append("tenant = ?")
+        params.append(tenant)
+    if start is not None:
+        clauses.append("started_at >= ?")
+        params.append(utc_iso(start))
+    if end is not None:
+        clauses.append("started_at < ?")
+        params.append(utc_iso(end))
+    return " AND ".join(clauses), params
+
+
 def _row(r: Sequence[object]) -> LedgerRow:
     d = dict(zip(COLUMNS, r, strict=True))
     d["carbon_stale"] = bool(d["carbon_stale"])
@@ -286,17 +305,8 @@ class Ledger:
     def tenant_rows(
         self, tenant: str | None, start: datetime | None = None, end: datetime | None = None
     ) -> list[LedgerRow]:
-        clauses, params = ["1"], []
-        if tenant is not None:
-            clauses.append("tenant = ?")
-            params.append(tenant)
-        if start is not None:
-            clauses.append("started_at >= ?")
-            params.append(utc_iso(start))
-        if end is not None:
-            clauses.append("started_at < ?")
-            params.append(utc_iso(end))
-        return self.rows(where=" AND ".join(clauses), params=params)
+        where, params = _period(tenant, start, end)
+        return self.rows(where=where, params=params)
 
     def readings(self, replica: str) -> list[tuple[float, str, float]]:
         return list(
@@ -334,17 +344,7 @@ class Ledger:
         """One page of ``tenant``'s rows (None: everyone's) started in ``[start, end)``, in
         time order from the row after request ``after``, with the period's totals, summed by
         SQL: the cost does not grow with the rows a tenant has, only with the page."""
-        clauses, params = ["1"], []
-        if tenant is not None:
-            clauses.append("tenant = ?")
-            params.append(tenant)
-        if start is not None:
-            clauses.append("started_at >= ?")
-            params.append(utc_iso(start))
-        if end is not None:
-            clauses.append("started_at < ?")
-            params.append(utc_iso(end))
-        where = " AND ".join(clauses)
+        where, params = _period(tenant, start, end)
         n, kwh, g, usd = self._query(
             "SELECT COUNT(*), COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
             f"COALESCE(SUM(cost_usd), 0) FROM requests WHERE {where}",
