@@ -31,8 +31,8 @@ from scipy.optimize import nnls
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import HuberRegressor
 
-from forecasting.datasets import dataset_path
 from forecasting.errors import ForecastingError
+from forecasting.mlenergy import table_path
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,11 @@ def model_family(model_id: str) -> str:
 
 
 def load_mlenergy(data_dir: Path | None = None) -> pd.DataFrame:
-    """The ML.ENERGY v2 and v3 configurations in one frame with the predictor's columns."""
+    """The ML.ENERGY v2 and v3 configurations in one frame with the predictor's columns: from
+    ``data_dir`` (the data share's layout) when given, else the tables shipped with the package."""
 
     def path(name: str) -> Path:
-        return data_dir / name if data_dir else dataset_path(name)
+        return data_dir / name if data_dir else table_path(name)
 
     v3 = pd.read_csv(path(V3_FILE))
     arch = v3["architecture"].map(
