@@ -362,16 +362,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start Ray (or join a cluster), deploy the router, wait until ready, print how to call it."""
+    """Fetch the config's data, start Ray (or join a cluster), deploy the router, wait until
+    ready, print how to call it."""
     import time
+
+    from regions.config import load_config
+    from router.prefetch import prefetch
+
+    cfg = load_config(args.config)
+    # before Ray starts: a file that cannot be had is one line here, not a failed deployment
+    # whose cause is only in Ray's log files (MissingInputError is printed by main)
+    prefetch(cfg, Path(args.config).resolve().parent)
 
     import ray
     from ray import serve
 
-    from regions.config import load_config
     from router.serve_app import build_app, wait_ready
 
-    cfg = load_config(args.config)
     local = args.address in (None, "", "local")
     direct = (args.port + 1 if args.direct_port is None else args.direct_port) if local else 0
     if direct:

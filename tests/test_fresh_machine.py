@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from forecasting.datasets import registry
+from regions.config import parse_config
+from router.prefetch import MissingInputError, needs, prefetch
 from tests.conftest import DATA, ROOT
 
 
@@ -88,6 +91,50 @@ def router(tmp_path: Path, base_url: str, *args: str, timeout_s: float = 1200) -
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# ---- what router serve fetches before it deploys ------------------------------------------------
+
+
+def test_serve_needs_the_zone_files_of_its_file_sources_and_its_price_files(
+    tmp_path: Path,
+) -> None:
+    cfg = parse_config((ROOT / "configs/local.yaml").read_text(), env={})
+    assert sorted(n.dataset for n in needs(cfg, ROOT / "configs")) == [  # type: ignore[type-var]
+        "carbon/electricitymaps_hourly/DE.csv",
+        "carbon/electricitymaps_hourly/SE.csv",
+        "carbon/electricitymaps_hourly/US-TEX-ERCO.csv",
+    ]
+    own_files = (
+        (ROOT / "configs/local.yaml")
+        .read_text()
+        .replace("dataset: electricitymaps_hourly", "path: zones/{zone}.csv")
+        .replace("price: {flat_usd_per_kwh: 0.07}", "price: {csv: prices/se.csv}")
+    )
+    (tmp_path / "zones").mkdir()
+    for zone in ("SE", "DE", "US-TEX-ERCO"):
+        (tmp_path / "zones" / f"{zone}.csv").write_text("the zone's own file\n")
+    cfg = parse_config(own_files, env={})
+    with pytest.raises(MissingInputError, match=r"region 'eu-north' price needs .*prices/se.csv"):
+        prefetch(cfg, tmp_path)
+
+
+def test_serve_offline_exits_with_one_line_before_ray_starts(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on: the network is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    start = time.monotonic()
+    out = router(tmp_path, dead, "serve", "--config", str(ROOT / "configs/local.yaml"),
+                 "--once", timeout_s=60)  # fmt: skip
+    assert out.returncode == 1
+    assert time.monotonic() - start < 30  # no Ray was started
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    line = lines[0]
+    assert "carbon/electricitymaps_hourly/DE.csv" in line  # what
+    assert f"{dead}/codecexp/CarbonX/" in line  # from where
+    assert "CARBON_ROUTER_DATA " in line and "CARBON_ROUTER_DATA_URL" in line  # how, offline
+    assert "Traceback" not in out.stderr and "Ray instance" not in out.stderr
 
 
 # ---- the commands, end to end -------------------------------------------------------------------
