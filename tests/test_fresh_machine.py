@@ -164,8 +164,14 @@ def test_energy_evaluate(tmp_path: Path, mirror: tuple[str, list[str]]) -> None:
 
 
 @pytest.mark.needs_data
+@pytest.mark.slow
 def test_simulate_a_short_period(tmp_path: Path, mirror: tuple[str, list[str]]) -> None:
-    out = router(tmp_path, mirror[0], "simulate", "--config", str(ROOT / "configs/simulate.yaml"),
+    # two zones of test_simulate's config (each zone's forecaster fit costs about a CPU minute;
+    # configs/simulate.yaml has five, and ran the same way in 15 min on a loaded 2-core host)
+    from tests.test_simulate import SMALL
+
+    (tmp_path / "sim.yaml").write_text(SMALL)
+    out = router(tmp_path, mirror[0], "simulate", "--config", str(tmp_path / "sim.yaml"),
                  "--period", "2024-06-01..2024-06-03", "--policies", "round_robin,greenest",
                  "--out", str(tmp_path / "report"), "--json")  # fmt: skip
     assert out.returncode == 0, out.stderr
