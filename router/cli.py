@@ -272,13 +272,22 @@ def cmd_bill(args: argparse.Namespace) -> int:
 
 
 def cmd_energy_evaluate(args: argparse.Namespace) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from forecasting.energy import EnergyPredictor, leave_one_model_out, load_mlenergy
 
     data = load_mlenergy()
-    result: dict[str, object] = {
-        "v3_leave_one_model_out": leave_one_model_out(data, source="v3"),
-        "v2_a100_leave_one_model_out": leave_one_model_out(data, source="v2", gpu="A100-40GB"),
-    }
+    # one fit per held-out model family (about 50), one process per core; spawned, because a
+    # forked child can hang in an OpenMP runtime its parent already started
+    workers = args.workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result: dict[str, object] = {
+            "v3_leave_one_model_out": leave_one_model_out(data, source="v3", pool=pool),
+            "v2_a100_leave_one_model_out": leave_one_model_out(
+                data, source="v2", gpu="A100-40GB", pool=pool
+            ),
+        }
     if args.local:
         result["local"] = _local_error(args.local, EnergyPredictor())
     if args.json:
@@ -485,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = esub.add_parser("evaluate", help="leave-one-model-out error on ML.ENERGY")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--local", help="JSONL of measured local requests (attribution benchmark)")
+    ev.add_argument("--workers", type=int, default=0,
+                    help="processes fitting the held-out models (default: one a core)")  # fmt: skip
     ev.set_defaults(func=cmd_energy_evaluate)
 
     sm = sub.add_parser("simulate", help="offline what-if of routing policies")
@@ -520,6 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from router.errors import RouterError
 
     args = build_parser().parse_args(argv)
+    if not os.environ.get("OMP_NUM_THREADS"):
+        # this process's fits are small (at most a few years of hourly rows): one native thread
+        # each. An OpenMP team on a busy host waits at every barrier for a descheduled member:
+        # `router forecast show` took 68 s with two threads on a loaded 2-core machine, 22 s
+        # with one. Commands that want parallelism run fits in processes.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
