@@ -60,7 +60,7 @@ class FakeClock:
         self.now += timedelta(seconds=seconds)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # module-scoped fixtures (frames, simulations) use it too
 def data_dir() -> Path:
     return DATA
 
