@@ -104,6 +104,10 @@ def download_file(entry: DataFile, dest: Path, *, base_url: str | None = None) -
     fd, tmp_name = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
     tmp = Path(tmp_name)
     h = hashlib.sha256()
+    how = (
+        f"Copy the file to {dest}, or set {DATA_ENV} to a folder that holds {entry.name}, "
+        f"or {BASE_URL_ENV} to a mirror of the pinned files (laid out <repo>/<commit>/<path>)"
+    )
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -112,12 +116,11 @@ def download_file(entry: DataFile, dest: Path, *, base_url: str | None = None) -
                     _copy_with_progress(resp, out, h, total, entry.name)
             except urllib.error.HTTPError as e:
                 raise DatasetError(
-                    f"downloading {entry.name} from {url} failed: HTTP {e.code} {e.reason}"
+                    f"downloading {entry.name} from {url} failed: HTTP {e.code} {e.reason}. {how}"
                 ) from e
             except (urllib.error.URLError, TimeoutError, OSError) as e:
                 raise DatasetError(
-                    f"cannot download {entry.name} from {url} ({e}). Offline? Copy the file to "
-                    f"{dest}, or set {DATA_ENV} to a folder that holds {entry.name}"
+                    f"cannot download {entry.name} from {url} ({e}). Offline? {how}"
                 ) from e
         digest = h.hexdigest()
         if digest != entry.sha256:

@@ -23,7 +23,9 @@ import logging
 import math
 from collections import defaultdict, deque
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,9 +34,10 @@ import pandas as pd
 from scipy.optimize import nnls
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import HuberRegressor
+from threadpoolctl import threadpool_limits
 
-from forecasting.datasets import dataset_path
 from forecasting.errors import ForecastingError
+from forecasting.mlenergy import table_path
 from regions.calibration import PREFILL_WEIGHT
 
 log = logging.getLogger(__name__)
@@ -126,10 +129,11 @@ def model_family(model_id: str) -> str:
 
 
 def load_mlenergy(data_dir: Path | None = None) -> pd.DataFrame:
-    """The ML.ENERGY v2 and v3 configurations in one frame with the predictor's columns."""
+    """The ML.ENERGY v2 and v3 configurations in one frame with the predictor's columns: from
+    ``data_dir`` (the data share's layout) when given, else the tables shipped with the package."""
 
     def path(name: str) -> Path:
-        return data_dir / name if data_dir else dataset_path(name)
+        return data_dir / name if data_dir else table_path(name)
 
     v3 = pd.read_csv(path(V3_FILE))
     arch = v3["architecture"].map(
@@ -224,6 +228,13 @@ class JoulesPerTokenModel:
     _plain: HistGradientBoostingRegressor | None = None
 
     def fit(self, df: pd.DataFrame) -> JoulesPerTokenModel:
+        # one native thread: on ~1,000 rows threads gain little, and an OpenMP team on a busy
+        # machine waits at every barrier for its descheduled member (a 2 s fit took minutes
+        # on a loaded 2-core host); parallelism, where wanted, is across fits (processes)
+        with threadpool_limits(1):
+            return self._fit(df)
+
+    def _fit(self, df: pd.DataFrame) -> JoulesPerTokenModel:
         x = features(df)
         y = np.log(df["energy_per_request_j"].to_numpy(float) / df["output_tokens"].to_numpy(float))
         mu, sd = x.mean(axis=0), x.std(axis=0)
@@ -257,28 +268,34 @@ def leave_one_model_out(
     source: str,
     gpu: str | None = None,
     families: Iterable[str] | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
     """Absolute percentage error of energy per request, each model family held out in turn
-    (a family is a model in every precision and leaderboard version: nothing of it is seen)."""
+    (a family is a model in every precision and leaderboard version: nothing of it is seen).
+
+    One fit per family; ``pool`` (e.g. a process pool) runs them side by side."""
     rows = data[data["source"] == source]
     if gpu:
         rows = rows[rows["gpu"] == gpu]
     held = sorted(families) if families is not None else sorted(rows["family"].unique())
-    errors: list[float] = []
-    for fam in held:
-        train = data[data["family"] != fam]
-        test = rows[rows["family"] == fam]
-        model = JoulesPerTokenModel().fit(train)
-        pred = model.j_per_token(test) * test["output_tokens"].to_numpy(float)
-        truth = test["energy_per_request_j"].to_numpy(float)
-        errors.extend((np.abs(pred - truth) / truth * 100).tolist())
-    e = np.array(errors)
+    fold = partial(_held_out_ape, data, rows)
+    per_family = pool.map(fold, held) if pool is not None else map(fold, held)
+    e = np.array([x for ape in per_family for x in ape])
     return {
         "models": len(held),
         "configs": len(e),
         "median_ape_pct": round(float(np.median(e)), 2),
         "p90_ape_pct": round(float(np.percentile(e, 90)), 2),
     }
+
+
+def _held_out_ape(data: pd.DataFrame, rows: pd.DataFrame, family: str) -> list[float]:
+    """APE (%) on ``rows`` of ``family`` of a model fitted on ``data`` without that family."""
+    test = rows[rows["family"] == family]
+    model = JoulesPerTokenModel().fit(data[data["family"] != family])
+    pred = model.j_per_token(test) * test["output_tokens"].to_numpy(float)
+    truth = test["energy_per_request_j"].to_numpy(float)
+    return list((np.abs(pred - truth) / truth * 100).tolist())
 
 
 # ---- requests and replicas -------------------------------------------------------------------

@@ -272,13 +272,22 @@ def cmd_bill(args: argparse.Namespace) -> int:
 
 
 def cmd_energy_evaluate(args: argparse.Namespace) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from forecasting.energy import EnergyPredictor, leave_one_model_out, load_mlenergy
 
     data = load_mlenergy()
-    result: dict[str, object] = {
-        "v3_leave_one_model_out": leave_one_model_out(data, source="v3"),
-        "v2_a100_leave_one_model_out": leave_one_model_out(data, source="v2", gpu="A100-40GB"),
-    }
+    # one fit per held-out model family (about 50), one process per core; spawned, because a
+    # forked child can hang in an OpenMP runtime its parent already started
+    workers = args.workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result: dict[str, object] = {
+            "v3_leave_one_model_out": leave_one_model_out(data, source="v3", pool=pool),
+            "v2_a100_leave_one_model_out": leave_one_model_out(
+                data, source="v2", gpu="A100-40GB", pool=pool
+            ),
+        }
     if args.local:
         result["local"] = _local_error(args.local, EnergyPredictor())
     if args.json:
@@ -362,16 +371,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start Ray (or join a cluster), deploy the router, wait until ready, print how to call it."""
+    """Fetch the config's data, start Ray (or join a cluster), deploy the router, wait until
+    ready, print how to call it."""
     import time
+
+    from regions.config import load_config
+    from router.prefetch import prefetch
+
+    cfg = load_config(args.config)
+    # before Ray starts: a file that cannot be had is one line here, not a failed deployment
+    # whose cause is only in Ray's log files (MissingInputError is printed by main)
+    prefetch(cfg, Path(args.config).resolve().parent)
 
     import ray
     from ray import serve
 
-    from regions.config import load_config
     from router.serve_app import build_app, wait_ready
 
-    cfg = load_config(args.config)
     local = args.address in (None, "", "local")
     direct = (args.port + 1 if args.direct_port is None else args.direct_port) if local else 0
     if direct:
@@ -478,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = esub.add_parser("evaluate", help="leave-one-model-out error on ML.ENERGY")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--local", help="JSONL of measured local requests (attribution benchmark)")
+    ev.add_argument("--workers", type=int, default=0,
+                    help="processes fitting the held-out models (default: one a core)")  # fmt: skip
     ev.set_defaults(func=cmd_energy_evaluate)
 
     sm = sub.add_parser("simulate", help="offline what-if of routing policies")
@@ -513,6 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from router.errors import RouterError
 
     args = build_parser().parse_args(argv)
+    if not os.environ.get("OMP_NUM_THREADS"):
+        # this process's fits are small (at most a few years of hourly rows): one native thread
+        # each. An OpenMP team on a busy host waits at every barrier for a descheduled member:
+        # `router forecast show` took 68 s with two threads on a loaded 2-core machine, 22 s
+        # with one. Commands that want parallelism run fits in processes.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

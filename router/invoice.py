@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from forecasting.datasets import dataset_path
+from forecasting.mlenergy import table_path
 from router.billing import J_PER_KWH
 from router.ledger import COLUMNS, Ledger, LedgerRow
 
@@ -112,7 +112,7 @@ def measured_j_per_token(data_dir: Path | None = None) -> dict[str, float]:
     batch measured (v2)."""
 
     def path(name: str) -> Path:
-        return data_dir / name if data_dir else dataset_path(name)
+        return data_dir / name if data_dir else table_path(name)
 
     v1 = pd.read_csv(path("energy/mlenergy_v1_legacy_bs1/A100_chat_benchmark.csv"))
     seven_b = v1[v1["model"].str.contains(r"7[bB]", regex=True)]

@@ -16,7 +16,7 @@ from forecasting.errors import ForecastError, SourceDataError, UnknownZoneError
 from forecasting.forecaster import CarbonForecaster, implied_intensity
 from forecasting.sources import FileSource, ZoneFile, read_intensity_file
 from router.cli import main
-from tests.conftest import DATA, FakeClock
+from tests.conftest import FakeClock
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -104,8 +104,8 @@ def test_implied_intensity_from_production_forecasts() -> None:
 
 
 @pytest.fixture(scope="module")
-def de_frame() -> pd.DataFrame:
-    f = read_intensity_file(DATA / "carbon/electricitymaps_hourly/DE.csv")
+def de_frame(data_dir: Path) -> pd.DataFrame:
+    f = read_intensity_file(data_dir / "carbon/electricitymaps_hourly/DE.csv")
     return f[(f.index >= "2023-09-01") & (f.index < "2024-01-01")]
 
 
@@ -174,10 +174,12 @@ def test_backtest_bad_period_is_clear(data_dir: Path) -> None:
         )
 
 
-async def test_tenants_asking_many_horizons_share_one_fit_run_off_the_event_loop() -> None:
+async def test_tenants_asking_many_horizons_share_one_fit_run_off_the_event_loop(
+    data_dir: Path,
+) -> None:
     clock = FakeClock(datetime(2024, 6, 3, 12, tzinfo=UTC))
     src = FileSource(
-        {"DE": ZoneFile(DATA / "carbon/electricitymaps_hourly/DE.csv")},
+        {"DE": ZoneFile(data_dir / "carbon/electricitymaps_hourly/DE.csv")},
         clock=clock,
         forecaster_history_days=60,
     )

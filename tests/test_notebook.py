@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.needs_data
 def test_what_if_notebook_runs(tmp_path: object) -> None:
     path = ROOT / "notebooks/what_if.ipynb"
     nb = nbformat.read(path, as_version=4)

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.needs_data  # replays the registered Electricity Maps files
 
 CONFIG = (ROOT / "configs/local.yaml").read_text()
 

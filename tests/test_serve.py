@@ -23,6 +23,7 @@ from router.ledger import Ledger
 from tests.conftest import ROOT
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.needs_data  # replays the registered Electricity Maps files
 
 
 def free_port() -> int:

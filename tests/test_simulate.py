@@ -56,7 +56,7 @@ def small(**sim: object) -> Config:
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory: pytest.TempPathFactory) -> object:
+def result(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> object:
     return simulate(small(), base_dir=ROOT, cache_dir=tmp_path_factory.mktemp("fc"))
 
 
@@ -123,6 +123,7 @@ def test_water_fill_respects_capacity_and_ties() -> None:
     assert share[1] == pytest.approx([0.5, 0.5, 0])  # near-tie: split by capacity
 
 
+@pytest.mark.needs_data
 def test_jsonl_trace_and_its_errors(tmp_path: Path) -> None:
     good = tmp_path / "t.jsonl"
     good.write_text("\n".join(json.dumps({"time": f"2024-03-0{1 + i % 3}T10:00:00Z",
@@ -137,6 +138,7 @@ def test_jsonl_trace_and_its_errors(tmp_path: Path) -> None:
         simulate(small(trace=str(bad)), base_dir=ROOT, policies=["greenest"], cache_dir=tmp_path)
 
 
+@pytest.mark.needs_data
 def test_bad_inputs_are_clear(tmp_path: Path) -> None:
     with pytest.raises(SimulationError, match="unknown policy 'fastest'"):
         simulate(small(), base_dir=ROOT, policies=["fastest"])
@@ -146,6 +148,7 @@ def test_bad_inputs_are_clear(tmp_path: Path) -> None:
         simulate(small(trace="trace.csv"), base_dir=ROOT, policies=["greenest"], cache_dir=tmp_path)
 
 
+@pytest.mark.needs_data
 def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "sim.yaml"
     cfg.write_text(SMALL.replace('end: "2024-03-15"', 'end: "2024-03-05"'))
