@@ -243,7 +243,7 @@ class Tenant(_Strict):
             if not re.fullmatch(SHA256_HEX, h):
                 raise ValueError(
                     "must be sha256 hex digests (64 lowercase hex chars), never a key in clear; "
-                    "make one with: router hash-key YOUR_KEY"
+                    "make one with: printf %s \"$KEY\" | router hash-key"
                 )
         return v
 

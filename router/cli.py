@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -168,8 +168,44 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    print(hashlib.sha256(args.key.encode()).hexdigest())
+    """The sha256 of a key read from stdin (a prompt on a terminal): on the command line it
+    would sit in the process list and the shell's history."""
+    if args.key is not None:
+        print("error: pass the key on stdin, not as an argument: printf %s \"$KEY\" | "
+              "router hash-key", file=sys.stderr)  # fmt: skip
+        return 2
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key: ")
+    else:
+        key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("error: no key on stdin", file=sys.stderr)
+        return 2
+    print(hashlib.sha256(key.encode()).hexdigest())
     return 0
+
+
+# sha256 of the keys that configs/local.yaml documents: fine on loopback, never beyond it
+DEMO_KEYS = {
+    "4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f": "sk-local-demo",
+    "dd64c8e8eaafa1abb74fd2a2ccad64f4dcb9f2bd6fae158f50e000958395a29e": "sk-local-admin",
+}
+LOOPBACK = ("127.", "localhost", "::1")
+
+
+def _demo_keys_off_loopback(cfg: Any, host: str) -> str | None:
+    """Why the config may not be served on ``host``: it holds the published demo keys."""
+    if host.startswith(LOOPBACK):
+        return None
+    found = sorted({DEMO_KEYS[h] for t in cfg.tenants for h in t.api_key_sha256 if h in DEMO_KEYS})
+    if not found:
+        return None
+    return (
+        f"error: the config holds the published demo keys ({', '.join(found)}); anyone could "
+        f"use them on {host}. Replace them (router hash-key) or serve on 127.0.0.1"
+    )
 
 
 def _parse_day(value: str | None) -> datetime | None:
@@ -379,6 +415,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.prefetch import prefetch
 
     cfg = load_config(args.config)
+    refused = _demo_keys_off_loopback(cfg, args.host)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     # before Ray starts: a file that cannot be had is one line here, not a failed deployment
     # whose cause is only in Ray's log files (MissingInputError is printed by main)
     prefetch(cfg, Path(args.config).resolve().parent)
@@ -468,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_datasets)
 
     h = sub.add_parser("hash-key", help="sha256 of an API key, for the config's tenants")
-    h.add_argument("key")
+    h.add_argument("key", nargs="?", help=argparse.SUPPRESS)  # refused: read from stdin
     h.set_defaults(func=cmd_hash_key)
 
     u = sub.add_parser("usage", help="a tenant's usage from the ledger")

@@ -512,3 +512,28 @@ def test_a_secret_with_control_characters_is_refused_at_load(
     path.write_text(text)
     with pytest.raises(ConfigError, match="api_key"):
         load_config(path)
+
+
+def test_hash_key_reads_the_secret_from_stdin_not_argv(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+    import io
+
+    from router.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("sk-secret\n"))
+    assert main(["hash-key"]) == 0
+    assert capsys.readouterr().out.strip() == hashlib.sha256(b"sk-secret").hexdigest()
+    assert main(["hash-key", "sk-secret"]) == 2  # on argv it would sit in ps and shell history
+    assert "stdin" in capsys.readouterr().err
+
+
+def test_the_demo_keys_are_refused_off_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    from router.cli import main
+    from tests.conftest import ROOT
+
+    config = str(ROOT / "configs/local.yaml")
+    assert main(["serve", "--config", config, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "demo" in err and "sk-local-admin" in err
