@@ -10,7 +10,7 @@ from importlib.metadata import packages_distributions
 
 from tests.conftest import ROOT
 
-OURS = {"router", "regions", "forecasting", "tests", "benchmarks"}
+OURS = {"carbonrouter", "router", "regions", "forecasting", "tests", "benchmarks"}
 # imported only where their absence is handled and explained
 OPTIONAL = {
     "torch": "benchmarks/nvml_check.py, a GPU check that says to install it",
