@@ -189,6 +189,20 @@ class Completions:
         cut = Final(parsed.prompt_estimate(), produced, began, now)
         self._settle_soon(request_id, tenant, index, cut, parsed, hold)
 
+    async def _settle(
+        self, request_id: str, tenant: str, index: int, final: Final | None,
+        parsed: ParsedRequest, hold: Hold | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Settle here; if the caller is cancelled meanwhile, again on a task of its own, so
+        the bill is not lost. Settling has no effect before its one await (the carbon
+        reading), and its hold is released once whoever gets there first: a second settle of
+        the same request bills it once (the ledger is idempotent by request id)."""
+        try:
+            return await self.settlement.settle(request_id, tenant, index, final, parsed, hold)
+        except asyncio.CancelledError:
+            self._settle_soon(request_id, tenant, index, final, parsed, hold)
+            raise
+
     def _settle_soon(
         self, request_id: str, tenant: str, index: int, final: Final | None,
         parsed: ParsedRequest, hold: Hold | None,
@@ -225,8 +239,7 @@ class Completions:
                     item = await anext(stream, None)
         finally:
             router.states[started.index].active -= 1
-        settling = self._settle_soon(request_id, tenant, started.index, final, parsed, started.hold)
-        usage = await asyncio.shield(settling)
+        usage = await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
         return Collected("".join(text), finish or "stop", usage)
 
     async def relay(
@@ -262,5 +275,6 @@ class Completions:
             raise
         finally:
             st.active -= 1
-        settling = self._settle_soon(request_id, tenant, started.index, final, parsed, started.hold)
-        yield Settled(await asyncio.shield(settling))
+        yield Settled(
+            await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
+        )

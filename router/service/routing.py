@@ -81,6 +81,7 @@ class Router:
     _rng: np.random.Generator = field(default_factory=np.random.default_rng)
     _prefs: dict[str | None, Preference] = field(default_factory=dict)  # parsed headers
     _static: dict[str, Any] | None = None
+    _models: frozenset[str] | None = None
 
     @classmethod
     def build(
@@ -108,7 +109,9 @@ class Router:
     @property
     def models(self) -> frozenset[str]:
         """The models the replicas serve."""
-        return frozenset(s.replica.backend.model for s in self.states)
+        if self._models is None:
+            self._models = frozenset(s.replica.backend.model for s in self.states)
+        return self._models
 
     def preference(self, header: str | None) -> Preference:
         """The parsed header; clients send few distinct ones, so parses are kept (bounded)."""
