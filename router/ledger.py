@@ -71,13 +71,23 @@ class LedgerRow:
     status: Literal["ok", "error", "cancelled"] = "ok"
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "completion_tokens"):
-            n = getattr(self, name)
-            if type(n) is not int or not 0 <= n <= MAX_TOKENS:
-                raise LedgerError(f"request {self.request_id}: {name} {n!r} is not 0..{MAX_TOKENS}")
-        for name in FLOAT_COLUMNS:
-            if not math.isfinite(getattr(self, name)):
-                raise LedgerError(f"request {self.request_id}: {name} is not a finite number")
+        p, c = self.prompt_tokens, self.completion_tokens
+        if not (
+            type(p) is int and type(c) is int and 0 <= p <= MAX_TOKENS and 0 <= c <= MAX_TOKENS
+        ):
+            raise LedgerError(
+                f"request {self.request_id}: token counts {p!r}, {c!r} are not 0..{MAX_TOKENS}"
+            )
+        # one check on the hot path: a sum is finite only if every term is (a NaN or an
+        # infinity anywhere makes it NaN or infinite); the field is named when it is not
+        total = (
+            self.energy_j + self.pue + self.kwh_billed + self.intensity_g_per_kwh
+            + self.carbon_g + self.price_usd_per_kwh + self.cost_usd + self.energy_cost_usd
+            + self.token_cost_usd + self.carbon_cost_usd
+        )  # fmt: skip
+        if not math.isfinite(total):
+            bad = next(n for n in FLOAT_COLUMNS if not math.isfinite(getattr(self, n)))
+            raise LedgerError(f"request {self.request_id}: {bad} is not a finite number")
         if self.energy_j < 0 or self.kwh_billed < 0 or self.carbon_g < 0 or self.cost_usd < 0:
             raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost")
         for name in ("started_at", "ended_at"):
