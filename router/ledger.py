@@ -86,7 +86,10 @@ class LedgerRow:
             + self.token_cost_usd + self.carbon_cost_usd
         )  # fmt: skip
         if not math.isfinite(total):
-            bad = next(n for n in FLOAT_COLUMNS if not math.isfinite(getattr(self, n)))
+            bad = next(
+                (n for n in FLOAT_COLUMNS if not math.isfinite(getattr(self, n))),
+                "the sum of its figures",  # each finite, their sum past float: absurd too
+            )
             raise LedgerError(f"request {self.request_id}: {bad} is not a finite number")
         if self.energy_j < 0 or self.kwh_billed < 0 or self.carbon_g < 0 or self.cost_usd < 0:
             raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost")
