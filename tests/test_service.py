@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from router.http.app import sse_events
+from router.http.completions import sse_events
 from router.http.wire import parse_body
 from router.service.completions import Settled
 from router.service.fakes import FakeReplicaClient
