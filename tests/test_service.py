@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from router.http.completions import sse_events
-from router.http.wire import parse_body
+from router.http.wire import EventStream, parse_body
 from router.service.completions import Settled
 from router.service.fakes import FakeReplicaClient
 from router.service.ports import Chunk
@@ -254,3 +254,38 @@ async def test_usage_comes_in_pages_with_the_periods_totals(tmp_path: Path) -> N
         for bad in ("limit=0", "limit=5000", "start=yesterday", "after=nope"):
             r = await kit.client.get(f"/v1/usage?{bad}", headers=DEMO)
             assert r.status_code in (400, 422), (bad, r.text)
+
+
+async def test_a_stream_whose_client_is_gone_before_it_starts_is_stopped_and_billed(
+    tmp_path: Path,
+) -> None:
+    async with service_kit(tmp_path) as kit:
+        svc = kit.service
+        parsed = parse_body(json.dumps(chat(stream=True)).encode(), chat=True)
+        caller = svc.authenticate(DEMO["Authorization"])
+        pref = svc.live.router.preference(None)
+        admitted = await svc.completions.admit(caller, parsed)
+        started = await svc.completions.start(
+            "chatcmpl-gone", "demo", parsed, admitted.cands, pref, hold=admitted.hold
+        )
+        events = sse_events(
+            svc.completions.relay(started, "chatcmpl-gone", "demo", parsed), "chatcmpl-gone",
+            parsed, 0,
+        )  # fmt: skip
+
+        async def gone() -> None:
+            await svc.completions.abandon(started, "chatcmpl-gone", "demo", parsed)
+
+        async def send(message: dict[str, object]) -> None:
+            raise OSError("the client is gone")  # before the response could start
+
+        with pytest.raises(OSError):
+            await EventStream(events, {}, on_unstarted=gone)({}, None, send)
+        for _ in range(100):
+            if kit.rows():
+                break
+            await asyncio.sleep(0.01)
+        (row,) = kit.rows()
+        assert row.request_id == "chatcmpl-gone" and row.energy_source == "estimated"
+        assert svc.live.router.states[started.index].active == 0
+        assert kit.replicas[svc.replicas[started.index].name].closed == ["chatcmpl-gone"]

@@ -63,7 +63,11 @@ async def answer_completion(
     if parsed.stream:
         svc.metrics.latency.observe(time.perf_counter() - t0)  # to the first chunk
         items = svc.completions.relay(started, request_id, caller.tenant, parsed)
-        return EventStream(sse_events(items, request_id, parsed, created), out)
+
+        async def abandoned() -> None:  # the client was gone before the response began
+            await svc.completions.abandon(started, request_id, caller.tenant, parsed)
+
+        return EventStream(sse_events(items, request_id, parsed, created), out, abandoned)
     done = await svc.completions.collect(started, request_id, caller.tenant, parsed)
     body = completion_body(request_id, parsed, done.text, done.finish_reason, done.usage, created)
     usage = done.usage

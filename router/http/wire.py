@@ -3,7 +3,7 @@ answers out (whole bodies and server-sent events), and the ASGI plumbing that ca
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -179,11 +179,19 @@ class EventStream(Response):
     per stream. Ray Serve already watches for the client going away and cancels the request.
     The last event leaves with the end of the body, in one write."""
 
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: dict[str, str],
+        on_unstarted: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         # not Response.__init__: it would add a Content-Length for the empty body
         self.status_code = 200
         self.background = None
         self.events = events
+        # called instead of closing ``events`` when they were never started (the client was
+        # gone before the response began): an unstarted generator's cleanup never runs
+        self.on_unstarted = on_unstarted
         self.raw_headers = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -191,15 +199,19 @@ class EventStream(Response):
         ]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        began = False
         last = b""
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            began = True  # from here the events run, and their own cleanup with them
             async for event in self.events:
                 if last:
                     await send({"type": "http.response.body", "body": last, "more_body": True})
                 last = event
             await send({"type": "http.response.body", "body": last, "more_body": False})
         finally:  # cancelled while sending (the client went away): the events' cleanup now
+            if not began and self.on_unstarted is not None:
+                await self.on_unstarted()
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -242,6 +242,19 @@ class Completions:
         usage = await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
         return Collected("".join(text), finish or "stop", usage)
 
+    async def abandon(
+        self, started: Started, request_id: str, tenant: str, parsed: ParsedRequest
+    ) -> None:
+        """A started stream that will never be relayed (its client was gone before the
+        response began): stop its replica, free its slot, bill it as cut."""
+        self._live().router.states[started.index].active -= 1
+        began = datetime.now(UTC)
+        produced = 1 if isinstance(started.first, Chunk) else 0  # its first output was made
+        self._bill_cut(request_id, tenant, started.index, parsed, began, produced, started.hold)
+        aclose = getattr(started.stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
     async def relay(
         self, started: Started, request_id: str, tenant: str, parsed: ParsedRequest
     ) -> AsyncIterator[Chunk | Settled | StreamFailed]:
