@@ -9,9 +9,11 @@ a throwaway cache from a closed local port, so none reaches the internet. CI set
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -77,3 +79,21 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("CARBON_ROUTER_CACHE", str(cache))
     monkeypatch.delenv("CARBON_ROUTER_DATA", raising=False)
     yield cache
+
+
+@asynccontextmanager
+async def loop_turns(period_s: float = 0.0) -> AsyncIterator[list[int]]:
+    """Counts the event loop's turns while the block runs (``turns[0]``), one each
+    ``period_s`` at most: a block that holds the loop lets none happen."""
+    turns = [0]
+
+    async def tick() -> None:
+        while True:
+            turns[0] += 1
+            await asyncio.sleep(period_s)
+
+    task = asyncio.create_task(tick())
+    try:
+        yield turns
+    finally:
+        task.cancel()

@@ -112,3 +112,17 @@ def chat(**kw: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": "Name one fruit."}],
         **kw,
     }
+
+
+async def upload(kit: Kit, content: bytes) -> Any:
+    """Upload ``content`` as a batch input file, as the demo tenant."""
+    return await kit.client.post(
+        "/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"},
+        headers=DEMO,
+    )  # fmt: skip
+
+
+async def create_batch(kit: Kit, file_id: str, **kw: Any) -> Any:
+    """Create a chat-completions batch of ``file_id``, as the demo tenant."""
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", **kw}
+    return await kit.client.post("/v1/batches", json=body, headers=DEMO)

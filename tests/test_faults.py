@@ -21,7 +21,8 @@ from router.errors import CarbonUnavailable
 from router.metering.remote import AwaitingBills
 from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
 from router.service.proxied import ProxiedMetering, ProxiedReplica
-from tests.service_kit import CONFIG, DEMO, Kit, chat, service_kit
+from tests.conftest import loop_turns
+from tests.service_kit import CONFIG, DEMO, Kit, chat, create_batch, service_kit, upload
 from tests.test_http1 import keep_answering, server, status
 
 
@@ -236,15 +237,8 @@ async def test_a_batch_over_the_budget_is_refused_before_anything_runs(tmp_path:
     async with service_kit(tmp_path) as kit:
         per = await per_request_kwh(kit)
         kit.service.live.budgets.limits["demo"] = Budget(period="month", kwh=3.5 * per)
-        up = await kit.client.post(
-            "/v1/files", files={"file": ("in.jsonl", jsonl)}, data={"purpose": "batch"},
-            headers=DEMO,
-        )  # fmt: skip
-        r = await kit.client.post(
-            "/v1/batches",
-            json={"input_file_id": up.json()["id"], "endpoint": "/v1/chat/completions"},
-            headers=DEMO,
-        )
+        up = await upload(kit, jsonl)
+        r = await create_batch(kit, up.json()["id"])
         assert r.status_code == 402, r.text
         assert r.json()["error"]["code"] == "budget_exceeded"
         assert kit.service.jobs.due(datetime(2100, 1, 1, tzinfo=UTC)) == []
@@ -362,18 +356,6 @@ def load_config_text(text: str) -> Any:
         return load_config(path)
 
 
-async def upload(kit: Kit, content: bytes) -> Any:
-    return await kit.client.post(
-        "/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"},
-        headers=DEMO,
-    )  # fmt: skip
-
-
-async def create_batch(kit: Kit, file_id: str, **kw: Any) -> Any:
-    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", **kw}
-    return await kit.client.post("/v1/batches", json=body, headers=DEMO)
-
-
 @pytest.mark.parametrize(
     ("content", "window", "expect"),
     [
@@ -412,19 +394,10 @@ async def test_a_large_batch_does_not_stall_the_event_loop(tmp_path: Path) -> No
     line = json.dumps({"custom_id": "a", "body": chat()}).encode()
     async with service_kit(tmp_path) as kit:
         up = await upload(kit, b"\n".join([line] * 2000))
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
-        r = await create_batch(kit, up.json()["id"])
-        task.cancel()
+        async with loop_turns() as turns:
+            r = await create_batch(kit, up.json()["id"])
         assert r.status_code == 200 and r.json()["request_counts"]["total"] == 2000
-        assert ticks >= 20  # other work ran while the 2,000 lines were planned
+        assert turns[0] >= 20  # other work ran while the 2,000 lines were planned
 
 
 async def test_files_can_be_deleted(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from forecasting.errors import ForecastError, SourceDataError, UnknownZoneError
 from forecasting.forecaster import CarbonForecaster, implied_intensity
 from forecasting.sources import FileSource, ZoneFile, read_intensity_file
 from router.cli import main
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, loop_turns
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -183,21 +183,12 @@ async def test_tenants_asking_many_horizons_share_one_fit_run_off_the_event_loop
         clock=clock,
         forecaster_history_days=60,
     )
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.001)
-
-    task = asyncio.create_task(ticker())
-    forecasts = [await src.forecast("DE", h) for h in range(2, 25)]  # defer=1h..23h
-    task.cancel()
+    async with loop_turns(period_s=0.001) as turns:  # a fit runs in a thread: no spinning
+        forecasts = [await src.forecast("DE", h) for h in range(2, 25)]  # defer=1h..23h
     assert [len(f.g_per_kwh) for f in forecasts] == list(range(2, 25))
     assert forecasts[-1].g_per_kwh.iloc[:2].tolist() == forecasts[0].g_per_kwh.tolist()
     assert len(src._forecast_cache) == 1  # one fit for all of them, not 23
-    assert ticks >= 5  # the loop kept turning while it was fitted
+    assert turns[0] >= 5  # the loop kept turning while it was fitted
     for day in range(40):  # a long-running router: the cache stays bounded
         clock.advance(3600)
         src._forecast_cache.setdefault(("DE", pd.Timestamp(clock()), 24 + day), pd.Series())

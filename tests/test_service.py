@@ -17,7 +17,7 @@ from router.http.wire import EventStream, parse_body
 from router.service.completions import Settled
 from router.service.fakes import FakeReplicaClient
 from router.service.ports import Chunk
-from tests.service_kit import ADMIN, DEMO, chat, service_kit
+from tests.service_kit import ADMIN, DEMO, chat, create_batch, service_kit, upload
 
 NAMES = ("eu-north-0", "eu-central-0", "us-south-0")
 
@@ -188,15 +188,8 @@ async def test_a_batch_with_a_bad_line_is_refused_whole(tmp_path: Path) -> None:
     good = json.dumps({"custom_id": "ok", "body": chat()})
     jsonl = f'{good}\n{good}\n{{"custom_id": "bad", "body": {{"model": 3}}}}\n'.encode()
     async with service_kit(tmp_path) as kit:
-        up = await kit.client.post(
-            "/v1/files", files={"file": ("in.jsonl", jsonl)}, data={"purpose": "batch"},
-            headers=DEMO,
-        )  # fmt: skip
-        r = await kit.client.post(
-            "/v1/batches",
-            json={"input_file_id": up.json()["id"], "endpoint": "/v1/chat/completions"},
-            headers=DEMO,
-        )
+        up = await upload(kit, jsonl)
+        r = await create_batch(kit, up.json()["id"])
         assert r.status_code == 400 and "line 3" in r.json()["error"]["message"]
         # lines 1 and 2 were not left scheduled: nothing runs, nothing is billed
         assert kit.service.jobs.due(datetime(2100, 1, 1, tzinfo=UTC)) == []
