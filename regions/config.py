@@ -265,6 +265,9 @@ class PolicyDefaults(_Strict):
     tie_tolerance: float = Field(0.05, ge=0, le=1)
     max_defer_s: float = Field(86400.0, ge=0)
     defer_min_gain: float = Field(0.05, ge=0, lt=1)
+    cooldown_s: float = Field(
+        30.0, ge=0, description="how long a replica that failed (5xx, timeout, dead) is skipped"
+    )
 
 
 class Simulation(_Strict):

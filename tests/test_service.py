@@ -17,7 +17,7 @@ from router.http.wire import EventStream, parse_body
 from router.service.completions import Settled
 from router.service.fakes import FakeReplicaClient
 from router.service.ports import Chunk
-from tests.service_kit import ADMIN, DEMO, chat, create_batch, service_kit, upload
+from tests.service_kit import ADMIN, CONFIG, DEMO, chat, create_batch, service_kit, upload
 
 NAMES = ("eu-north-0", "eu-central-0", "us-south-0")
 
@@ -56,6 +56,18 @@ async def test_failover_before_the_first_byte_cools_the_replica_down(tmp_path: P
         assert north.cooldown_until > time.monotonic()
         assert {row.replica for row in kit.rows()} == {r.headers["x-carbon-replica"]}
         assert len(kit.rows()) == 2
+
+
+async def test_the_cooldown_is_the_operators_setting(tmp_path: Path) -> None:
+    fakes = [FakeReplicaClient(n, fail="down" if n == "eu-north-0" else None) for n in NAMES]
+    config = CONFIG.replace("policy: {name: price_carbon, weight: 0.5}",
+                            "policy: {name: price_carbon, weight: 0.5, cooldown_s: 2}")  # fmt: skip
+    async with service_kit(tmp_path, replicas=fakes, config=config) as kit:
+        t0 = time.monotonic()
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200 and r.headers["x-carbon-replica"] != "eu-north-0"
+        north = kit.service.live.router.states[0]
+        assert t0 + 1.5 < north.cooldown_until <= time.monotonic() + 2.0
 
 
 async def test_when_every_replica_is_down_the_answer_is_503_in_openai_format(

@@ -96,6 +96,7 @@ class Router:
             CarbonView(config.regions, sources),
             predictor,
             make_policy(config.policy.name, tie_tolerance=config.policy.tie_tolerance),
+            cooldown_s=config.policy.cooldown_s,
         )
         for region in config.regions:
             prices = PriceSchedule(region.price, base_dir=base_dir)
