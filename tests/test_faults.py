@@ -22,7 +22,7 @@ from router.metering.remote import AwaitingBills
 from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
 from router.service.proxied import ProxiedMetering, ProxiedReplica
 from tests.conftest import loop_turns
-from tests.service_kit import CONFIG, DEMO, Kit, chat, create_batch, service_kit, upload
+from tests.service_kit import ADMIN, CONFIG, DEMO, Kit, chat, create_batch, service_kit, upload
 from tests.test_http1 import keep_answering, server, status
 
 
@@ -268,10 +268,13 @@ class CountingSource(StaticCarbonSource):
         super().__init__(values)
         self.calls = 0
         self.down = False
+        self.gate: asyncio.Event | None = None  # when set, latest() waits for it (a slow API)
 
     async def latest(self, zone: str) -> Intensity:
         self.calls += 1
         await asyncio.sleep(0.01)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.down:
             raise CarbonSourceError("HTTP 503", source=self.name, zone=zone)
         return await super().latest(zone)
@@ -281,6 +284,28 @@ class CountingSource(StaticCarbonSource):
         if self.down:
             raise CarbonSourceError("HTTP 503", source=self.name, zone=zone)
         return await super().forecast(zone, horizon_h)
+
+
+async def test_a_reload_keeps_what_was_known_of_each_regions_carbon(tmp_path: Path) -> None:
+    # a reload built a new, empty view: the next request waited for every region's API again
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200, r.text
+        source = kit.service.live.router.carbon.sources["grid"]
+        gate, latest = asyncio.Event(), source.latest
+
+        async def hangs(zone: str) -> Intensity:
+            await gate.wait()
+            return await latest(zone)
+
+        source.latest = hangs  # type: ignore[method-assign]  # every API hangs from now on
+        r = await kit.client.post("/v1/admin/reload", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        r = await asyncio.wait_for(
+            kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO), 5.0
+        )
+        assert r.status_code == 200, r.text
+        gate.set()
 
 
 async def test_a_region_without_carbon_data_is_unavailable_and_the_others_serve(
@@ -317,7 +342,43 @@ async def test_a_dead_carbon_api_is_asked_once_not_by_every_request() -> None:
     assert source.calls == calls  # the failure is remembered for fail_ttl_s
     clock.t += 11
     source.down = False
+    with pytest.raises(CarbonUnavailable):  # answered from the failure on record...
+        await view.get(region)
+    await view.idle()  # ...while the API is asked again, beside the request
     assert (await view.get(region)).g_per_kwh == 30.0
+
+
+async def test_a_request_does_not_wait_for_a_carbon_refresh_once_its_region_is_known() -> None:
+    # on the live stack a dead carbon API of one region held a request of every tenant, once
+    # per fail_ttl_s, for the length of its failed fetch (2-3 s): every request gathers all the
+    # regions' intensities. Once a region has a value or a failure on record, its refresh runs
+    # beside the requests, which answer from what is known
+    from router.service.carbon import CarbonView
+
+    clock = FakeMonotonic()
+    source = CountingSource({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, ttl_s=60, fail_ttl_s=10)
+    assert (await view.get(region)).g_per_kwh == 30.0  # nothing known yet: awaited
+    source.gate, source.values["SE"] = asyncio.Event(), 40.0
+    clock.t += 61
+    reading = await asyncio.wait_for(view.get(region), 1.0)  # the API hangs: not waited for
+    assert reading.g_per_kwh == 30.0 and not reading.stale
+    source.gate.set()
+    await view.idle()
+    assert (await view.get(region)).g_per_kwh == 40.0  # the refresh landed
+    source.gate, source.down = asyncio.Event(), True
+    clock.t += 61
+    assert (await asyncio.wait_for(view.get(region), 1.0)).g_per_kwh == 40.0
+    source.gate.set()
+    await view.idle()
+    stale = await view.get(region)  # the refresh failed: the last value, marked stale
+    assert stale.stale and stale.g_per_kwh == 40.0
+    calls = source.calls
+    for _ in range(5):
+        await view.get(region)
+    await view.idle()
+    assert source.calls == calls  # asked again only after fail_ttl_s
 
 
 async def test_a_stale_value_is_not_served_past_max_stale_s() -> None:
@@ -330,6 +391,8 @@ async def test_a_stale_value_is_not_served_past_max_stale_s() -> None:
     assert not (await view.get(region)).stale
     source.down = True
     clock.t += 600
+    await view.get(region)  # starts the refresh, which fails
+    await view.idle()
     reading = await view.get(region)
     assert reading.stale and reading.g_per_kwh == 30.0  # within its stated age
     clock.t += 3600

@@ -153,6 +153,7 @@ class RouterService:
         for st_new, st_old in zip(live.router.states, old_live.router.states, strict=True):
             st_new.active, st_new.cooldown_until = st_old.active, st_old.cooldown_until
         live.router.lengths = old_live.router.lengths
+        live.router.carbon.adopt(old_live.router.carbon)
         self.live = live
         return {
             "reloaded": str(self.config_path),

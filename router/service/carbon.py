@@ -28,7 +28,9 @@ class CarbonReading:
 class CarbonView:
     """Each region's intensity now, cached for ``ttl_s``, never invented.
 
-    Concurrent requests for a region share one fetch (single flight). When the source fails,
+    Concurrent requests for a region share one fetch (single flight). Only the first fetch of
+    a region is waited for; later ones run beside the requests, which meanwhile use the last
+    value (or the failure on record). When the source fails,
     the last value is used, marked stale, while it is at most ``max_stale_s`` old; lacking
     one, the source's forecast for this hour; lacking that, the region is unavailable
     (:class:`CarbonUnavailable`), and the failure is remembered for ``fail_ttl_s`` so that a
@@ -61,14 +63,50 @@ class CarbonView:
         if cached and now - cached[0] < self.ttl_s:
             return cached[1]
         failed = self._failed.get(region.name)
-        if failed and now - failed[0] < self.fail_ttl_s:
+        if cached is None and failed is None:  # nothing known yet: the first fetch is awaited
+            return await asyncio.shield(self._start(region))
+        # known: refreshed beside the requests, which answer from what is known meanwhile (a
+        # slow or dead API of one region must not hold the requests of every region)
+        if failed is None or now - failed[0] >= self.fail_ttl_s:
+            self._start(region)
+        if failed is not None:
             return self._stale_or(region, now, failed[1])
+        assert cached is not None
+        return cached[1]
+
+    def _start(self, region: Region) -> asyncio.Task[CarbonReading]:
+        """The region's refresh under way, started if none is (single flight)."""
         task = self._inflight.get(region.name)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._refresh(region))
             self._inflight[region.name] = task
-            task.add_done_callback(lambda _: self._inflight.pop(region.name, None))
-        return await asyncio.shield(task)
+            task.add_done_callback(self._finished(region.name))
+        return task
+
+    def _finished(self, name: str) -> Callable[[asyncio.Task[CarbonReading]], None]:
+        def done(task: asyncio.Task[CarbonReading]) -> None:
+            self._inflight.pop(name, None)
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure is on record in _failed, not lost
+
+        return done
+
+    def adopt(self, old: CarbonView) -> None:
+        """Keep what ``old`` (the view before a reload) knew of each region whose zone is the
+        same: its last value and its failure on record, so the reload waits for no API."""
+        zones = {r.name: r.zone for r in old.regions}
+        for region in self.regions:
+            if zones.get(region.name) != region.zone:
+                continue
+            if (value := old._values.get(region.name)) is not None:
+                self._values[region.name] = value
+            if (failed := old._failed.get(region.name)) is not None:
+                self._failed[region.name] = failed
+
+    async def idle(self) -> None:
+        """Until the refreshes under way have finished (for tests and an orderly stop)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     async def _refresh(self, region: Region) -> CarbonReading:
         src = self.sources[region.carbon_source]
