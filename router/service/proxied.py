@@ -165,16 +165,16 @@ class ProxiedReplica:
         prompt = await self.backend.prompt_tokens(request)
         completion, begun = 0, False
         try:
-            async for batch, last in self.backend.stream_batches(request):
+            async for batch in self.backend.stream_batches(request):
                 if not begun:
                     metering.started(i, request_id, wall0, prompt)
                     begun = True
-                if n_batch := sum(c.n_tokens for c in batch):  # merged until the next send
+                if n_batch := sum(c.n_tokens for c in batch.chunks):  # merged until the next send
                     completion += n_batch
                     metering.tokens(i, request_id, n_batch)
                 # what arrived together leaves together: one write for the whole batch (with
                 # the end of the stream too when the server ended it in that read)
-                yield Chunk(tuple((c.text, c.finish_reason) for c in batch), last)
+                yield Chunk(tuple((c.text, c.finish_reason) for c in batch.chunks), batch.last)
         except BackendError as e:
             raise self._failed(e) from e
         finally:

@@ -1,0 +1,156 @@
+"""The token counts a server reports for a stream (issue 11.13): the OpenAI backend asks for
+OpenAI's ``stream_options.include_usage`` and reads the usage event the server ends the stream
+with. Against loopback servers that stream as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from regions.backends import CompletionRequest
+from regions.config import OpenAIBackendConfig
+from regions.openai_backend import OpenAIBackend
+from tests.test_http1 import Handler, Seen, read_request, server, sse
+
+Event = dict[str, Any] | str  # a JSON event, or a data line as it is ("[DONE]")
+
+
+def delta(text: str, finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+    return {"object": "chat.completion.chunk", "choices": [choice]}
+
+
+def usage(prompt: Any = 8, completion: Any = 4) -> dict[str, Any]:
+    """The event OpenAI (and vLLM, llama.cpp server) end a stream with under include_usage."""
+    return {"object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}  # fmt: skip
+
+
+WORDS = [delta("Paris"), delta(" is"), delta(" lovely", "stop")]  # 3 chunks; usage() says 4
+
+
+def streaming(events: list[Event], bodies: list[dict[str, Any]], *, cut: bool = False,
+              pause_s: float = 0.0) -> Handler:  # fmt: skip
+    """A server that streams ``events`` to every request (each in an HTTP chunk of its own,
+    ``pause_s`` apart, so that they come in separate reads) and records the request bodies.
+    ``cut``: it dies after them, the body unfinished."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        seen = Seen()
+        while (request := await read_request(reader, seen)) is not None:
+            bodies.append(json.loads(request.partition(b"\r\n\r\n")[2]))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+            for event in events:
+                data = event if isinstance(event, str) else json.dumps(event)
+                writer.write(sse(b"data: %s\n\n" % data.encode()))
+                if pause_s:
+                    await writer.drain()
+                    await asyncio.sleep(pause_s)
+            if cut:
+                await writer.drain()
+                writer.transport.abort()
+                return
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    return handler
+
+
+REQUEST = CompletionRequest(messages=[{"role": "user", "content": "Name one fruit."}])
+
+
+# ---- the backend: asks for usage on streams, reports it on the last batch ----------------------
+
+
+@pytest.mark.parametrize("pause_s", [0.0, 0.02])  # the events in one read, or each in its own
+async def test_a_stream_asks_for_usage_and_reports_the_servers_counts(pause_s: float) -> None:
+    bodies: list[dict[str, Any]] = []
+    async with server(streaming([*WORDS, usage(), "[DONE]"], bodies, pause_s=pause_s)) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        batches = [b async for b in backend.stream_batches(REQUEST)]
+        chunks = [c async for c in backend.stream(REQUEST)]
+        await backend.aclose()
+    assert bodies[0]["stream"] is True and bodies[0]["stream_options"] == {"include_usage": True}
+    last = batches[-1]
+    assert last.last and (last.prompt_tokens, last.completion_tokens) == (8, 4)
+    assert all(b.prompt_tokens is None and not b.last for b in batches[:-1])
+    # the usage event is no chunk of output: stream() yields the text alone
+    assert [c.text for c in chunks] == ["Paris", " is", " lovely"]
+    assert [c.text for b in batches for c in b.chunks] == ["Paris", " is", " lovely"]
+
+
+async def test_usage_on_a_stream_that_ends_without_done_is_on_its_last_batch() -> None:
+    bodies: list[dict[str, Any]] = []
+    async with server(streaming([*WORDS, usage()], bodies, pause_s=0.02)) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        batches = [b async for b in backend.stream_batches(REQUEST)]
+        await backend.aclose()
+    assert batches[-1].last and (batches[-1].prompt_tokens, batches[-1].completion_tokens) == (8, 4)
+
+
+async def test_usage_sent_with_the_last_choice_counts_and_its_text_is_kept() -> None:
+    # TGI and older llama.cpp servers put usage on the chunk that carries finish_reason
+    last = {**delta(" lovely", "stop"), "usage": {"prompt_tokens": 8, "completion_tokens": 4}}
+    bodies: list[dict[str, Any]] = []
+    async with server(streaming([*WORDS[:2], last, "[DONE]"], bodies)) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        batches = [b async for b in backend.stream_batches(REQUEST)]
+        await backend.aclose()
+    assert [c.text for b in batches for c in b.chunks] == ["Paris", " is", " lovely"]
+    assert (batches[-1].prompt_tokens, batches[-1].completion_tokens) == (8, 4)
+
+
+async def test_without_stream_usage_no_stream_options_are_sent() -> None:
+    # a server that refuses stream_options is configured with stream_usage: false
+    bodies: list[dict[str, Any]] = []
+    async with server(streaming([*WORDS, "[DONE]"], bodies)) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m", stream_usage=False)
+        batches = [b async for b in backend.stream_batches(REQUEST)]
+        await backend.aclose()
+    assert "stream_options" not in bodies[0]
+    assert batches[-1].last and batches[-1].prompt_tokens is None
+
+
+async def test_a_non_streamed_call_never_sends_stream_options() -> None:
+    # OpenAI refuses stream_options on a request that does not stream
+    answer = {"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 8, "completion_tokens": 1}}  # fmt: skip
+    body = json.dumps(answer).encode()
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while (request := await read_request(reader, Seen())) is not None:
+            bodies.append(json.loads(request.partition(b"\r\n\r\n")[2]))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async with server(handler) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        ans = await backend.answer(REQUEST)
+        await backend.aclose()
+    assert "stream_options" not in bodies[0] and ans.prompt_tokens == 8
+
+
+def test_stream_usage_is_on_by_default_and_can_be_turned_off() -> None:
+    base = {"kind": "openai", "url": "http://h:8000/v1", "model": "m"}
+    assert OpenAIBackendConfig.model_validate(base).stream_usage is True
+    assert OpenAIBackendConfig.model_validate({**base, "stream_usage": False}).stream_usage is False
+
+
+async def test_a_usage_that_is_no_object_is_ignored_in_a_whole_answer_too() -> None:
+    answer = {"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}],
+              "usage": "lots"}  # fmt: skip
+    body = json.dumps(answer).encode()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while await read_request(reader, Seen()) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async with server(handler) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        ans = await backend.answer(REQUEST)
+        await backend.aclose()
+    assert ans.text == "ok" and (ans.prompt_tokens, ans.completion_tokens) == (None, None)
