@@ -1,11 +1,13 @@
-"""The token counts a server reports for a stream (issue 11.13): the OpenAI backend asks for
-OpenAI's ``stream_options.include_usage`` and reads the usage event the server ends the stream
-with. Against loopback servers that stream as scripted."""
+"""Proxied streams are billed with the token counts their server reports (issue 11.13): the
+router asks for OpenAI's ``stream_options.include_usage`` and reads the usage event the server
+ends the stream with; without one (a server that does not send it, nonsense, a stream cut
+mid-way) the tokens are estimated as before. Against loopback servers that stream as scripted."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,9 @@ import pytest
 from regions.backends import CompletionRequest
 from regions.config import OpenAIBackendConfig
 from regions.openai_backend import OpenAIBackend
+from router.service.fakes import FakeReplicaClient, LedgerSink
+from router.service.proxied import ProxiedMetering, ProxiedReplica
+from tests.service_kit import DEMO, chat, service_kit
 from tests.test_http1 import Handler, Seen, read_request, server, sse
 
 Event = dict[str, Any] | str  # a JSON event, or a data line as it is ("[DONE]")
@@ -61,6 +66,7 @@ def streaming(events: list[Event], bodies: list[dict[str, Any]], *, cut: bool = 
 
 
 REQUEST = CompletionRequest(messages=[{"role": "user", "content": "Name one fruit."}])
+ESTIMATED_PROMPT = len("Name one fruit.") // 4  # 3; the server's figure below is 8
 
 
 # ---- the backend: asks for usage on streams, reports it on the last batch ----------------------
@@ -138,6 +144,88 @@ def test_stream_usage_is_on_by_default_and_can_be_turned_off() -> None:
     base = {"kind": "openai", "url": "http://h:8000/v1", "model": "m"}
     assert OpenAIBackendConfig.model_validate(base).stream_usage is True
     assert OpenAIBackendConfig.model_validate({**base, "stream_usage": False}).stream_usage is False
+
+
+# ---- the bill: the server's counts when they came, the estimate otherwise ----------------------
+
+
+Streamed = tuple[list[dict[str, Any]], Any, dict[str, Any]]  # sent, row, the upstream's body
+
+
+async def proxied_stream(
+    tmp_path: Path, events: list[Event], *, cut: bool = False, **backend: Any
+) -> Streamed:
+    """One streamed chat request routed to a ProxiedReplica whose server streams ``events``
+    (its OpenAIBackend made with the keywords ``backend``): the client's SSE events, the
+    ledger row and the body the server got."""
+    bodies: list[dict[str, Any]] = []
+    async with server(streaming(events, bodies, cut=cut)) as seen:
+        upstream = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "smollm2-135m", **backend)
+        metering = ProxiedMetering([0], LedgerSink(tmp_path / "unused.sqlite"))
+        proxied = ProxiedReplica(0, "eu-north-0", upstream, metering)
+        others = [FakeReplicaClient("eu-central-0"), FakeReplicaClient("us-south-0")]
+        async with service_kit(tmp_path, replicas=[proxied, *others]) as kit:  # type: ignore[list-item]
+            r = await kit.client.post(
+                "/v1/chat/completions",
+                json=chat(stream=True, stream_options={"include_usage": True}), headers=DEMO,
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert r.headers["x-carbon-replica"] == "eu-north-0"
+            sent = [json.loads(line[6:]) for line in r.text.split("\n")
+                    if line.startswith("data: {")]  # fmt: skip
+            for _ in range(100):  # a cut stream's bill is settled on a task of its own
+                if kit.rows():
+                    break
+                await asyncio.sleep(0.01)
+            (row,) = kit.rows()
+        await upstream.aclose()
+    return sent, row, bodies[0]
+
+
+def text_of(sent: list[dict[str, Any]]) -> str:
+    return "".join(c["delta"]["content"] for e in sent for c in e.get("choices") or [])
+
+
+async def test_a_proxied_stream_is_billed_with_the_servers_token_counts(tmp_path: Path) -> None:
+    sent, row, body = await proxied_stream(tmp_path, [*WORDS, usage(8, 4), "[DONE]"])
+    assert (row.prompt_tokens, row.completion_tokens) == (8, 4)  # not (3, 3): 4 chars, 3 chunks
+    assert text_of(sent) == "Paris is lovely"
+    # the server's usage event did not reach the client: the one usage event is the router's
+    ends = [e for e in sent if not e.get("choices")]
+    assert len(ends) == 1 and "energy_kwh" in ends[0]["usage"]
+    assert ends[0]["usage"]["prompt_tokens"] == 8 and ends[0]["usage"]["completion_tokens"] == 4
+    assert body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [usage(1e30, -3), usage(8.5, "4"), usage(None, None), {"choices": [], "usage": "lots"},
+     {"choices": [], "usage": None}],
+)  # fmt: skip
+async def test_nonsense_usage_in_a_stream_is_ignored_and_estimated(
+    tmp_path: Path, reported: dict[str, Any]
+) -> None:
+    sent, row, _ = await proxied_stream(tmp_path, [*WORDS, reported, "[DONE]"])
+    assert text_of(sent) == "Paris is lovely"
+    assert (row.prompt_tokens, row.completion_tokens) == (ESTIMATED_PROMPT, 3)  # one a chunk
+
+
+async def test_half_the_usage_counts_and_the_other_half_is_estimated(tmp_path: Path) -> None:
+    _, row, _ = await proxied_stream(tmp_path, [*WORDS, usage(8, -1), "[DONE]"])
+    assert (row.prompt_tokens, row.completion_tokens) == (8, 3)
+
+
+async def test_a_server_that_sends_no_usage_is_billed_the_estimate(tmp_path: Path) -> None:
+    _, row, body = await proxied_stream(tmp_path, [*WORDS, "[DONE]"], stream_usage=False)
+    assert "stream_options" not in body
+    assert (row.prompt_tokens, row.completion_tokens) == (ESTIMATED_PROMPT, 3)
+
+
+async def test_a_stream_cut_mid_way_is_billed_the_estimate(tmp_path: Path) -> None:
+    sent, row, _ = await proxied_stream(tmp_path, WORDS[:2], cut=True)
+    assert text_of(sent) == "Paris is" and sent[-1]["error"]["code"] == "replica_failed"
+    assert (row.prompt_tokens, row.completion_tokens) == (ESTIMATED_PROMPT, 2)
+    assert row.energy_source == "estimated"
 
 
 async def test_a_usage_that_is_no_object_is_ignored_in_a_whole_answer_too() -> None:
