@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from regions.backends import CompletionRequest
+from regions.backends import BackendRefused, CompletionRequest
 from regions.config import OpenAIBackendConfig
 from regions.openai_backend import OpenAIBackend
 from router.service.fakes import FakeReplicaClient, LedgerSink
@@ -242,3 +244,62 @@ async def test_a_usage_that_is_no_object_is_ignored_in_a_whole_answer_too() -> N
         ans = await backend.answer(REQUEST)
         await backend.aclose()
     assert ans.text == "ok" and (ans.prompt_tokens, ans.completion_tokens) == (None, None)
+
+
+# ---- the fake OpenAI-compatible server of the live tests does what real ones do ----------------
+
+
+@asynccontextmanager
+async def fake_openai() -> AsyncIterator[str]:
+    """regions.fake_openai on a loopback port: its base URL."""
+    from aiohttp import web
+
+    from regions.fake_openai import make_app
+
+    runner = web.AppRunner(make_app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def fault(url: str, mode: str | None) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        base = url.removesuffix("/v1")
+        async with session.post(f"{base}/_fault", json={"mode": mode}) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def test_the_fake_server_ends_a_stream_with_usage_when_asked() -> None:
+    async with fake_openai() as url:
+        backend = OpenAIBackend(url, "fake")
+        batches = [b async for b in backend.stream_batches(REQUEST)]
+        plain = OpenAIBackend(url, "fake", stream_usage=False)
+        unasked = [b async for b in plain.stream_batches(REQUEST)]
+        await fault(url, "absurd_usage")
+        absurd = [b async for b in backend.stream_batches(REQUEST)]
+        await backend.aclose()
+        await plain.aclose()
+    for got in (batches, unasked, absurd):
+        assert "".join(c.text for b in got for c in b.chunks) == "t0 t1 t2 t3 t4 t5 t6 t7 "
+    assert (batches[-1].prompt_tokens, batches[-1].completion_tokens) == (8, 8)
+    assert unasked[-1].last and unasked[-1].prompt_tokens is None
+    assert (absurd[-1].prompt_tokens, absurd[-1].completion_tokens) == (None, None)
+
+
+async def test_the_fake_server_can_refuse_stream_options() -> None:
+    async with fake_openai() as url:
+        await fault(url, "refuse_stream_options")
+        backend = OpenAIBackend(url, "fake")
+        with pytest.raises(BackendRefused, match="stream_options"):
+            async for _ in backend.stream(REQUEST):
+                pass
+        plain = OpenAIBackend(url, "fake", stream_usage=False)  # what such a server needs
+        assert len([c async for c in plain.stream(REQUEST)]) == 8
+        assert (await backend.answer(REQUEST)).prompt_tokens == 8  # whole answers unaffected
+        await backend.aclose()
+        await plain.aclose()
