@@ -7,9 +7,9 @@ loopback, in its own process so its CPU is not counted), then drives it with two
 the same work: :class:`regions.openai_backend.OpenAIBackend` (the router's client, on
 :mod:`regions.http1`) and an equivalent ``aiohttp.ClientSession`` client (one session,
 kept-alive connections, the same orjson body, a timeout, the answer parsed: the JSON of a
-non-streamed completion, every SSE ``data:`` event of a stream). Each does non-streamed and
-streamed (8 chunks) chat completions with N concurrent callers in a closed loop for
-``--seconds``; the two clients alternate within each repetition.
+non-streamed completion, every SSE ``data:`` event of a stream, whose usage event both ask
+for). Each does non-streamed and streamed (8 chunks) chat completions with N concurrent
+callers in a closed loop for ``--seconds``; the two clients alternate within each repetition.
 
 Figures per (mode, concurrency, client): requests/s, p50 and p99 latency (to the last byte),
 and CPU microseconds per request of this (the client) process (``time.process_time``). Each is
@@ -82,8 +82,8 @@ class Http1Client:
 
     async def stream(self) -> None:
         n = 0
-        async for batch, _ in self.backend.stream_batches(REQUEST):
-            n += len(batch)
+        async for batch in self.backend.stream_batches(REQUEST):
+            n += len(batch.chunks)
         assert n == 8, n
 
     async def aclose(self) -> None:
@@ -104,7 +104,9 @@ class AiohttpClient:
         body = {"model": "fake", "max_tokens": REQUEST.max_tokens,
                 "temperature": REQUEST.temperature, "top_p": REQUEST.top_p,
                 "messages": REQUEST.messages}  # fmt: skip
-        self.body = {s: orjson.dumps({**body, "stream": s}) for s in (False, True)}
+        usage = {"stream_options": {"include_usage": True}}  # as the router asks on streams
+        self.body = {s: orjson.dumps({**body, "stream": s, **(usage if s else {})})
+                     for s in (False, True)}  # fmt: skip
         self.headers = {
             s: {"Content-Type": "application/json",
                 "Accept": "text/event-stream" if s else "application/json"}

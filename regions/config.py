@@ -176,6 +176,13 @@ class OpenAIBackendConfig(_Strict):
     model: str
     api_key: str | None = None
     timeout_s: float = Field(60.0, gt=0)
+    stream_usage: bool = Field(
+        True,
+        description="ask streams for the server's token counts (stream_options.include_usage, "
+        "which OpenAI, vLLM and llama.cpp server support) and bill those; false for a server "
+        "that refuses stream_options: its streams are billed by estimate (4 chars a prompt "
+        "token, one token a chunk)",
+    )
 
     _safe_key = field_validator("api_key")(_header_safe)
 

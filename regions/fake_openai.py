@@ -1,12 +1,17 @@
 """A fast fake OpenAI-compatible server, for the overhead benchmark and the live tests of proxied
-replicas: answers chat completions at once (non-streaming, or 8 SSE chunks), on loopback.
-A prompt over 8,000 characters is refused (HTTP 400), as a server refuses one over its context.
+replicas: answers chat completions at once (non-streaming, or 8 SSE chunks), on loopback. Its
+usage is 8 prompt tokens, and 1 completion token (whole) or 8 (streamed); a stream asked for
+it (``stream_options.include_usage``) ends with OpenAI's usage event before ``[DONE]``. A prompt
+over 8,000 characters is refused (HTTP 400), as a server refuses one over its context.
 Run: python -m regions.fake_openai PORT
 
 It misbehaves on command, for fault-injection tests: ``POST /_fault`` with ``{"mode": M}``,
 M one of ``refuse`` (HTTP 400 as a server refusing a parameter), ``error`` (HTTP 500),
-``absurd_usage`` (usage.prompt_tokens 1e30), ``die_mid_stream`` (a stream cut after 2 chunks),
-or ``null`` to behave again."""
+``absurd_usage`` (usage.prompt_tokens 1e30, whole or streamed), ``die_mid_stream`` (a stream
+cut after 2 chunks, before any usage), ``refuse_stream_options`` (HTTP 400 for a request with
+``stream_options``, as a server that does not know it), ``hang`` (no answer for 10 minutes),
+``slow`` (an answer after 1 s; stream chunks 0.25 s apart), or ``null`` to behave again.
+``GET /_fault`` says the mode and how many completions were asked for."""
 
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ ANSWER = {
 }  # fmt: skip
 
 
+STREAM_USAGE = {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}  # its 8 chunks
+ABSURD_USAGE = {"prompt_tokens": 1e30, "completion_tokens": -3}
 STATE = web.AppKey("state", dict)
 CONTEXT_CHARS = 8000  # a longer prompt is refused (400), as a server refuses one over its context
-FAULTS = (None, "refuse", "error", "absurd_usage", "die_mid_stream", "hang", "slow")
+FAULTS = (None, "refuse", "error", "absurd_usage", "die_mid_stream", "refuse_stream_options",
+          "hang", "slow")  # fmt: skip
 
 
 async def fault(request: web.Request) -> web.StreamResponse:
@@ -59,37 +67,48 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": "top_p must be in (0, 1]"}}, status=400)
     if mode == "error":
         return web.json_response({"error": {"message": "internal"}}, status=500)
+    if mode == "refuse_stream_options" and "stream_options" in body:
+        error = {"message": "Unrecognized request argument supplied: stream_options"}
+        return web.json_response({"error": error}, status=400)
     if not body.get("stream"):
         if mode == "absurd_usage":
-            return web.json_response({**ANSWER, "usage": {"prompt_tokens": 1e30,
-                                                          "completion_tokens": -3}})  # fmt: skip
+            return web.json_response({**ANSWER, "usage": ABSURD_USAGE})
         return web.json_response(ANSWER)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
-    for i in range(8):
-        if mode == "die_mid_stream" and i == 2 and request.transport is not None:
-            request.transport.abort()  # the server dies mid-stream
-            return resp
-        if mode == "slow" and i:
-            await asyncio.sleep(0.25)
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake",
-                 "choices": [{"index": 0, "delta": {"content": f"t{i} "},
-                              "finish_reason": "stop" if i == 7 else None}]}  # fmt: skip
-        try:
+    try:
+        for i in range(8):
+            if mode == "die_mid_stream" and i == 2 and request.transport is not None:
+                request.transport.abort()  # the server dies mid-stream
+                return resp
+            if mode == "slow" and i:
+                await asyncio.sleep(0.25)
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                     "choices": [{"index": 0, "delta": {"content": f"t{i} "},
+                                  "finish_reason": "stop" if i == 7 else None}]}  # fmt: skip
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        except ConnectionResetError:  # the client hung up
-            return resp
-    await resp.write(b"data: [DONE]\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = ABSURD_USAGE if mode == "absurd_usage" else STREAM_USAGE
+            end = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                   "choices": [], "usage": usage}  # fmt: skip
+            await resp.write(f"data: {json.dumps(end)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:  # the client hung up
+        pass
     return resp
 
 
-def main() -> None:
+def make_app() -> web.Application:
     app = web.Application()
     app[STATE] = {"fault": None, "calls": 0}
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/_fault", fault)
     app.router.add_get("/_fault", fault_state)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    return app
+
+
+def main() -> None:
+    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 
 
 if __name__ == "__main__":

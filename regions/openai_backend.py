@@ -1,7 +1,12 @@
 """A remote OpenAI-compatible server (vLLM, llama.cpp server, TGI) as a :class:`Backend`:
 completions are proxied with streaming over kept-alive connections (:mod:`regions.http1`), a
-timeout on every call. Prompt tokens are counted by the server; before it answers they are
-estimated (4 chars/token)."""
+timeout on every call.
+
+Token counts are the server's: the ``usage`` of a whole answer, and on a stream the usage event
+the server ends it with when asked (``stream_options.include_usage``, sent unless
+``stream_usage=False``, for a server that refuses it). Before the server answers, and where it
+reports nothing usable, prompt tokens are estimated (4 chars/token) and each chunk of output
+counts one token."""
 
 from __future__ import annotations
 
@@ -38,12 +43,28 @@ class Answer:
     completion_tokens: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class StreamBatch:
+    """The chunks of one read off a stream, to be passed on together. ``last``: the server
+    ended the stream in that read (nothing follows). The last batch carries the token counts
+    the server reported for the whole stream (None: not given, or nonsense). A stream whose
+    body just ends, without ``[DONE]``, has a last batch only if its final read brought output
+    or the server had reported usage."""
+
+    chunks: list[TokenChunk]
+    last: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 class OpenAIBackend(Backend):
     def __init__(self, url: str, model: str, *, api_key: str | None = None,
-                 timeout_s: float = 60.0, connect_timeout_s: float = 5.0) -> None:  # fmt: skip
+                 timeout_s: float = 60.0, connect_timeout_s: float = 5.0,
+                 stream_usage: bool = True) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
+        self.stream_usage = stream_usage
         self._pool = Http1Pool(self.url, connect_timeout_s=connect_timeout_s)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
@@ -72,6 +93,8 @@ class OpenAIBackend(Backend):
             body["stop"] = request.stop
         if request.seed is not None:
             body["seed"] = request.seed
+        if stream and self.stream_usage:  # OpenAI refuses stream_options on a whole answer
+            body["stream_options"] = {"include_usage": True}
         if chat:
             body["messages"] = request.messages
         else:
@@ -102,16 +125,28 @@ class OpenAIBackend(Backend):
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if "messages" in body else choice["text"]
-            usage = data.get("usage") or {}
-            prompt = usage.get("prompt_tokens")
-            completion = usage.get("completion_tokens")
+            usage = data.get("usage")
         except (KeyError, IndexError, TypeError) as e:
             raise BackendError(f"{self.url}: answer lacks {e}") from e
+        prompt, completion = self._usage(usage)
         return Answer(
             text=text or "",
             finish_reason=choice.get("finish_reason"),
-            prompt_tokens=self._count(prompt, "prompt_tokens"),
-            completion_tokens=self._count(completion, "completion_tokens"),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+        )
+
+    def _usage(self, usage: Any) -> tuple[int | None, int | None]:
+        """The (prompt, completion) token counts of a ``usage`` object the server sent; each
+        None where it gave none or nonsense."""
+        if usage is None:
+            return None, None
+        if not isinstance(usage, dict):
+            log.warning("%s: ignoring usage = %r from the server", self.url, usage)
+            return None, None
+        return (
+            self._count(usage.get("prompt_tokens"), "prompt_tokens"),
+            self._count(usage.get("completion_tokens"), "completion_tokens"),
         )
 
     def _count(self, value: Any, name: str) -> int | None:
@@ -126,44 +161,49 @@ class OpenAIBackend(Backend):
         return None
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
-        async for batch, _ in self.stream_batches(request):
-            for chunk in batch:
+        """The output's chunks; the server's token counts are on :meth:`stream_batches`."""
+        async for batch in self.stream_batches(request):
+            for chunk in batch.chunks:
                 yield chunk
 
-    async def stream_batches(
-        self, request: CompletionRequest
-    ) -> AsyncIterator[tuple[list[TokenChunk], bool]]:
+    async def stream_batches(self, request: CompletionRequest) -> AsyncIterator[StreamBatch]:
         """The stream as it comes off the network: the chunks of each read together, so a
-        proxy can pass on what arrived at once in one write, and whether the server ended the
-        stream in that read (nothing follows: the proxy may send its own end with it)."""
+        proxy can pass on what arrived at once in one write, marked when the server ended the
+        stream in that read (nothing follows: the proxy may send its own end with it). The
+        server's usage event is no chunk: its counts come on the last batch."""
         head, body = self._body(request, stream=True)
         chat = "messages" in body
         pending = b""
+        usage: Any = None  # the last usage the server sent: its counts for the whole stream
         try:
             async with await self._post(head, body) as resp:
                 async for data in resp.chunks():
                     *lines, pending = (pending + data).split(b"\n")
                     if len(pending) > MAX_EVENT_BYTES:
                         raise BackendError(f"{self.url}: stream event over {MAX_EVENT_BYTES} bytes")
-                    batch, done = self._events(lines, chat)
+                    batch, done, usage = self._events(lines, chat, usage)
                     if done:
                         resp.release_after_end()  # the body's end may still be on its way
-                        yield batch, True
+                        yield StreamBatch(batch, True, *self._usage(usage))
                         return
                     if batch:
-                        yield batch, False
+                        yield StreamBatch(batch)
+                batch = []
                 if pending.strip():  # a last event without its newline
-                    batch, _ = self._events([pending], chat)
-                    if batch:
-                        yield batch, True
+                    batch, _, usage = self._events([pending], chat, usage)
+                if batch or usage is not None:
+                    yield StreamBatch(batch, True, *self._usage(usage))
         except UpstreamError as e:
             raise BackendUnavailable(str(e)) from e
         except ValueError as e:
             raise BackendError(f"{self.url}: stream event is not JSON: {e}") from e
 
     @staticmethod
-    def _events(lines: list[bytes], chat: bool) -> tuple[list[TokenChunk], bool]:
-        """The chunks of SSE ``data:`` lines, and whether ``[DONE]`` was among them."""
+    def _events(lines: list[bytes], chat: bool, usage: Any) -> tuple[list[TokenChunk], bool, Any]:
+        """The chunks of SSE ``data:`` lines, whether ``[DONE]`` was among them, and the last
+        ``usage`` sent until then (``usage`` if none of them has one). OpenAI sends it in an
+        event of its own at the end (``"choices": []``); others with the last choice, or
+        running totals on every chunk."""
         out: list[TokenChunk] = []
         for raw in lines:
             line = raw.decode().strip()
@@ -171,12 +211,14 @@ class OpenAIBackend(Backend):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                return out, True
+                return out, True, usage
             event = orjson.loads(data)
+            if event.get("usage") is not None:
+                usage = event["usage"]
             for choice in event.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                 out.append(TokenChunk(text or "", 1 if text else 0, choice.get("finish_reason")))
-        return out, False
+        return out, False, usage
 
     async def aclose(self) -> None:
         await self._pool.aclose()

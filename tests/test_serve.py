@@ -431,8 +431,11 @@ def test_a_proxied_replica_bills_its_measured_energy(server: dict[str, Any]) -> 
     assert text == "t0 t1 t2 t3 t4 t5 t6 t7 "  # the fake server's 8 chunks, in order
     usage = chunks[-1].usage
     assert usage is not None and (usage.model_extra or {})["energy_source"] == "predicted"
+    # the server's counts from its usage event, not 4 characters a prompt token (that is 3)
+    assert usage.prompt_tokens == 8 and usage.completion_tokens == 8
     streamed = billed(server, chunks[-1].id, timeout_s=15)
     assert streamed.completion_tokens == 8 and streamed.replica == "proxy-pl-0"
+    assert streamed.prompt_tokens == 8
 
     status, _, mine = api(server, "GET", "/v1/usage")  # read-your-writes: waits for the bill
     assert status == 200 and {r.id, chunks[-1].id} <= {x["request_id"] for x in mine["data"]}
@@ -523,3 +526,4 @@ def test_live_a_stream_whose_upstream_dies_is_billed_and_ends_with_an_error(
     assert got and got[0].choices[0].delta.content == "t0 "
     row = billed(server, got[0].id, timeout_s=40)
     assert row.energy_source == "estimated" and 1 <= row.completion_tokens <= 2
+    assert row.prompt_tokens == len("Name one fruit.") // 4  # no usage came: the estimate

@@ -59,7 +59,10 @@ def remote_backend(rep: Replica) -> OpenAIBackend:
     b = rep.backend
     if b.kind == "llama_cpp":
         raise BackendError(f"replica {rep.name} runs in process, not behind a URL")
-    return OpenAIBackend(b.url, b.model, api_key=b.api_key or None, timeout_s=b.timeout_s)
+    return OpenAIBackend(
+        b.url, b.model, api_key=b.api_key or None, timeout_s=b.timeout_s,
+        stream_usage=b.stream_usage,
+    )  # fmt: skip
 
 
 def spool_root() -> Path:

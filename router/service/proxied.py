@@ -160,24 +160,40 @@ class ProxiedReplica:
     async def stream(
         self, request_id: str, request: CompletionRequest
     ) -> AsyncIterator[StreamItem]:
+        """The server's stream. Its :class:`Final` has the token counts the server reported at
+        the end (its usage event, asked for unless the backend's ``stream_usage`` is off);
+        where it reported none, or nonsense, the prompt is estimated (4 characters a token)
+        and each chunk of output counts one token. The timeline keeps those estimates (its
+        start is sent before the server has counted anything): they only split the meter's
+        readings between requests. A stream cut before its end has no Final; the caller bills
+        it by estimate."""
         i, metering = self.index, self.metering
         started, wall0 = datetime.now(UTC), time.time()
-        prompt = await self.backend.prompt_tokens(request)
+        prompt = await self.backend.prompt_tokens(request)  # an estimate
         completion, begun = 0, False
+        reported: tuple[int | None, int | None] = (None, None)  # the server's (prompt, completion)
         try:
-            async for batch, last in self.backend.stream_batches(request):
+            async for batch in self.backend.stream_batches(request):
                 if not begun:
                     metering.started(i, request_id, wall0, prompt)
                     begun = True
-                if n_batch := sum(c.n_tokens for c in batch):  # merged until the next send
+                if n_batch := sum(c.n_tokens for c in batch.chunks):  # merged until the next send
                     completion += n_batch
                     metering.tokens(i, request_id, n_batch)
+                if batch.last:
+                    reported = batch.prompt_tokens, batch.completion_tokens
                 # what arrived together leaves together: one write for the whole batch (with
                 # the end of the stream too when the server ended it in that read)
-                yield Chunk(tuple((c.text, c.finish_reason) for c in batch), last)
+                yield Chunk(tuple((c.text, c.finish_reason) for c in batch.chunks), batch.last)
         except BackendError as e:
             raise self._failed(e) from e
         finally:
             if begun:
                 metering.ended(i, request_id)
-        yield Final(prompt, completion, started, datetime.now(UTC))
+        server_prompt, server_completion = reported
+        yield Final(
+            prompt if server_prompt is None else server_prompt,
+            completion if server_completion is None else server_completion,
+            started,
+            datetime.now(UTC),
+        )
