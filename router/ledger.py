@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from router.errors import RouterError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class LedgerError(RouterError):
@@ -185,7 +185,42 @@ CREATE TABLE idle_energy (
 _V1_TO_V2 = "ALTER TABLE requests ADD COLUMN carbon_cost_usd REAL NOT NULL DEFAULT 0;"
 # v3: all tenants' usage pages in time order (the admin's view) by index, not by a sort
 _V2_TO_V3 = "CREATE INDEX IF NOT EXISTS requests_time ON requests (started_at, request_id);"
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3}
+# v4: each tenant's sums per UTC day, kept by a trigger in the transaction that inserts its rows
+# (a duplicate skipped by ON CONFLICT is no insert, so it is not summed), so a period's totals
+# read whole days from here and only the partial days at its ends from the rows
+_V3_TO_V4 = (
+    """CREATE TABLE usage_daily (
+        tenant TEXT NOT NULL,
+        day TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        kwh REAL NOT NULL,
+        carbon_g REAL NOT NULL,
+        cost_usd REAL NOT NULL,
+        PRIMARY KEY (tenant, day)
+    )""",
+    """INSERT INTO usage_daily
+        SELECT tenant, substr(started_at, 1, 10), COUNT(*), SUM(kwh_billed), SUM(carbon_g),
+               SUM(cost_usd)
+        FROM requests GROUP BY 1, 2""",
+    """CREATE TRIGGER requests_daily AFTER INSERT ON requests BEGIN
+        INSERT INTO usage_daily VALUES (NEW.tenant, substr(NEW.started_at, 1, 10), 1,
+                                        NEW.kwh_billed, NEW.carbon_g, NEW.cost_usd)
+        ON CONFLICT (tenant, day) DO UPDATE SET
+            requests = requests + 1, kwh = kwh + excluded.kwh,
+            carbon_g = carbon_g + excluded.carbon_g, cost_usd = cost_usd + excluded.cost_usd;
+    END""",
+)
+# each a script of statements split at ';', or a tuple of statements (a trigger holds ';')
+MIGRATIONS: dict[int, str | tuple[str, ...]] = {
+    0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4,
+}  # fmt: skip
+
+
+def _day(when: datetime, *, up: bool) -> datetime:
+    """The UTC midnight at or after (``up``) or at or before ``when``."""
+    when = datetime.fromisoformat(utc_iso(when))
+    midnight = when.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight + timedelta(days=1) if up and midnight < when else midnight
 
 
 def utc_iso(when: datetime) -> str:
@@ -243,7 +278,9 @@ class Ledger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for v in range(version, SCHEMA_VERSION):
-                    for stmt in filter(None, (s.strip() for s in MIGRATIONS[v].split(";"))):
+                    step = MIGRATIONS[v]
+                    stmts = step.split(";") if isinstance(step, str) else step
+                    for stmt in filter(None, (s.strip() for s in stmts)):
                         self._db.execute(stmt)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
@@ -268,11 +305,11 @@ class Ledger:
             "ON CONFLICT (request_id) DO NOTHING"
         )
         with self._lock:
-            before = self._db.total_changes
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                # attribute reads, not dataclasses.astuple: that deep-copies every field
-                self._db.executemany(sql, ([getattr(r, c) for c in COLUMNS] for r in rows))
+                # attribute reads, not dataclasses.astuple: that deep-copies every field; the
+                # cursor's count is of rows inserted (not of the daily sums' trigger's changes)
+                cur = self._db.executemany(sql, ([getattr(r, c) for c in COLUMNS] for r in rows))
                 self._db.execute("COMMIT")
             except BaseException as e:  # nothing of the batch is kept, no transaction left open
                 if self._db.in_transaction:
@@ -280,7 +317,7 @@ class Ledger:
                 if isinstance(e, sqlite3.Error | OverflowError | ValueError | TypeError):
                     raise LedgerError(f"{self.path}: write of {len(rows)} rows failed: {e}") from e
                 raise
-            return self._db.total_changes - before
+            return int(cur.rowcount)
 
     def write_readings(
         self, replica: str, readings: Iterable[tuple[float, str, float]], energy_source: str
@@ -358,11 +395,7 @@ class Ledger:
         time order from the row after request ``after``, with the period's totals, summed by
         SQL: the cost does not grow with the rows a tenant has, only with the page."""
         where, params = _period(tenant, start, end)
-        n, kwh, g, usd = self._query(
-            "SELECT COUNT(*), COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
-            f"COALESCE(SUM(cost_usd), 0) FROM requests WHERE {where}",
-            params,
-        )[0]
+        n, kwh, g, usd = self._totals(tenant, start, end)
         page_where, page_params = where, list(params)
         if after is not None:
             found = self._query("SELECT started_at FROM requests WHERE request_id = ?", (after,))
@@ -382,12 +415,55 @@ class Ledger:
 
     def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
         """``tenant``'s billed (kWh, g CO2e, USD) since ``since``, summed by SQL."""
-        kwh, g, usd = self._query(
-            "SELECT COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
-            "COALESCE(SUM(cost_usd), 0) FROM requests WHERE tenant = ? AND started_at >= ?",
-            (tenant, utc_iso(since)),
+        _, kwh, g, usd = self._totals(tenant, since, None)
+        return kwh, g, usd
+
+    def _totals(
+        self, tenant: str | None, start: datetime | None, end: datetime | None
+    ) -> tuple[int, float, float, float]:
+        """(requests, kWh, g CO2e, USD) of ``tenant``'s rows (None: everyone's) started in
+        ``[start, end)``: the whole UTC days inside it from the daily sums, the partial days
+        at its ends from the rows, so the cost is that of two days at most, not of the period."""
+        first = None if start is None else _day(start, up=True)  # the first whole day
+        stop = None if end is None else _day(end, up=False)  # the day after the last whole one
+        if first is not None and stop is not None and first >= stop:
+            return self._sum_rows(tenant, start, end)  # not one whole day: the rows it holds
+        where, params = ["1"], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if first is not None:
+            where.append("day >= ?")
+            params.append(first.date().isoformat())
+        if stop is not None:
+            where.append("day < ?")
+            params.append(stop.date().isoformat())
+        n, kwh, g, usd = self._query(
+            "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(kwh), 0), "
+            "COALESCE(SUM(carbon_g), 0), COALESCE(SUM(cost_usd), 0) FROM usage_daily "
+            f"WHERE {' AND '.join(where)}",
+            params,
         )[0]
-        return float(kwh), float(g), float(usd)
+        total = [int(n), float(kwh), float(g), float(usd)]
+        edges = []
+        if start is not None and first is not None and start < first:
+            edges.append(self._sum_rows(tenant, start, first))
+        if end is not None and stop is not None and stop < end:
+            edges.append(self._sum_rows(tenant, stop, end))
+        for edge in edges:
+            total = [a + b for a, b in zip(total, edge, strict=True)]
+        return int(total[0]), total[1], total[2], total[3]
+
+    def _sum_rows(
+        self, tenant: str | None, start: datetime | None, end: datetime | None
+    ) -> tuple[int, float, float, float]:
+        where, params = _period(tenant, start, end)
+        n, kwh, g, usd = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
+            f"COALESCE(SUM(cost_usd), 0) FROM requests WHERE {where}",
+            params,
+        )[0]
+        return int(n), float(kwh), float(g), float(usd)
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         """A read on the reader's own connection, fetched whole under its lock: it sees

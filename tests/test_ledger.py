@@ -10,8 +10,11 @@ import time
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from router.ledger import COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
 from tests.conftest import ROOT
@@ -214,3 +217,107 @@ def test_reads_do_not_see_a_write_that_is_rolled_back(tmp_path: Path) -> None:
     assert ledger.usage_page(None).rows == []  # not committed: not seen
     ledger._db.execute("ROLLBACK")
     assert ledger.usage_page(None).rows == []
+
+
+def _vm_steps(ledger: Ledger, read: Any) -> int:
+    """SQLite virtual-machine steps (in thousands) that ``read`` costs on the reader."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    ledger._reader.set_progress_handler(tick, 1000)
+    try:
+        read()
+    finally:
+        ledger._reader.set_progress_handler(None, 0)
+    return steps
+
+
+def test_totals_and_spend_do_not_scan_a_tenants_rows(tmp_path: Path) -> None:
+    # /v1/usage and every budget check sum a tenant's period: summed row by row, a tenant with
+    # a million rows made each call take half a second. Ten times the rows over the same days
+    # must not cost ten times the work
+    ledger = Ledger(tmp_path / "l.sqlite")
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def fill(n: int, first: int) -> None:
+        ledger.write(
+            [row(f"r{k}", t0 + timedelta(seconds=20 * k)) for k in range(first, first + n)]
+        )
+
+    def cost() -> int:
+        later = t0 + timedelta(hours=1)
+        return _vm_steps(ledger, lambda: (ledger.usage_page("acme"), ledger.spend("acme", later)))
+
+    fill(4_000, 0)  # about a day
+    small = cost()
+    for first in range(4_000, 40_000, 4_000):  # ten times the rows, ten days
+        fill(4_000, first)
+    assert ledger.usage_page("acme").totals["requests"] == 40_000
+    assert cost() < 3 * small + 20
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    start=st.none() | st.integers(-30, 80 * 60),
+    length=st.none() | st.integers(0, 80 * 60),
+)
+def test_period_totals_equal_the_sum_of_their_rows(
+    tmp_path: Path, start: int | None, length: int | None
+) -> None:
+    # whole days come from daily sums and the partial days at either end from the rows: any
+    # period, midnight edges included, sums exactly what its rows sum (minutes from t0 below)
+    path = tmp_path / "p.sqlite"
+    ledger = Ledger(path)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    if not ledger.count():
+        at = [t0 + timedelta(minutes=m) for m in range(-20, 80 * 60, 37)] + [
+            t0 + timedelta(days=d)
+            for d in range(4)  # rows at midnight exactly
+        ]
+        ledger.write([
+            row(f"r{k}", when, tenant=("acme", "globex")[k % 2], kwh_billed=k * 1e-3,
+                carbon_g=k * 0.5, cost_usd=k * 1e-4)
+            for k, when in enumerate(at)
+        ])  # fmt: skip
+        ledger.write([row("r3", t0)])  # a duplicate of a written row: skipped, not summed again
+    s = None if start is None else t0 + timedelta(minutes=start)
+    e = None if length is None else (s or t0) + timedelta(minutes=length)
+    for tenant in ("acme", None):
+        rows = [r for r in ledger.rows() if tenant in (None, r.tenant)
+                and (s is None or r.started_at >= utc_iso(s))
+                and (e is None or r.started_at < utc_iso(e))]  # fmt: skip
+        totals = ledger.usage_page(tenant, start=s, end=e).totals
+        assert totals["requests"] == len(rows)
+        assert totals["kwh"] == pytest.approx(sum(r.kwh_billed for r in rows), abs=1e-12)
+        assert totals["carbon_g"] == pytest.approx(sum(r.carbon_g for r in rows), abs=1e-9)
+        assert totals["cost_usd"] == pytest.approx(sum(r.cost_usd for r in rows), abs=1e-12)
+        if tenant and s is not None and e is None:
+            assert ledger.spend(tenant, s) == pytest.approx(
+                (totals["kwh"], totals["carbon_g"], totals["cost_usd"]), abs=1e-9)  # fmt: skip
+
+
+def test_a_v3_ledger_gets_its_daily_sums_when_migrated(tmp_path: Path) -> None:
+    from router.ledger import MIGRATIONS
+
+    path = tmp_path / "v3.sqlite"
+    db = sqlite3.connect(path)
+    for v in range(3):
+        db.executescript(MIGRATIONS[v])
+    r = row("old")
+    marks = ", ".join("?" for _ in COLUMNS)
+    db.execute(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({marks})",
+               [getattr(r, c) for c in COLUMNS])  # fmt: skip
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.schema_version == SCHEMA_VERSION
+    assert ledger.usage_page("acme").totals["requests"] == 1
+    ledger.write([row("new")])
+    assert ledger.usage_page("acme").totals["kwh"] == pytest.approx(2 * r.kwh_billed)
