@@ -196,7 +196,7 @@ class OpenAIBackend(Backend):
         except UpstreamError as e:
             raise BackendUnavailable(str(e)) from e
         except ValueError as e:
-            raise BackendError(f"{self.url}: stream event is not JSON: {e}") from e
+            raise BackendError(f"{self.url}: stream event is not a JSON chunk: {e}") from e
 
     @staticmethod
     def _events(lines: list[bytes], chat: bool, usage: Any) -> tuple[list[TokenChunk], bool, Any]:
@@ -213,11 +213,20 @@ class OpenAIBackend(Backend):
             if data == "[DONE]":
                 return out, True, usage
             event = orjson.loads(data)
-            if event.get("usage") is not None:
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                out.append(TokenChunk(text or "", 1 if text else 0, choice.get("finish_reason")))
+            try:
+                if event.get("usage") is not None:
+                    usage = event["usage"]
+                choices = event.get("choices") or []
+                if not isinstance(choices, list):
+                    raise TypeError("choices is not a list")
+                for choice in choices:
+                    got = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if got is not None and not isinstance(got, str):
+                        raise TypeError(f"its text is {type(got).__name__}, not a string")
+                    finish = choice.get("finish_reason")
+                    out.append(TokenChunk(got or "", 1 if got else 0, finish))
+            except (AttributeError, TypeError) as e:  # valid JSON, but no chunk of a completion
+                raise ValueError(f"not a completion chunk ({e}): {data[:200]}") from e
         return out, False, usage
 
     async def aclose(self) -> None:

@@ -433,7 +433,7 @@ async def test_backend_stream_event_that_is_not_json_is_an_error() -> None:
     async with server(handler) as seen:
         backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
         request = CompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-        with pytest.raises(BackendError, match="stream event is not JSON"):
+        with pytest.raises(BackendError, match="stream event is not a JSON chunk"):
             async for _ in backend.stream(request):
                 pass
         await backend.aclose()

@@ -112,6 +112,25 @@ async def test_usage_sent_with_the_last_choice_counts_and_its_text_is_kept() -> 
     assert (batches[-1].prompt_tokens, batches[-1].completion_tokens) == (8, 4)
 
 
+@pytest.mark.parametrize(
+    "event",
+    ["3", '"text"', "[1, 2]", '{"choices": [3]}', '{"choices": {"a": 1}}',
+     '{"choices": [{"delta": "x"}]}', '{"choices": [{"delta": {"content": 5}}]}'],
+)  # fmt: skip
+async def test_an_event_of_the_wrong_shape_is_the_servers_failure_not_a_crash(event: str) -> None:
+    # valid JSON that is no chunk object raised AttributeError (or billed a number as text):
+    # it is the server's nonsense, a BackendError (the replica fails, is cooled down)
+    from regions.backends import BackendError
+
+    bodies: list[dict[str, Any]] = []
+    async with server(streaming([WORDS[0], event, "[DONE]"], bodies)) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        with pytest.raises(BackendError, match="stream event"):
+            async for _ in backend.stream_batches(REQUEST):
+                pass
+        await backend.aclose()
+
+
 async def test_without_stream_usage_no_stream_options_are_sent() -> None:
     # a server that refuses stream_options is configured with stream_usage: false
     bodies: list[dict[str, Any]] = []
