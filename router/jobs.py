@@ -199,6 +199,14 @@ class JobStore:
                 ),
             )
 
+    def retry_at(self, job_id: str, at: datetime) -> None:
+        """A running job that could not start (every replica full) is scheduled again."""
+        with self._write():
+            self._db.execute(
+                "UPDATE jobs SET status='scheduled', start_at=? WHERE id=? AND status='running'",
+                (at.astimezone(UTC).isoformat(), job_id),
+            )
+
     def run_now(self, job_id: str, now: datetime) -> None:
         with self._write():
             self._db.execute(

@@ -261,6 +261,61 @@ async def test_a_deferred_job_keeps_its_data_residency_when_it_fails_over(tmp_pa
         assert fakes[2].calls == [] and kit.rows() == []  # never ran in us-south
 
 
+async def test_a_due_job_whose_replicas_are_full_waits_and_runs_later(tmp_path: Path) -> None:
+    # a job accepted with 202 failed for good when every replica it may use was at capacity
+    # at its hour: load shedding is for clients that can retry, and a job's client is us
+    async with service_kit(tmp_path, profile=(1.0, 0.2)) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        states = kit.service.live.router.states
+        for st in states:  # every replica full
+            st.active = 4 * st.replica.max_concurrency
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        waiting = kit.service.jobs.get(job)
+        assert waiting is not None and waiting.status == "scheduled", waiting
+        assert waiting.start_at > datetime.now(UTC).isoformat()  # after the Retry-After given
+        for st in states:
+            st.active = 0
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        done = kit.service.jobs.get(job)
+        assert done is not None and done.status == "completed", done
+        assert [r.request_id for r in kit.rows()] == [job]
+
+
+async def test_due_jobs_are_claimed_as_running_ones_finish_not_16_a_period(
+    tmp_path: Path,
+) -> None:
+    # the loop claimed 16 due jobs a second whatever the replicas could take: a 2,000-line
+    # batch took 2 minutes on instant upstreams. Now a finished job makes room for the next
+    async with service_kit(tmp_path, profile=(1.0, 0.2)) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        jobs = []
+        for _ in range(40):
+            r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["id"])
+        for job in jobs:
+            kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()  # a claim, then no timed claim for an hour
+        loop = asyncio.create_task(kit.service.deferral.loop(period_s=3600))
+        try:
+            for _ in range(300):
+                done = [kit.service.jobs.get(j) for j in jobs]
+                if all(j is not None and j.status == "completed" for j in done):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            loop.cancel()
+        assert all(j is not None and j.status == "completed" for j in done), done
+        assert len(kit.rows()) == 40
+
+
 class CountingSource(StaticCarbonSource):
     """A static source that counts its calls and can be switched off (fails like a dead API)."""
 

@@ -5,6 +5,7 @@ and run then; batch lines (:mod:`router.service.batches`) are planned the same w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from router.errors import NotFound, PermissionDenied
 from router.jobs import Job, JobStore
-from router.policy import Candidates
+from router.policy import AtCapacity, Candidates
 from router.preference import Preference
 from router.service.completions import Completions
 from router.service.live import Live
@@ -22,6 +23,8 @@ from router.service.ports import ParsedRequest, Wire
 from router.service.tenants import Caller
 
 log = logging.getLogger(__name__)
+
+MAX_RUNNING = 32  # due jobs in flight at once per ingress; the replicas shed what they cannot take
 
 
 class Deferral:
@@ -33,6 +36,7 @@ class Deferral:
         self.completions = completions
         self.wire = wire
         self._running: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()  # a running job finished: there may be room to claim more
 
     async def plan(
         self,
@@ -110,19 +114,30 @@ class Deferral:
         self.jobs.run_now(job_id, datetime.now(UTC))
 
     def run_due(self) -> None:
-        """Start every job whose time has come."""
-        for job in self.jobs.due(datetime.now(UTC)):
+        """Start the jobs whose time has come, as many as there is room for."""
+        room = MAX_RUNNING - len(self._running)
+        if room <= 0:
+            return
+        for job in self.jobs.due(datetime.now(UTC), limit=room):
             task = asyncio.get_running_loop().create_task(self.run(job))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._room.set()
 
     async def loop(self, period_s: float = 1.0) -> None:
+        """Claim due jobs every ``period_s``, and at once whenever a running one finishes (a
+        batch runs as fast as its replicas answer, at most MAX_RUNNING at a time)."""
         while True:
-            await asyncio.sleep(period_s)
             try:
                 self.run_due()
             except Exception:  # the store failed: say so, try again next period
                 log.exception("claiming due jobs failed")
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), period_s)
 
     async def run(self, job: Job) -> None:
         """Run ``job`` on its planned replica (another if that one is down) and store its
@@ -146,6 +161,10 @@ class Deferral:
                 job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())
             )
             self.jobs.finish(job.id, result=body, error=None)
+        except AtCapacity as e:  # shed: it waits its turn, as a client told Retry-After would
+            later = datetime.now(UTC) + timedelta(seconds=e.retry_after_s)
+            log.info("job %s: replicas full, retried at %s", job.id, later)
+            self.jobs.retry_at(job.id, later)
         except Exception as e:  # the job records why; the loop goes on
             log.exception("job %s failed", job.id)
             self.jobs.finish(job.id, result=None, error=str(e))
