@@ -175,6 +175,26 @@ async def test_absurd_usage_from_an_upstream_does_not_stop_billing(tmp_path: Pat
         await backend.aclose()
 
 
+async def test_usage_waits_only_for_the_bills_of_requests_answered_before_it(
+    tmp_path: Path,
+) -> None:
+    # under a tenant's steady proxied traffic some bill always awaited its measurement, so
+    # every /v1/usage call of that tenant waited its whole 5 s (benchmarks/usage.py: 5-6.5 s)
+    from router.service.settlement import Settlement
+
+    sink = LedgerSink(tmp_path / "ledger.sqlite")
+    awaiting = AwaitingBills(timeout_s=30.0)
+    metering = ProxiedMetering([0], sink, awaiting)
+    settlement = Settlement(lambda: None, [], sink, sink, metering, None)  # type: ignore[arg-type]
+    awaiting.add({"request_id": "before", "tenant": "demo"})
+    wait = asyncio.create_task(settlement.wait_settled("demo", timeout_s=5.0))
+    await asyncio.sleep(0.06)
+    assert not wait.done()  # read-your-writes: it waits for the bill answered before it
+    awaiting.add({"request_id": "after", "tenant": "demo"})  # answered after the call
+    awaiting.measured(["before"])
+    await asyncio.wait_for(wait, 1.0)
+
+
 async def no_replica_answers(i: int, batch: object) -> list[str]:
     raise ConnectionError("replica down")
 

@@ -187,6 +187,11 @@ class AwaitingBills:
         late = [rid for rid, (deadline, _) in self._rows.items() if deadline < now]
         return [self._rows.pop(rid)[1] for rid in late]
 
-    def waiting(self, tenant: str | None = None) -> bool:
-        """Whether any (or ``tenant``'s) answered request still waits for its measured bill."""
-        return any(tenant is None or row["tenant"] == tenant for _, row in self._rows.values())
+    def waiting(self, tenant: str | None = None) -> set[str]:
+        """The ids of the answered requests (``tenant``'s, or everyone's) whose measured bill
+        has not come yet."""
+        return {rid for rid, (_, row) in self._rows.items() if tenant in (None, row["tenant"])}
+
+    def any_of(self, request_ids: set[str]) -> bool:
+        """Whether any of ``request_ids`` still waits for its measured bill."""
+        return any(rid in self._rows for rid in request_ids)

@@ -91,8 +91,12 @@ class ProxiedMetering:
         self.awaiting.add(row)
         self._bills[i][row["request_id"]] = {**row, "billing": billing_json}
 
-    def waiting(self, tenant: str | None) -> bool:
+    def waiting(self, tenant: str | None) -> set[str]:
+        """The answered requests (``tenant``'s) whose measured bill has not come yet."""
         return self.awaiting.waiting(tenant)
+
+    def still_waiting(self, request_ids: set[str]) -> bool:
+        return self.awaiting.any_of(request_ids)
 
     async def send(self, send_one: SendTimelines) -> None:
         """Send every replica what gathered since the last call; bill by prediction what was

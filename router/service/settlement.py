@@ -151,13 +151,17 @@ class Settlement:
         }
 
     async def wait_settled(self, tenant: str | None, timeout_s: float = 5.0) -> None:
-        """Wait (up to ``timeout_s``) until ``tenant``'s (None: everyone's) answered requests
-        are in the ledger: measured bills still being attributed, and the outbox."""
+        """Wait (up to ``timeout_s``) until the requests of ``tenant`` (None: everyone) that
+        were answered before this call are in the ledger: their measured bills still being
+        attributed, then the outbox. Requests answered later are not waited for: under steady
+        traffic there always are some."""
         deadline = time.monotonic() + timeout_s
+        pending = self.proxied.waiting(tenant) if self.proxied is not None else set()
         while (
-            self.proxied is not None
+            pending
+            and self.proxied is not None
             and time.monotonic() < deadline
-            and self.proxied.waiting(tenant)
+            and self.proxied.still_waiting(pending)
         ):
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         await self.sink.flush(timeout_s)
