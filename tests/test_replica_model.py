@@ -1,8 +1,13 @@
 """The replica model: measured runs reproduced, monotone in the batch, an unmeasured size placed
-between its neighbours, the YAML override of static power, and no data folder needed."""
+between its neighbours, the evaluation targets, the YAML override of static power, and no data
+folder needed."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +15,7 @@ import pytest
 
 from forecasting.energy import GPUS, EnergyModelError
 from forecasting.replica_calibration import ReplicaCalibration, load_chat_measurements
+from forecasting.replica_eval import evaluate
 from forecasting.replica_model import (
     PREFILL_MFU,
     BatchCurve,
@@ -143,6 +149,19 @@ def test_an_unmeasured_size_lies_between_its_neighbours(calibration: ReplicaCali
     assert "A100-80GB as A100-40GB with its datasheet" in sizes[0].basis
 
 
+def test_evaluation_meets_its_targets() -> None:
+    """An accuracy property of the shipped model: leave-one-batch-size-out median error <= 5 %
+    for power and throughput, leave-one-model-out median error of J/token <= 15 %."""
+    result = evaluate()
+    lobo, lomo = result["leave_one_batch_size_out"], result["leave_one_model_out"]
+    assert lobo["power"]["median_ape_pct"] <= 5.0
+    assert lobo["throughput"]["median_ape_pct"] <= 5.0
+    assert lomo["J/token"]["median_ape_pct"] <= 15.0
+    assert all(t["met"] for t in result["targets"])
+    assert lobo["power"]["points"] > 250 and lomo["J/token"]["points"] == result["runs"]
+    assert result["model_families"] >= 25
+
+
 def test_static_power_default_and_yaml_override(calibration: ReplicaCalibration) -> None:
     cfg = parse_config(MULTIREGION, path="configs/multiregion.yaml", env=ENV)
     replica = cfg.regions[0].replicas[0]
@@ -240,3 +259,28 @@ def test_the_model_needs_no_data_folder_and_downloads_nothing(
     assert m.basis.startswith("measured:") and m.j_per_token(2042.9) == pytest.approx(0.0467, 0.01)
     assert len(calibration.data) == len(load_chat_measurements()) > 400
     assert not isolated_cache.exists() or not any(isolated_cache.rglob("*"))
+
+
+def test_router_replica_evaluate_on_a_fresh_machine(tmp_path: Path) -> None:
+    """The command as a user runs it: no data folder, an empty cache, a mirror that is not
+    there; it prints the table as JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARBON_ROUTER_")}
+    env.update(
+        CARBON_ROUTER_CACHE=str(tmp_path / "cache"),
+        HOME=str(tmp_path / "home"),
+        CARBON_ROUTER_DATA_URL="http://127.0.0.1:9",
+        PYTHONPATH=str(ROOT),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "replica", "evaluate", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result["leave_one_model_out"]) == {"power", "throughput", "ITL", "J/token"}
+    assert all(t["met"] for t in result["targets"])
+    assert not (tmp_path / "cache").exists()
