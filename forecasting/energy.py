@@ -52,15 +52,27 @@ class GpuSpec:
     memory_bw_bytes_s: float
     dense_flops: float  # bf16 dense
     tdp_w: float
+    static_w: float  # default: one GPU of a replica that is up with no request (see GPUS)
 
 
+# The one table of GPU figures. Datasheet (NVIDIA): memory bandwidth, dense BF16 tensor FLOP/s
+# (without sparsity), TDP of the SXM parts: A100 datasheet (1,555 / 2,039 GB/s, 312 TFLOPS,
+# 400 W), H100 SXM datasheet (3.35 TB/s, 989 TFLOPS, 700 W), H200 datasheet (4.8 TB/s, 989,
+# 700 W), HGX B200 (8 TB/s, 2.25 PFLOPS dense, 1,000 W), L40S datasheet (864 GB/s, 362, 350 W).
+# ``static_w`` is a default, overridable per replica in YAML (``static_power_w_per_gpu``): the
+# power of one GPU while its engine is up and serves nothing. A serving engine holds a CUDA
+# context, which keeps the GPU in its P0 clocks: 26-50 W over bare idle on HBM GPUs (Vadari,
+# "The Model Parking Tax", arXiv:2605.23918, measured on H100 and A100), 66 W on the L40S.
+# Public ``nvidia-smi`` readings at 0 % utilisation, bare / with a process holding memory:
+# H100 SXM 69-75 / 126 W; H200 73-77 / 119-122 W; B200 136-195 / 187 W; A100 SXM4 52-68 /
+# 58-87 W; L40S 22-36 (P8) / 83 W. The defaults sit in the "process holding memory" range.
 GPUS: dict[str, GpuSpec] = {
-    "A100-40GB": GpuSpec(1.555e12, 312e12, 400),
-    "A100-80GB": GpuSpec(2.039e12, 312e12, 400),
-    "H100": GpuSpec(3.35e12, 989e12, 700),
-    "H200": GpuSpec(4.8e12, 989e12, 700),
-    "B200": GpuSpec(8.0e12, 2250e12, 1000),
-    "L40S": GpuSpec(0.864e12, 362e12, 350),
+    "A100-40GB": GpuSpec(1.555e12, 312e12, 400, static_w=75),
+    "A100-80GB": GpuSpec(2.039e12, 312e12, 400, static_w=75),
+    "H100": GpuSpec(3.35e12, 989e12, 700, static_w=110),
+    "H200": GpuSpec(4.8e12, 989e12, 700, static_w=120),
+    "B200": GpuSpec(8.0e12, 2250e12, 1000, static_w=190),
+    "L40S": GpuSpec(0.864e12, 362e12, 350, static_w=85),
 }
 GPU_ALIASES = {
     "NVIDIA A100-SXM4-40GB": "A100-40GB",

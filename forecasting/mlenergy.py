@@ -1,6 +1,6 @@
-"""The ML.ENERGY figures the energy predictor and ``router bill --compare-seed`` use, shipped
-with the package (``forecasting/data/``) so that they work on a machine with no data folder
-and no network.
+"""The ML.ENERGY figures the energy predictor, the replica model and ``router bill
+--compare-seed`` use, shipped with the package (``forecasting/data/``) so that they work on a
+machine with no data folder and no network.
 
 The shipped tables are the columns the project reads of three ML.ENERGY tables, values
 unchanged (Apache-2.0, see ``forecasting/data/NOTICE.mlenergy.md``):
@@ -42,11 +42,17 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
             "weight_precision",
             "gpu_model",
             "num_gpus",
+            "tensor_parallel",
+            "expert_parallel",
+            "data_parallel",
             "max_num_seqs",
             "avg_batch_size",
             "avg_output_len",
+            "avg_power_watts",
             "energy_per_request_joules",
             "energy_per_token_joules",
+            "output_throughput_tok_s",
+            "median_itl_ms",
         ),
     ),
     "mlenergy_v2_llm_configurations.csv": (
@@ -62,6 +68,8 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
             "avg_output_tokens",
             "energy_per_request_J",
             "energy_per_output_token_J",
+            "token_throughput_tok_s",
+            "avg_tpot_s",
         ),
     ),
     "mlenergy_v1_A100_chat_benchmark.csv": (

@@ -210,6 +210,21 @@ class Replica(_Strict):
     prefill_weight: float = Field(
         PREFILL_WEIGHT, ge=0, description="energy of a prompt token relative to an output token"
     )
+    static_power_w_per_gpu: float | None = Field(
+        None,
+        gt=0,
+        description="watts one GPU draws while the replica is up and serves nothing, for the "
+        "replica model; default per GPU type (forecasting.energy.GPUS)",
+    )
+
+    @model_validator(mode="after")
+    def _static_power_is_for_gpus(self) -> Replica:
+        if self.static_power_w_per_gpu is not None and self.gpu.type == "cpu":
+            raise ValueError(
+                "static_power_w_per_gpu is for GPU replicas and this one has gpu.type cpu: "
+                "remove it (a CPU replica's idle power is its meter's, from cpu_watts_per_core)"
+            )
+        return self
 
 
 class Region(_Strict):

@@ -334,6 +334,37 @@ def cmd_energy_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replica_evaluate(args: argparse.Namespace) -> int:
+    from forecasting.replica_eval import NAMES, evaluate
+
+    result = evaluate()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    lobo, lomo = result["leave_one_batch_size_out"], result["leave_one_model_out"]
+    table = Table(
+        title=f"replica model vs ML.ENERGY chat runs ({result['runs']} runs, "
+        f"{result['configurations']} configurations, {result['model_families']} model families): "
+        "absolute % error",
+        title_justify="left",
+    )
+    table.add_column("metric")
+    for ev in ("batch size out", "model out"):
+        for col in ("median %", "p90 %", "points"):
+            table.add_column(f"{ev}: {col}" if col != "points" else col, justify="right")
+    cells = ("median_ape_pct", "p90_ape_pct", "points")
+    for metric in NAMES.values():
+        table.add_row(metric, *(str(e[metric][k]) for e in (lobo, lomo) for k in cells))
+    console = _console()
+    console.print(table)
+    for t in result["targets"]:
+        console.print(
+            f"target: {t['evaluation']} median {t['metric']} error <= "
+            f"{t['median_ape_pct_at_most']:g} %: {'met' if t['met'] else 'NOT met'}"
+        )
+    return 0
+
+
 def _local_error(path: str, predictor: object) -> dict[str, object]:
     """Fit the per-replica model on the first half of measured local requests, test on the rest."""
     import numpy as np
@@ -537,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=0,
                     help="processes fitting the held-out models (default: one a core)")  # fmt: skip
     ev.set_defaults(func=cmd_energy_evaluate)
+
+    r = sub.add_parser("replica", help="the replica model (decode rate, ITL, power by batch)")
+    rsub = r.add_subparsers(dest="replica_command", required=True)
+    rev = rsub.add_parser(
+        "evaluate", help="leave-one-batch-size-out and leave-one-model-out error on ML.ENERGY"
+    )
+    rev.add_argument("--json", action="store_true")
+    rev.set_defaults(func=cmd_replica_evaluate)
 
     sm = sub.add_parser("simulate", help="offline what-if of routing policies")
     sm.add_argument("--config", default="configs/simulate.yaml")
