@@ -35,7 +35,7 @@ check: lint typecheck test
 # - benchmarks/nvml_check.py needs an NVIDIA GPU (it exits 2 without one);
 # - benchmarks/overhead.py (with its helper bare_forwarder.py) starts Ray Serve twice and runs
 #   12 wrk figures x 3 runs x 8 s plus a 60 s soak: over 6 minutes; run it by hand;
-# - benchmarks/faults.py (about 5 minutes) and benchmarks/usage.py (a million-row ledger, twice
+# - benchmarks/faults.py (about 4 minutes) and benchmarks/usage.py (a million-row ledger, twice
 #   with --baseline: about 8 minutes) start Ray Serve; run them by hand.
 bench: $(BIN)/.installed-dev
 	$(BIN)/python benchmarks/forecast.py

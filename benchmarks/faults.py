@@ -3,7 +3,7 @@ statuses they got, the bystander tenant's requests meanwhile (all should be 200)
 ledger rows expected (requests answered or cut) and found. Exit status 1 if any guarantee
 broke (the last column says which).
 
-Run: python benchmarks/faults.py [--only SUBSTRING]   (about 7 minutes on 2 cores; starts Ray
+Run: python benchmarks/faults.py [--only SUBSTRING]   (about 4 minutes on 2 cores; starts Ray
 on this machine, four fake upstreams on loopback and one llama.cpp replica)
 """
 
