@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,9 @@ class Candidates:
     load: np.ndarray  # active / max concurrency
     # regions left out for missing data (carbon intensity, price): region -> why
     unavailable: dict[str, str] = field(default_factory=dict)
+    # ms per output token on each replica at the batch the request would join (NaN: unknown);
+    # computed only when a request bounds it (max-tpot-ms)
+    tpot_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -102,6 +106,13 @@ class Candidates:
     @property
     def latency_ms(self) -> np.ndarray:
         return np.asarray(self.rtt_ms + self.queue_wait_ms + self.service_ms)
+
+    @property
+    def tpot_ms(self) -> np.ndarray:
+        """Each replica's time per output token (ms) at the batch this request would join."""
+        if self.tpot_of is None:
+            return np.full(len(self.names), np.nan)
+        return self.tpot_of()
 
     @property
     def carbon_g(self) -> np.ndarray:
@@ -201,6 +212,23 @@ class Policy(ABC):
                     f"chose the fastest ({c.names[i]}, {lat[i]:.0f} ms expected)"
                 )
                 return Decision(i, c.names[i], c.regions[i], self.name, s, ok, "latency", met, note)
+        if pref.max_tpot_ms is not None:
+            tpot = c.tpot_ms
+            quick = ok & (tpot <= pref.max_tpot_ms)  # unknown (NaN) never meets it
+            if quick.any():
+                if (quick != ok).any():
+                    binding = "tpot"
+                ok = quick
+            else:  # nobody decodes that fast now: the quickest known, and say so
+                known = np.where(ok & ~np.isnan(tpot), tpot, np.inf)
+                i = int(np.argmin(known)) if np.isfinite(known).any() else self.pick(c, s, ok)
+                why = (f"{known[i]:.0f} ms expected" if np.isfinite(known[i])
+                       else "no replica's time per token is known")  # fmt: skip
+                note = (
+                    f"max-tpot-ms {pref.max_tpot_ms:g} unmet by every candidate; chose the "
+                    f"quickest ({c.names[i]}, {why})"
+                )
+                return Decision(i, c.names[i], c.regions[i], self.name, s, ok, "tpot", False, note)
         i = self.pick(c, s, ok)
         return Decision(i, c.names[i], c.regions[i], self.name, s, ok, binding, met, note)
 

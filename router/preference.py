@@ -12,6 +12,8 @@ key              value                                 meaning
 mode             token: balanced | carbon | cost       weight 0.5 | 1.0 | 0.0 (default balanced)
 weight           decimal 0.0 - 1.0                     0 = price only, 1 = carbon only
 max-latency-ms   integer or decimal > 0                RTT + queue wait + service time budget
+max-tpot-ms      integer or decimal > 0                time per output token at the batch the
+                                                       request joins (the replica model's ITL)
 regions          inner list of strings or tokens       allow-list of region names / residency
                                                        tags, glob patterns (``"eu-*"``)
 defer            integer >= 0 (seconds)                how long the request may wait for a
@@ -39,6 +41,7 @@ MODES = {"balanced": 0.5, "carbon": 1.0, "cost": 0.0}
 MAX_DEFER_S = 7 * 86400
 ALLOWED = (
     "allowed keys: mode (balanced|carbon|cost), weight (0.0-1.0), max-latency-ms (> 0), "
+    "max-tpot-ms (> 0), "
     'regions (inner list of names or globs, e.g. ("eu-*")), defer (seconds >= 0), '
     "max-carbon-g (> 0)"
 )
@@ -57,6 +60,7 @@ class PreferenceError(RequestError, ValueError):
 class Preference:
     weight: float = 0.5
     max_latency_ms: float | None = None
+    max_tpot_ms: float | None = None
     regions: tuple[str, ...] = field(default_factory=tuple)
     defer_s: float = 0.0
     max_carbon_g: float | None = None
@@ -100,6 +104,8 @@ def parse_preference(header: str | None, *, default_weight: float = 0.5) -> Pref
             out["weight"] = _number(key, member, low=0.0, high=1.0, low_open=False)
         elif key == "max-latency-ms":
             out["max_latency_ms"] = _number(key, member, low=0.0, low_open=True)
+        elif key == "max-tpot-ms":
+            out["max_tpot_ms"] = _number(key, member, low=0.0, low_open=True)
         elif key == "defer":
             out["defer_s"] = _number(key, member, low=0.0, high=MAX_DEFER_S, low_open=False)
         elif key == "max-carbon-g":

@@ -41,6 +41,8 @@ def test_all_keys() -> None:
         ("mode=green", "mode must be one of balanced, carbon, cost"),
         ("mode=carbon, weight=0.2", "give mode or weight, not both"),
         ("max-latency-ms=0", "max-latency-ms must be > 0"),
+        ("max-tpot-ms=0", "max-tpot-ms must be > 0"),
+        ("max-tpot-ms=fast", "max-tpot-ms must be a number"),
         ("regions=()", "regions must not be empty"),
         ("regions=(1 2)", "regions must hold strings or tokens"),
         ("mode=((", "not a structured-field dictionary"),
@@ -132,6 +134,29 @@ def test_constraints_come_first_and_are_explained() -> None:
     full = cands(has_capacity=np.zeros(3, bool))
     with pytest.raises(NoCandidateError, match="at capacity"):
         make_policy("greenest").rank(full, Preference())
+
+
+def test_max_tpot_ms_parses() -> None:
+    p = parse_preference("max-tpot-ms=40, max-latency-ms=800")
+    assert p.max_tpot_ms == 40.0 and p.max_latency_ms == 800.0
+
+
+def test_time_per_output_token_bound_binds_and_falls_back_to_the_quickest() -> None:
+    # the greenest replica (eu-north) decodes in a full batch: 80 ms a token
+    c = cands(tpot_of=lambda: np.array([80.0, 30.0, 20.0]))
+    d = make_policy("greenest").rank(c, parse_preference("max-tpot-ms=50"))
+    assert d.replica == "eu-central-0" and d.binding == "tpot" and d.latency_budget_met
+    d = make_policy("greenest").rank(c, parse_preference("max-tpot-ms=10"))
+    assert d.replica == "us-south-0" and not d.latency_budget_met
+    assert "max-tpot-ms 10" in d.note and "us-south-0" in d.note
+    d = make_policy("greenest").rank(c, parse_preference("max-tpot-ms=90"))
+    assert d.replica == "eu-north-0" and d.binding == "score"
+
+
+def test_a_replica_whose_time_per_token_is_unknown_does_not_meet_a_tpot_bound() -> None:
+    c = cands(tpot_of=lambda: np.array([np.nan, 30.0, 20.0]))
+    d = make_policy("greenest").rank(c, parse_preference("max-tpot-ms=50"))
+    assert d.replica == "eu-central-0"
 
 
 def test_latency_budget_binds_and_falls_back_to_the_fastest() -> None:

@@ -70,6 +70,25 @@ async def test_the_cooldown_is_the_operators_setting(tmp_path: Path) -> None:
         assert t0 + 1.5 < north.cooldown_until <= time.monotonic() + 2.0
 
 
+async def test_max_tpot_ms_steers_away_from_a_replica_whose_batch_is_slow(tmp_path: Path) -> None:
+    # the time per output token at the batch a request joins comes from the replica model: on
+    # eu-north (the cleanest) 7 sequences share 100 tok/s, so an eighth gets 80 ms a token
+    async with service_kit(tmp_path) as kit:
+        north = kit.service.live.router.states[0]
+        north.active = 7
+        pref = {**DEMO, "X-Carbon-Preference": "mode=carbon, max-tpot-ms=50"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-carbon-replica"] != "eu-north-0"
+        assert r.headers["x-carbon-binding"] == "tpot"
+        north.active = 0  # alone there: 10 ms a token
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.headers["x-carbon-replica"] == "eu-north-0"
+        bad = {**DEMO, "X-Carbon-Preference": "max-tpot-ms=-1"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=bad)
+        assert r.status_code == 400 and "max-tpot-ms must be > 0" in r.text
+
+
 async def test_when_every_replica_is_down_the_answer_is_503_in_openai_format(
     tmp_path: Path,
 ) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 
 from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
 from forecasting.errors import CarbonSourceError
+from forecasting.replica_calibration import ReplicaCalibration
+from forecasting.replica_model import ReplicaModel, ReplicaModelError, replica_model
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, Region, Replica
 from router.billing import PriceError, PriceSchedule, bill_line, tariff_for
@@ -38,9 +40,38 @@ class ReplicaState:
     healthy: bool = True
     cooldown_until: float = 0.0
     service_s_per_token: float = 0.0
+    model: ReplicaModel | None = None  # its physics by running batch (None: not modelled)
 
     def usable(self, now: float) -> bool:
         return self.healthy and now >= self.cooldown_until
+
+    def tpot_ms(self, active: int) -> float:
+        """ms per output token for a request joining its ``active`` running sequences (at
+        most its batch limit: beyond it a request queues, then decodes in a full batch)."""
+        if self.model is None:
+            return float("nan")
+        return self.model.itl_s(min(active + 1, self.model.max_batch)) * 1000.0
+
+
+_CALIBRATION: ReplicaCalibration | None = None
+
+
+def gpu_calibration() -> ReplicaCalibration:
+    """The ML.ENERGY calibration of GPU replicas, built once per process (a reload reuses it)."""
+    global _CALIBRATION
+    if _CALIBRATION is None:
+        _CALIBRATION = ReplicaCalibration.from_mlenergy()
+    return _CALIBRATION
+
+
+def model_of(rep: Replica) -> ReplicaModel | None:
+    """The replica's model, or None (said in the log) when it cannot be built: a GPU model
+    with no parameter count, say. Requests bounding the time per token then avoid it."""
+    try:
+        return replica_model(rep, gpu_calibration() if rep.gpu.type != "cpu" else None)
+    except ReplicaModelError as e:
+        log.warning("replica %s has no replica model: %s", rep.name, e)
+        return None
 
 
 def profile_of(rep: Replica) -> ReplicaProfile:
@@ -101,7 +132,9 @@ class Router:
         for region in config.regions:
             prices = PriceSchedule(region.price, base_dir=base_dir)
             for rep in region.replicas:
-                router.states.append(ReplicaState(rep, region, profile_of(rep), prices))
+                router.states.append(
+                    ReplicaState(rep, region, profile_of(rep), prices, model=model_of(rep))
+                )
         router._book = SlotBook(
             np.array([s.replica.max_concurrency * 3600.0 for s in router.states])
         )
@@ -175,7 +208,14 @@ class Router:
             service_ms=service_ms,
             load=load,
             unavailable=missing,
+            tpot_of=self._tpot_of([s.active for s in self.states]),
         )
+
+    def _tpot_of(self, actives: list[int]) -> Callable[[], np.ndarray]:
+        """Each replica's time per output token at the batch a request joins, for the loads
+        seen now; evaluated only if the request bounds it."""
+        states = self.states
+        return lambda: np.array([st.tpot_ms(a) for st, a in zip(states, actives, strict=True)])
 
     def decide(self, c: Candidates, pref: Preference, exclude: set[int] = frozenset()) -> Decision:  # type: ignore[assignment]
         if exclude:
