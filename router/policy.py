@@ -83,6 +83,8 @@ class Candidates:
     # ms per output token on each replica at the batch the request would join (NaN: unknown);
     # computed only when a request bounds it (max-tpot-ms)
     tpot_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    # ms to prefill this request's prompt on each replica (the replica model; NaN: unknown)
+    prefill_ms: np.ndarray | None = None
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -106,6 +108,12 @@ class Candidates:
     @property
     def latency_ms(self) -> np.ndarray:
         return np.asarray(self.rtt_ms + self.queue_wait_ms + self.service_ms)
+
+    @property
+    def ttft_ms(self) -> np.ndarray:
+        """Each replica's expected time to first token: RTT + queue wait + prefill."""
+        first = self.rtt_ms + self.queue_wait_ms
+        return np.asarray(first if self.prefill_ms is None else first + self.prefill_ms)
 
     @property
     def tpot_ms(self) -> np.ndarray:
@@ -197,14 +205,15 @@ class Policy(ABC):
         binding = "score"
         met = True
         note = ""
-        if pref.max_latency_ms is not None:
-            fast = ok & (c.latency_ms <= pref.max_latency_ms)
+        if pref.max_latency_ms is not None:  # a budget for the first token
+            first = c.ttft_ms
+            fast = ok & (first <= pref.max_latency_ms)  # unknown (NaN) never meets it
             if fast.any():
                 if (fast != ok).any():
                     binding = "latency"
                 ok = fast
             else:  # nobody meets the budget: the fastest, and say so
-                lat = np.where(ok, c.latency_ms, np.inf)
+                lat = np.where(ok & ~np.isnan(first), first, np.inf)
                 i = int(np.argmin(lat))
                 met = False
                 note = (

@@ -11,7 +11,8 @@ key              value                                 meaning
 ===============  ====================================  =========================================
 mode             token: balanced | carbon | cost       weight 0.5 | 1.0 | 0.0 (default balanced)
 weight           decimal 0.0 - 1.0                     0 = price only, 1 = carbon only
-max-latency-ms   integer or decimal > 0                RTT + queue wait + service time budget
+max-latency-ms   integer or decimal > 0                first-token budget: RTT + queue wait +
+                                                       prefill (the replica model's)
 max-tpot-ms      integer or decimal > 0                time per output token at the batch the
                                                        request joins (the replica model's ITL)
 regions          inner list of strings or tokens       allow-list of region names / residency

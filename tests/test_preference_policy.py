@@ -160,12 +160,21 @@ def test_a_replica_whose_time_per_token_is_unknown_does_not_meet_a_tpot_bound() 
 
 
 def test_latency_budget_binds_and_falls_back_to_the_fastest() -> None:
+    # max-latency-ms bounds the first token: RTT + queue wait + prefill (not the whole answer)
     c = cands(queue_wait_ms=np.array([900.0, 0.0, 0.0]))
     d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=500"))
     assert d.replica == "eu-central-0" and d.binding == "latency"
-    d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=100"))
+    d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=10"))
     assert d.replica == "eu-central-0" and not d.latency_budget_met
-    assert "unmet by every candidate; chose the fastest (eu-central-0, 215 ms" in d.note
+    assert "unmet by every candidate; chose the fastest (eu-central-0, 15 ms" in d.note
+
+
+def test_the_latency_budget_counts_prefill_not_the_whole_answer() -> None:
+    # eu-north answers in 200 ms of decode but needs 900 ms of prefill for this prompt first
+    c = cands(prefill_ms=np.array([900.0, 50.0, 50.0]), service_ms=np.full(3, 5000.0))
+    d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=500"))
+    assert d.replica == "eu-central-0" and d.binding == "latency"
+    assert list(c.ttft_ms) == [930.0, 65.0, 160.0]
 
 
 def test_max_carbon_cap() -> None:

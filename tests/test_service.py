@@ -89,6 +89,17 @@ async def test_max_tpot_ms_steers_away_from_a_replica_whose_batch_is_slow(tmp_pa
         assert r.status_code == 400 and "max-tpot-ms must be > 0" in r.text
 
 
+async def test_candidates_predict_the_first_token_from_the_replica_model(tmp_path: Path) -> None:
+    # time to first token = RTT + queue wait + prefill; on these CPU replicas prefill is
+    # prefill_weight of a decode token's time per prompt token at the configured decode rate
+    async with service_kit(tmp_path) as kit:
+        router = kit.service.live.router
+        c = await router.candidates(1000, 10.0)
+        for i, st in enumerate(router.states):
+            prefill = 1000 * st.replica.prefill_weight / st.replica.tokens_per_s * 1000.0
+            assert c.ttft_ms[i] == pytest.approx(st.region.rtt_ms + prefill)
+
+
 async def test_when_every_replica_is_down_the_answer_is_503_in_openai_format(
     tmp_path: Path,
 ) -> None:

@@ -45,6 +45,12 @@ class ReplicaState:
     def usable(self, now: float) -> bool:
         return self.healthy and now >= self.cooldown_until
 
+    def prefill_ms(self, prompt_tokens: int) -> float:
+        """ms to prefill ``prompt_tokens`` (NaN: no model)."""
+        if self.model is None:
+            return float("nan")
+        return self.model.prefill_s(prompt_tokens) * 1000.0
+
     def tpot_ms(self, active: int) -> float:
         """ms per output token for a request joining its ``active`` running sequences (at
         most its batch limit: beyond it a request queues, then decodes in a full batch)."""
@@ -209,6 +215,7 @@ class Router:
             load=load,
             unavailable=missing,
             tpot_of=self._tpot_of([s.active for s in self.states]),
+            prefill_ms=np.array([st.prefill_ms(prompt_tokens) for st in self.states]),
         )
 
     def _tpot_of(self, actives: list[int]) -> Callable[[], np.ndarray]:
