@@ -475,6 +475,69 @@ async def test_a_stale_value_is_not_served_past_max_stale_s() -> None:
         await view.get(region)
 
 
+async def test_a_refresh_that_never_lands_does_not_keep_a_value_fresh_forever() -> None:
+    # once refreshes ran beside the requests, a refresh that hung kept the region's last value
+    # served as fresh (not stale) for as long as it hung, past max_stale_s too
+    from router.service.carbon import CarbonView
+
+    clock = FakeMonotonic()
+    source = CountingSource({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, ttl_s=60, fail_ttl_s=10,
+                      max_stale_s=3600)  # fmt: skip
+    assert not (await view.get(region)).stale
+    source.gate = asyncio.Event()  # the API hangs from now on
+    clock.t += 61
+    assert not (await view.get(region)).stale  # a refresh is under way
+    clock.t += 600
+    reading = await view.get(region)  # it has not landed in ten minutes: the value is stale
+    assert reading.stale and reading.g_per_kwh == 30.0 and reading.age_s >= 661
+    clock.t += 3600
+    with pytest.raises(CarbonUnavailable):  # and not served past max_stale_s
+        await view.get(region)
+    source.gate.set()
+    await view.idle()
+
+
+async def test_a_source_that_raises_an_unexpected_error_makes_its_region_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # an error other than CarbonSourceError (a source's bug) failed every request on its first
+    # fetch (not a region without data, a 500), and in a background refresh it was swallowed
+    # without a word while the region's last value went on being served as fresh
+    from router.service.carbon import CarbonView
+
+    class Buggy(CountingSource):
+        broken = False
+
+        async def latest(self, zone: str) -> Intensity:
+            if self.broken:
+                raise KeyError("carbonIntensity")
+            return await super().latest(zone)
+
+        async def forecast(self, zone: str, horizon_h: int) -> Forecast:
+            raise KeyError("forecast")
+
+    clock = FakeMonotonic()
+    source = Buggy({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, ttl_s=60, max_stale_s=3600)
+    assert (await view.get(region)).g_per_kwh == 30.0
+    source.broken = True
+    clock.t += 61
+    await view.get(region)
+    await view.idle()
+    reading = await view.get(region)  # the refresh failed: the last value, marked stale
+    assert reading.stale and reading.g_per_kwh == 30.0
+    assert "carbonIntensity" in caplog.text  # and the failure is in the log
+    clock.t += 3600
+    with pytest.raises(CarbonUnavailable):
+        await view.get(region)
+    fresh = CarbonView([region], {"grid": source}, clock=clock)
+    with pytest.raises(CarbonUnavailable):  # the first fetch: the region is unavailable
+        await fresh.get(region)
+
+
 class FakeMonotonic:
     def __init__(self) -> None:
         self.t = 1000.0
