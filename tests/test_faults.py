@@ -195,6 +195,28 @@ async def test_usage_waits_only_for_the_bills_of_requests_answered_before_it(
     await asyncio.wait_for(wait, 1.0)
 
 
+async def test_usage_says_so_when_the_ledger_is_behind_not_500(tmp_path: Path) -> None:
+    # the outbox's flush raises TimeoutError when the ledger does not take its rows in time:
+    # /v1/usage let it escape, an unhandled 500 (a plain-text one, not an OpenAI error)
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200, r.text
+        timeouts: list[float] = []
+
+        async def flush(timeout_s: float = 30.0) -> None:
+            timeouts.append(timeout_s)
+            raise TimeoutError
+
+        kit.sink.flush = flush  # type: ignore[method-assign]
+        try:
+            r = await kit.client.get("/v1/usage", headers=DEMO)
+        except TimeoutError:
+            pytest.fail("/v1/usage raised TimeoutError: an unhandled 500")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "ledger_behind"
+        assert timeouts and max(timeouts) <= 5.0
+
+
 async def no_replica_answers(i: int, batch: object) -> list[str]:
     raise ConnectionError("replica down")
 
