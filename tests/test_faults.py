@@ -330,6 +330,30 @@ async def test_a_due_job_whose_replicas_are_full_waits_and_runs_later(tmp_path: 
         assert [r.request_id for r in kit.rows()] == [job]
 
 
+async def test_a_due_job_whose_replicas_stay_full_past_its_deadline_fails(
+    tmp_path: Path,
+) -> None:
+    # a shed job was scheduled again after Retry-After with no regard to its deadline: with
+    # its replicas full it was put back forever (its batch never ended), days past the time
+    # its tenant allowed it
+    async with service_kit(tmp_path, profile=(1.0, 0.2)) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        for st in kit.service.live.router.states:  # every replica full
+            st.active = 4 * st.replica.max_concurrency
+        past = datetime.now(UTC).isoformat()
+        kit.service.jobs._db.execute("UPDATE jobs SET deadline=? WHERE id=?", (past, job))
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        failed = kit.service.jobs.get(job)
+        assert failed is not None and failed.status == "failed", failed
+        assert "capacity" in (failed.error or "") and "deadline" in (failed.error or "")
+        assert kit.rows() == []
+
+
 async def test_due_jobs_are_claimed_as_running_ones_finish_not_16_a_period(
     tmp_path: Path,
 ) -> None:
