@@ -93,6 +93,11 @@ class CarbonUnavailable(RouterError):
     """No carbon intensity for a region from its source, its cache or its forecast."""
 
 
+class LedgerBehind(RouterError):
+    """The ledger did not take the bills answered so far in time: a read of it now would
+    miss some of them."""
+
+
 class ReplicaFailed(RouterError):
     """A replica failed on its own account: an HTTP 5xx or 429, a refused or dropped
     connection, a timeout, a dead actor. The replica is cooled down and, before the first byte

@@ -101,6 +101,12 @@ class LedgerRow:
                 raise LedgerError(f"request {self.request_id}: {name} {value!r}: {e}") from e
             if ts.utcoffset() is None or ts.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
                 raise LedgerError(f"request {self.request_id}: {name} must be UTC, got {value}")
+            # stored in utc_iso's one form: periods are compared as strings and the daily sums
+            # take the day from the first 10 characters ('Z', a space for 'T', no microseconds
+            # or the basic format would be summed in one period and listed in another)
+            canonical = ts.isoformat(timespec="microseconds")
+            if canonical != value:
+                object.__setattr__(self, name, canonical)
 
 
 COLUMNS = [f.name for f in fields(LedgerRow)]

@@ -195,6 +195,28 @@ async def test_usage_waits_only_for_the_bills_of_requests_answered_before_it(
     await asyncio.wait_for(wait, 1.0)
 
 
+async def test_usage_says_so_when_the_ledger_is_behind_not_500(tmp_path: Path) -> None:
+    # the outbox's flush raises TimeoutError when the ledger does not take its rows in time:
+    # /v1/usage let it escape, an unhandled 500 (a plain-text one, not an OpenAI error)
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200, r.text
+        timeouts: list[float] = []
+
+        async def flush(timeout_s: float = 30.0) -> None:
+            timeouts.append(timeout_s)
+            raise TimeoutError
+
+        kit.sink.flush = flush  # type: ignore[method-assign]
+        try:
+            r = await kit.client.get("/v1/usage", headers=DEMO)
+        except TimeoutError:
+            pytest.fail("/v1/usage raised TimeoutError: an unhandled 500")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "ledger_behind"
+        assert timeouts and max(timeouts) <= 5.0
+
+
 async def no_replica_answers(i: int, batch: object) -> list[str]:
     raise ConnectionError("replica down")
 
@@ -306,6 +328,30 @@ async def test_a_due_job_whose_replicas_are_full_waits_and_runs_later(tmp_path: 
         done = kit.service.jobs.get(job)
         assert done is not None and done.status == "completed", done
         assert [r.request_id for r in kit.rows()] == [job]
+
+
+async def test_a_due_job_whose_replicas_stay_full_past_its_deadline_fails(
+    tmp_path: Path,
+) -> None:
+    # a shed job was scheduled again after Retry-After with no regard to its deadline: with
+    # its replicas full it was put back forever (its batch never ended), days past the time
+    # its tenant allowed it
+    async with service_kit(tmp_path, profile=(1.0, 0.2)) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        for st in kit.service.live.router.states:  # every replica full
+            st.active = 4 * st.replica.max_concurrency
+        past = datetime.now(UTC).isoformat()
+        kit.service.jobs._db.execute("UPDATE jobs SET deadline=? WHERE id=?", (past, job))
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        failed = kit.service.jobs.get(job)
+        assert failed is not None and failed.status == "failed", failed
+        assert "capacity" in (failed.error or "") and "deadline" in (failed.error or "")
+        assert kit.rows() == []
 
 
 async def test_due_jobs_are_claimed_as_running_ones_finish_not_16_a_period(
@@ -473,6 +519,69 @@ async def test_a_stale_value_is_not_served_past_max_stale_s() -> None:
     clock.t += 3600
     with pytest.raises(CarbonUnavailable):
         await view.get(region)
+
+
+async def test_a_refresh_that_never_lands_does_not_keep_a_value_fresh_forever() -> None:
+    # once refreshes ran beside the requests, a refresh that hung kept the region's last value
+    # served as fresh (not stale) for as long as it hung, past max_stale_s too
+    from router.service.carbon import CarbonView
+
+    clock = FakeMonotonic()
+    source = CountingSource({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, ttl_s=60, fail_ttl_s=10,
+                      max_stale_s=3600)  # fmt: skip
+    assert not (await view.get(region)).stale
+    source.gate = asyncio.Event()  # the API hangs from now on
+    clock.t += 61
+    assert not (await view.get(region)).stale  # a refresh is under way
+    clock.t += 600
+    reading = await view.get(region)  # it has not landed in ten minutes: the value is stale
+    assert reading.stale and reading.g_per_kwh == 30.0 and reading.age_s >= 661
+    clock.t += 3600
+    with pytest.raises(CarbonUnavailable):  # and not served past max_stale_s
+        await view.get(region)
+    source.gate.set()
+    await view.idle()
+
+
+async def test_a_source_that_raises_an_unexpected_error_makes_its_region_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # an error other than CarbonSourceError (a source's bug) failed every request on its first
+    # fetch (not a region without data, a 500), and in a background refresh it was swallowed
+    # without a word while the region's last value went on being served as fresh
+    from router.service.carbon import CarbonView
+
+    class Buggy(CountingSource):
+        broken = False
+
+        async def latest(self, zone: str) -> Intensity:
+            if self.broken:
+                raise KeyError("carbonIntensity")
+            return await super().latest(zone)
+
+        async def forecast(self, zone: str, horizon_h: int) -> Forecast:
+            raise KeyError("forecast")
+
+    clock = FakeMonotonic()
+    source = Buggy({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = CarbonView([region], {"grid": source}, clock=clock, ttl_s=60, max_stale_s=3600)
+    assert (await view.get(region)).g_per_kwh == 30.0
+    source.broken = True
+    clock.t += 61
+    await view.get(region)
+    await view.idle()
+    reading = await view.get(region)  # the refresh failed: the last value, marked stale
+    assert reading.stale and reading.g_per_kwh == 30.0
+    assert "carbonIntensity" in caplog.text  # and the failure is in the log
+    clock.t += 3600
+    with pytest.raises(CarbonUnavailable):
+        await view.get(region)
+    fresh = CarbonView([region], {"grid": source}, clock=clock)
+    with pytest.raises(CarbonUnavailable):  # the first fetch: the region is unavailable
+        await fresh.get(region)
 
 
 class FakeMonotonic:

@@ -321,3 +321,29 @@ def test_a_v3_ledger_gets_its_daily_sums_when_migrated(tmp_path: Path) -> None:
     assert ledger.usage_page("acme").totals["requests"] == 1
     ledger.write([row("new")])
     assert ledger.usage_page("acme").totals["kwh"] == pytest.approx(2 * r.kwh_billed)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "2026-11-01T23:00:00Z",  # Z for +00:00
+        "2026-11-01 23:00:00+00:00",  # a space for T
+        "2026-11-01T23:00:00-00:00",
+        "2026-11-01T23:00:00+00:00",  # no microseconds
+        "20261101T230000Z",  # ISO 8601 basic format
+    ],
+)
+def test_a_utc_time_in_any_iso_form_is_summed_and_paged_alike(tmp_path: Path, form: str) -> None:
+    # the daily sums take a row's day from the first 10 characters of its started_at and the
+    # rows are filtered by string comparison with utc_iso's form: a UTC time written in another
+    # ISO form was counted in a period's totals but not among its rows (or in no day at all)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([row("odd", started_at=form)])
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    for s, e in [(t0, t0 + timedelta(days=1)), (t0 + timedelta(hours=22), None),
+                 (t0 + timedelta(days=1), None), (None, t0 + timedelta(days=1))]:  # fmt: skip
+        page = ledger.usage_page("acme", start=s, end=e)
+        assert page.totals["requests"] == len(page.rows) == (1 if s != t0 + timedelta(days=1)
+                                                             else 0), (s, e)  # fmt: skip
+    stored = ledger.get("odd")
+    assert stored is not None and stored.started_at == "2026-11-01T23:00:00.000000+00:00"

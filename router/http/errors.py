@@ -23,6 +23,7 @@ from router.errors import (
     BudgetExceeded,
     CarbonUnavailable,
     Conflict,
+    LedgerBehind,
     NotFound,
     PermissionDenied,
     ReplicaFailed,
@@ -48,6 +49,7 @@ TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (NoCandidateError, 503, "server_error", "no_replica"),
     (CarbonUnavailable, 503, "server_error", "carbon_unavailable"),
     (ReplicaFailed, 503, "server_error", "replica_failed"),
+    (LedgerBehind, 503, "server_error", "ledger_behind"),
 ]
 
 

@@ -34,7 +34,10 @@ class CarbonView:
     the last value is used, marked stale, while it is at most ``max_stale_s`` old; lacking
     one, the source's forecast for this hour; lacking that, the region is unavailable
     (:class:`CarbonUnavailable`), and the failure is remembered for ``fail_ttl_s`` so that a
-    dead API is not asked again by every request. Other regions are not affected.
+    dead API is not asked again by every request. Other regions are not affected. A refresh
+    that has not landed ``fail_ttl_s`` after the value's ``ttl_s`` ran out counts as failed
+    meanwhile (the value is served stale, and not past ``max_stale_s``), and a source's error
+    of another type than :class:`CarbonSourceError` is a failure too, logged.
     """
 
     def __init__(
@@ -72,6 +75,12 @@ class CarbonView:
         if failed is not None:
             return self._stale_or(region, now, failed[1])
         assert cached is not None
+        if now - cached[0] >= self.ttl_s + self.fail_ttl_s:  # its refresh has not landed
+            why = CarbonUnavailable(
+                f"no carbon intensity for region {region.name}: its refresh has not answered "
+                f"and its last value is over {self.max_stale_s:.0f} s old"
+            )
+            return self._stale_or(region, now, why)
         return cached[1]
 
     def _start(self, region: Region) -> asyncio.Task[CarbonReading]:
@@ -112,13 +121,18 @@ class CarbonView:
         src = self.sources[region.carbon_source]
         try:
             latest = await src.latest(region.zone)
-        except CarbonSourceError as e:
+        except Exception as e:  # noqa: BLE001  # any source error: the region has no value
+            if not isinstance(e, CarbonSourceError):
+                log.error("carbon source %s failed for %s", src.name, region.zone, exc_info=e)
             now = self._clock()
             cached = self._values.get(region.name)
             if cached is None:  # never had a value: this hour's forecast, if the source has one
                 try:
                     fc = await src.forecast(region.zone, 1)
-                except CarbonSourceError:
+                except Exception as fe:  # noqa: BLE001
+                    if not isinstance(fe, CarbonSourceError):
+                        log.error("carbon source %s failed for %s", src.name, region.zone,
+                                  exc_info=fe)  # fmt: skip
                     why = CarbonUnavailable(f"no carbon intensity for region {region.name}: {e}")
                     self._failed[region.name] = (now, why)
                     raise why from e

@@ -163,6 +163,12 @@ class Deferral:
             self.jobs.finish(job.id, result=body, error=None)
         except AtCapacity as e:  # shed: it waits its turn, as a client told Retry-After would
             later = datetime.now(UTC) + timedelta(seconds=e.retry_after_s)
+            if later > datetime.fromisoformat(job.deadline):  # but not past its deadline
+                log.warning("job %s: replicas full until past its deadline", job.id)
+                self.jobs.finish(
+                    job.id, result=None, error=f"{e}, until past the job's deadline {job.deadline}"
+                )
+                return
             log.info("job %s: replicas full, retried at %s", job.id, later)
             self.jobs.retry_at(job.id, later)
         except Exception as e:  # the job records why; the loop goes on

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from router.errors import LedgerBehind
 from router.ledger import LedgerRow
 from router.policy import Candidates
 from router.service.live import Live
@@ -154,7 +155,8 @@ class Settlement:
         """Wait (up to ``timeout_s``) until the requests of ``tenant`` (None: everyone) that
         were answered before this call are in the ledger: their measured bills still being
         attributed, then the outbox. Requests answered later are not waited for: under steady
-        traffic there always are some."""
+        traffic there always are some. Raises :class:`LedgerBehind` when the outbox has not
+        delivered them in time."""
         deadline = time.monotonic() + timeout_s
         pending = self.proxied.waiting(tenant) if self.proxied is not None else set()
         while (
@@ -164,4 +166,10 @@ class Settlement:
             and self.proxied.still_waiting(pending)
         ):
             await asyncio.sleep(0.02)
-        await self.sink.flush(timeout_s)
+        try:  # the outbox in what is left of the time (the proxied bills may have used it)
+            await self.sink.flush(max(deadline - time.monotonic(), 0.5))
+        except TimeoutError as e:
+            raise LedgerBehind(
+                f"the ledger has not taken the bills answered so far within {timeout_s:.0f} s; "
+                "try again"
+            ) from e
