@@ -382,6 +382,29 @@ async def test_due_jobs_are_claimed_as_running_ones_finish_not_16_a_period(
         assert len(kit.rows()) == 40
 
 
+async def test_a_job_cancelled_while_it_runs_is_scheduled_again_not_left_running(
+    tmp_path: Path,
+) -> None:
+    # the ingress stopping cancels its running jobs: each stayed 'running' until the store was
+    # reopened (and never ran where that was another ingress's store)
+    gate = asyncio.Event()
+    fakes = [FakeReplicaClient(n, gate=gate) for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes, profile=(1.0, 0.2)) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        kit.service.jobs.run_now(job, datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.sleep(0.05)  # it is running, held by the replica
+        for task in list(kit.service.deferral._running):
+            task.cancel()
+        await asyncio.gather(*kit.service.deferral._running, return_exceptions=True)
+        again = kit.service.jobs.get(job)
+        assert again is not None and again.status == "scheduled", again
+        gate.set()
+
+
 class CountingSource(StaticCarbonSource):
     """A static source that counts its calls and can be switched off (fails like a dead API)."""
 

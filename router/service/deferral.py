@@ -126,6 +126,8 @@ class Deferral:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._room.set()
+        if not task.cancelled() and (e := task.exception()) is not None:  # the store failed
+            log.error("a job's run failed outside its own handling", exc_info=e)
 
     async def loop(self, period_s: float = 1.0) -> None:
         """Claim due jobs every ``period_s``, and at once whenever a running one finishes (a
@@ -171,6 +173,9 @@ class Deferral:
                 return
             log.info("job %s: replicas full, retried at %s", job.id, later)
             self.jobs.retry_at(job.id, later)
+        except asyncio.CancelledError:  # this ingress is stopping: the job runs again later
+            self.jobs.retry_at(job.id, datetime.now(UTC))
+            raise
         except Exception as e:  # the job records why; the loop goes on
             log.exception("job %s failed", job.id)
             self.jobs.finish(job.id, result=None, error=str(e))
