@@ -155,6 +155,10 @@ class Decision:
         }
 
 
+# a request's bound -> (how a note names it, what the fallback picks)
+BOUNDS = {"latency": ("latency budget", "fastest"), "tpot": ("max-tpot-ms", "quickest")}
+
+
 class Policy(ABC):
     """Ranks candidates for one request; the router does queueing and retries."""
 
@@ -206,40 +210,36 @@ class Policy(ABC):
         met = True
         note = ""
         if pref.max_latency_ms is not None:  # a budget for the first token
-            first = c.ttft_ms
-            fast = ok & (first <= pref.max_latency_ms)  # unknown (NaN) never meets it
-            if fast.any():
-                if (fast != ok).any():
-                    binding = "latency"
-                ok = fast
-            else:  # nobody meets the budget: the fastest, and say so
-                lat = np.where(ok & ~np.isnan(first), first, np.inf)
-                i = int(np.argmin(lat))
-                met = False
-                note = (
-                    f"latency budget {pref.max_latency_ms:g} ms unmet by every candidate; "
-                    f"chose the fastest ({c.names[i]}, {lat[i]:.0f} ms expected)"
-                )
-                return Decision(i, c.names[i], c.regions[i], self.name, s, ok, "latency", met, note)
-        if pref.max_tpot_ms is not None:
-            tpot = c.tpot_ms
-            quick = ok & (tpot <= pref.max_tpot_ms)  # unknown (NaN) never meets it
-            if quick.any():
-                if (quick != ok).any():
-                    binding = "tpot"
-                ok = quick
-            else:  # nobody decodes that fast now: the quickest known, and say so
-                known = np.where(ok & ~np.isnan(tpot), tpot, np.inf)
-                i = int(np.argmin(known)) if np.isfinite(known).any() else self.pick(c, s, ok)
-                why = (f"{known[i]:.0f} ms expected" if np.isfinite(known[i])
-                       else "no replica's time per token is known")  # fmt: skip
-                note = (
-                    f"max-tpot-ms {pref.max_tpot_ms:g} unmet by every candidate; chose the "
-                    f"quickest ({c.names[i]}, {why})"
-                )
-                return Decision(i, c.names[i], c.regions[i], self.name, s, ok, "tpot", False, note)
+            got = self._bound(c, s, ok, c.ttft_ms, pref.max_latency_ms, "latency")
+            if isinstance(got, Decision):
+                return got
+            ok, binding = got[0], "latency" if got[1] else binding
+        if pref.max_tpot_ms is not None:  # a bound on the time per output token
+            got = self._bound(c, s, ok, c.tpot_ms, pref.max_tpot_ms, "tpot")
+            if isinstance(got, Decision):
+                return got
+            ok, binding = got[0], "tpot" if got[1] else binding
         i = self.pick(c, s, ok)
         return Decision(i, c.names[i], c.regions[i], self.name, s, ok, binding, met, note)
+
+    def _bound(
+        self, c: Candidates, s: np.ndarray, ok: np.ndarray, values: np.ndarray, limit: float,
+        binding: str,
+    ) -> tuple[np.ndarray, bool] | Decision:  # fmt: skip
+        """The candidates whose ``values`` (ms) are within ``limit`` (unknown, NaN, never are)
+        and whether that left any out; when none is, the decision for the best known one,
+        whose note says so."""
+        within = ok & (values <= limit)
+        if within.any():
+            return within, bool((within != ok).any())
+        known = np.where(ok & ~np.isnan(values), values, np.inf)
+        i = int(np.argmin(known)) if np.isfinite(known).any() else self.pick(c, s, ok)
+        what, best = BOUNDS[binding]
+        why = f"{known[i]:.0f} ms expected" if np.isfinite(known[i]) else "none is known"
+        note = (
+            f"{what} {limit:g} ms unmet by every candidate; chose the {best} ({c.names[i]}, {why})"
+        )
+        return Decision(i, c.names[i], c.regions[i], self.name, s, ok, binding, False, note)
 
     def pick(self, c: Candidates, s: np.ndarray, ok: np.ndarray) -> int:
         masked = np.where(ok, s, np.inf)

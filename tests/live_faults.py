@@ -543,20 +543,21 @@ def _served_in(results: list[Result], region: str) -> list[str]:
     return [f"expected every request served in {region}: {wrong}"] if wrong else []
 
 
-@scenario("upstream 5xx")
-def _errors(stack: Stack) -> Outcome:
-    either = _fault(stack, "eu-a", "error", n_calls(5, "errors", headers=regions("eu-a", "eu-b")))
-    only = _fault(stack, "eu-a", "error", n_calls(2, "errors", headers=regions("eu-a")))
-    return Outcome("", "errors", either + only, {"200"} | FAILED, eu_only=True,
-                   problems=_served_in(either, "eu-b") + _all(only, *FAILED))  # fmt: skip
+def _replica_fails(tenant: str, mode: str, n: int) -> Scenario:
+    """eu-a fails (``mode``): requests that may also use eu-b are served there; those allowed
+    eu-a alone get the fault's own 503."""
+
+    def run(stack: Stack) -> Outcome:
+        either = _fault(stack, "eu-a", mode, n_calls(n, tenant, headers=regions("eu-a", "eu-b")))
+        only = _fault(stack, "eu-a", mode, n_calls(1, tenant, headers=regions("eu-a")))
+        return Outcome("", tenant, either + only, {"200"} | FAILED, eu_only=True,
+                       problems=_served_in(either, "eu-b") + _all(only, *FAILED))  # fmt: skip
+
+    return run
 
 
-@scenario("upstream timeout")
-def _timeouts(stack: Stack) -> Outcome:
-    either = _fault(stack, "eu-a", "hang", n_calls(3, "timeouts", headers=regions("eu-a", "eu-b")))
-    only = _fault(stack, "eu-a", "hang", n_calls(1, "timeouts", headers=regions("eu-a")))
-    return Outcome("", "timeouts", either + only, {"200"} | FAILED, eu_only=True,
-                   problems=_served_in(either, "eu-b") + _all(only, *FAILED))  # fmt: skip
+scenario("upstream 5xx")(_replica_fails("errors", "error", 5))
+scenario("upstream timeout")(_replica_fails("timeouts", "hang", 3))
 
 
 @scenario("upstream dies mid-stream")

@@ -471,14 +471,9 @@ def test_a_stream_cut_by_its_client_is_billed_for_what_was_generated(
 
 
 def fault(server: dict[str, Any], mode: str | None) -> None:
-    import json
+    from tests.live_faults import Fake
 
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{server['fake_port']}/_fault", method="POST",
-        data=json.dumps({"mode": mode}).encode(), headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    with urllib.request.urlopen(req, timeout=5):
-        pass
+    Fake(server["fake_port"]).fault(mode)
 
 
 PROXY = {"X-Carbon-Preference": 'regions=("proxy-*")'}
