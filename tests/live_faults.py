@@ -197,16 +197,19 @@ def _row(request_id: str, tenant: str) -> dict[str, Any]:
     return dataclasses.asdict(row)
 
 
-def _plant(folder: Path, rows: list[dict[str, Any]], *, uid: int = 0, mode: int = 0o700,
-           file_mode: int = 0o600) -> None:  # fmt: skip
+def _plant(folder: Path, rows: list[dict[str, Any]], *, uid: int | None = None,
+           mode: int = 0o700, file_mode: int = 0o600) -> None:  # fmt: skip
+    """A spool folder of ``rows``, owned by ``uid`` (None: this user; another needs root)."""
     folder.mkdir(parents=True, exist_ok=True)
     seg = folder / "0.jsonl"
     seg.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "lock").touch()
     for p in (seg, folder / "lock"):
-        os.chown(p, uid, uid)
+        if uid is not None:
+            os.chown(p, uid, uid)
         os.chmod(p, file_mode)
-    os.chown(folder, uid, uid)
+    if uid is not None:
+        os.chown(folder, uid, uid)
     os.chmod(folder, mode)
 
 
@@ -214,12 +217,15 @@ def plant_spools(stack: Stack, state: Path) -> None:
     """Before the stack starts: rows a local attacker plants where spools are (or were) kept,
     each forged to bill the bystander, and one spool our own crashed process left behind."""
     spools = [state / "spool" / "eu-a-0", stack.ledger.with_suffix(".spool")]
+    # another user's folder (planted by root here: only root can make one), a folder anyone
+    # can write to, a file anyone can write to in a folder of ours
+    plants = [(None, 0o777, 0o600), (None, 0o700, 0o666)]
+    if os.geteuid() == 0:
+        plants.insert(0, (NOBODY, 0o755, 0o644))
     for i, root in enumerate(spools):
         root.mkdir(parents=True, mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
-        for j, (uid, mode, file_mode) in enumerate(
-            [(NOBODY, 0o755, 0o644), (0, 0o777, 0o600), (0, 0o700, 0o666)]
-        ):
+        for j, (uid, mode, file_mode) in enumerate(plants):
             rid = f"forged-{i}-{j}"
             _plant(root / f"planted{j}", [_row(rid, "bystander")], uid=uid, mode=mode,
                    file_mode=file_mode)  # fmt: skip
@@ -229,8 +235,8 @@ def plant_spools(stack: Stack, state: Path) -> None:
         stack.replayed.add(rid)
     # the predictable shared folder the replicas used to spool to, now never read
     old = Path("/tmp/carbon-router/spool/eu-a-0/planted")
-    with contextlib.suppress(OSError):
-        _plant(old, [_row("forged-tmp", "bystander")], uid=NOBODY, mode=0o755, file_mode=0o644)
+    with contextlib.suppress(OSError):  # another user may own that folder: then it is theirs
+        _plant(old, [_row("forged-tmp", "bystander")], mode=0o755, file_mode=0o644)
         stack.forged.add("forged-tmp")
 
 
