@@ -80,11 +80,11 @@ class Candidates:
     load: np.ndarray  # active / max concurrency
     # regions left out for missing data (carbon intensity, price): region -> why
     unavailable: dict[str, str] = field(default_factory=dict)
-    # ms per output token on each replica at the batch the request would join (NaN: unknown);
-    # computed only when a request bounds it (max-tpot-ms)
+    # per replica, from the replica model (NaN: unknown), computed only when a request bounds
+    # them: ms to prefill this prompt (max-latency-ms), and ms per output token at the batch
+    # the request would join (max-tpot-ms)
+    prefill_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     tpot_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
-    # ms to prefill this request's prompt on each replica (the replica model; NaN: unknown)
-    prefill_ms: np.ndarray | None = None
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -106,14 +106,10 @@ class Candidates:
         return hit
 
     @property
-    def latency_ms(self) -> np.ndarray:
-        return np.asarray(self.rtt_ms + self.queue_wait_ms + self.service_ms)
-
-    @property
     def ttft_ms(self) -> np.ndarray:
         """Each replica's expected time to first token: RTT + queue wait + prefill."""
         first = self.rtt_ms + self.queue_wait_ms
-        return np.asarray(first if self.prefill_ms is None else first + self.prefill_ms)
+        return np.asarray(first if self.prefill_of is None else first + self.prefill_of())
 
     @property
     def tpot_ms(self) -> np.ndarray:

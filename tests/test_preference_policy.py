@@ -171,7 +171,7 @@ def test_latency_budget_binds_and_falls_back_to_the_fastest() -> None:
 
 def test_the_latency_budget_counts_prefill_not_the_whole_answer() -> None:
     # eu-north answers in 200 ms of decode but needs 900 ms of prefill for this prompt first
-    c = cands(prefill_ms=np.array([900.0, 50.0, 50.0]), service_ms=np.full(3, 5000.0))
+    c = cands(prefill_of=lambda: np.array([900.0, 50.0, 50.0]), service_ms=np.full(3, 5000.0))
     d = make_policy("greenest").rank(c, parse_preference("max-latency-ms=500"))
     assert d.replica == "eu-central-0" and d.binding == "latency"
     assert list(c.ttft_ms) == [930.0, 65.0, 160.0]

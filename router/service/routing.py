@@ -214,15 +214,14 @@ class Router:
             service_ms=service_ms,
             load=load,
             unavailable=missing,
-            tpot_of=self._tpot_of([s.active for s in self.states]),
-            prefill_ms=np.array([st.prefill_ms(prompt_tokens) for st in self.states]),
+            prefill_of=self._each(lambda st, _: st.prefill_ms(prompt_tokens)),
+            tpot_of=self._each(lambda st, active: st.tpot_ms(active)),
         )
 
-    def _tpot_of(self, actives: list[int]) -> Callable[[], np.ndarray]:
-        """Each replica's time per output token at the batch a request joins, for the loads
-        seen now; evaluated only if the request bounds it."""
-        states = self.states
-        return lambda: np.array([st.tpot_ms(a) for st, a in zip(states, actives, strict=True)])
+    def _each(self, f: Callable[[ReplicaState, int], float]) -> Callable[[], np.ndarray]:
+        """``f`` of each replica and its load seen now, evaluated only if a request asks."""
+        states, actives = self.states, [s.active for s in self.states]
+        return lambda: np.array([f(st, a) for st, a in zip(states, actives, strict=True)])
 
     def decide(self, c: Candidates, pref: Preference, exclude: set[int] = frozenset()) -> Decision:  # type: ignore[assignment]
         if exclude:
