@@ -53,6 +53,7 @@ class GpuSpec:
     dense_flops: float  # bf16 dense
     tdp_w: float
     static_w: float  # default: one GPU of a replica that is up with no request (see GPUS)
+    standby_w: float  # default: one GPU of a replica that is switched off (see GPUS)
 
 
 # The one table of GPU figures. Datasheet (NVIDIA): memory bandwidth, dense BF16 tensor FLOP/s
@@ -66,13 +67,17 @@ class GpuSpec:
 # Public ``nvidia-smi`` readings at 0 % utilisation, bare / with a process holding memory:
 # H100 SXM 69-75 / 126 W; H200 73-77 / 119-122 W; B200 136-195 / 187 W; A100 SXM4 52-68 /
 # 58-87 W; L40S 22-36 (P8) / 83 W. The defaults sit in the "process holding memory" range.
+# ``standby_w`` is a default, overridable per region in YAML (``scaling.standby_w_per_gpu``):
+# one GPU of a replica the fleet scaler switched off, its engine stopped and the GPU left
+# powered in its node, i.e. the "bare" readings above (mid-range); a node powered down draws
+# less, so set 0 there. The node's own idle power is not the replica's and is not counted.
 GPUS: dict[str, GpuSpec] = {
-    "A100-40GB": GpuSpec(1.555e12, 312e12, 400, static_w=75),
-    "A100-80GB": GpuSpec(2.039e12, 312e12, 400, static_w=75),
-    "H100": GpuSpec(3.35e12, 989e12, 700, static_w=110),
-    "H200": GpuSpec(4.8e12, 989e12, 700, static_w=120),
-    "B200": GpuSpec(8.0e12, 2250e12, 1000, static_w=190),
-    "L40S": GpuSpec(0.864e12, 362e12, 350, static_w=85),
+    "A100-40GB": GpuSpec(1.555e12, 312e12, 400, static_w=75, standby_w=60),
+    "A100-80GB": GpuSpec(2.039e12, 312e12, 400, static_w=75, standby_w=60),
+    "H100": GpuSpec(3.35e12, 989e12, 700, static_w=110, standby_w=72),
+    "H200": GpuSpec(4.8e12, 989e12, 700, static_w=120, standby_w=75),
+    "B200": GpuSpec(8.0e12, 2250e12, 1000, static_w=190, standby_w=160),
+    "L40S": GpuSpec(0.864e12, 362e12, 350, static_w=85, standby_w=30),
 }
 GPU_ALIASES = {
     "NVIDIA A100-SXM4-40GB": "A100-40GB",

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -227,6 +228,40 @@ class Replica(_Strict):
         return self
 
 
+class Scaling(_Strict):
+    """Carbon-aware fleet scaling of a region's replicas (README 'Fleet scaling'). A region
+    without this block keeps all its replicas on. Its listed replicas are switched off from the
+    last one down and on from the first one up."""
+
+    scalable: bool = Field(
+        True, description="false: the replicas stay on (their count is still published)"
+    )
+    min_replicas: int = Field(1, ge=0, description="never fewer on (residency, warm capacity)")
+    startup_s: float = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="switch-on to serving (engine start and model load); a stated default, "
+        "measure yours (a 70B model from local NVMe takes minutes, SmolLM2 seconds)",
+    )
+    standby_w_per_gpu: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="watts one GPU of a switched-off replica still draws; default per GPU type "
+        "(forecasting.energy.GPUS standby_w); 0 where the node is powered down",
+    )
+    capacity_rps: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="requests/s one replica serves within its SLO at 100 % of the target "
+        "utilization; default: the replica model's decode rate at its batch limit over 129 "
+        "output tokens a request (the Azure conversation trace's median)",
+    )
+
+
 class Region(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     zone: str = Field(min_length=1, description="grid zone id, e.g. DE, US-CAL-CISO")
@@ -237,6 +272,25 @@ class Region(_Strict):
     rtt_ms: float = Field(0.0, ge=0)
     residency: list[str] = Field(default_factory=list)
     replicas: list[Replica] = Field(default_factory=list)
+    scaling: Scaling | None = None
+
+    @field_validator("scaling")
+    @classmethod
+    def _scaling_fits(cls, v: Scaling | None, info: ValidationInfo) -> Scaling | None:
+        replicas = info.data.get("replicas")
+        if v is None or replicas is None:
+            return v
+        if v.min_replicas > len(replicas):
+            raise ValueError(
+                f"min_replicas {v.min_replicas} is more than the region's {len(replicas)} "
+                "replicas: lower it or list more replicas"
+            )
+        if v.standby_w_per_gpu is not None and all(r.gpu.type == "cpu" for r in replicas):
+            raise ValueError(
+                "standby_w_per_gpu is for GPU replicas and this region's are gpu.type cpu: "
+                "remove it (a stopped CPU replica draws nothing of its own)"
+            )
+        return v
 
 
 # ---- tenants, billing, policy ----------------------------------------------------------------
@@ -265,7 +319,7 @@ class Tenant(_Strict):
             if not re.fullmatch(SHA256_HEX, h):
                 raise ValueError(
                     "must be sha256 hex digests (64 lowercase hex chars), never a key in clear; "
-                    "make one with: printf %s \"$KEY\" | router hash-key"
+                    'make one with: printf %s "$KEY" | router hash-key'
                 )
         return v
 
@@ -322,6 +376,15 @@ class Simulation(_Strict):
     seed: int = 0
 
 
+class FleetScaling(_Strict):
+    """The fleet scaler (README 'Fleet scaling'); regions opt in with a ``scaling`` block."""
+
+    target_utilization: float = Field(
+        0.8, gt=0, le=1, description="share of a replica's capacity_rps the scaler plans to use"
+    )
+    interval_s: float = Field(60.0, ge=5, le=3600, description="how often it decides")
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -330,6 +393,7 @@ class Config(_Strict):
     policy: PolicyDefaults = PolicyDefaults()
     ledger: str = "carbon-router.sqlite"
     simulation: Simulation = Simulation()
+    fleet: FleetScaling = FleetScaling()
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:

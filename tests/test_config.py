@@ -147,3 +147,46 @@ def test_config_models_do_not_share_names_with_runtime_classes() -> None:
     runtime = (classes(regions.backends) | classes(regions.openai_backend)
                | classes(regions.meters))  # fmt: skip
     assert classes(regions.config) & runtime == set()
+
+
+SCALED = LOCAL.replace(
+    "    residency: [eu]\n    replicas:\n      - name: eu-north-0",
+    "    residency: [eu]\n    scaling: {min_replicas: 1, startup_s: 20}\n"
+    "    replicas:\n      - name: eu-north-0",
+)
+
+
+def test_scaling_block_defaults_and_opt_in() -> None:
+    cfg = parse_config(SCALED, env={})
+    north, central, _ = cfg.regions
+    assert north.scaling is not None and central.scaling is None  # no block: always all on
+    assert north.scaling.scalable and north.scaling.min_replicas == 1
+    assert north.scaling.startup_s == 20 and north.scaling.standby_w_per_gpu is None
+    assert cfg.fleet.target_utilization == 0.8 and cfg.fleet.interval_s == 60
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("{startup_s: -5}", "regions[0].scaling.startup_s: must be >= 0.0, got -5"),
+        ("{startup_s: .inf}", "regions[0].scaling.startup_s: Input should be a finite number"),
+        ("{min_replicas: -1}", "regions[0].scaling.min_replicas: must be >= 0, got -1"),
+        ("{capacity_rps: 0}", "regions[0].scaling.capacity_rps: must be > 0.0, got 0"),
+        ("{scalable: maybe}", "regions[0].scaling.scalable: Input should be a valid boolean"),
+        ("{min_replica: 1}", "regions[0].scaling.min_replica: unknown key"),
+        ("{min_replicas: 2}", "regions[0].scaling: min_replicas 2 is more than the region's 1"),
+        ("{standby_w_per_gpu: 40}", "regions[0].scaling: standby_w_per_gpu is for GPU replicas"),
+    ],
+)
+def test_invalid_scaling_names_file_line_and_field(block: str, message: str) -> None:
+    text = SCALED.replace("scaling: {min_replicas: 1, startup_s: 20}", f"scaling: {block}")
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "scaling:" in t)
+    (problem,) = errors_of(text)
+    assert problem.startswith(f"configs/x.yaml:{line} {message}")
+
+
+def test_invalid_fleet_settings_are_named() -> None:
+    text = LOCAL.replace("ledger: carbon-router.sqlite", "fleet: {target_utilization: 1.5}")
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("fleet:"))
+    (problem,) = errors_of(text)
+    assert problem == f"configs/x.yaml:{line} fleet.target_utilization: must be <= 1.0, got 1.5"
