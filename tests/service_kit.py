@@ -4,7 +4,8 @@ cheap), scripted replicas, a static carbon source and a real SQLite ledger."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +80,17 @@ async def service_kit(
     replicas: Sequence[FakeReplicaClient] | None = None,
     profile: Sequence[float] = (1.0,),
     config: str = CONFIG,
+    source: StaticCarbonSource | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[Kit]:
-    """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast."""
+    """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
+    static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
                               ("eu-north-0", "eu-central-0", "us-south-0")])  # fmt: skip
     sink = LedgerSink(tmp / "ledger.sqlite")
-    source = StaticCarbonSource(INTENSITY, profile=profile)
+    source = source or StaticCarbonSource(INTENSITY, profile=profile)
     service = RouterService(
         cfg,
         replicas=fakes,
@@ -96,6 +100,7 @@ async def service_kit(
         wire=OpenAIWire(),
         sources=lambda c, base: {"grid": source},
         predictor=EnergyPredictor(),
+        clock=clock,
     )
     api = make_api()
     api.state.service = service

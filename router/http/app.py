@@ -218,6 +218,13 @@ def make_api() -> FastAPI:
         status = 200 if usable else 503
         return JSONResponse({"ready": bool(usable), "replicas": usable}, status_code=status)
 
+    @api.get("/v1/fleet")
+    async def fleet(request: Request) -> JSONResponse:
+        """Per region: the replicas the fleet scaler wants on, those on and serving, those
+        owned, and the inputs of its last decision with their age (README 'Fleet scaling').
+        Unauthenticated, like /metrics, for an external autoscaler."""
+        return JSONResponse(service_of(request).fleet.view())
+
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:
         exposition = service_of(request).metrics.exposition()

@@ -21,6 +21,7 @@ from router.ledger import LedgerError
 from router.service.batches import Batches
 from router.service.completions import Completions
 from router.service.deferral import Deferral
+from router.service.fleet import FleetScaler, Targets
 from router.service.live import Live
 from router.service.metrics import Metrics
 from router.service.ports import BillSink, LedgerReader, ReplicaClient, UsageQuery, Wire
@@ -52,6 +53,8 @@ class RouterService:
         sources: SourcesFactory,
         predictor: EnergyPredictor,
         proxied: ProxiedMetering | None = None,
+        fleet_targets: Targets | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config_path = Path(config_path)
         self._sources = sources
@@ -69,8 +72,13 @@ class RouterService:
         self.proxied = proxied
         self.metrics = Metrics()
         current = self.current
+        # fleet_targets: where the counts go (the Ray adapter scales its deployments by them);
+        # clock: the fleet scaler's (tests advance it)
+        self.fleet = FleetScaler(current, self.metrics, targets=fleet_targets, clock=clock)
         self.settlement = Settlement(current, replicas, sink, ledger, proxied, self.metrics)
-        self.completions = Completions(current, replicas, self.settlement)
+        self.completions = Completions(
+            current, replicas, self.settlement, arrived=self.fleet.arrived
+        )
         self.deferral = Deferral(current, jobs, self.completions, wire)
         self.batches = Batches(current, jobs, self.deferral, wire)
 
@@ -152,6 +160,7 @@ class RouterService:
         )
         for st_new, st_old in zip(live.router.states, old_live.router.states, strict=True):
             st_new.active, st_new.cooldown_until = st_old.active, st_old.cooldown_until
+            st_new.healthy = st_old.healthy  # switched off by the fleet scaler: stays off
         live.router.lengths = old_live.router.lengths
         live.router.carbon.adopt(old_live.router.carbon)
         self.live = live
@@ -189,7 +198,7 @@ class RouterService:
 
     def background(self, send: SendTimelines | None = None) -> list[Coroutine[Any, Any, None]]:
         """The loops the service needs running beside it."""
-        loops = [self.deferral.loop(), self.refit_loop()]
+        loops = [self.deferral.loop(), self.refit_loop(), self.fleet.loop()]
         if send is not None and self.proxied is not None:
             loops.append(self.timelines_loop(send))
         return loops

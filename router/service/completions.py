@@ -86,10 +86,13 @@ class Completions:
         live: Callable[[], Live],
         replicas: Sequence[ReplicaClient],
         settlement: Settlement,
+        *,
+        arrived: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
         self._live = live
         self.replicas = replicas
         self.settlement = settlement
+        self._arrived = arrived  # told of each request started, for the fleet's load
         self._settling: set[asyncio.Task[Any]] = set()  # bills no caller awaits any more
 
     async def admit(self, caller: Caller, parsed: ParsedRequest) -> Admitted:
@@ -116,6 +119,8 @@ class Completions:
         """Send the request to the best replica, failing over until one answers (or gives
         its first stream item). ``only``: a planned job's replica, tried first. ``hold`` is
         released if no replica takes the request, else it travels with it to its bill."""
+        if self._arrived is not None:
+            self._arrived(pref.regions)
         try:
             return await self._start(request_id, tenant, parsed, cands, pref, only, hold)
         except BaseException:

@@ -3,7 +3,7 @@ tenant or a request id."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from router.ledger import LedgerRow
 
@@ -23,6 +23,13 @@ class Metrics:
         self.latency = Histogram(
             "router_request_seconds",
             "answered requests: seconds to the whole answer, or to the first chunk of a stream",
+            registry=self.registry,
+        )
+        self.desired_replicas = Gauge(
+            "router_desired_replicas",
+            "replicas the fleet scaler wants on in the region now (those starting included), "
+            "for an external autoscaler to follow",
+            ["region"],
             registry=self.registry,
         )
         self._region: dict[str, tuple[Counter, Counter, Counter]] = {}

@@ -1,0 +1,376 @@
+"""The live fleet scaler: how many replicas each region keeps on, decided every
+``fleet.interval_s`` by :func:`router.scaling.desired_on` (the rule ``router simulate`` uses)
+from forecast load and forecast intensity, applied to the router and published.
+
+Inputs
+------
+- **Load**: requests started here (live, deferred and batch ones, as they run), counted per
+  minute by the regions they may use (their ``regions`` preference), over the last 25 h. The
+  forecast for a time ``T`` is, per allowed set, the larger of the rate over the last 15
+  complete minutes and the rate in the hour around ``T`` yesterday (once 24 h of counts
+  cover it): the higher of "now" and "the same time yesterday", so a daily peak is met
+  before it comes (:mod:`router.service.arrivals`). Until one complete minute is counted the
+  scaler holds every count.
+- **Score**: what a request costs in each region at ``T``, the routing policy's
+  ``kWh x PUE^w x price^(1-w) x intensity^w`` with the config's default weight, for a
+  reference request (the energy predictor's, :data:`REF_PROMPT_TOKENS` in and the output
+  prior out). Intensity now is the router's :class:`CarbonView` reading (last value, marked
+  stale, while within its age); ahead, the carbon source's forecast (the router's cached one);
+  a forecast that fails falls back to the reading now, and says so.
+- Decisions are taken for now and for each region's ``startup_s`` ahead; a region keeps on
+  the most it needs over that window (one switched on now serves from ``startup_s`` on).
+
+Failures never drain a region: a region whose intensity or price is unavailable keeps the
+count it has (its replicas fill first, as they are on anyway), and the published view says
+why. The router routes to the first ``on`` listed replicas of a region, each once its
+``startup_s`` has passed since it was switched on; the rest drain (requests in flight finish).
+The counts go to ``targets`` (the Ray adapter sets its deployments' replica counts from them)
+and to the gauge ``router_desired_replicas{region}``; :meth:`FleetScaler.view` is
+``GET /v1/fleet``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from forecasting.energy import GPUS, canonical_gpu
+from forecasting.errors import ForecastingError
+from regions.config import Region
+from router.billing import PriceError
+from router.errors import CarbonUnavailable
+from router.policy import score
+from router.scaling import RegionFleet, desired_on
+from router.service.arrivals import Arrivals, LoadUnknown
+from router.service.live import Live
+from router.service.metrics import Metrics
+from router.service.routing import ReplicaState
+
+log = logging.getLogger(__name__)
+
+REF_PROMPT_TOKENS = 512  # the reference request's prompt, for the score
+
+Targets = Callable[[dict[str, int]], Awaitable[None]]  # replica name -> 1 on, 0 off
+
+
+@dataclass
+class RegionPlan:
+    """One region's inputs and decision, as the view shows it."""
+
+    region: Region
+    fleet: RegionFleet | None  # None: no replicas, or no capacity figure
+    scalable: bool
+    intensity: list[float]
+    price: list[float]
+    score: list[float]
+    carbon: dict[str, Any]
+    held: str | None = None
+
+
+def region_fleet(
+    region: Region, states: list[ReplicaState], prior_tokens: float
+) -> tuple[RegionFleet, float]:
+    """The region as the policy sees it (its replicas' mean figures), and one replica's static
+    power (W) while up. A replica's capacity is ``scaling.capacity_rps``, else its model's
+    decode rate at its batch limit over ``prior_tokens`` output tokens a request. Raises
+    ValueError when a replica has neither."""
+    sc = region.scaling
+    owned = len(states)
+    caps, standby, static = [], [], []
+    for st in states:
+        model, rep = st.model, st.replica
+        if sc is not None and sc.capacity_rps is not None:
+            caps.append(sc.capacity_rps)
+        elif model is not None:  # decode rate at the batch limit over the output prior
+            caps.append(model.decode_tokens_per_s(model.max_batch) / prior_tokens)
+        else:
+            raise ValueError(f"replica {rep.name} has no replica model: set scaling.capacity_rps")
+        static.append(model.static_power_w if model is not None else 0.0)
+        if rep.gpu.type == "cpu":
+            standby.append(0.0)
+        else:
+            per_gpu = (sc.standby_w_per_gpu if sc is not None else None) or GPUS[
+                canonical_gpu(rep.gpu.type)
+            ].standby_w
+            standby.append(per_gpu * rep.gpu.count)
+    scalable = sc is not None and sc.scalable
+    fleet = RegionFleet(
+        name=region.name,
+        replicas=owned,
+        min_on=min(sc.min_replicas, owned) if scalable and sc is not None else owned,
+        capacity_rps=float(np.mean(caps)),
+        startup_s=sc.startup_s if sc is not None else 0.0,
+        standby_w=float(np.mean(standby)),
+    )
+    return fleet, float(np.mean(static))
+
+
+class FleetScaler:
+    """Decides, applies and publishes the count of replicas on per region (module doc)."""
+
+    def __init__(
+        self,
+        live: Callable[[], Live],
+        metrics: Metrics,
+        *,
+        targets: Targets | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._live = live
+        self._metrics = metrics
+        self._targets = targets
+        self._clock = clock
+        self._wall = wall
+        self.arrivals = Arrivals(clock)
+        self._off: set[str] = set()  # replicas switched off (all are on at the start)
+        self._on_since: dict[str, float] = {}  # replica -> clock when switched on again
+        self._offsets: list[float] = [0.0]
+        self._plans: list[RegionPlan] = []
+        self._decided: dict[str, list[int]] = {}
+        self._counts: dict[str, int] = {}
+        self._load: dict[str, Any] = {}
+        self._updated: tuple[float, datetime] | None = None
+        self._error: str | None = None
+
+    def arrived(self, patterns: tuple[str, ...]) -> None:
+        """A request started that may run in the regions ``patterns`` match (empty: any)."""
+        self.arrivals.add(patterns)
+
+    # -- deciding ---------------------------------------------------------------------------
+    async def step(self) -> dict[str, int]:
+        """Decide and apply once; the count of replicas on per region."""
+        live = self._live()
+        router, cfg = live.router, live.config
+        by_region = [
+            (r, [s for s in router.states if s.region.name == r.name]) for r in cfg.regions
+        ]
+        on_now = [self._on_count(states) for _, states in by_region]
+        plans = [self._fleet_of(region, states, router.lengths.prior_tokens)
+                 for region, states in by_region]  # fmt: skip
+        offsets = sorted({0.0} | {p.fleet.startup_s for p in plans if p.fleet and p.scalable})
+        for plan, (_, states) in zip(plans, by_region, strict=True):
+            if plan.held is None and plan.fleet is not None:
+                await self._inputs(live, plan, states[0], offsets)
+        try:
+            load, how = self._load_columns(cfg.regions, offsets)
+        except LoadUnknown as e:
+            load, how = None, {"held": str(e)}
+        fleets, scores = [], []
+        for p, n in zip(plans, on_now, strict=True):
+            if load is None and p.held is None:
+                p.held = f"load unknown ({how['held']}): the count is kept"
+            if p.fleet is None or p.held is not None:
+                fleets.append(RegionFleet(p.region.name, n, n, 1.0, 0.0, 0.0))
+                scores.append([-math.inf] * len(offsets))  # kept on anyway: filled first
+            else:
+                fleets.append(p.fleet)
+                scores.append(p.score)
+        if load is None:
+            rows = np.array([on_now] * len(offsets))
+        else:
+            rps, masks = load
+            rows = desired_on(
+                rps, np.array(scores).T, fleets,
+                target_utilization=cfg.fleet.target_utilization, allowed=masks,
+            )  # fmt: skip
+        counts: dict[str, int] = {}
+        self._decided = {}
+        for g, (p, f) in enumerate(zip(plans, fleets, strict=True)):
+            # on now: the most it needs before a replica switched on now would serve
+            counts[p.region.name] = int(max(rows[h, g] for h, o in enumerate(offsets)
+                                            if o <= f.startup_s))  # fmt: skip
+            self._decided[p.region.name] = [int(r) for r in rows[:, g]]
+        self._offsets, self._counts = offsets, counts
+        self._plans, self._load = plans, how
+        self._updated = (self._clock(), self._wall())
+        self._error = None
+        await self._apply(by_region, counts, plans)
+        return counts
+
+    def _fleet_of(self, region: Region, states: list[ReplicaState], prior: float) -> RegionPlan:
+        sc = region.scaling
+        plan = RegionPlan(region, None, bool(sc and sc.scalable), [], [], [], {})
+        if not states:
+            plan.held = "no replicas"
+            return plan
+        try:
+            plan.fleet = region_fleet(region, states, prior)[0]
+        except ValueError as e:
+            plan.held = f"{e}; the count is kept"
+        return plan
+
+    async def _inputs(
+        self, live: Live, plan: RegionPlan, st: ReplicaState, offsets: list[float]
+    ) -> None:
+        """The region's intensity, price and score at each offset from now, or ``held``."""
+        router, region, now = live.router, plan.region, self._wall()
+        try:
+            reading = await router.carbon.get(region)
+        except CarbonUnavailable as e:
+            plan.held = f"carbon intensity unavailable ({e}): the count is kept"
+            return
+        plan.carbon = {"source": reading.source, "signal": reading.signal,
+                       "stale": reading.stale, "age_s": round(reading.age_s, 1)}  # fmt: skip
+        intensity = [reading.g_per_kwh]
+        if len(offsets) > 1:
+            try:
+                fc = await router._forecast(region, math.ceil(offsets[-1] / 3600) + 1)
+                intensity += [fc.at(now + timedelta(seconds=o)) for o in offsets[1:]]
+                plan.carbon["forecast"] = {"source": fc.source, "stale": fc.stale,
+                                           "issued_at": fc.issued_at.isoformat()}  # fmt: skip
+            except ForecastingError as e:
+                intensity += [reading.g_per_kwh] * (len(offsets) - 1)
+                plan.carbon["forecast"] = f"unavailable ({e}): the intensity now is used ahead"
+        if not all(math.isfinite(i) and i >= 0 for i in intensity):
+            plan.held = f"carbon intensity {intensity} is not a number >= 0: the count is kept"
+            return
+        try:
+            price = [st.prices.at(now + timedelta(seconds=o)) for o in offsets]
+        except PriceError as e:
+            plan.held = f"price unavailable ({e}): the count is kept"
+            return
+        kwh = router.predictor.predict_j(
+            st.profile, REF_PROMPT_TOKENS, router.lengths.prior_tokens,
+            batch=max(1, st.replica.max_concurrency // 2),
+        ) / 3.6e6  # fmt: skip
+        weight = live.config.policy.weight
+        plan.intensity, plan.price = intensity, price
+        plan.score = [float(score(kwh, region.pue, p, i, weight))
+                      for p, i in zip(price, intensity, strict=True)]  # fmt: skip
+
+    def _load_columns(
+        self, regions: list[Region], offsets: list[float]
+    ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+        """[H, K] forecast requests/s per allowed set at each offset, the sets' [K, G] region
+        masks, and how the forecast was made."""
+        per_offset = [self.arrivals.forecast(o) for o in offsets]
+        keys = sorted({k for est, _ in per_offset for k in est})
+        masks, kept = [], []
+        for k in keys:
+            mask = [_matches(r, k) for r in regions]
+            if any(mask):  # a set no region matches was refused, not served
+                masks.append(mask)
+                kept.append(k)
+        if not kept:  # no requests: an all-regions column of 0
+            kept, masks = [()], [[True] * len(regions)]
+        rps = np.array([[est.get(k, 0.0) for k in kept] for est, _ in per_offset])
+        how: dict[str, Any] = {
+            "estimate": "per allowed region set, max(rate over the last 15 complete minutes, "
+            "rate in the hour around the same time yesterday)",
+            "history_s": round(self._clock() - self.arrivals.started_at, 1),
+            **per_offset[0][1],
+            "sets": [
+                {"regions": list(k) or ["*"], "rps": [round(float(x), 4) for x in rps[:, j]]}
+                for j, k in enumerate(kept)
+            ],
+        }
+        return (rps, np.array(masks, dtype=bool)), how
+
+    # -- applying ---------------------------------------------------------------------------
+    def _on_count(self, states: list[ReplicaState]) -> int:
+        return sum(1 for s in states if s.replica.name not in self._off)
+
+    async def _apply(
+        self,
+        by_region: list[tuple[Region, list[ReplicaState]]],
+        counts: dict[str, int],
+        plans: list[RegionPlan],
+    ) -> None:
+        now = self._clock()
+        targets: dict[str, int] = {}
+        for (region, states), plan in zip(by_region, plans, strict=True):
+            startup_s = plan.fleet.startup_s if plan.fleet is not None else 0.0
+            for i, st in enumerate(states):
+                name = st.replica.name
+                on = i < counts[region.name]
+                if on and name in self._off:
+                    self._off.discard(name)
+                    self._on_since[name] = now
+                elif not on:
+                    self._off.add(name)
+                since = self._on_since.get(name, -math.inf)
+                st.healthy = on and now - since >= startup_s
+                targets[name] = int(on)
+            self._metrics.desired_replicas.labels(region.name).set(counts[region.name])
+        if self._targets is not None:
+            await self._targets(targets)
+
+    async def loop(self) -> None:
+        """Decide every ``fleet.interval_s``; a failed step keeps every count and says why."""
+        while True:
+            try:
+                await self.step()
+            except Exception as e:
+                log.exception("fleet scaling failed: every count is kept")
+                self._error = f"{type(e).__name__}: {e}; every count is kept"
+            await asyncio.sleep(self._live().config.fleet.interval_s)
+
+    # -- publishing -------------------------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        """``GET /v1/fleet``: per region the count wanted on, on and serving now, owned, and
+        the inputs of the last decision with their age."""
+        live = self._live()
+        plans = {p.region.name: p for p in self._plans}
+        out = []
+        for region in live.config.regions:
+            states = [s for s in live.router.states if s.region.name == region.name]
+            plan, sc = plans.get(region.name), region.scaling
+            fleet = plan.fleet if plan is not None else None
+            on = self._on_count(states)
+            entry: dict[str, Any] = {
+                "region": region.name,
+                "desired": self._counts.get(region.name, on),
+                "on": on,
+                "serving": sum(1 for s in states if s.healthy),
+                "owned": len(states),
+                "scalable": bool(sc and sc.scalable),
+                "min_replicas": fleet.min_on if fleet is not None else len(states),
+                "startup_s": fleet.startup_s if fleet is not None else None,
+                "capacity_rps": None if fleet is None else round(fleet.capacity_rps, 4),
+                "standby_w": None if fleet is None else round(fleet.standby_w, 1),
+                "held": None if plan is None else plan.held,
+            }
+            if plan is not None:
+                entry["decided"] = [
+                    {"in_s": o, "replicas": n}
+                    for o, n in zip(self._offsets, self._decided.get(region.name, []), strict=True)
+                ]
+                entry["inputs"] = {
+                    "in_s": self._offsets if plan.intensity else [],
+                    "intensity_g_per_kwh": plan.intensity,
+                    "price_usd_per_kwh": plan.price,
+                    "score": plan.score,
+                    "carbon": plan.carbon,
+                }
+            out.append(entry)
+        updated = self._updated
+        return {
+            "object": "fleet",
+            "updated_at": None if updated is None else updated[1].isoformat(),
+            "age_s": None if updated is None else round(self._clock() - updated[0], 1),
+            "interval_s": live.config.fleet.interval_s,
+            "target_utilization": live.config.fleet.target_utilization,
+            "weight": live.config.policy.weight,
+            "error": self._error,
+            "load": self._load,
+            "regions": out,
+        }
+
+
+def _matches(region: Region, patterns: tuple[str, ...]) -> bool:
+    """Whether a request allowed ``patterns`` (region names or residency tags, globs; none:
+    anywhere) may run in ``region``: the rule of :meth:`router.policy.Candidates.allowed`."""
+    if not patterns:
+        return True
+    names = (region.name, *region.residency)
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)

@@ -1,0 +1,263 @@
+"""The live fleet scaler (router/service/fleet.py) on the service's fakes: clean regions stay
+up and dirty ones drain to their minimum, residency load keeps its regions on, switched-on
+replicas serve after their start-up, a failing carbon source keeps the count, and the count is
+published at GET /v1/fleet and as router_desired_replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from forecasting.errors import SourceUnavailable
+from forecasting.sources.base import Forecast
+from router.service.arrivals import Arrivals
+from router.service.fakes import FakeReplicaClient, StaticCarbonSource
+from tests.service_kit import ADMIN, DEMO, INTENSITY, Kit, chat, service_kit
+
+TENANTS = """
+tenants:
+  - name: demo
+    api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]
+  - name: admin
+    admin: true
+    api_key_sha256: [dd64c8e8eaafa1abb74fd2a2ccad64f4dcb9f2bd6fae158f50e000958395a29e]
+"""
+
+
+def region(name: str, zone: str, replicas: int, residency: str, scaling: str | None) -> str:
+    reps = "".join(
+        f"      - {{name: {name}-{i}, backend: {{kind: llama_cpp, model: smollm2-135m}}, "
+        f"meter: cpu}}\n"
+        for i in range(replicas)
+    )
+    block = f"    scaling: {scaling}\n" if scaling else ""
+    return (
+        f"  - name: {name}\n    zone: {zone}\n    carbon_source: grid\n"
+        f"    price: {{flat_usd_per_kwh: 0.10}}\n    residency: [{residency}]\n{block}"
+        f"    replicas:\n{reps}"
+    )
+
+
+def config(scaling: str = "{min_replicas: 1, startup_s: 0, capacity_rps: 1}",
+           us_scaling: str | None = "{min_replicas: 0, startup_s: 0, capacity_rps: 1}",
+           us_zone: str = "US-TEX-ERCO") -> str:  # fmt: skip
+    return (
+        "carbon_sources:\n  grid: {kind: replay, dataset: electricitymaps_hourly}\n"
+        "regions:\n"
+        + region("eu-north", "SE", 3, "eu", scaling)
+        + region("eu-central", "DE", 3, "eu", scaling)
+        + region("us-south", us_zone, 2, "us", us_scaling)
+        + TENANTS
+        + "fleet: {target_utilization: 1.0}\nledger: ledger.sqlite\n"
+    )
+
+
+NAMES = [f"eu-north-{i}" for i in range(3)] + [f"eu-central-{i}" for i in range(3)]
+NAMES += ["us-south-0", "us-south-1"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 999_960.0  # a whole minute
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def load(
+    kit: Kit, clock: Clock, rps: float, patterns: tuple[str, ...] = (), minutes: int = 16
+) -> None:
+    """``rps`` requests/s over the last ``minutes`` minutes (the clock ends a minute on)."""
+    per_minute = round(rps * 60)
+    for _ in range(minutes):
+        for _ in range(per_minute):
+            kit.service.fleet.arrived(patterns)
+        clock.t += 60
+
+
+def serving(kit: Kit) -> list[str]:
+    return [s.replica.name for s in kit.service.live.router.states if s.healthy]
+
+
+def kit_for(tmp: Path, cfg: str, clock: Clock, **kw: Any) -> Any:
+    fakes = [FakeReplicaClient(n) for n in NAMES]
+    return service_kit(tmp, replicas=fakes, config=cfg, clock=clock, **kw)
+
+
+async def test_clean_regions_stay_up_and_dirty_ones_drain_to_their_minimum(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    async with kit_for(tmp_path, config(), clock) as kit:
+        load(kit, clock, 2.5)  # 2.5 rps at 1 rps a replica: 3 replicas
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 1, "us-south": 0}
+        assert serving(kit) == ["eu-north-0", "eu-north-1", "eu-north-2", "eu-central-0"]
+        # drained replicas get no requests; the clean region takes a carbon-minded one
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200 and r.headers["x-carbon-region"] == "eu-north"
+        # the load doubles: the clean region is full, the next cleanest takes the rest
+        load(kit, clock, 5.0)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 2, "us-south": 0}
+
+        metrics = (await kit.client.get("/metrics")).text
+        assert 'router_desired_replicas{region="eu-north"} 3.0' in metrics
+        assert 'router_desired_replicas{region="us-south"} 0.0' in metrics
+        view = (await kit.client.get("/v1/fleet")).json()
+        north = next(r for r in view["regions"] if r["region"] == "eu-north")
+        want = {"desired": 3, "on": 3, "serving": 3, "owned": 3, "scalable": True,
+                "min_replicas": 1, "held": None}  # fmt: skip
+        assert {k: north[k] for k in want} == want
+        assert north["inputs"]["intensity_g_per_kwh"] == [INTENSITY["SE"]]
+        assert view["load"]["rps_last_15min"] == pytest.approx(5.0)
+        assert view["age_s"] == 0 and view["error"] is None
+
+
+async def test_load_that_must_stay_in_a_region_keeps_it_on(tmp_path: Path) -> None:
+    clock = Clock()
+    async with kit_for(tmp_path, config(), clock) as kit:
+        load(kit, clock, 1.5, patterns=("us",))  # dirty, but the only region allowed
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 1, "eu-central": 1, "us-south": 2}
+        view = (await kit.client.get("/v1/fleet")).json()
+        assert view["load"]["sets"] == [{"regions": ["us"], "rps": [1.5]}]
+
+
+async def test_a_region_without_a_scaling_block_keeps_all_its_replicas_on(tmp_path: Path) -> None:
+    clock = Clock()
+    async with kit_for(tmp_path, config(us_scaling=None), clock) as kit:
+        load(kit, clock, 0.5)
+        assert (await kit.service.fleet.step())["us-south"] == 2
+
+
+async def test_a_replica_switched_on_serves_once_its_start_up_is_over(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 120, capacity_rps: 1}")
+    async with kit_for(tmp_path, cfg, clock) as kit:
+        load(kit, clock, 0.5)
+        await kit.service.fleet.step()
+        assert serving(kit) == ["eu-north-0", "eu-central-0"]
+        load(kit, clock, 2.5)
+        counts = await kit.service.fleet.step()
+        assert counts["eu-north"] == 3
+        assert serving(kit) == ["eu-north-0", "eu-central-0"]  # starting: not yet routed to
+        view = (await kit.client.get("/v1/fleet")).json()
+        north = next(r for r in view["regions"] if r["region"] == "eu-north")
+        assert (north["desired"], north["on"], north["serving"]) == (3, 3, 1)
+        assert [d["in_s"] for d in north["decided"]] == [0.0, 120.0]
+        clock.t += 120
+        await kit.service.fleet.step()
+        assert serving(kit)[:3] == ["eu-north-0", "eu-north-1", "eu-north-2"]
+
+
+class ZoneProfiles(StaticCarbonSource):
+    """Static intensities whose forecast from the next hour on is ``ahead[zone]``, and whose
+    forecast fails for the zones in ``no_forecast``."""
+
+    def __init__(self, ahead: dict[str, float], no_forecast: Sequence[str] = ()) -> None:
+        super().__init__(INTENSITY)
+        self.ahead = ahead
+        self.no_forecast = set(no_forecast)
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        if zone in self.no_forecast:
+            raise SourceUnavailable("forecast endpoint down", source=self.name, zone=zone)
+        hour0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        times = pd.DatetimeIndex([hour0 + timedelta(hours=k) for k in range(horizon_h)])
+        values = [self._value(zone)] + [self.ahead.get(zone, self._value(zone))] * (horizon_h - 1)
+        return Forecast(zone, hour0, pd.Series(values, index=times), "average", self.name)
+
+
+async def test_replicas_are_started_ahead_where_the_grid_will_be_clean(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 3600, capacity_rps: 1}")
+    source = ZoneProfiles({"SE": 900.0, "DE": 5.0})  # in an hour Germany is the clean one
+    async with kit_for(tmp_path, cfg, clock, source=source) as kit:
+        load(kit, clock, 2.5)
+        counts = await kit.service.fleet.step()
+        # Sweden serves now; Germany's replicas start now to serve in an hour
+        assert counts == {"eu-north": 3, "eu-central": 3, "us-south": 0}
+        view = (await kit.client.get("/v1/fleet")).json()
+        central = next(r for r in view["regions"] if r["region"] == "eu-central")
+        assert central["decided"] == [{"in_s": 0.0, "replicas": 1}, {"in_s": 3600.0, "replicas": 3}]
+        assert central["inputs"]["intensity_g_per_kwh"] == [400.0, 5.0]
+
+
+async def test_a_failed_forecast_uses_the_intensity_now_and_says_so(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 3600, capacity_rps: 1}")
+    source = ZoneProfiles({"SE": 900.0, "DE": 5.0}, no_forecast=["SE", "DE"])
+    async with kit_for(tmp_path, cfg, clock, source=source) as kit:
+        load(kit, clock, 2.5)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 1, "us-south": 0}
+        view = (await kit.client.get("/v1/fleet")).json()
+        north = next(r for r in view["regions"] if r["region"] == "eu-north")
+        assert north["inputs"]["intensity_g_per_kwh"] == [30.0, 30.0]
+        assert "forecast endpoint down" in north["inputs"]["carbon"]["forecast"]
+
+
+async def test_a_region_without_carbon_data_keeps_its_count_never_zero(tmp_path: Path) -> None:
+    clock = Clock()
+    # us-south's zone is unknown to the source: no intensity at all, never 0 g/kWh
+    async with kit_for(tmp_path, config(us_zone="XX"), clock) as kit:
+        load(kit, clock, 0.5)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 1, "eu-central": 1, "us-south": 2}
+        assert "us-south-1" in serving(kit)
+        view = (await kit.client.get("/v1/fleet")).json()
+        us = next(r for r in view["regions"] if r["region"] == "us-south")
+        assert us["held"].startswith("carbon intensity unavailable") and us["desired"] == 2
+        assert (
+            'router_desired_replicas{region="us-south"} 2.0'
+            in (await kit.client.get("/metrics")).text
+        )
+
+
+async def test_until_a_minute_is_counted_every_count_is_kept(tmp_path: Path) -> None:
+    clock = Clock()
+    async with kit_for(tmp_path, config(), clock) as kit:
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 3, "us-south": 2}
+        view = (await kit.client.get("/v1/fleet")).json()
+        assert all(r["held"].startswith("load unknown (warming up") for r in view["regions"])
+
+
+async def test_requests_are_counted_and_a_reload_keeps_drained_replicas_off(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    async with kit_for(tmp_path, config(), clock) as kit:
+        clock.t += 60
+        for _ in range(3):
+            r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+            assert r.status_code == 200
+        clock.t += 60
+        assert kit.service.fleet.arrivals.rates(clock.t - 900, clock.t) == {(): 3 / 60}
+        await kit.service.fleet.step()
+        before = serving(kit)
+        assert before == ["eu-north-0", "eu-central-0"]
+        assert (await kit.client.post("/v1/admin/reload", headers=ADMIN)).status_code == 200
+        assert serving(kit) == before
+
+
+def test_the_load_forecast_is_the_larger_of_now_and_the_same_hour_yesterday() -> None:
+    clock = Clock()
+    arrivals = Arrivals(clock)
+    end = clock.t + 25 * 3600  # "now": 25 h of counts, 1 request a minute, and 10 a minute
+    busy = (end + 3600 - 86400 - 1800, end + 3600 - 86400 + 1800)  # in the hour around
+    while clock.t < end:  # the same time yesterday as "now + 1 h"
+        for _ in range(10 if busy[0] <= clock.t < busy[1] else 1):
+            arrivals.add(())
+        clock.t += 60
+    now, how = arrivals.forecast(0.0)
+    assert now[()] == pytest.approx(1 / 60) and how["rps_same_hour_yesterday"] is not None
+    ahead, how = arrivals.forecast(3600.0)
+    assert ahead[()] == pytest.approx(10 / 60)  # yesterday's busy hour comes back
+    assert how["rps_last_15min"] == pytest.approx(1 / 60)
