@@ -19,6 +19,7 @@ from router.http.wire import OpenAIWire
 from router.jobs import JobStore
 from router.service.app import RouterService
 from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
+from router.service.fleet import Targets
 
 DEMO = {"Authorization": "Bearer sk-local-demo"}
 ADMIN = {"Authorization": "Bearer sk-local-admin"}
@@ -82,9 +83,11 @@ async def service_kit(
     config: str = CONFIG,
     source: StaticCarbonSource | None = None,
     clock: Callable[[], float] = time.monotonic,
+    fleet_targets: Targets | None = None,
 ) -> AsyncIterator[Kit]:
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
-    static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's."""
+    static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
+    ``fleet_targets`` where its counts go."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
@@ -101,6 +104,7 @@ async def service_kit(
         sources=lambda c, base: {"grid": source},
         predictor=EnergyPredictor(),
         clock=clock,
+        fleet_targets=fleet_targets,
     )
     api = make_api()
     api.state.service = service

@@ -84,6 +84,17 @@ def serving(kit: Kit) -> list[str]:
     return [s.replica.name for s in kit.service.live.router.states if s.healthy]
 
 
+class Deployments:
+    """A fake of the replica deployments the fleet scaler's targets scale (the Ray adapter's
+    role): the count each one has."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, int] = {}
+
+    async def __call__(self, on: dict[str, int]) -> None:
+        self.replicas.update(on)
+
+
 def kit_for(tmp: Path, cfg: str, clock: Clock, **kw: Any) -> Any:
     fakes = [FakeReplicaClient(n) for n in NAMES]
     return service_kit(tmp, replicas=fakes, config=cfg, clock=clock, **kw)
@@ -245,6 +256,28 @@ async def test_requests_are_counted_and_a_reload_keeps_drained_replicas_off(
         assert before == ["eu-north-0", "eu-central-0"]
         assert (await kit.client.post("/v1/admin/reload", headers=ADMIN)).status_code == 200
         assert serving(kit) == before
+
+
+async def test_a_replica_switched_off_keeps_its_deployment_until_it_has_drained(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    deployments = Deployments()
+    async with kit_for(tmp_path, config(), clock, fleet_targets=deployments) as kit:
+        load(kit, clock, 2.5)
+        await kit.service.fleet.step()
+        assert deployments.replicas["eu-north-2"] == 1
+        states = {s.replica.name: s for s in kit.service.live.router.states}
+        states["eu-north-2"].active = 1  # a request in flight there
+        load(kit, clock, 0.5)
+        await kit.service.fleet.step()
+        assert not states["eu-north-2"].healthy  # no new requests: it drains
+        assert deployments.replicas["eu-north-2"] == 1  # but keeps running until it has
+        assert deployments.replicas["eu-north-1"] == 0
+        states["eu-north-2"].active = 0
+        load(kit, clock, 0.5, minutes=1)
+        await kit.service.fleet.step()
+        assert deployments.replicas["eu-north-2"] == 0
 
 
 def test_the_load_forecast_is_the_larger_of_now_and_the_same_hour_yesterday() -> None:

@@ -29,6 +29,7 @@ from router.http.app import make_api
 from router.http.wire import OpenAIWire
 from router.jobs import JobStore
 from router.metering.outbox import Outbox
+from router.ray_app.fleet import RayFleetTargets, autoscaling_config
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE, MeteringActor
 from router.ray_app.replica import RayReplicaClient, RegionReplica, remote_backend
 from router.service.app import RouterService
@@ -91,6 +92,12 @@ class Ingress:
             else:
                 clients.append(RayReplicaClient(rep.name, self.handles[i]))
         gpu = any(r.gpu.type != "cpu" for r in reps)
+        scaled = {  # in-process replicas Serve scales by the fleet scaler's counts
+            r.name: self.handles[i].deployment_name
+            for i, r in enumerate(reps)
+            if r.name in scalable_in_process(cfg)
+        }
+        app_name = serve.get_replica_context().app_name
         self.service = RouterService(
             config_path,
             replicas=clients,
@@ -101,6 +108,7 @@ class Ingress:
             sources=_sources,
             predictor=EnergyPredictor.from_mlenergy() if gpu else EnergyPredictor(),
             proxied=self.proxied,
+            fleet_targets=RayFleetTargets(app_name, scaled) if scaled else None,
         )
         loop = asyncio.get_event_loop()
         loop.call_soon(self.outbox.orphans)
@@ -136,20 +144,45 @@ def wait_ready(url: str, timeout_s: float = 300.0) -> bool:
     return False
 
 
+def scalable_in_process(cfg: Config) -> dict[str, bool]:
+    """The in-process replicas of regions that scale, and whether each is among its region's
+    first ``min_replicas`` (always on)."""
+    out = {}
+    for region in cfg.regions:
+        sc = region.scaling
+        if sc is None or not sc.scalable:
+            continue
+        for i, rep in enumerate(region.replicas):
+            if rep.backend.kind == "llama_cpp":
+                out[rep.name] = i < sc.min_replicas
+    return out
+
+
 def build_app(args: dict[str, str]) -> serve.Application:
     """Application builder: one RegionReplica per config replica, each carrying the Ray custom
-    resource ``region:<name>`` (a sliver, so many fit), and the ingress bound to them."""
+    resource ``region:<name>`` (a sliver, so many fit), and the ingress bound to them. An
+    in-process replica of a region that scales gets 0..1 Ray replicas by the fleet scaler's
+    count (:mod:`router.ray_app.fleet`), and up to 2 minutes to finish its requests when it
+    is switched off."""
     config_path = str(Path(args.get("config", "configs/local.yaml")).resolve())
     cfg = load_config(config_path)
+    scaled = scalable_in_process(cfg)
     replicas = {}
     for region in cfg.regions:
         for rep in region.replicas:
             cpus = rep.backend.n_threads if rep.backend.kind == "llama_cpp" else 0.1
+            scaling: dict[str, Any] = {}
+            if rep.name in scaled:
+                scaling = {
+                    "autoscaling_config": autoscaling_config(always_on=scaled[rep.name]),
+                    "graceful_shutdown_timeout_s": 120,
+                }
             replicas[rep.name] = RegionReplica.options(  # type: ignore[attr-defined]
                 name=f"replica-{rep.name}",
                 ray_actor_options={
                     "num_cpus": min(cpus, 0.5),
                     "resources": {f"region:{region.name}": 0.01},
                 },
+                **scaling,
             ).bind(rep.model_dump_json())
     return Ingress.bind(config_path, replicas)  # type: ignore[attr-defined,no-any-return]

@@ -300,7 +300,7 @@ class FleetScaler:
                     self._off.add(name)
                 since = self._on_since.get(name, -math.inf)
                 st.healthy = on and now - since >= startup_s
-                targets[name] = int(on)
+                targets[name] = int(on or st.active > 0)  # off once drained
             self._metrics.desired_replicas.labels(region.name).set(counts[region.name])
         if self._targets is not None:
             await self._targets(targets)
