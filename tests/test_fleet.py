@@ -280,6 +280,16 @@ async def test_a_replica_switched_off_keeps_its_deployment_until_it_has_drained(
         assert deployments.replicas["eu-north-2"] == 0
 
 
+async def test_while_held_the_deployments_keep_what_runs(tmp_path: Path) -> None:
+    # just started (or restarted), the router knows no load: it writes no count, so the
+    # deployments keep what they have rather than what a fresh router believes is on
+    clock = Clock()
+    deployments = Deployments()
+    async with kit_for(tmp_path, config(), clock, fleet_targets=deployments) as kit:
+        await kit.service.fleet.step()
+        assert deployments.replicas == {}
+
+
 def test_the_load_forecast_is_the_larger_of_now_and_the_same_hour_yesterday() -> None:
     clock = Clock()
     arrivals = Arrivals(clock)
