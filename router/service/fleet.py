@@ -300,7 +300,9 @@ class FleetScaler:
                     self._off.add(name)
                 since = self._on_since.get(name, -math.inf)
                 st.healthy = on and now - since >= startup_s
-                targets[name] = int(on or st.active > 0)  # off once drained
+                drained = not on and st.active == 0  # its deployment stops once drained
+                if plan.held is None or drained:  # held: what runs keeps running (after a
+                    targets[name] = 0 if drained else 1  # restart the router knows no better)
             self._metrics.desired_replicas.labels(region.name).set(counts[region.name])
         if self._targets is not None:
             await self._targets(targets)
