@@ -214,21 +214,43 @@ async def test_a_failed_forecast_uses_the_intensity_now_and_says_so(tmp_path: Pa
         assert "forecast endpoint down" in north["inputs"]["carbon"]["forecast"]
 
 
-async def test_a_region_without_carbon_data_keeps_its_count_never_zero(tmp_path: Path) -> None:
+async def test_a_region_whose_carbon_data_fails_keeps_its_count(tmp_path: Path) -> None:
     clock = Clock()
-    # us-south's zone is unknown to the source: no intensity at all, never 0 g/kWh
+    source = StaticCarbonSource(INTENSITY)
+    async with kit_for(tmp_path, config(), clock, source=source) as kit:
+        load(kit, clock, 0.5, patterns=("us",))
+        assert (await kit.service.fleet.step())["us-south"] == 1
+        # Texas's intensity is gone, and its last value is too old to use (never 0 g/kWh)
+        del source.values["US-TEX-ERCO"]
+        carbon = kit.service.live.router.carbon
+        carbon.ttl_s = carbon.max_stale_s = 0.0
+        await kit.service.fleet.step()
+        await carbon.idle()
+        load(kit, clock, 0.0, minutes=1)  # no load there any more: it would drain to 0
+        counts = await kit.service.fleet.step()
+        assert counts["us-south"] == 1 and serving(kit)[-1] == "us-south-0"
+        view = (await kit.client.get("/v1/fleet")).json()
+        us = next(r for r in view["regions"] if r["region"] == "us-south")
+        assert us["held"].startswith("carbon intensity unavailable") and us["desired"] == 1
+        metrics = (await kit.client.get("/metrics")).text
+        assert 'router_desired_replicas{region="us-south"} 1.0' in metrics
+
+
+async def test_a_region_never_decided_publishes_no_count(tmp_path: Path) -> None:
+    # us-south's zone is unknown to the source from the start: it keeps all its replicas
+    # on, and publishes no count an external autoscaler would follow (it keeps what runs)
+    clock = Clock()
     async with kit_for(tmp_path, config(us_zone="XX"), clock) as kit:
         load(kit, clock, 0.5)
         counts = await kit.service.fleet.step()
         assert counts == {"eu-north": 1, "eu-central": 1, "us-south": 2}
-        assert "us-south-1" in serving(kit)
+        assert serving(kit)[-2:] == ["us-south-0", "us-south-1"]
         view = (await kit.client.get("/v1/fleet")).json()
         us = next(r for r in view["regions"] if r["region"] == "us-south")
-        assert us["held"].startswith("carbon intensity unavailable") and us["desired"] == 2
-        assert (
-            'router_desired_replicas{region="us-south"} 2.0'
-            in (await kit.client.get("/metrics")).text
-        )
+        assert us["held"].startswith("carbon intensity unavailable") and us["desired"] is None
+        metrics = (await kit.client.get("/metrics")).text
+        assert 'router_desired_replicas{region="eu-north"} 1.0' in metrics
+        assert 'region="us-south"' not in metrics
 
 
 async def test_until_a_minute_is_counted_every_count_is_kept(tmp_path: Path) -> None:
@@ -238,6 +260,8 @@ async def test_until_a_minute_is_counted_every_count_is_kept(tmp_path: Path) -> 
         assert counts == {"eu-north": 3, "eu-central": 3, "us-south": 2}
         view = (await kit.client.get("/v1/fleet")).json()
         assert all(r["held"].startswith("load unknown (warming up") for r in view["regions"])
+        assert all(r["desired"] is None for r in view["regions"])
+        assert "router_desired_replicas{" not in (await kit.client.get("/metrics")).text
 
 
 async def test_requests_are_counted_and_a_reload_keeps_drained_replicas_off(
