@@ -20,9 +20,13 @@ Inputs
 - Decisions are taken for now and for each region's ``startup_s`` ahead; a region keeps on
   the most it needs over that window (one switched on now serves from ``startup_s`` on).
 
-Failures never drain a region: a region whose intensity or price is unavailable keeps the
-count it has (its replicas fill first, as they are on anyway), and the published view says
-why. The router routes to the first ``on`` listed replicas of a region, each once its
+Failures never drain a region: a region whose intensity or price is unavailable (or all of
+them, while the load is unknown) keeps the count it has (its replicas fill first, as they are
+on anyway), and the published view says why. A region not yet decided since the router started
+publishes no count (``desired`` is null, no gauge) and writes none to its deployments, so what
+runs keeps running rather than what a fresh router believes is on.
+
+The router routes to the first ``on`` listed replicas of a region, each once its
 ``startup_s`` has passed since it was switched on; the rest drain (requests in flight finish).
 The counts go to ``targets`` (the Ray adapter sets its deployments' replica counts from them)
 and to the gauge ``router_desired_replicas{region}``; :meth:`FleetScaler.view` is
@@ -138,6 +142,7 @@ class FleetScaler:
         self._plans: list[RegionPlan] = []
         self._decided: dict[str, list[int]] = {}
         self._counts: dict[str, int] = {}
+        self._decided_once: set[str] = set()  # regions whose count is the router's own
         self._load: dict[str, Any] = {}
         self._updated: tuple[float, datetime] | None = None
         self._error: str | None = None
@@ -303,7 +308,10 @@ class FleetScaler:
                 drained = not on and st.active == 0  # its deployment stops once drained
                 if plan.held is None or drained:  # held: what runs keeps running (after a
                     targets[name] = 0 if drained else 1  # restart the router knows no better)
-            self._metrics.desired_replicas.labels(region.name).set(counts[region.name])
+            if plan.held is None:
+                self._decided_once.add(region.name)
+            if region.name in self._decided_once:  # else it publishes nothing: what runs stays
+                self._metrics.desired_replicas.labels(region.name).set(counts[region.name])
         if self._targets is not None:
             await self._targets(targets)
 
@@ -331,7 +339,10 @@ class FleetScaler:
             on = self._on_count(states)
             entry: dict[str, Any] = {
                 "region": region.name,
-                "desired": self._counts.get(region.name, on),
+                # None: not yet decided since the router started (it keeps what runs)
+                "desired": self._counts.get(region.name)
+                if region.name in self._decided_once
+                else None,
                 "on": on,
                 "serving": sum(1 for s in states if s.healthy),
                 "owned": len(states),
