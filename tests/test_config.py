@@ -185,6 +185,21 @@ def test_invalid_scaling_names_file_line_and_field(block: str, message: str) -> 
     assert problem.startswith(f"configs/x.yaml:{line} {message}")
 
 
+def test_a_scaling_region_serves_one_model() -> None:
+    # its replicas are switched on and off by count: they must be interchangeable
+    text = SCALED.replace(
+        "      - name: eu-north-0\n",
+        "      - {name: eu-north-1, backend: {kind: llama_cpp, model: other.gguf}, meter: cpu}\n"
+        "      - name: eu-north-0\n",
+    )
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "scaling:" in t)
+    (problem,) = errors_of(text)
+    assert problem.startswith(
+        f"configs/x.yaml:{line} regions[0].scaling: a scaling region's replicas must serve one "
+        "model, these serve other.gguf, smollm2-135m"
+    )
+
+
 def test_invalid_fleet_settings_are_named() -> None:
     text = LOCAL.replace("ledger: carbon-router.sqlite", "fleet: {target_utilization: 1.5}")
     line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("fleet:"))

@@ -29,10 +29,10 @@ tenants:
 """
 
 
-def region(name: str, zone: str, replicas: int, residency: str, scaling: str | None) -> str:
+def region(name: str, zone: str, replicas: int, residency: str, scaling: str | None,
+           model: str = "smollm2-135m") -> str:  # fmt: skip
     reps = "".join(
-        f"      - {{name: {name}-{i}, backend: {{kind: llama_cpp, model: smollm2-135m}}, "
-        f"meter: cpu}}\n"
+        f"      - {{name: {name}-{i}, backend: {{kind: llama_cpp, model: {model}}}, meter: cpu}}\n"
         for i in range(replicas)
     )
     block = f"    scaling: {scaling}\n" if scaling else ""
@@ -45,13 +45,13 @@ def region(name: str, zone: str, replicas: int, residency: str, scaling: str | N
 
 def config(scaling: str = "{min_replicas: 1, startup_s: 0, capacity_rps: 1}",
            us_scaling: str | None = "{min_replicas: 0, startup_s: 0, capacity_rps: 1}",
-           us_zone: str = "US-TEX-ERCO") -> str:  # fmt: skip
+           us_zone: str = "US-TEX-ERCO", us_model: str = "smollm2-135m") -> str:  # fmt: skip
     return (
         "carbon_sources:\n  grid: {kind: replay, dataset: electricitymaps_hourly}\n"
         "regions:\n"
         + region("eu-north", "SE", 3, "eu", scaling)
         + region("eu-central", "DE", 3, "eu", scaling)
-        + region("us-south", us_zone, 2, "us", us_scaling)
+        + region("us-south", us_zone, 2, "us", us_scaling, us_model)
         + TENANTS
         + "fleet: {target_utilization: 1.0}\nledger: ledger.sqlite\n"
     )
@@ -70,13 +70,15 @@ class Clock:
 
 
 def load(
-    kit: Kit, clock: Clock, rps: float, patterns: tuple[str, ...] = (), minutes: int = 16
-) -> None:
-    """``rps`` requests/s over the last ``minutes`` minutes (the clock ends a minute on)."""
+    kit: Kit, clock: Clock, rps: float, patterns: tuple[str, ...] = (), minutes: int = 16,
+    model: str = "smollm2-135m",
+) -> None:  # fmt: skip
+    """``rps`` requests/s for ``model`` over the last ``minutes`` minutes (the clock ends a
+    minute on)."""
     per_minute = round(rps * 60)
     for _ in range(minutes):
         for _ in range(per_minute):
-            kit.service.fleet.arrived(patterns)
+            kit.service.fleet.arrived(model, patterns)
         clock.t += 60
 
 
@@ -137,7 +139,18 @@ async def test_load_that_must_stay_in_a_region_keeps_it_on(tmp_path: Path) -> No
         counts = await kit.service.fleet.step()
         assert counts == {"eu-north": 1, "eu-central": 1, "us-south": 2}
         view = (await kit.client.get("/v1/fleet")).json()
-        assert view["load"]["sets"] == [{"regions": ["us"], "rps": [1.5]}]
+        assert view["load"]["sets"] == [{"model": "smollm2-135m", "regions": ["us"], "rps": [1.5]}]
+
+
+async def test_load_goes_only_to_regions_that_serve_its_model(tmp_path: Path) -> None:
+    clock = Clock()
+    async with kit_for(tmp_path, config(us_model="qwen-0.5b"), clock) as kit:
+        load(kit, clock, 1.5, model="qwen-0.5b", minutes=15)  # dirty, but the only one with it
+        load(kit, clock, 2.5, minutes=1)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 1, "us-south": 2}
+        view = (await kit.client.get("/v1/fleet")).json()
+        assert {s["model"] for s in view["load"]["sets"]} == {"qwen-0.5b", "smollm2-135m"}
 
 
 async def test_a_region_without_a_scaling_block_keeps_all_its_replicas_on(tmp_path: Path) -> None:
@@ -274,7 +287,9 @@ async def test_requests_are_counted_and_a_reload_keeps_drained_replicas_off(
             r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
             assert r.status_code == 200
         clock.t += 60
-        assert kit.service.fleet.arrivals.rates(clock.t - 900, clock.t) == {(): 3 / 60}
+        assert kit.service.fleet.arrivals.rates(clock.t - 900, clock.t) == {
+            ("smollm2-135m", ()): 3 / 60
+        }
         await kit.service.fleet.step()
         before = serving(kit)
         assert before == ["eu-north-0", "eu-central-0"]
@@ -321,10 +336,10 @@ def test_the_load_forecast_is_the_larger_of_now_and_the_same_hour_yesterday() ->
     busy = (end + 3600 - 86400 - 1800, end + 3600 - 86400 + 1800)  # in the hour around
     while clock.t < end:  # the same time yesterday as "now + 1 h"
         for _ in range(10 if busy[0] <= clock.t < busy[1] else 1):
-            arrivals.add(())
+            arrivals.add(("m", ()))
         clock.t += 60
     now, how = arrivals.forecast(0.0)
-    assert now[()] == pytest.approx(1 / 60) and how["rps_same_hour_yesterday"] is not None
+    assert now[("m", ())] == pytest.approx(1 / 60) and how["rps_same_hour_yesterday"] is not None
     ahead, how = arrivals.forecast(3600.0)
-    assert ahead[()] == pytest.approx(10 / 60)  # yesterday's busy hour comes back
+    assert ahead[("m", ())] == pytest.approx(10 / 60)  # yesterday's busy hour comes back
     assert how["rps_last_15min"] == pytest.approx(1 / 60)
