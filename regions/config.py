@@ -285,6 +285,13 @@ class Region(_Strict):
                 f"min_replicas {v.min_replicas} is more than the region's {len(replicas)} "
                 "replicas: lower it or list more replicas"
             )
+        models = sorted({r.backend.model for r in replicas})
+        if len(models) > 1:
+            raise ValueError(
+                f"a scaling region's replicas must serve one model, these serve "
+                f"{', '.join(models)}: they are switched on and off by count, so split the "
+                "region or remove its scaling block"
+            )
         if v.standby_w_per_gpu is not None and all(r.gpu.type == "cpu" for r in replicas):
             raise ValueError(
                 "standby_w_per_gpu is for GPU replicas and this region's are gpu.type cpu: "

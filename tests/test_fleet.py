@@ -145,8 +145,10 @@ async def test_load_that_must_stay_in_a_region_keeps_it_on(tmp_path: Path) -> No
 async def test_load_goes_only_to_regions_that_serve_its_model(tmp_path: Path) -> None:
     clock = Clock()
     async with kit_for(tmp_path, config(us_model="qwen-0.5b"), clock) as kit:
-        load(kit, clock, 1.5, model="qwen-0.5b", minutes=15)  # dirty, but the only one with it
-        load(kit, clock, 2.5, minutes=1)
+        for _ in range(16):  # 1.5 rps for the model only dirty Texas serves, 2.5 for the other
+            for _ in range(90):
+                kit.service.fleet.arrived("qwen-0.5b", ())
+            load(kit, clock, 2.5, minutes=1)
         counts = await kit.service.fleet.step()
         assert counts == {"eu-north": 3, "eu-central": 1, "us-south": 2}
         view = (await kit.client.get("/v1/fleet")).json()

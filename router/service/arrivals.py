@@ -1,8 +1,8 @@
 """The fleet scaler's load forecast, from the requests the router started itself.
 
-Requests are counted per minute by the regions they may use (their ``regions`` preference
-patterns), over the last 25 h, bounded (:data:`MAX_SETS` pattern sets a minute). The forecast for
-a time ``T`` is, per pattern set, the larger of the rate over the last 15 complete minutes and
+Requests are counted per minute by model and the regions they may use (their ``regions``
+preference patterns), over the last 25 h, bounded (:data:`MAX_SETS` keys a minute). The forecast for
+a time ``T`` is, per key, the larger of the rate over the last 15 complete minutes and
 the rate in the hour around ``T`` yesterday (once counts cover that hour whole): the higher of
 "now" and "the same time yesterday", so a daily peak is met before it comes.
 """
@@ -23,7 +23,9 @@ YESTERDAY_S = 86400
 AROUND_S = 1800  # the hour around the same time yesterday: +- 30 min
 MINUTE_S = 60
 KEEP_MINUTES = (YESTERDAY_S + 2 * AROUND_S) // MINUTE_S + 30  # plus the longest lead's room
-MAX_SETS = 64  # distinct allowed-region patterns counted per minute (more count as "anywhere")
+MAX_SETS = 64  # distinct (model, patterns) counted per minute (more count as "anywhere")
+
+Key = tuple[str, tuple[str, ...]]  # (model, the request's regions patterns; () = anywhere)
 
 
 class LoadUnknown(Exception):
@@ -31,37 +33,37 @@ class LoadUnknown(Exception):
 
 
 class Arrivals:
-    """Requests started per minute, by the ``regions`` patterns they were allowed; bounded
-    (25 h of minutes, :data:`MAX_SETS` pattern sets a minute)."""
+    """Requests started per minute, by model and the ``regions`` patterns they were allowed;
+    bounded (25 h of minutes, :data:`MAX_SETS` keys a minute)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.started_at = clock()
-        self._minutes: deque[tuple[int, dict[tuple[str, ...], int]]] = deque()
+        self._minutes: deque[tuple[int, dict[Key, int]]] = deque()
         self._warned = False
 
-    def add(self, patterns: tuple[str, ...]) -> None:
+    def add(self, key: Key) -> None:
         minute = int(self._clock() // MINUTE_S)
         if not self._minutes or self._minutes[-1][0] != minute:
             self._minutes.append((minute, {}))
             while self._minutes[0][0] < minute - KEEP_MINUTES:
                 self._minutes.popleft()
         counts = self._minutes[-1][1]
-        if patterns not in counts and len(counts) >= MAX_SETS:
+        if key not in counts and len(counts) >= MAX_SETS:
             if not self._warned:
                 log.warning("over %d region sets a minute: the rest count as 'anywhere'", MAX_SETS)
                 self._warned = True
-            patterns = ()
-        counts[patterns] = counts.get(patterns, 0) + 1
+            key = (key[0], ())
+        counts[key] = counts.get(key, 0) + 1
 
-    def rates(self, lo_s: float, hi_s: float) -> dict[tuple[str, ...], float] | None:
-        """Requests/s per pattern set over the complete minutes in [``lo_s``, ``hi_s``) of the
+    def rates(self, lo_s: float, hi_s: float) -> dict[Key, float] | None:
+        """Requests/s per key over the complete minutes in [``lo_s``, ``hi_s``) of the
         clock, or None when none of them was counted whole."""
         lo = max(math.ceil(lo_s / MINUTE_S), int(self.started_at // MINUTE_S) + 1)
         hi = min(int(hi_s // MINUTE_S), int(self._clock() // MINUTE_S))
         if hi <= lo:
             return None
-        out: dict[tuple[str, ...], float] = {}
+        out: dict[Key, float] = {}
         for minute, counts in self._minutes:
             if lo <= minute < hi:
                 for key, n in counts.items():
@@ -69,8 +71,8 @@ class Arrivals:
         span = (hi - lo) * MINUTE_S
         return {k: v / span for k, v in out.items()}
 
-    def forecast(self, ahead_s: float) -> tuple[dict[tuple[str, ...], float], dict[str, Any]]:
-        """The forecast rate per pattern set ``ahead_s`` from now, and how it was made."""
+    def forecast(self, ahead_s: float) -> tuple[dict[Key, float], dict[str, Any]]:
+        """The forecast rate per key ``ahead_s`` from now, and how it was made."""
         now = self._clock()
         recent = self.rates(now - RECENT_S, now)
         if recent is None:

@@ -87,7 +87,7 @@ class Completions:
         replicas: Sequence[ReplicaClient],
         settlement: Settlement,
         *,
-        arrived: Callable[[tuple[str, ...]], None] | None = None,
+        arrived: Callable[[str, tuple[str, ...]], None] | None = None,
     ) -> None:
         self._live = live
         self.replicas = replicas
@@ -120,7 +120,7 @@ class Completions:
         its first stream item). ``only``: a planned job's replica, tried first. ``hold`` is
         released if no replica takes the request, else it travels with it to its bill."""
         if self._arrived is not None:
-            self._arrived(pref.regions)
+            self._arrived(parsed.model, pref.regions)
         try:
             return await self._start(request_id, tenant, parsed, cands, pref, only, hold)
         except BaseException:

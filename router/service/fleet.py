@@ -5,8 +5,9 @@ from forecast load and forecast intensity, applied to the router and published.
 Inputs
 ------
 - **Load**: requests started here (live, deferred and batch ones, as they run), counted per
-  minute by the regions they may use (their ``regions`` preference), over the last 25 h. The
-  forecast for a time ``T`` is, per allowed set, the larger of the rate over the last 15
+  minute by model and the regions they may use (their ``regions`` preference), over the last
+  25 h; each such load goes only to regions that serve its model and it may use. The forecast
+  for a time ``T`` is, per (model, allowed set), the larger of the rate over the last 15
   complete minutes and the rate in the hour around ``T`` yesterday (once 24 h of counts
   cover it): the higher of "now" and "the same time yesterday", so a daily peak is met
   before it comes (:mod:`router.service.arrivals`). Until one complete minute is counted the
@@ -147,9 +148,10 @@ class FleetScaler:
         self._updated: tuple[float, datetime] | None = None
         self._error: str | None = None
 
-    def arrived(self, patterns: tuple[str, ...]) -> None:
-        """A request started that may run in the regions ``patterns`` match (empty: any)."""
-        self.arrivals.add(patterns)
+    def arrived(self, model: str, patterns: tuple[str, ...]) -> None:
+        """A request for ``model`` started that may run in the regions ``patterns`` match
+        (empty: any)."""
+        self.arrivals.add((model, patterns))
 
     # -- deciding ---------------------------------------------------------------------------
     async def step(self) -> dict[str, int]:
@@ -256,18 +258,22 @@ class FleetScaler:
     def _load_columns(
         self, regions: list[Region], offsets: list[float]
     ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
-        """[H, K] forecast requests/s per allowed set at each offset, the sets' [K, G] region
-        masks, and how the forecast was made."""
+        """[H, K] forecast requests/s per (model, allowed set) at each offset, their [K, G]
+        region masks (regions serving the model that the set allows), and how the forecast was
+        made."""
         per_offset = [self.arrivals.forecast(o) for o in offsets]
         keys = sorted({k for est, _ in per_offset for k in est})
+        models = [{rep.backend.model for rep in r.replicas} for r in regions]
         masks, kept = [], []
-        for k in keys:
-            mask = [_matches(r, k) for r in regions]
-            if any(mask):  # a set no region matches was refused, not served
+        for model, patterns in keys:
+            mask = [
+                model in m and _matches(r, patterns) for r, m in zip(regions, models, strict=True)
+            ]
+            if any(mask):  # a request no region can serve was refused, not served
                 masks.append(mask)
-                kept.append(k)
+                kept.append((model, patterns))
         if not kept:  # no requests: an all-regions column of 0
-            kept, masks = [()], [[True] * len(regions)]
+            kept, masks = [("", ())], [[True] * len(regions)]
         rps = np.array([[est.get(k, 0.0) for k in kept] for est, _ in per_offset])
         how: dict[str, Any] = {
             "estimate": "per allowed region set, max(rate over the last 15 complete minutes, "
@@ -275,9 +281,14 @@ class FleetScaler:
             "history_s": round(self._clock() - self.arrivals.started_at, 1),
             **per_offset[0][1],
             "sets": [
-                {"regions": list(k) or ["*"], "rps": [round(float(x), 4) for x in rps[:, j]]}
-                for j, k in enumerate(kept)
-            ],
+                {
+                    "model": model,
+                    "regions": list(patterns) or ["*"],
+                    "rps": [round(float(x), 4) for x in rps[:, j]],
+                }
+                for j, (model, patterns) in enumerate(kept)
+                if model
+            ],  # fmt: skip
         }
         return (rps, np.array(masks, dtype=bool)), how
 
