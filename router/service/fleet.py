@@ -81,16 +81,13 @@ class RegionPlan:
     held: str | None = None
 
 
-def region_fleet(
-    region: Region, states: list[ReplicaState], prior_tokens: float
-) -> tuple[RegionFleet, float]:
-    """The region as the policy sees it (its replicas' mean figures), and one replica's static
-    power (W) while up. A replica's capacity is ``scaling.capacity_rps``, else its model's
-    decode rate at its batch limit over ``prior_tokens`` output tokens a request. Raises
-    ValueError when a replica has neither."""
+def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float) -> RegionFleet:
+    """The region as the policy sees it (its replicas' mean figures). A replica's capacity is
+    ``scaling.capacity_rps``, else its model's decode rate at its batch limit over
+    ``prior_tokens`` output tokens a request. Raises ValueError when a replica has neither."""
     sc = region.scaling
     owned = len(states)
-    caps, standby, static = [], [], []
+    caps, standby = [], []
     for st in states:
         model, rep = st.model, st.replica
         if sc is not None and sc.capacity_rps is not None:
@@ -99,7 +96,6 @@ def region_fleet(
             caps.append(model.decode_tokens_per_s(model.max_batch) / prior_tokens)
         else:
             raise ValueError(f"replica {rep.name} has no replica model: set scaling.capacity_rps")
-        static.append(model.static_power_w if model is not None else 0.0)
         if rep.gpu.type == "cpu":
             standby.append(0.0)
         else:
@@ -108,7 +104,7 @@ def region_fleet(
             ].standby_w
             standby.append(per_gpu * rep.gpu.count)
     scalable = sc is not None and sc.scalable
-    fleet = RegionFleet(
+    return RegionFleet(
         name=region.name,
         replicas=owned,
         min_on=min(sc.min_replicas, owned) if scalable and sc is not None else owned,
@@ -116,7 +112,6 @@ def region_fleet(
         startup_s=sc.startup_s if sc is not None else 0.0,
         standby_w=float(np.mean(standby)),
     )
-    return fleet, float(np.mean(static))
 
 
 class FleetScaler:
@@ -211,7 +206,7 @@ class FleetScaler:
             plan.held = "no replicas"
             return plan
         try:
-            plan.fleet = region_fleet(region, states, prior)[0]
+            plan.fleet = region_fleet(region, states, prior)
         except ValueError as e:
             plan.held = f"{e}; the count is kept"
         return plan
