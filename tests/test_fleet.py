@@ -345,3 +345,30 @@ def test_the_load_forecast_is_the_larger_of_now_and_the_same_hour_yesterday() ->
     ahead, how = arrivals.forecast(3600.0)
     assert ahead[("m", ())] == pytest.approx(10 / 60)  # yesterday's busy hour comes back
     assert how["rps_last_15min"] == pytest.approx(1 / 60)
+
+
+def test_a_regions_standby_power_is_its_own_or_its_gpus_default_and_0_is_a_value() -> None:
+    from regions.config import parse_config
+    from router.billing import PriceSchedule
+    from router.service.fleet import region_fleet
+    from router.service.routing import ReplicaState, profile_of
+
+    def standby_w(block: str) -> float:
+        cfg = parse_config(
+            "carbon_sources:\n  grid: {kind: replay, dataset: electricitymaps_hourly}\n"
+            "regions:\n  - name: gpu\n    zone: SE\n    carbon_source: grid\n"
+            "    price: {flat_usd_per_kwh: 0.1}\n"
+            f"    scaling: {block}\n"
+            "    replicas:\n      - name: gpu-0\n"
+            "        backend: {kind: openai, url: 'http://h:8000/v1', model: m}\n"
+            "        gpu: {type: H100, count: 4}\n",
+            env={},
+        )
+        region = cfg.regions[0]
+        rep = region.replicas[0]
+        states = [ReplicaState(rep, region, profile_of(rep), PriceSchedule(region.price))]
+        return region_fleet(region, states, 129.0).standby_w
+
+    assert standby_w("{capacity_rps: 2}") == 4 * 72.0  # H100's default, per GPU
+    assert standby_w("{capacity_rps: 2, standby_w_per_gpu: 40}") == 4 * 40.0
+    assert standby_w("{capacity_rps: 2, standby_w_per_gpu: 0}") == 0.0  # node powered down
