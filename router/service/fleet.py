@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from forecasting.energy import GPUS, canonical_gpu
+from forecasting.energy import GPUS, EnergyModelError, canonical_gpu
 from forecasting.errors import ForecastingError
 from regions.config import Region
 from router.billing import PriceError
@@ -84,7 +84,8 @@ class RegionPlan:
 def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float) -> RegionFleet:
     """The region as the policy sees it (its replicas' mean figures). A replica's capacity is
     ``scaling.capacity_rps``, else its model's decode rate at its batch limit over
-    ``prior_tokens`` output tokens a request. Raises ValueError when a replica has neither."""
+    ``prior_tokens`` output tokens a request. Raises ValueError when a replica has neither, or
+    has a GPU of unknown standby power."""
     sc = region.scaling
     owned = len(states)
     caps, standby = [], []
@@ -96,13 +97,17 @@ def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float
             caps.append(model.decode_tokens_per_s(model.max_batch) / prior_tokens)
         else:
             raise ValueError(f"replica {rep.name} has no replica model: set scaling.capacity_rps")
+        per_gpu = sc.standby_w_per_gpu if sc is not None else None
         if rep.gpu.type == "cpu":
-            standby.append(0.0)
-        else:
-            per_gpu = (sc.standby_w_per_gpu if sc is not None else None) or GPUS[
-                canonical_gpu(rep.gpu.type)
-            ].standby_w
-            standby.append(per_gpu * rep.gpu.count)
+            per_gpu = 0.0  # a stopped CPU replica draws nothing of its own
+        elif per_gpu is None:
+            try:
+                per_gpu = GPUS[canonical_gpu(rep.gpu.type)].standby_w
+            except EnergyModelError as e:
+                raise ValueError(
+                    f"replica {rep.name}: {e}; or set scaling.standby_w_per_gpu"
+                ) from e
+        standby.append(per_gpu * rep.gpu.count)
     scalable = sc is not None and sc.scalable
     return RegionFleet(
         name=region.name,
