@@ -251,6 +251,17 @@ async def test_a_region_whose_carbon_data_fails_keeps_its_count(tmp_path: Path) 
         assert 'router_desired_replicas{region="us-south"} 1.0' in metrics
 
 
+async def test_a_held_region_carries_only_what_its_replicas_carry(tmp_path: Path) -> None:
+    # Texas has no carbon data: its 2 replicas stay on and carry 2 x 0.5 rps of the 2.5 rps;
+    # the clean region provisions the other 1.5
+    clock = Clock()
+    us = "{min_replicas: 0, startup_s: 0, capacity_rps: 0.5}"
+    async with kit_for(tmp_path, config(us_scaling=us, us_zone="XX"), clock) as kit:
+        load(kit, clock, 2.5)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 2, "eu-central": 1, "us-south": 2}
+
+
 async def test_a_region_never_decided_publishes_no_count(tmp_path: Path) -> None:
     # us-south's zone is unknown to the source from the start: it keeps all its replicas
     # on, and publishes no count an external autoscaler would follow (it keeps what runs)
