@@ -176,9 +176,11 @@ class FleetScaler:
         for p, n in zip(plans, on_now, strict=True):
             if load is None and p.held is None:
                 p.held = f"load unknown ({how['held']}): the count is kept"
-            if p.fleet is None or p.held is not None:
-                fleets.append(RegionFleet(p.region.name, n, n, 1.0, 0.0, 0.0))
-                scores.append([-math.inf] * len(offsets))  # kept on anyway: filled first
+            if p.fleet is None or p.held is not None:  # kept at n: on anyway, so it takes
+                known = p.fleet is not None  # load first, what it carries (unknown: nothing)
+                cap = p.fleet.capacity_rps if p.fleet is not None else 1.0
+                fleets.append(RegionFleet(p.region.name, n, n, cap, 0.0, 0.0))
+                scores.append([-math.inf if known else math.inf] * len(offsets))
             else:
                 fleets.append(p.fleet)
                 scores.append(p.score)
@@ -276,7 +278,8 @@ class FleetScaler:
             kept, masks = [("", ())], [[True] * len(regions)]
         rps = np.array([[est.get(k, 0.0) for k in kept] for est, _ in per_offset])
         how: dict[str, Any] = {
-            "estimate": "per allowed region set, max(rate over the last 15 complete minutes, "
+            "estimate": "per model and allowed region set, max(rate over the last 15 complete "
+            "minutes, "
             "rate in the hour around the same time yesterday)",
             "history_s": round(self._clock() - self.arrivals.started_at, 1),
             **per_offset[0][1],
