@@ -279,8 +279,7 @@ class FleetScaler:
         rps = np.array([[est.get(k, 0.0) for k in kept] for est, _ in per_offset])
         how: dict[str, Any] = {
             "estimate": "per model and allowed region set, max(rate over the last 15 complete "
-            "minutes, "
-            "rate in the hour around the same time yesterday)",
+            "minutes, rate in the hour around the same time yesterday)",
             "history_s": round(self._clock() - self.arrivals.started_at, 1),
             **per_offset[0][1],
             "sets": [
