@@ -281,11 +281,11 @@ class ReplicaModel(ABC):
         if output_tokens < 0:
             raise ReplicaModelError(f"output_tokens must be >= 0, got {output_tokens}")
         per_token, prefill_w = self._marginal_table
-        decode = float(per_token[min(int(batch), self.max_batch)]) * output_tokens
+        decode = per_token[min(int(batch), len(per_token) - 1)] * output_tokens
         return decode + (self.prefill_s(prompt_tokens) * prefill_w if prompt_tokens else 0.0)
 
     @cached_property
-    def _marginal_table(self) -> tuple[np.ndarray, float]:
+    def _marginal_table(self) -> tuple[list[float], float]:
         """Decode J per output token for a request joining batch 0 .. max_batch - 1, then the
         saturated figure (queued); and the prefill's watts above static. Built once."""
         static, top = self.static_power_w, self.max_batch
@@ -298,7 +298,8 @@ class ReplicaModel(ABC):
         grows = step_rate > 1e-9 * rate[1:]
         per_token = np.where(grows, step_w / np.where(grows, step_rate, 1.0), longer)
         saturated = max(power[top] - static, 0.0) / rate[top]
-        return np.append(per_token, saturated), max(float(power[top] - static), 0.0)
+        table = [float(j) for j in per_token] + [float(saturated)]  # list: fast to index
+        return table, max(float(power[top] - static), 0.0)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,10 @@ class Candidates:
     # per replica, how many times slower than alone a request would decode there (None: 1 +
     # load); near-ties are broken by it
     slowdown: np.ndarray | None = None
+    # per replica, the energy predictor's figure for this request: what its bill is expected to
+    # show (the energy attributed to it, a share of static power included), for budget holds
+    # and deferral plans; None: kwh
+    billed_kwh_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     # per replica, the figures that are stand-ins for a better source ("load", "prefill", ...)
     estimated: list[tuple[str, ...]] = field(default_factory=list)
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
@@ -131,6 +135,11 @@ class Candidates:
         if self.tpot_of is None:
             return np.full(len(self.names), np.nan)
         return self.tpot_of()
+
+    @property
+    def billed_kwh(self) -> np.ndarray:
+        """The energy each replica's bill for this request is expected to show."""
+        return self.kwh if self.billed_kwh_of is None else self.billed_kwh_of()
 
     @property
     def carbon_g(self) -> np.ndarray:

@@ -18,6 +18,7 @@ from router.http.wire import OpenAIWire
 from router.jobs import JobStore
 from router.service.app import RouterService
 from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
+from router.service.ports import LoadSource
 
 DEMO = {"Authorization": "Bearer sk-local-demo"}
 ADMIN = {"Authorization": "Bearer sk-local-admin"}
@@ -79,12 +80,16 @@ async def service_kit(
     replicas: Sequence[FakeReplicaClient] | None = None,
     profile: Sequence[float] = (1.0,),
     config: str = CONFIG,
+    predictor: EnergyPredictor | None = None,
+    loads: Sequence[LoadSource | None] | None = None,
 ) -> AsyncIterator[Kit]:
-    """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast."""
+    """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast;
+    ``loads``: the replicas' load sources (polled when a test calls ``service.loads``)."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
                               ("eu-north-0", "eu-central-0", "us-south-0")])  # fmt: skip
+    predictor = predictor or EnergyPredictor()
     sink = LedgerSink(tmp / "ledger.sqlite")
     source = StaticCarbonSource(INTENSITY, profile=profile)
     service = RouterService(
@@ -95,7 +100,8 @@ async def service_kit(
         jobs=JobStore(tmp / "jobs.sqlite"),
         wire=OpenAIWire(),
         sources=lambda c, base: {"grid": source},
-        predictor=EnergyPredictor(),
+        predictor=predictor,
+        loads=loads,
     )
     api = make_api()
     api.state.service = service
