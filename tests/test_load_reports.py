@@ -1,7 +1,7 @@
 """Replica load reports: one contract for every :class:`router.service.ports.LoadSource` (the
 shipped fake, and a server's Prometheus ``/metrics`` on the fake OpenAI-compatible server; the
-Ray replica's is held by ``tests/test_serve.py``), the metric names each engine exposes, and
-where a server's metrics are."""
+Ray replica's is held by ``tests/test_serve.py``), the metric names each engine exposes, where a
+server's metrics are, and the counts an in-process replica reports."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from regions.backends import Backend, CompletionRequest, TokenChunk
 from regions.fake_openai import make_app
+from regions.meters import FakeMeter
 from router.errors import LoadUnavailable
+from router.metering.replica import MeteredReplica
 from router.service.fakes import FakeLoadSource
 from router.service.load import ServerMetricsLoad, load_from_metrics, metrics_url
 from router.service.ports import LoadReport, LoadSource
@@ -182,3 +185,45 @@ def test_a_servers_metrics_are_beside_its_api() -> None:
     assert metrics_url("https://h/v1/") == "https://h/metrics"
     assert metrics_url("http://h:8080") == "http://h:8080/metrics"
     assert metrics_url("http://h/v1", "http://h:9090/m") == "http://h:9090/m"
+
+
+class GatedBackend(Backend):
+    """One slot; each completion waits for ``gate``, then yields one token."""
+
+    model = "gated"
+    slots = 1
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def prompt_tokens(self, request: CompletionRequest) -> int:
+        return 4
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
+        await self.gate.wait()
+        yield TokenChunk("ok", 1, "stop")
+
+
+async def test_an_in_process_replica_counts_its_batch_and_its_queue() -> None:
+    # what the Ray replica deployment reports (RegionReplica.load): requests holding one of
+    # its slots, requests waiting for one; a request cancelled while it waits leaves the queue
+    backend = GatedBackend()
+    replica = MeteredReplica("local-0", backend, FakeMeter(10.0), period_s=0.01)
+
+    async def run(rid: str) -> None:
+        async for _ in replica.run(rid, CompletionRequest(prompt="x", max_tokens=1)):
+            pass
+
+    tasks = [asyncio.create_task(run(f"r{k}")) for k in range(3)]
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        if (replica.active, replica.waiting) == (1, 2):
+            break
+    assert (replica.active, replica.waiting) == (1, 2)
+    tasks[2].cancel()
+    await asyncio.sleep(0.01)
+    assert (replica.active, replica.waiting) == (1, 1)
+    backend.gate.set()
+    await asyncio.gather(*tasks[:2])
+    assert (replica.active, replica.waiting) == (0, 0)
+    await replica.aclose()
