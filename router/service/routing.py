@@ -255,7 +255,11 @@ class Router:
             except (CarbonUnavailable, PriceError) as e:
                 missing[st.region.name] = str(e)
                 intensity[i], price[i] = np.inf, np.inf
-            active, guessed = st.in_flight(now, fresh_s)
+        # loads are read after the last await, so requests admitted together each see those
+        # started before them (a region's first carbon fetch holds them all up)
+        seen = self.clock()
+        for i, st in enumerate(self.states):
+            active, guessed = st.in_flight(seen, fresh_s)
             actives.append(active)
             estimated.append(st.estimated(guessed))
             if st.model is not None:
