@@ -245,6 +245,8 @@ class Router:
         service_ms = np.empty(n)
         queue_ms = np.empty(n)
         slowdown = np.empty(n)
+        load = np.empty(n)
+        has_capacity = np.empty(n, dtype=bool)
         actives: list[int] = []
         estimated: list[tuple[str, ...]] = []
         missing: dict[str, str] = {}  # a region without data is unavailable, not the service
@@ -270,8 +272,8 @@ class Router:
             service_ms[i] = output_tokens * per_tok * 1000.0
             queue_ms[i] = st.queue_ms(active, output_tokens)
             slowdown[i] = st.slowdown(active)
-        load = np.array([a / st.replica.max_concurrency for a, st in zip(actives, self.states,
-                                                                         strict=True)])  # fmt: skip
+            load[i] = active / st.replica.max_concurrency
+            has_capacity[i] = active < 4 * st.replica.max_concurrency
         if self._static is None:  # what does not change while this router lives
             self._static = {
                 "names": [s.replica.name for s in self.states],
@@ -286,12 +288,7 @@ class Router:
             regions=static["regions"],
             residency=static["residency"],
             healthy=np.array([s.usable(now) and s.region.name not in missing for s in self.states]),
-            has_capacity=np.array(
-                [
-                    a < 4 * s.replica.max_concurrency
-                    for a, s in zip(actives, self.states, strict=True)
-                ]
-            ),  # fmt: skip
+            has_capacity=has_capacity,
             kwh=kwh,
             pue=static["pue"],
             price_usd_per_kwh=price,
