@@ -17,8 +17,8 @@ cut after 2 chunks, before any usage), ``refuse_stream_options`` (HTTP 400 for a
 (the completions it is answering now) and ``vllm:num_requests_waiting`` (0). ``POST /_metrics``
 with ``{"running": R, "waiting": W}`` pins them (``null``: back to counting), and with
 ``{"mode": M}`` makes the endpoint misbehave: ``hang`` (no answer for 10 minutes, or until the
-mode changes), ``missing``
-(HTTP 404, as a server without metrics), ``error`` (HTTP 500), or ``null`` to behave again."""
+mode changes), ``missing`` (HTTP 404, as a server without metrics), ``error`` (HTTP 500), or
+``null`` to behave again."""
 
 from __future__ import annotations
 
