@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -249,6 +250,56 @@ class ReplicaModel(ABC):
             raise ReplicaModelError("J per token needs a batch > 0: an idle replica makes none")
         power, rate, _ = self._state(batch)
         return power / rate
+
+    # ---- marginal energy: what the live policy scores ----------------------------------------
+
+    def marginal_j(self, batch: int, prompt_tokens: float, output_tokens: float) -> float:
+        """What this replica's energy grows by (J) when a request of ``prompt_tokens`` and
+        ``output_tokens`` joins its ``batch`` running sequences. Static power is drawn whether
+        the request comes or not: it is never charged (an idle replica's first request pays
+        the step from static power up, not the static power).
+
+        - Decode, per output token: the power it adds over the rate it adds,
+          (P(B+1) - P(B)) / (T(B+1) - T(B)). At B = 0 that is (P(1) - static) / T(1); where
+          the power is flat and the rate grows (a decode step reads the weights once whatever
+          the batch) it is near 0. Where the rate no longer grows with the batch (llama.cpp
+          sharing one rate among its slots; a GPU past its measured batches) the request's
+          tokens keep the replica busy that much longer at the batch it joins:
+          (P(B+1) - static) / T(B+1).
+        - Queued (``batch >= max_batch``): the request waits for a slot, then lengthens the
+          time the replica runs a full batch: (P(max) - static) / T(max) a token, the
+          saturated figure, however long the queue.
+        - Prefill: ``prefill_s`` at the replica's top draw above static, P(max_batch) -
+          static (a prefill is compute-bound, like the largest decode batch), on an idle or a
+          busy replica alike: a prefill holds up the running batch's decode for about as long,
+          so the busy replica saves nothing on it.
+
+        Summed over the sequences that filled a batch, each at the rate it added, the decode
+        marginals are that batch's dynamic power, P(B) - static."""
+        if batch < 0:
+            raise ReplicaModelError(f"batch must be >= 0, got {batch}")
+        if output_tokens < 0:
+            raise ReplicaModelError(f"output_tokens must be >= 0, got {output_tokens}")
+        per_token, prefill_w = self._marginal_table
+        decode = per_token[min(int(batch), len(per_token) - 1)] * output_tokens
+        return decode + (self.prefill_s(prompt_tokens) * prefill_w if prompt_tokens else 0.0)
+
+    @cached_property
+    def _marginal_table(self) -> tuple[list[float], float]:
+        """Decode J per output token for a request joining batch 0 .. max_batch - 1, then the
+        saturated figure (queued); and the prefill's watts above static. Built once."""
+        static, top = self.static_power_w, self.max_batch
+        states = [self._state(b) for b in range(top + 1)]
+        power = np.array([s[0] for s in states])
+        rate = np.array([s[1] for s in states])
+        step_w = np.maximum(np.diff(power), 0.0)
+        step_rate = np.diff(rate)
+        longer = np.maximum(power[1:] - static, 0.0) / rate[1:]  # busy longer at B + 1
+        grows = step_rate > 1e-9 * rate[1:]
+        per_token = np.where(grows, step_w / np.where(grows, step_rate, 1.0), longer)
+        saturated = max(power[top] - static, 0.0) / rate[top]
+        table = [float(j) for j in per_token] + [float(saturated)]  # list: fast to index
+        return table, max(float(power[top] - static), 0.0)
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,12 @@ class OpenAIBackendConfig(_Strict):
         "that refuses stream_options: its streams are billed by estimate (4 chars a prompt "
         "token, one token a chunk)",
     )
+    metrics_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="the server's Prometheus metrics, read for its load (running batch and "
+        "queue: vLLM, llama.cpp server, TGI, SGLang); default: /metrics at the root of url",
+    )
 
     _safe_key = field_validator("api_key")(_header_safe)
 
@@ -350,6 +356,14 @@ class PolicyDefaults(_Strict):
     defer_min_gain: float = Field(0.05, ge=0, lt=1)
     cooldown_s: float = Field(
         30.0, ge=0, description="how long a replica that failed (5xx, timeout, dead) is skipped"
+    )
+    load_report_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often replicas' load (running batch, queue) is read (twice per "
+        "interval); a report older than this is not used: routing falls back to the "
+        "ingress's own count, marked estimated",
     )
 
 

@@ -11,11 +11,19 @@ M one of ``refuse`` (HTTP 400 as a server refusing a parameter), ``error`` (HTTP
 cut after 2 chunks, before any usage), ``refuse_stream_options`` (HTTP 400 for a request with
 ``stream_options``, as a server that does not know it), ``hang`` (no answer for 10 minutes),
 ``slow`` (an answer after 1 s; stream chunks 0.25 s apart), or ``null`` to behave again.
-``GET /_fault`` says the mode and how many completions were asked for."""
+``GET /_fault`` says the mode and how many completions were asked for.
+
+``GET /metrics`` answers vLLM's load gauges in Prometheus text: ``vllm:num_requests_running``
+(the completions it is answering now) and ``vllm:num_requests_waiting`` (0). ``POST /_metrics``
+with ``{"running": R, "waiting": W}`` pins them (``null``: back to counting), and with
+``{"mode": M}`` makes the endpoint misbehave: ``hang`` (no answer for 10 minutes, or until the
+mode changes), ``missing`` (HTTP 404, as a server without metrics), ``error`` (HTTP 500), or
+``null`` to behave again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 
@@ -50,7 +58,60 @@ async def fault_state(request: web.Request) -> web.StreamResponse:
     return web.json_response({"mode": state["fault"], "calls": state["calls"]})
 
 
+METRICS_FAULTS = (None, "hang", "missing", "error")
+
+
+async def metrics_control(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    state = request.app[STATE]
+    if "mode" in body:
+        if body["mode"] not in METRICS_FAULTS:
+            return web.json_response({"error": f"mode must be one of {METRICS_FAULTS}"}, status=400)
+        state["metrics_fault"] = body["mode"]
+        if body["mode"] != "hang":
+            state["metrics_released"].set()  # hanging answers end (a server shuts down fast)
+            state["metrics_released"] = asyncio.Event()
+    for key in ("running", "waiting"):
+        if key in body:
+            state[f"pinned_{key}"] = body[key]
+    return web.json_response({"mode": state["metrics_fault"]})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    mode = state["metrics_fault"]
+    if mode == "hang":
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state["metrics_released"].wait(), 600)
+    if mode == "missing":
+        return web.Response(status=404, text="Not Found")
+    if mode == "error":
+        return web.Response(status=500, text="internal")
+    running = state["pinned_running"]
+    running = state["inflight"] if running is None else running
+    waiting = state["pinned_waiting"] or 0
+    labels = '{engine="0",model_name="fake"}'
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f"vllm:num_requests_running{labels} {float(running)}\n"
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f"vllm:num_requests_waiting{labels} {float(waiting)}\n"
+    )
+    return web.Response(text=text, content_type="text/plain")
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state["inflight"] += 1
+    try:
+        return await _chat(request)
+    finally:
+        state["inflight"] -= 1
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     mode = request.app[STATE]["fault"]
     request.app[STATE]["calls"] += 1
@@ -100,10 +161,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 def make_app() -> web.Application:
     app = web.Application()
-    app[STATE] = {"fault": None, "calls": 0}
+    app[STATE] = {"fault": None, "calls": 0, "inflight": 0, "metrics_fault": None,
+                  "pinned_running": None, "pinned_waiting": None,
+                  "metrics_released": asyncio.Event()}  # fmt: skip
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/_fault", fault)
     app.router.add_get("/_fault", fault_state)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/_metrics", metrics_control)
     return app
 
 

@@ -19,6 +19,7 @@ RouterError
 ├── Conflict           the request cannot be done in the current state (e.g. a redeploy)
 ├── BudgetExceeded     the tenant's budget would be crossed; ``reset_at`` says when it resets
 ├── CarbonUnavailable  no carbon intensity for a region, from any source
+├── LoadUnavailable    a replica cannot say its load now (its routing figure is then estimated)
 └── ReplicaFailed      a replica failed on its own account (5xx, refused, dropped, timed out)
 
 These are domain errors: they say what went wrong, not which HTTP status it is.
@@ -91,6 +92,16 @@ class BudgetExceeded(RouterError):
 
 class CarbonUnavailable(RouterError):
     """No carbon intensity for a region from its source, its cache or its forecast."""
+
+
+class LoadUnavailable(RouterError):
+    """A replica's load report could not be read: its endpoint is down, answers no load, or
+    answers nonsense. Never a request's error: routing falls back to the ingress's own count
+    of what it sent there, marked estimated."""
+
+    def __init__(self, message: str, *, replica: str) -> None:
+        super().__init__(f"replica {replica}: {message}")
+        self.replica = replica
 
 
 class LedgerBehind(RouterError):

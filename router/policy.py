@@ -4,15 +4,22 @@ The score of a candidate is the weighted geometric mean of what the user pays fo
 
     expected cost^(1-w) x expected emissions^w  =  kWh x PUE^w x price^(1-w) x intensity^w
 
-with expected cost = kWh x price and expected emissions = kWh x PUE x intensity (kWh is the
-energy predictor's IT energy for the request on that replica). w = 0.5 orders by price x
-carbon, w = 0 by price, w = 1 by carbon.
+with expected cost = kWh x price and expected emissions = kWh x PUE x intensity. kWh is the
+request's marginal IT energy on that replica: what the replica's energy grows by when the
+request joins its running batch, static power not charged
+(:meth:`forecasting.replica_model.ReplicaModel.marginal_j`), or the energy predictor's
+average figure on a replica without a model. At low load that packs requests onto busy
+replicas (a larger batch makes a token for less energy) rather than waking idle ones.
+w = 0.5 orders by price x carbon, w = 0 by price, w = 1 by carbon.
 
-Constraints come first: healthy, allowed region (data residency globs), free capacity, latency
-budget (RTT + expected queue wait + predicted service time) and the per-request carbon cap.
-Candidates within ``tie_tolerance`` of the best score are near-ties, broken by load with two
-random choices, so the cleanest region is not flooded. When no candidate meets the latency
-budget the fastest one is chosen and the decision says so.
+Constraints come first: healthy, allowed region (data residency globs), free capacity, the
+per-request carbon cap, the first-token budget (RTT + expected queue wait + prefill) and the
+time-per-token bound: near a replica's batch limit these spread the load. Candidates within
+``tie_tolerance`` of the best score are near-ties: the best is compared with one rival drawn at
+random, which wins only if a request decodes there faster by more than the tolerance
+(``Candidates.slowdown``). Near-ties so spread where joining a batch slows a request (the
+cleanest region is not flooded) and pack where it does not. When no candidate meets a latency
+bound the fastest one is chosen and the decision says so.
 
 Everything here is plain NumPy: the live router ranks one request at a time, the simulator
 scores arrays of requests with the same functions (:func:`score`).
@@ -70,7 +77,9 @@ class Candidates:
     residency: list[tuple[str, ...]]
     healthy: np.ndarray
     has_capacity: np.ndarray
-    kwh: np.ndarray  # predicted IT energy of this request on each replica
+    # predicted IT energy of this request on each replica, the figure the score and the carbon
+    # cap use: its marginal energy there (module docstring)
+    kwh: np.ndarray
     pue: np.ndarray
     price_usd_per_kwh: np.ndarray
     intensity_g_per_kwh: np.ndarray
@@ -85,6 +94,15 @@ class Candidates:
     # the request would join (max-tpot-ms)
     prefill_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     tpot_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    # per replica, how many times slower than alone a request would decode there (None: 1 +
+    # load); near-ties are broken by it
+    slowdown: np.ndarray | None = None
+    # per replica, the energy predictor's figure for this request: what its bill is expected to
+    # show (the energy attributed to it, a share of static power included), for budget holds
+    # and deferral plans; None: kwh
+    billed_kwh_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    # per replica, the figures that are stand-ins for a better source ("load", "prefill", ...)
+    estimated: list[tuple[str, ...]] = field(default_factory=list)
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -119,6 +137,11 @@ class Candidates:
         return self.tpot_of()
 
     @property
+    def billed_kwh(self) -> np.ndarray:
+        """The energy each replica's bill for this request is expected to show."""
+        return self.kwh if self.billed_kwh_of is None else self.billed_kwh_of()
+
+    @property
     def carbon_g(self) -> np.ndarray:
         return np.asarray(self.kwh * self.pue * self.intensity_g_per_kwh)
 
@@ -134,6 +157,7 @@ class Decision:
     binding: str  # the constraint that decided, or "score"
     latency_budget_met: bool = True
     note: str = ""
+    estimated: tuple[str, ...] = ()  # the chosen replica's figures that were estimated
 
     def explain(self, c: Candidates) -> dict[str, Any]:
         """For logs and response headers: who won, each candidate's score, what bound."""
@@ -144,9 +168,17 @@ class Decision:
             "binding": self.binding,
             "latency_budget_met": self.latency_budget_met,
             "note": self.note,
+            "estimated": list(self.estimated),
             "candidates": {
-                n: {"score": float(s), "feasible": bool(f)}
-                for n, s, f in zip(c.names, self.scores, self.feasible, strict=True)
+                n: {
+                    "score": float(s),
+                    "feasible": bool(f),
+                    "kwh": float(kwh),
+                    "estimated": list(c.estimated[k]) if c.estimated else [],
+                }
+                for k, (n, s, f, kwh) in enumerate(
+                    zip(c.names, self.scores, self.feasible, c.kwh, strict=True)
+                )
             },
         }
 
@@ -200,6 +232,12 @@ class Policy(ABC):
         return ok, "capacity"
 
     def rank(self, c: Candidates, pref: Preference) -> Decision:
+        d = self._rank(c, pref)
+        if c.estimated:
+            d.estimated = c.estimated[d.index]
+        return d
+
+    def _rank(self, c: Candidates, pref: Preference) -> Decision:
         ok, _ = self.feasible(c, pref)
         s = self.scores(c, pref)
         binding = "score"
@@ -238,13 +276,19 @@ class Policy(ABC):
         return Decision(i, c.names[i], c.regions[i], self.name, s, ok, binding, False, note)
 
     def pick(self, c: Candidates, s: np.ndarray, ok: np.ndarray) -> int:
+        """The best score; among near-ties (within ``tie_tolerance`` of it), the best against
+        one rival drawn at random: the rival wins only if a request would decode there faster
+        by more than the tolerance (``Candidates.slowdown``, else load). So a near-tie never
+        wakes an idle replica where joining the best one's batch costs no latency (packing),
+        and spreads where it would (the cleanest region is not flooded)."""
         masked = np.where(ok, s, np.inf)
         best = int(np.argmin(masked))
         ties = np.flatnonzero(ok & (masked <= masked[best] * (1.0 + self.tie_tolerance)))
         if len(ties) < 2:
             return best
-        a, b = self.rng.sample(list(ties), 2)  # power of two choices
-        return int(a if c.load[a] <= c.load[b] else b)
+        rival = int(self.rng.choice([int(t) for t in ties if t != best]))
+        slow = c.slowdown if c.slowdown is not None else 1.0 + c.load
+        return rival if slow[rival] * (1.0 + self.tie_tolerance) < slow[best] else best
 
 
 class PriceCarbonPolicy(Policy):

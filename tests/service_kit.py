@@ -20,6 +20,7 @@ from router.jobs import JobStore
 from router.service.app import RouterService
 from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
 from router.service.fleet import Targets
+from router.service.ports import LoadSource
 
 DEMO = {"Authorization": "Bearer sk-local-demo"}
 ADMIN = {"Authorization": "Bearer sk-local-admin"}
@@ -84,14 +85,18 @@ async def service_kit(
     source: StaticCarbonSource | None = None,
     clock: Callable[[], float] = time.monotonic,
     fleet_targets: Targets | None = None,
+    predictor: EnergyPredictor | None = None,
+    loads: Sequence[LoadSource | None] | None = None,
 ) -> AsyncIterator[Kit]:
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
     static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
-    ``fleet_targets`` where its counts go."""
+    ``fleet_targets`` where its counts go; ``loads``: the replicas' load sources (polled when a
+    test calls ``service.loads``)."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
                               ("eu-north-0", "eu-central-0", "us-south-0")])  # fmt: skip
+    predictor = predictor or EnergyPredictor()
     sink = LedgerSink(tmp / "ledger.sqlite")
     source = source or StaticCarbonSource(INTENSITY, profile=profile)
     service = RouterService(
@@ -102,9 +107,10 @@ async def service_kit(
         jobs=JobStore(tmp / "jobs.sqlite"),
         wire=OpenAIWire(),
         sources=lambda c, base: {"grid": source},
-        predictor=EnergyPredictor(),
         clock=clock,
         fleet_targets=fleet_targets,
+        predictor=predictor,
+        loads=loads,
     )
     api = make_api()
     api.state.service = service

@@ -195,6 +195,49 @@ def test_near_ties_are_spread_by_load() -> None:
     assert {policy.rank(c, Preference()).replica for _ in range(20)} == {"eu-north-0"}
 
 
+def same_region(**over: object) -> Candidates:
+    """Three replicas at one price and intensity: only energy and load tell them apart."""
+    return cands(pue=np.ones(3), price_usd_per_kwh=np.full(3, 0.1),
+                 intensity_g_per_kwh=np.full(3, 40.0), **over)  # fmt: skip
+
+
+def test_a_near_tie_does_not_wake_an_idle_replica_where_joining_costs_no_latency() -> None:
+    # eu-north-0 is busy: this request's marginal energy there is 3 % lower (a near-tie at the
+    # default 5 %), and joining its batch slows no one (slowdown 1.0 there as on the idle ones)
+    c = same_region(kwh=np.array([0.97e-4, 1e-4, 1e-4]), load=np.array([0.05, 0.0, 0.0]),
+                    slowdown=np.ones(3))  # fmt: skip
+    policy = make_policy("greenest", rng=random.Random(1))
+    assert {policy.rank(c, Preference()).replica for _ in range(50)} == {"eu-north-0"}
+
+
+def test_a_near_tie_spreads_where_joining_would_slow_the_request() -> None:
+    # the same near-tie, but eu-north-0's batch makes a token 60 % slower than alone
+    c = same_region(kwh=np.array([0.97e-4, 1e-4, 1e-4]), load=np.array([0.5, 0.0, 0.0]),
+                    slowdown=np.array([1.6, 1.0, 1.0]))  # fmt: skip
+    policy = make_policy("greenest", rng=random.Random(1))
+    picks = {policy.rank(c, Preference()).replica for _ in range(50)}
+    assert picks == {"eu-central-0", "us-south-0"}  # the rival drawn at random wins
+
+
+def test_a_clear_energy_difference_is_no_tie() -> None:
+    # joining the busy replica costs a fifth of waking an idle one: it wins whatever the load
+    c = same_region(kwh=np.array([0.2e-4, 1e-4, 1e-4]), load=np.array([0.5, 0.0, 0.0]),
+                    slowdown=np.array([1.6, 1.0, 1.0]))  # fmt: skip
+    policy = make_policy("greenest", rng=random.Random(1))
+    assert {policy.rank(c, Preference()).replica for _ in range(50)} == {"eu-north-0"}
+
+
+def test_the_decision_says_which_figures_were_estimated() -> None:
+    c = cands(estimated=[("load", "prefill"), (), ("load",)])
+    d = make_policy("greenest").rank(c, Preference())
+    assert d.replica == "eu-north-0" and d.estimated == ("load", "prefill")
+    explained = d.explain(c)
+    assert explained["estimated"] == ["load", "prefill"]
+    assert explained["candidates"]["us-south-0"]["estimated"] == ["load"]
+    assert explained["candidates"]["eu-north-0"]["kwh"] == pytest.approx(1e-4)
+    assert make_policy("greenest").rank(cands(), Preference()).estimated == ()
+
+
 def test_round_robin_cycles_over_feasible() -> None:
     rr = make_policy("round_robin")
     c = cands(healthy=np.array([True, False, True]))

@@ -284,3 +284,92 @@ def test_router_replica_evaluate_on_a_fresh_machine(tmp_path: Path) -> None:
     assert set(result["leave_one_model_out"]) == {"power", "throughput", "ITL", "J/token"}
     assert all(t["met"] for t in result["targets"])
     assert not (tmp_path / "cache").exists()
+
+
+# ---- marginal energy: what a replica's energy grows by when a request joins its batch -------
+
+
+def test_marginal_energy_charges_no_static_power(calibration: ReplicaCalibration) -> None:
+    """On an idle replica a request's tokens cost the step from static power to one sequence's,
+    per token: (P(1) - static) / T(1); its prefill, the prefill's time at the replica's top
+    (compute-bound) draw above static."""
+    m = calibration.model(ReplicaSpec(LLAMA_8B, "H100", 1, max_num_seqs=256))
+    static = m.static_power_w
+    per_token = (m.power_w(1) - static) / m.decode_tokens_per_s(1)
+    assert m.marginal_j(0, 0, 100) == pytest.approx(100 * per_token)
+    assert per_token < m.j_per_token(1)  # the average charges static power too
+    top_w = m.power_w(m.max_batch) - static
+    assert m.marginal_j(0, 1000, 0) == pytest.approx(m.prefill_s(1000) * top_w)
+    assert m.marginal_j(0, 1000, 100) == pytest.approx(
+        m.marginal_j(0, 1000, 0) + m.marginal_j(0, 0, 100)
+    )
+
+
+def test_marginal_energy_is_the_power_step_over_the_rate_step(
+    calibration: ReplicaCalibration,
+) -> None:
+    m = calibration.model(ReplicaSpec(LLAMA_8B, "H100", 1, max_num_seqs=256))
+    for batch in (8, 16, 64, 128):
+        step = (m.power_w(batch + 1) - m.power_w(batch)) / (
+            m.decode_tokens_per_s(batch + 1) - m.decode_tokens_per_s(batch)
+        )
+        assert m.marginal_j(batch, 0, 1) == pytest.approx(step, rel=1e-9, abs=1e-12)
+
+
+def test_marginal_energies_add_up_to_the_batch_power(calibration: ReplicaCalibration) -> None:
+    """Conservation: the sequences that filled a batch, each charged its marginal J/token at
+    the rate it added, account for the whole dynamic power at that batch, no more, no less."""
+    m = calibration.model(ReplicaSpec(LLAMA_8B, "H100", 1, max_num_seqs=256))
+    for batch in (1, 8, 50, 256):
+        added_w = sum(
+            m.marginal_j(b, 0, 1) * (m.decode_tokens_per_s(b + 1) - m.decode_tokens_per_s(b))
+            for b in range(batch)
+        )
+        assert added_w == pytest.approx(m.power_w(batch) - m.static_power_w, rel=1e-6)
+
+
+def test_joining_a_busy_replica_costs_less_than_waking_an_idle_one(
+    calibration: ReplicaCalibration,
+) -> None:
+    llama_70b = "meta-llama/Llama-3.1-70B-Instruct"
+    for spec in (ReplicaSpec(LLAMA_8B, "H100", 1), ReplicaSpec(llama_70b, "H100", 4)):
+        m = calibration.model(spec)
+        idle = m.marginal_j(0, 500, 200)
+        for batch in (1, 4, 16, 64, m.max_batch - 1, m.max_batch):
+            assert m.marginal_j(batch, 500, 200) < 0.5 * idle, (spec.model, batch)
+
+
+def test_a_request_that_queues_gets_the_saturated_figure(calibration: ReplicaCalibration) -> None:
+    """Past the batch limit a request waits for a slot, then its tokens lengthen the time the
+    replica runs a full batch: (P(max) - static) / T(max) a token, however long the queue."""
+    m = calibration.model(ReplicaSpec(LLAMA_8B, "H100", 1, max_num_seqs=64))
+    full = (m.power_w(64) - m.static_power_w) / m.decode_tokens_per_s(64)
+    assert m.marginal_j(64, 0, 10) == pytest.approx(10 * full)
+    assert m.marginal_j(64 + 500, 0, 10) == m.marginal_j(64, 0, 10)
+    assert m.marginal_j(63, 0, 10) < m.marginal_j(64, 0, 10)
+
+
+def test_a_cpu_replicas_marginal_energy_is_its_busy_cores(
+    calibration: ReplicaCalibration,
+) -> None:
+    """llama.cpp shares one decode rate among its slots: a request's tokens keep the busy cores
+    busy that much longer, whatever the batch (static share excluded), as the predictor says."""
+    cfg = parse_config((ROOT / "configs/local.yaml").read_text(), path="local.yaml", env={})
+    replica = cfg.regions[0].replicas[0]
+    m = replica_model(replica, None)
+    busy_w = 2 * replica.cpu_watts_per_core
+    per_token = busy_w / replica.tokens_per_s
+    for batch in (0, 1, 3, m.max_batch, m.max_batch + 2):
+        assert m.marginal_j(batch, 100, 10) == pytest.approx(
+            per_token * (10 + replica.prefill_weight * 100)
+        )
+
+
+def test_marginal_energy_refuses_a_negative_batch_or_count(
+    calibration: ReplicaCalibration,
+) -> None:
+    m = calibration.model(ReplicaSpec(LLAMA_8B, "H100", 1, max_num_seqs=64))
+    with pytest.raises(ReplicaModelError, match="batch must be >= 0"):
+        m.marginal_j(-1, 10, 10)
+    with pytest.raises(ReplicaModelError, match="output_tokens must be >= 0"):
+        m.marginal_j(0, 10, -1)

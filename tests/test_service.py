@@ -5,17 +5,21 @@ and the error table, each in milliseconds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
+from forecasting.energy import EnergyPredictor
 from router.http.completions import sse_events
 from router.http.wire import EventStream, parse_body
 from router.service.completions import Settled
-from router.service.fakes import FakeReplicaClient
+from router.service.fakes import FakeLoadSource, FakeReplicaClient
 from router.service.ports import Chunk
 from tests.service_kit import ADMIN, CONFIG, DEMO, chat, create_batch, service_kit, upload
 
@@ -324,3 +328,191 @@ async def test_a_stream_whose_client_is_gone_before_it_starts_is_stopped_and_bil
         assert row.request_id == "chatcmpl-gone" and row.energy_source == "estimated"
         assert svc.live.router.states[started.index].active == 0
         assert kit.replicas[svc.replicas[started.index].name].closed == ["chatcmpl-gone"]
+
+
+# ---- the live policy on the replica model: packing, spreading, load reports -----------------
+
+LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
+GPU_REPLICA = (
+    "{{name: {name}, backend: {{kind: openai, url: 'http://127.0.0.1:9/v1', model: " + LLAMA_8B
+    + "}}, gpu: {{type: H100, count: 1}}, max_concurrency: 64}}"
+)  # fmt: skip
+# two identical H100 replicas of Llama-3.1-8B in one region: one price, one intensity
+GPU_CONFIG = f"""
+carbon_sources:
+  grid: {{kind: replay, dataset: electricitymaps_hourly}}
+regions:
+  - name: eu-north
+    zone: SE
+    carbon_source: grid
+    price: {{flat_usd_per_kwh: 0.07}}
+    replicas:
+      - {GPU_REPLICA.format(name="gpu-a")}
+      - {GPU_REPLICA.format(name="gpu-b")}
+""" + CONFIG[CONFIG.index("tenants:") :].replace(
+    "policy: {name: price_carbon, weight: 0.5}",
+    "policy: {name: price_carbon, weight: 0.5, load_report_s: 0.2}",
+)
+
+
+@pytest.fixture(scope="module")
+def gpu_predictor() -> EnergyPredictor:
+    return EnergyPredictor.from_mlenergy()
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+async def test_at_low_load_requests_join_a_busy_replica_rather_than_wake_an_idle_one(
+    tmp_path: Path, gpu_predictor: EnergyPredictor
+) -> None:
+    # once one replica runs a request, joining its batch costs almost no energy more (the
+    # replica model's marginal energy: power is flat over small batches), while waking the other
+    # costs its step up from static power: every request while the first runs goes there
+    gate = asyncio.Event()
+    fakes = [FakeReplicaClient(n, gate=gate) for n in ("gpu-a", "gpu-b")]
+    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+                           predictor=gpu_predictor) as kit:  # fmt: skip
+        states = kit.service.live.router.states
+        tasks = []
+        for k in range(6):
+            post = kit.client.post("/v1/chat/completions", json=chat(model=LLAMA_8B), headers=DEMO)
+            tasks.append(asyncio.create_task(post))
+            await until(lambda k=k: sum(st.active for st in states) == k + 1)  # type: ignore[misc]
+        assert sorted(st.active for st in states) == [0, 6]
+        gate.set()
+        answers = await asyncio.gather(*tasks)
+        assert all(r.status_code == 200 for r in answers)
+        assert len({r.headers["x-carbon-replica"] for r in answers}) == 1
+
+
+async def test_a_request_joins_the_batch_another_ingress_started(
+    tmp_path: Path, gpu_predictor: EnergyPredictor
+) -> None:
+    # gpu-b runs one sequence for another ingress (its report says so), gpu-a nothing: the
+    # energy predictor's average J/token at batch max(1, load) ties them; the marginal energy
+    # does not (joining costs gpu-b almost nothing, waking gpu-a its step up from static)
+    fakes = [FakeReplicaClient(n) for n in ("gpu-a", "gpu-b")]
+    loads = [FakeLoadSource("gpu-a"), FakeLoadSource("gpu-b", running=1)]
+    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+                           predictor=gpu_predictor, loads=loads) as kit:  # fmt: skip
+        assert kit.service.loads is not None
+        for _ in range(5):
+            await kit.service.loads.poll_once()
+            r = await kit.client.post(
+                "/v1/chat/completions", json=chat(model=LLAMA_8B), headers=DEMO
+            )
+            assert r.status_code == 200 and r.headers["x-carbon-replica"] == "gpu-b"
+
+
+async def test_near_the_batch_limit_the_latency_bounds_spread_the_load(
+    tmp_path: Path, gpu_predictor: EnergyPredictor
+) -> None:
+    # answers of 256 tokens: the length the router expects of this tenant's requests
+    fakes = [FakeReplicaClient(n, words=["w "] * 256) for n in ("gpu-a", "gpu-b")]
+    loads = [FakeLoadSource("gpu-a", running=64, waiting=40), FakeLoadSource("gpu-b")]
+    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+                           predictor=gpu_predictor, loads=loads) as kit:  # fmt: skip
+        assert kit.service.loads is not None
+        await kit.service.loads.poll_once()
+
+        async def ask(preference: str | None = None) -> httpx.Response:
+            headers = {**DEMO, "X-Carbon-Preference": preference} if preference else DEMO
+            body = chat(model=LLAMA_8B, max_tokens=512)
+            r = await kit.client.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            return r
+
+        # gpu-a's batch is full and 40 wait: a request there queues, then its tokens lengthen a
+        # full batch's run, which still costs less energy than waking gpu-b ...
+        assert (await ask()).headers["x-carbon-replica"] == "gpu-a"
+        # ... but its first token would wait for 41 of a full batch's requests to end: 2 s
+        r = await ask("max-latency-ms=500")
+        assert r.headers["x-carbon-replica"] == "gpu-b"
+        assert r.headers["x-carbon-binding"] == "latency"
+        # below the limit (60 of 64 running) nothing queues, but a token takes 11 ms there
+        # against 7 ms alone on gpu-b
+        loads[0].running, loads[0].waiting = 60, 0
+        await kit.service.loads.poll_once()
+        assert (await ask()).headers["x-carbon-replica"] == "gpu-a"
+        r = await ask("max-tpot-ms=10")
+        assert r.headers["x-carbon-replica"] == "gpu-b" and r.headers["x-carbon-binding"] == "tpot"
+
+
+async def test_load_comes_from_fresh_reports_and_the_decision_says_when_it_is_estimated(
+    tmp_path: Path, gpu_predictor: EnergyPredictor
+) -> None:
+    fakes = [FakeReplicaClient(n) for n in ("gpu-a", "gpu-b")]
+    loads = [FakeLoadSource("gpu-a", running=3), FakeLoadSource("gpu-b", fail="down")]
+    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+                           predictor=gpu_predictor, loads=loads) as kit:  # fmt: skip
+        router = kit.service.live.router
+        assert kit.service.loads is not None
+
+        async def ask() -> httpx.Response:
+            r = await kit.client.post(
+                "/v1/chat/completions", json=chat(model=LLAMA_8B), headers=DEMO
+            )
+            assert r.status_code == 200, r.text
+            return r
+
+        # no report yet: the ingress's own count (nothing in flight), said so; and a GPU
+        # replica's prefill time is the model's compute-bound estimate
+        r = await ask()
+        assert r.headers["x-carbon-estimated"] == "load, prefill"
+        await kit.service.loads.poll_once()
+        a, b = router.states
+        assert a.in_flight(router.clock(), 0.2) == (3, False)  # gpu-a reports 3 running
+        assert b.in_flight(router.clock(), 0.2) == (0, True)  # gpu-b's source is down
+        r = await ask()  # joins gpu-a's running batch; its load is the report's
+        assert r.headers["x-carbon-replica"] == "gpu-a"
+        assert r.headers["x-carbon-estimated"] == "prefill"
+        c = await router.candidates(100, 50.0)
+        explained = router.decide(c, router.preference(None)).explain(c)
+        assert explained["estimated"] == ["prefill"]
+        assert explained["candidates"]["gpu-b"]["estimated"] == ["load", "prefill"]
+        # requests the ingress sent since the report are added to it
+        a.active += 2
+        assert a.in_flight(router.clock(), 0.2) == (5, False)
+        a.active -= 2
+        # a report older than one interval (0.2 s here) is not used
+        t0 = router.clock()
+        router.clock = lambda: t0 + 0.25
+        assert a.in_flight(router.clock(), 0.2) == (0, True)
+        r = await ask()
+        assert "load" in r.headers["x-carbon-estimated"].split(", ")
+
+
+async def test_a_hanging_or_failing_load_source_never_holds_up_a_request(
+    tmp_path: Path, gpu_predictor: EnergyPredictor
+) -> None:
+    fakes = [FakeReplicaClient(n) for n in ("gpu-a", "gpu-b")]
+    loads = [FakeLoadSource("gpu-a", fail="hang"), FakeLoadSource("gpu-b", running=1)]
+    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+                           predictor=gpu_predictor, loads=loads) as kit:  # fmt: skip
+        poller = kit.service.loads
+        assert poller is not None
+        t0 = time.monotonic()
+        await poller.poll_once()  # each read is bounded by half an interval (0.1 s)
+        assert time.monotonic() - t0 < 0.5
+        a, b = kit.service.live.router.states
+        assert a.report is None and b.report is not None
+        loop = asyncio.create_task(poller.loop())  # as the ingress runs it
+        try:
+            first = b.report_at
+            for _ in range(5):
+                t0 = time.monotonic()
+                r = await kit.client.post(
+                    "/v1/chat/completions", json=chat(model=LLAMA_8B), headers=DEMO
+                )
+                assert r.status_code == 200 and time.monotonic() - t0 < 0.1
+            await until(lambda: b.report_at > first, timeout_s=2.0)  # gpu-b's keep coming
+            assert a.report is None
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop

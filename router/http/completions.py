@@ -59,6 +59,8 @@ async def answer_completion(
     }
     if started.decision.note:
         out["X-Carbon-Note"] = started.decision.note
+    if started.decision.estimated:  # figures the decision had only estimates of
+        out["X-Carbon-Estimated"] = ", ".join(started.decision.estimated)
     created = int(time.time())
     if parsed.stream:
         svc.metrics.latency.observe(time.perf_counter() - t0)  # to the first chunk

@@ -62,6 +62,7 @@ class MeteredReplica:
         self._clock = clock
         self._futures: dict[str, asyncio.Future[Attributed]] = {}
         self._active = 0
+        self._waiting = 0  # requests waiting for a slot
         self._ticker: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.readings: list[MeterReading] = []
@@ -70,7 +71,13 @@ class MeteredReplica:
 
     @property
     def active(self) -> int:
+        """Requests holding a slot: the running batch."""
         return self._active
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot: the queue."""
+        return self._waiting
 
     def _read(self) -> None:
         reading = self.meter.read()
@@ -108,7 +115,12 @@ class MeteredReplica:
         self._futures[request_id] = loop.create_future()
         # a request starts using the hardware when it gets a slot, not when it arrives: time
         # spent queued must not carry its prefill work
-        async with self._slots:
+        self._waiting += 1  # in the queue until it has a slot (or is cancelled waiting)
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             self._read()
             self.attributor.start(request_id, self._clock(), prompt_tokens)
             self._active += 1
@@ -122,6 +134,8 @@ class MeteredReplica:
                 self._active -= 1
                 self.attributor.end(request_id, self._clock())
                 self._read()
+        finally:
+            self._slots.release()
 
     async def energy(self, request_id: str, timeout_s: float = 30.0) -> Attributed:
         """The request's attributed energy (waits for other requests' prefills to settle)."""

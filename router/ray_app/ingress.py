@@ -1,8 +1,9 @@
 """The ingress deployment and the application builder: the Ray side of the request path.
 
 The ingress is a thin adapter: it builds a :class:`RouterService` with Ray's parts (a
-:class:`RayReplicaClient` per in-process replica, the outbox to the metering actor, the actor
-as the ledger reader), serves the FastAPI app of :func:`router.http.app.make_api` around it
+:class:`RayReplicaClient` and a :class:`RayLoadSource` per in-process replica, a server's
+``/metrics`` as the load of a proxied one, the outbox to the metering actor, the actor as the
+ledger reader), serves the FastAPI app of :func:`router.http.app.make_api` around it
 (built on the replica by Serve's late-bound ``__serve_build_asgi_app__``, so the app's state is
 the one the requests see), and runs the service's background loops. Everything it serves
 is decided in :mod:`router.service`.
@@ -31,9 +32,15 @@ from router.jobs import JobStore
 from router.metering.outbox import Outbox
 from router.ray_app.fleet import RayFleetTargets, autoscaling_config
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE, MeteringActor
-from router.ray_app.replica import RayReplicaClient, RegionReplica, remote_backend
+from router.ray_app.replica import (
+    RayLoadSource,
+    RayReplicaClient,
+    RegionReplica,
+    remote_backend,
+)
 from router.service.app import RouterService
-from router.service.ports import ReplicaClient, UsageQuery
+from router.service.load import ServerMetricsLoad, metrics_url
+from router.service.ports import LoadSource, ReplicaClient, UsageQuery
 from router.service.proxied import ProxiedMetering, ProxiedReplica, TimelineBatch
 
 
@@ -84,13 +91,18 @@ class Ingress:
         self.proxied = ProxiedMetering(proxied_at, self.outbox) if proxied_at else None
         self.handles = [replicas[r.name] for r in reps]
         clients: list[ReplicaClient] = []
+        loads: list[LoadSource] = []  # each replica's load, read in the background
         for i, rep in enumerate(reps):
             if self.proxied is not None and i in proxied_at:
                 # called from here, not through its deployment (one actor hop less); the
                 # deployment still meters it from the timelines we send
                 clients.append(ProxiedReplica(i, rep.name, remote_backend(rep), self.proxied))
+                assert rep.backend.kind == "openai"
+                url = metrics_url(rep.backend.url, rep.backend.metrics_url)
+                loads.append(ServerMetricsLoad(rep.name, url))
             else:
                 clients.append(RayReplicaClient(rep.name, self.handles[i]))
+                loads.append(RayLoadSource(rep.name, self.handles[i]))
         gpu = any(r.gpu.type != "cpu" for r in reps)
         scaled = {  # in-process replicas Serve scales by the fleet scaler's counts
             r.name: self.handles[i].deployment_name
@@ -109,6 +121,7 @@ class Ingress:
             predictor=EnergyPredictor.from_mlenergy() if gpu else EnergyPredictor(),
             proxied=self.proxied,
             fleet_targets=RayFleetTargets(app_name, scaled) if scaled else None,
+            loads=loads,
         )
         loop = asyncio.get_event_loop()
         loop.call_soon(self.outbox.orphans)

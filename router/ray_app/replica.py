@@ -1,11 +1,12 @@
 """One Ray Serve deployment per region replica, and the ingress's client for it.
 
 An in-process backend (llama.cpp) runs in :class:`RegionReplica`, metered per request
-(``generate`` streams, ``complete`` answers whole). A remote OpenAI-compatible server is called
-by the ingress directly (:class:`router.service.proxied.ProxiedReplica`); its deployment then
-owns only the meter on the region's node and attributes the timelines the ingress sends
-(``meter_events``), billing each request's measured energy to the ledger through its own
-spooled :class:`Outbox`.
+(``generate`` streams, ``complete`` answers whole), and reports its load (``load``: its batch
+and its queue, read by the ingress through :class:`RayLoadSource`). A remote OpenAI-compatible
+server is called by the ingress directly (:class:`router.service.proxied.ProxiedReplica`); its
+deployment then owns only the meter on the region's node and attributes the timelines the
+ingress sends (``meter_events``), billing each request's measured energy to the ledger through
+its own spooled :class:`Outbox`.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from regions.config import Billing, Replica
 from regions.meters import open_meter
 from regions.openai_backend import OpenAIBackend
 from router.billing import Tariff, rebill, tariff_for
-from router.errors import ReplicaFailed, UpstreamRefused
+from router.errors import LoadUnavailable, ReplicaFailed, UpstreamRefused
 from router.ledger import LedgerRow
 from router.metering.outbox import Outbox
 from router.metering.remote import RemoteAttribution
 from router.metering.replica import MeteredReplica
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE
-from router.service.ports import Answer, Chunk, Final, StreamItem
+from router.service.ports import Answer, Chunk, Final, LoadReport, StreamItem
 from router.service.proxied import TimelineBatch
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,33 @@ class RegionReplica:
         assert final is not None  # generate always ends with it
         return Answer("".join(text), finish, final)
 
+    async def load(self) -> LoadReport:
+        """An in-process replica's load: requests holding one of its slots (its batch) and
+        requests waiting for one. A proxied server reports its own (its ``/metrics``, read by
+        the ingress)."""
+        if self.metered is None:
+            raise BackendError(f"replica {self.name}: its server reports its own load")
+        return LoadReport(self.metered.active, self.metered.waiting)
+
     def check_health(self) -> None:
         if self.proxied and self._ticker.done():
             raise RuntimeError(f"replica {self.name}: metering stopped")
+
+
+class RayLoadSource:
+    """The :class:`router.service.ports.LoadSource` of an in-process replica deployment: its
+    ``load`` through the Serve handle; Ray's failures become :class:`LoadUnavailable`."""
+
+    def __init__(self, name: str, handle: Any) -> None:
+        self.name = name
+        self.handle = handle
+
+    async def read(self) -> LoadReport:
+        try:
+            report: LoadReport = await self.handle.load.remote()
+        except (ray.exceptions.RayError, BackendError) as e:
+            raise LoadUnavailable(str(getattr(e, "cause", None) or e), replica=self.name) from e
+        return report
 
 
 class RayReplicaClient:

@@ -23,8 +23,16 @@ from router.service.completions import Completions
 from router.service.deferral import Deferral
 from router.service.fleet import FleetScaler, Targets
 from router.service.live import Live
+from router.service.load import LoadPoller
 from router.service.metrics import Metrics
-from router.service.ports import BillSink, LedgerReader, ReplicaClient, UsageQuery, Wire
+from router.service.ports import (
+    BillSink,
+    LedgerReader,
+    LoadSource,
+    ReplicaClient,
+    UsageQuery,
+    Wire,
+)
 from router.service.proxied import ProxiedMetering, SendTimelines
 from router.service.settlement import Settlement
 from router.service.tenants import Caller
@@ -55,6 +63,7 @@ class RouterService:
         proxied: ProxiedMetering | None = None,
         fleet_targets: Targets | None = None,
         clock: Callable[[], float] = time.monotonic,
+        loads: Sequence[LoadSource | None] | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._sources = sources
@@ -66,6 +75,13 @@ class RouterService:
         if [r.name for r in replicas] != names:
             raise ValueError(f"replica clients {[r.name for r in replicas]} != config {names}")
         self.replicas = replicas
+        if (
+            loads is not None
+            and [s.name if s else r.name for s, r in zip(loads, replicas, strict=True)] != names
+        ):
+            raise ValueError(f"load sources {[s and s.name for s in loads]} != config {names}")
+        # the replicas' load reports, read in the background (None: the ingress's own counts)
+        self.loads = LoadPoller(self.current, loads) if loads is not None else None
         self.sink = sink
         self.ledger = ledger
         self.jobs = jobs
@@ -161,6 +177,8 @@ class RouterService:
         for st_new, st_old in zip(live.router.states, old_live.router.states, strict=True):
             st_new.active, st_new.cooldown_until = st_old.active, st_old.cooldown_until
             st_new.healthy = st_old.healthy  # switched off by the fleet scaler: stays off
+            st_new.report, st_new.report_at = st_old.report, st_old.report_at
+            st_new.active_at_report = st_old.active_at_report
         live.router.lengths = old_live.router.lengths
         live.router.carbon.adopt(old_live.router.carbon)
         self.live = live
@@ -199,6 +217,8 @@ class RouterService:
     def background(self, send: SendTimelines | None = None) -> list[Coroutine[Any, Any, None]]:
         """The loops the service needs running beside it."""
         loops = [self.deferral.loop(), self.refit_loop(), self.fleet.loop()]
+        if self.loads is not None:
+            loops.append(self.loads.loop())
         if send is not None and self.proxied is not None:
             loops.append(self.timelines_loop(send))
         return loops

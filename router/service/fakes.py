@@ -2,6 +2,7 @@
 batches are tested in milliseconds without Ray. Each implements the real interface.
 
 - :class:`FakeReplicaClient`: a scripted replica (its answer, its energy, and how it fails);
+- :class:`FakeLoadSource`: a replica's scripted load reports (and how its endpoint fails);
 - :class:`StaticCarbonSource`: fixed intensities per zone, with an hourly forecast profile;
 - :class:`LedgerSink`: a real SQLite :class:`router.ledger.Ledger` as both the bill sink and
   the ledger reader, written synchronously (no metering actor).
@@ -20,9 +21,17 @@ import pandas as pd
 from forecasting.errors import CarbonSourceError
 from forecasting.sources.base import CarbonSource, Forecast, Intensity
 from regions.backends import CompletionRequest
-from router.errors import ReplicaFailed, UpstreamRefused
+from router.errors import LoadUnavailable, ReplicaFailed, UpstreamRefused
 from router.ledger import Ledger, LedgerRow
-from router.service.ports import Answer, Chunk, Final, StreamItem, UsageQuery, usage_answer
+from router.service.ports import (
+    Answer,
+    Chunk,
+    Final,
+    LoadReport,
+    StreamItem,
+    UsageQuery,
+    usage_answer,
+)
 
 Failure = Literal["down", "refuse", "die_mid_stream"]
 
@@ -98,6 +107,34 @@ class FakeReplicaClient:
             if not ended:
                 self.closed.append(request_id)
         yield self._final(started, len(words))
+
+
+class FakeLoadSource:
+    """Reports ``running`` and ``waiting`` as they are set. ``fail``: ``down`` raises
+    :class:`LoadUnavailable` (an endpoint that answers no load), ``hang`` never answers (its
+    caller's timeout ends the read). ``reads`` counts the reads asked for."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        running: int = 0,
+        waiting: int = 0,
+        fail: Literal["down", "hang"] | None = None,
+    ) -> None:
+        self.name = name
+        self.running = running
+        self.waiting = waiting
+        self.fail = fail
+        self.reads = 0
+
+    async def read(self) -> LoadReport:
+        self.reads += 1
+        if self.fail == "hang":
+            await asyncio.Event().wait()
+        if self.fail == "down":
+            raise LoadUnavailable("its load endpoint answers no load", replica=self.name)
+        return LoadReport(self.running, self.waiting)
 
 
 class StaticCarbonSource(CarbonSource):

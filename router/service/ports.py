@@ -16,6 +16,10 @@ invalid (the client's 400; no cooldown, no failover). Nothing else is expected f
 (a proxied server metered on its node, :mod:`router.service.proxied`); the ingress then hands
 the predicted bill to that replica instead of its own outbox.
 
+``LoadSource``: a replica's load as it reports it (:class:`LoadReport`: its running batch and
+its queue), read in the background by :class:`router.service.load.LoadPoller`, never on the
+request path.
+
 ``BillSink``: where billed rows go (the spooled outbox to the metering actor).
 ``LedgerReader``: what the request path reads back from the ledger.
 ``Wire``: the request and answer format (OpenAI's, :mod:`router.http.wire`), for the work the
@@ -77,6 +81,24 @@ class ReplicaClient(Protocol):
     async def complete(self, request_id: str, request: CompletionRequest) -> Answer: ...
 
     def stream(self, request_id: str, request: CompletionRequest) -> AsyncIterator[StreamItem]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """A replica's load as it reported it: ``running`` sequences in its batch, ``waiting``
+    requests queued for a slot (whole requests, >= 0)."""
+
+    running: int
+    waiting: int
+
+
+class LoadSource(Protocol):
+    name: str  # the replica's
+
+    async def read(self) -> LoadReport:
+        """The replica's load now. Raises :class:`router.errors.LoadUnavailable` when it cannot
+        say; it may also hang: its caller bounds the wait."""
+        ...
 
 
 class BillSink(Protocol):

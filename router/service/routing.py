@@ -5,6 +5,7 @@ and the price of what a request used."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,12 @@ import numpy as np
 from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
 from forecasting.errors import CarbonSourceError
 from forecasting.replica_calibration import ReplicaCalibration
-from forecasting.replica_model import ReplicaModel, ReplicaModelError, replica_model
+from forecasting.replica_model import (
+    GpuReplicaModel,
+    ReplicaModel,
+    ReplicaModelError,
+    replica_model,
+)
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, Region, Replica
 from router.billing import PriceError, PriceSchedule, bill_line, tariff_for
@@ -26,6 +32,7 @@ from router.policy import Candidates, Decision, Policy, make_policy
 from router.preference import Preference, parse_preference
 from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 from router.service.carbon import CarbonView
+from router.service.ports import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +43,41 @@ class ReplicaState:
     region: Region
     profile: ReplicaProfile
     prices: PriceSchedule
-    active: int = 0
+    active: int = 0  # requests this ingress has in flight there
     healthy: bool = True
     cooldown_until: float = 0.0
     service_s_per_token: float = 0.0
     model: ReplicaModel | None = None  # its physics by running batch (None: not modelled)
+    report: LoadReport | None = None  # its last load report (router.service.load)
+    report_at: float = -math.inf  # the router's clock when that report was asked for
+    active_at_report: int = 0  # ``active`` then
+    _itl_s: dict[int, float] = field(default_factory=dict, repr=False)  # by batch joined
+
+    def __post_init__(self) -> None:
+        # the figures that stand in for a better source whatever the load: no model, the
+        # predictor's average J/token stands in for the marginal energy; a GPU model's prefill
+        # time is a compute-bound estimate, not a measurement
+        fixed: tuple[str, ...] = ("energy",) if self.model is None else ()
+        fixed += ("prefill",) if isinstance(self.model, GpuReplicaModel) else ()
+        self._estimated = (fixed, ("load", *fixed))
+        self._max_batch = self.model.max_batch if self.model is not None else 0
 
     def usable(self, now: float) -> bool:
         return self.healthy and now >= self.cooldown_until
+
+    def in_flight(self, now: float, fresh_s: float) -> tuple[int, bool]:
+        """Requests running or queued on the replica, and whether that is estimated: its last
+        report if asked for no more than ``fresh_s`` ago, plus the requests this ingress sent
+        there less those it saw end since; else this ingress's own count (estimated: other
+        ingresses' requests are missing, and its own may still be queued or already done)."""
+        r = self.report
+        if r is not None and now - self.report_at <= fresh_s:
+            return max(0, r.running + r.waiting + self.active - self.active_at_report), False
+        return self.active, True
+
+    def estimated(self, load_estimated: bool) -> tuple[str, ...]:
+        """The figures of this replica's candidacy that are estimates (see Decision)."""
+        return self._estimated[load_estimated]
 
     def prefill_ms(self, prompt_tokens: int) -> float:
         """ms to prefill ``prompt_tokens`` (NaN: no model)."""
@@ -51,12 +85,44 @@ class ReplicaState:
             return float("nan")
         return self.model.prefill_s(prompt_tokens) * 1000.0
 
+    def _itl(self, batch: int) -> float:
+        itl = self._itl_s.get(batch)
+        if itl is None:
+            assert self.model is not None
+            itl = self._itl_s[batch] = self.model.itl_s(batch)
+        return itl
+
     def tpot_ms(self, active: int) -> float:
         """ms per output token for a request joining its ``active`` running sequences (at
         most its batch limit: beyond it a request queues, then decodes in a full batch)."""
         if self.model is None:
             return float("nan")
-        return self.model.itl_s(min(active + 1, self.model.max_batch)) * 1000.0
+        return self._itl(min(active + 1, self._max_batch)) * 1000.0
+
+    def slowdown(self, active: int) -> float:
+        """How many times slower than alone a request decodes here with ``active`` requests
+        ahead (ITL at the batch it joins over a lone sequence's; past the batch limit, also
+        times the full batches it waits for); without a model, 1 + load."""
+        if self.model is None:
+            return 1.0 + active / self.replica.max_concurrency
+        joined, top = active + 1, self._max_batch
+        slow = self._itl(min(joined, top)) / self._itl(1)
+        return slow * joined / top if joined > top else slow
+
+    def queue_ms(self, active: int, output_tokens: float) -> float:
+        """ms a request waits for a slot behind ``active`` requests: a modelled replica runs
+        ``max_batch`` at once, and each of those ahead beyond it waits for one to end (a full
+        batch ends requests of ``output_tokens`` at its decode rate); without a model, the
+        configured rate's service time by the load beyond 1."""
+        m = self.model
+        if m is None:
+            load = active / self.replica.max_concurrency
+            per_tok = self.service_s_per_token or 1.0 / self.replica.tokens_per_s
+            return max(0.0, load - 1.0) * output_tokens * per_tok * 1000.0
+        ahead = active + 1 - self._max_batch
+        if ahead <= 0:
+            return 0.0
+        return ahead * output_tokens / m.decode_tokens_per_s(self._max_batch) * 1000.0
 
 
 _CALIBRATION: ReplicaCalibration | None = None
@@ -165,13 +231,24 @@ class Router:
         return pref
 
     async def candidates(self, prompt_tokens: int, output_tokens: float) -> Candidates:
+        """Every replica as a candidate for a request of ``prompt_tokens`` and (expected)
+        ``output_tokens``: its energy (the replica model's marginal energy at its load now, or
+        the energy predictor's figure without a model), price, intensity and latency. Its load
+        is its last report if fresh, else this ingress's own count (``estimated``)."""
         now = self.clock()
         wall = datetime.now(UTC)
+        fresh_s = self.config.policy.load_report_s
         n = len(self.states)
         intensity = np.empty(n)
         price = np.empty(n)
         kwh = np.empty(n)
         service_ms = np.empty(n)
+        queue_ms = np.empty(n)
+        slowdown = np.empty(n)
+        load = np.empty(n)
+        has_capacity = np.empty(n, dtype=bool)
+        actives: list[int] = []
+        estimated: list[tuple[str, ...]] = []
         missing: dict[str, str] = {}  # a region without data is unavailable, not the service
         for i, st in enumerate(self.states):
             try:
@@ -180,16 +257,23 @@ class Router:
             except (CarbonUnavailable, PriceError) as e:
                 missing[st.region.name] = str(e)
                 intensity[i], price[i] = np.inf, np.inf
-            kwh[i] = (
-                self.predictor.predict_j(
-                    st.profile, prompt_tokens, output_tokens, batch=max(1, st.active)
-                )
-                / 3.6e6
-            )
+        # loads are read after the last await, so requests admitted together each see those
+        # started before them (a region's first carbon fetch holds them all up)
+        seen = self.clock()
+        for i, st in enumerate(self.states):
+            active, guessed = st.in_flight(seen, fresh_s)
+            actives.append(active)
+            estimated.append(st.estimated(guessed))
+            if st.model is not None:
+                kwh[i] = st.model.marginal_j(active, prompt_tokens, output_tokens) / 3.6e6
+            else:
+                kwh[i] = self._predicted_j(st, prompt_tokens, output_tokens, active) / 3.6e6
             per_tok = st.service_s_per_token or 1.0 / st.replica.tokens_per_s
             service_ms[i] = output_tokens * per_tok * 1000.0
-        load = np.array([st.active / st.replica.max_concurrency for st in self.states])
-        queue_ms = np.maximum(0, load - 1) * service_ms
+            queue_ms[i] = st.queue_ms(active, output_tokens)
+            slowdown[i] = st.slowdown(active)
+            load[i] = active / st.replica.max_concurrency
+            has_capacity[i] = active < 4 * st.replica.max_concurrency
         if self._static is None:  # what does not change while this router lives
             self._static = {
                 "names": [s.replica.name for s in self.states],
@@ -204,7 +288,7 @@ class Router:
             regions=static["regions"],
             residency=static["residency"],
             healthy=np.array([s.usable(now) and s.region.name not in missing for s in self.states]),
-            has_capacity=np.array([s.active < 4 * s.replica.max_concurrency for s in self.states]),
+            has_capacity=has_capacity,
             kwh=kwh,
             pue=static["pue"],
             price_usd_per_kwh=price,
@@ -214,13 +298,27 @@ class Router:
             service_ms=service_ms,
             load=load,
             unavailable=missing,
-            prefill_of=self._each(lambda st, _: st.prefill_ms(prompt_tokens)),
-            tpot_of=self._each(lambda st, active: st.tpot_ms(active)),
+            prefill_of=self._each(actives, lambda st, _: st.prefill_ms(prompt_tokens)),
+            tpot_of=self._each(actives, lambda st, active: st.tpot_ms(active)),
+            billed_kwh_of=self._each(
+                actives,
+                lambda st, active: (
+                    self._predicted_j(st, prompt_tokens, output_tokens, active) / 3.6e6
+                ),
+            ),
+            slowdown=slowdown,
+            estimated=estimated,
         )
 
-    def _each(self, f: Callable[[ReplicaState, int], float]) -> Callable[[], np.ndarray]:
+    def _predicted_j(self, st: ReplicaState, prompt: int, output: float, active: int) -> float:
+        """The energy predictor's figure: J/token averaged over the batch, static share in."""
+        return self.predictor.predict_j(st.profile, prompt, output, batch=max(1, active))
+
+    def _each(
+        self, actives: list[int], f: Callable[[ReplicaState, int], float]
+    ) -> Callable[[], np.ndarray]:
         """``f`` of each replica and its load seen now, evaluated only if a request asks."""
-        states, actives = self.states, [s.active for s in self.states]
+        states = self.states
         return lambda: np.array([f(st, a) for st, a in zip(states, actives, strict=True)])
 
     def decide(self, c: Candidates, pref: Preference, exclude: set[int] = frozenset()) -> Decision:  # type: ignore[assignment]
@@ -267,7 +365,9 @@ class Router:
             intensity[0, i] = c.intensity_g_per_kwh[i]  # now is known
             intensity[1:, i] = [fc.at(h) for h in hours[1:]]
             price[:, i] = [st.prices.at(h) for h in hours]
-        s = slot_scores(c.kwh, c.pue, price, intensity, pref.weight)
+        # the batch a request joins hours from now is not today's: the predictor's figure
+        # (an average over the batch), not the marginal energy at the load now
+        s = slot_scores(c.billed_kwh, c.pue, price, intensity, pref.weight)
         s[:, ~ok] = np.inf
         s = worth_waiting(s, self.config.policy.defer_min_gain)
         if not np.isfinite(s[1:]).any():

@@ -89,8 +89,9 @@ class Settlement:
             since = period_start(now, budgets.limits[tenant].period)
             await self.sink.flush()
             budgets.load(tenant, *await self.ledger.spend(tenant, since), now)
-        i = int(np.argmin(cands.kwh))
-        kwh = float(cands.kwh[i] * cands.pue[i])
+        billed = cands.billed_kwh  # the bill's figure, not the marginal energy the score uses
+        i = int(np.argmin(billed))
+        kwh = float(billed[i] * cands.pue[i])
         return (
             kwh,
             kwh * float(cands.intensity_g_per_kwh[i]),
