@@ -25,6 +25,10 @@ batches, each metric is piecewise-linear in log(batch) on log(metric). Beyond th
   batch; the batch limit is ``max_num_seqs``, or less where a measured run shows the KV cache
   holding fewer sequences at chat lengths.
 
+Prefill draws :attr:`ReplicaModel.prefill_power_w`: compute-bound, taken as the largest measured
+draw of the replica (an estimate; ML.ENERGY measured steady serving, prefills included, not a
+prefill alone).
+
 Static power: :data:`forecasting.energy.GPUS` ``static_w`` per GPU, a default (the sources are
 there); a replica's ``static_power_w_per_gpu`` in YAML overrides it. A decoding replica draws at
 least its static power. Prefill: an estimate,
@@ -220,6 +224,11 @@ class ReplicaModel(ABC):
     @abstractmethod
     def prefill_s(self, prompt_tokens: float) -> float: ...
 
+    @property
+    def prefill_power_w(self) -> float:
+        """Watts while prefilling: compute-bound work, taken as the busiest measured draw."""
+        return self.power_w(self.max_batch)
+
     @abstractmethod
     def _busy(self, batch: float) -> tuple[float, float, float]:
         """(power W, tokens/s, ITL s) at a batch >= 1."""
@@ -325,6 +334,11 @@ class GpuReplicaModel(ReplicaModel):
         power, rate, itl = self.curve.at(np.array([batch]))
         # decoding draws no less than idling (a static override above a fit's power can ask it)
         return max(float(power[0]), self.static_power_w), float(rate[0]), float(itl[0])
+
+    @property
+    def prefill_power_w(self) -> float:
+        """The largest measured draw (the busiest batch, beyond ``max_num_seqs`` if measured)."""
+        return max(float(np.exp(self.curve.log_power_w.max())), self.static_power_w)
 
     def prefill_s(self, prompt_tokens: float) -> float:
         if prompt_tokens < 0:

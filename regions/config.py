@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -223,6 +224,12 @@ class Replica(_Strict):
         description="watts one GPU draws while the replica is up and serves nothing, for the "
         "replica model; default per GPU type (forecasting.energy.GPUS)",
     )
+    count: int = Field(
+        1, ge=1, le=10_000, description="identical replicas this entry stands for (simulator)"
+    )
+    max_num_batched_tokens: int = Field(
+        8192, ge=64, description="the engine's tokens per step (chunked prefill), simulator"
+    )
 
     @model_validator(mode="after")
     def _static_power_is_for_gpus(self) -> Replica:
@@ -370,31 +377,60 @@ class PolicyDefaults(_Strict):
 class Simulation(_Strict):
     """``router simulate`` settings (see README 'Simulator')."""
 
-    trace: str = Field("azure_conv", description="azure_conv | azure_code | synthetic | a .jsonl")
+    trace: str | list[str] = Field(
+        "azure_conv",
+        description="azure_conv | azure_code | synthetic | a .jsonl, or a list of the Azure "
+        "traces (their hours pooled, each at its own rate)",
+    )
     start: str = "2024-01-01"
     end: str = "2025-01-01"
-    requests_per_hour: float = Field(120.0, gt=0, description="mean simulated arrivals per hour")
+    requests_per_hour: float | None = Field(
+        None, gt=0, description="mean arrivals per hour; or set mean_utilization"
+    )
+    mean_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="mean arrivals as this share of the fleet's capacity at its SLOs (instead "
+        "of requests_per_hour)",
+    )
     diurnal_amplitude: float = Field(0.35, ge=0, lt=1)
     deferrable_share: float = Field(0.3, ge=0, le=1)
     defer_window_h: int = Field(12, ge=1, le=48)
     defer_min_gain: float = Field(
         0.02, ge=0, lt=1, description="defer only when a later slot scores this much better"
     )
-    slo_ms: float = Field(10_000.0, gt=0)
+    slo_ttft_ms: float = Field(
+        10_000.0,
+        gt=0,
+        validation_alias=AliasChoices("slo_ttft_ms", "slo_ms"),
+        description="time to first token at the client (RTT + queue + prefill)",
+    )
+    slo_tpot_ms: float = Field(1_000.0, gt=0, description="time per output token after the first")
+    slo_attainment: float = Field(
+        0.99, gt=0, lt=1, description="share of requests that must meet both SLOs at capacity"
+    )
     target_utilization: float = Field(0.8, gt=0, le=1)
     policies: list[str] = Field(
         default_factory=lambda: [
-            "round_robin",
+            "power_of_two",
             "nearest",
             "cheapest",
             "greenest",
             "price_carbon",
             "price_carbon+defer",
             "greenest+defer",
+            "cleanest_hour",
             "oracle",
         ]
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> Simulation:
+        if self.requests_per_hour is not None and self.mean_utilization is not None:
+            raise ValueError("set requests_per_hour or mean_utilization, not both")
+        return self
 
 
 class FleetScaling(_Strict):
@@ -573,6 +609,8 @@ def parse_config(text: str, *, path: str = "<string>", env: dict[str, str] | Non
         raise ConfigError(path, [f"{path}{at} not valid YAML: {e}"]) from e
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}:1 the config must be a mapping with 'regions' etc."])
+    # top-level keys starting x- hold YAML anchors to reuse (as in Compose files)
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         return Config.model_validate(data)
     except ValidationError as e:

@@ -396,7 +396,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from forecasting.datasets import cache_dir
     from regions.config import load_config
     from router.simreport import SUMMARY_COLUMNS, write_outputs
-    from router.simulate import deferral_capture, parse_policy, simulate
+    from router.simulate import build_world, compare_day, deferral_capture, parse_policy, simulate
 
     cfg = load_config(args.config)
     if args.period:
@@ -407,28 +407,51 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     policies = args.policies.split(",") if args.policies else cfg.simulation.policies
     for spec in policies:
         parse_policy(spec)
+    base_dir = Path(args.config).parent
+    fc_cache = cache_dir().parent / "forecasts"
+    if args.reference_day is not None:
+        world = build_world(cfg, base_dir=base_dir, cache_dir=fc_cache)
+        frames = {
+            spec: compare_day(world, cfg, spec, args.reference_day).assign(policy=spec)
+            for spec in policies
+        }
+        import pandas as pd
+
+        df = pd.concat(frames.values(), ignore_index=True)
+        if args.json:
+            print(json.dumps(df.to_dict(orient="records")))
+            return 0
+        day = world.hours[args.reference_day * 24]
+        _print_frame(df, f"fast model against the iteration-level reference, {day:%Y-%m-%d}")
+        return 0
     with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as progress:
         task = progress.add_task("simulating", total=len(policies))
         result = simulate(
             cfg,
-            base_dir=Path(args.config).parent,
+            base_dir=base_dir,
             policies=policies,
-            cache_dir=cache_dir().parent / "forecasts",
+            cache_dir=fc_cache,
             progress=lambda _name: progress.advance(task),
         )
-    written = write_outputs(result, Path(args.out), sample=args.sample) if args.out else []
+    written = write_outputs(result, Path(args.out)) if args.out else []
     if args.json:
         print(json.dumps({
             "summary": result.summary.to_dict(orient="records"),
             "by_region": result.by_region.to_dict(orient="records"),
+            "fleet_capacity_rps": result.world.fleet_capacity_rps,
             "deferral_capture": deferral_capture(result.summary),
             "forecast_mape": result.world.forecast_mape,
             "seconds": result.seconds,
             "outputs": [str(p) for p in written],
         }))  # fmt: skip
         return 0
-    shown = result.summary.rename(columns=SUMMARY_COLUMNS)
-    _print_frame(shown, f"{len(result.requests):,} requests per policy, {result.seconds:.1f} s")
+    shown = result.summary[[c for c in SUMMARY_COLUMNS if c in result.summary.columns]]
+    w = result.world
+    _print_frame(
+        shown.rename(columns=SUMMARY_COLUMNS),
+        f"{result.requests:,.0f} requests per policy on {len(w.replica_names)} replicas "
+        f"({w.fleet_capacity_rps:.1f} requests/s at the SLOs), {result.seconds:.1f} s",
+    )
     capture = deferral_capture(result.summary)
     if capture is not None:
         print(f"forecast-driven deferral captured {capture:.0%} of the oracle's deferral saving")
@@ -580,10 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("simulate", help="offline what-if of routing policies")
     sm.add_argument("--config", default="configs/simulate.yaml")
     sm.add_argument("--out", default="out/simulate", help="report folder ('' for none)")
-    sm.add_argument("--policies", help="comma-separated, e.g. round_robin,greenest+defer,oracle")
+    sm.add_argument(
+        "--policies", help="comma-separated, e.g. power_of_two,greenest+defer,price_carbon+scale"
+    )
     sm.add_argument("--period", help="START..END, e.g. 2024-06-01..2024-07-01")
-    sm.add_argument("--sample", type=int, default=100_000,
-                    help="requests per policy in the per-request Parquet (0: all)")  # fmt: skip
+    sm.add_argument("--reference-day", type=int, metavar="N",
+                    help="instead: compare the fast model with the iteration-level reference "
+                    "on day N of the period (0 is the first), request by request")  # fmt: skip
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_simulate)
 

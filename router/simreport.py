@@ -1,5 +1,6 @@
-"""What ``router simulate`` writes: per-request Parquet, per-hour CSV, a Markdown report and
-PNG plots (intensity per region with the traffic it received; carbon and cost per policy)."""
+"""What ``router simulate`` writes: per-hour CSV (policy, region), summary and per-region CSV, a
+Markdown report and PNG plots (intensity per region with the traffic each received; carbon and
+cost per policy; carbon against p99 time to first token, one point per policy)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from router.simulate import SimulationResult, deferral_capture
 
@@ -16,76 +15,77 @@ SUMMARY_COLUMNS = {
     "policy": "policy",
     "requests": "requests",
     "kwh": "kWh",
+    "kwh_static": "static kWh",
+    "j_per_token": "J/token",
     "t_co2e": "t CO2e",
     "energy_tariff_usd": "energy tariff $",
-    "token_tariff_usd": "token tariff $",
-    "mean_added_latency_ms": "mean added ms",
-    "p99_added_latency_ms": "p99 added ms",
-    "slo_violations": "SLO violations",
+    "slo_attainment": "SLO met",
+    "ttft_p50_ms": "TTFT p50 ms",
+    "ttft_p99_ms": "TTFT p99 ms",
+    "tpot_p50_ms": "TPOT p50 ms",
+    "tpot_p99_ms": "TPOT p99 ms",
+    "replicas_on_mean": "replicas on",
     "share_deferred": "deferred",
-    "mean_delay_s": "mean delay s",
-    "co2_saved_vs_round_robin": "CO2 saved vs RR",
+    "mean_delay_h": "mean delay h",
+    "co2_saved_vs_power_of_two": "CO2 saved vs P2C",
     "share_of_oracle_saving": "of oracle saving",
 }
 
 
-def _labels(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int16)), pa.array(names))
-
-
-def per_request(result: SimulationResult, policy: str, sample: int = 0) -> pa.Table:
-    """One row per request; ``sample`` > 0 keeps that many, drawn uniformly (seeded)."""
-    o, req, w = result.outcomes[policy], result.requests, result.world
-    idx = np.arange(len(req))
-    if 0 < sample < len(req):
-        idx = np.sort(np.random.default_rng(0).choice(len(req), sample, replace=False))
-    t0_us = int(w.hours[0].value // 1000)
-    arrival_us = t0_us + (req.arrival_s[idx] * 1e6).astype(np.int64)
-    return pa.table({
-        "arrival": pa.array(arrival_us, type=pa.timestamp("us", tz="UTC")),
-        "start_delay_s": (o.start_s - req.arrival_s)[idx].astype(np.float32),
-        "region": _labels(w.replica_region[o.replica[idx]], w.region_names),
-        "replica": _labels(o.replica[idx], w.replica_names),
-        "prompt_tokens": req.prompt[idx],
-        "output_tokens": req.output[idx],
-        "queue_wait_s": o.wait_s[idx].astype(np.float32),
-        "service_s": o.service_s[idx].astype(np.float32),
-        "energy_j": o.energy_j[idx].astype(np.float32),
-        "kwh": o.kwh[idx].astype(np.float32),
-        "carbon_g": o.carbon_g[idx].astype(np.float32),
-        "cost_usd": o.cost_usd[idx].astype(np.float32),
-        "token_cost_usd": o.token_cost_usd[idx].astype(np.float32),
-        "deferred": o.deferred[idx],
-        "slo_violation": o.slo_violation[idx],
-    })  # fmt: skip
-
-
 def per_hour(result: SimulationResult) -> pd.DataFrame:
+    """One row per policy, hour and region: requests, replicas on, energy, carbon, cost."""
     w = result.world
     frames = []
+    g_of = w.replica_region
+    g_n = len(w.region_names)
     for name, o in result.outcomes.items():
-        h = np.minimum((o.start_s // 3600).astype(int), len(w.hours) - 1)
-        g = w.replica_region[o.replica]
-        df = pd.DataFrame({"hour": h, "region": g, "kwh": o.kwh, "carbon_g": o.carbon_g,
-                           "cost_usd": o.cost_usd, "requests": 1})  # fmt: skip
-        agg = df.groupby(["hour", "region"], as_index=False).sum()
-        agg["policy"] = name
-        agg["time"] = w.hours[agg["hour"]]
-        agg["intensity_g_per_kwh"] = w.intensity[agg["hour"], agg["region"]]
-        agg["region"] = np.array(w.region_names)[agg["region"]]
-        frames.append(agg.drop(columns="hour"))
+
+        def by_region(a: np.ndarray) -> np.ndarray:
+            return np.stack([a[:, g_of == g].sum(axis=1) for g in range(g_n)], axis=1)
+
+        cols = {
+            "requests": by_region(o.requests),
+            "replicas_on": by_region(o.on.astype(float)),
+            "kwh": by_region(o.kwh),
+            "carbon_g": by_region(o.carbon_g),
+            "cost_usd": by_region(o.cost_usd),
+        }
+        frames.append(pd.DataFrame({
+            "policy": name,
+            "time": np.repeat(w.hours, g_n),
+            "region": np.tile(w.region_names, len(w.hours)),
+            "intensity_g_per_kwh": w.intensity.ravel(),
+            **{k: v.ravel() for k, v in cols.items()},
+        }))  # fmt: skip
     return pd.concat(frames, ignore_index=True)
 
 
+def fleet_table(result: SimulationResult) -> pd.DataFrame:
+    """Each replica kind per region: capacity at the SLOs and energy per request there."""
+    w = result.world
+    rows = []
+    for r, name in enumerate(w.replica_names):
+        rows.append({
+            "replica": name,
+            "region": w.region_names[w.replica_region[r]],
+            "capacity_rps": float(w.capacity_rps[r]),
+            "static_w": float(w.static_w[r]),
+            "j_per_request_at_target": float(w.j_per_request[r]),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def markdown_report(result: SimulationResult) -> str:
-    s = result.summary.rename(columns=SUMMARY_COLUMNS)
+    shown = [c for c in SUMMARY_COLUMNS if c in result.summary.columns]
+    s = result.summary[shown].rename(columns=SUMMARY_COLUMNS)
     w = result.world
     capture = deferral_capture(result.summary)
     lines = [
         "# Simulation report",
         "",
         f"Period {w.hours[0]:%Y-%m-%d} .. {w.hours[-1]:%Y-%m-%d %H:00} UTC, "
-        f"{len(result.requests):,} requests per policy, regions "
+        f"{result.requests:,.0f} requests per policy on {len(w.replica_names)} replicas "
+        f"(capacity at the SLOs {w.fleet_capacity_rps:.1f} requests/s), regions "
         + ", ".join(f"{n} ({z})" for n, z in zip(w.region_names, w.zones, strict=True))
         + f". Run took {result.seconds:.1f} s.",
         "",
@@ -94,6 +94,10 @@ def markdown_report(result: SimulationResult) -> str:
         "## Per region",
         "",
         _md_table(result.by_region),
+        "",
+        "## Fleet",
+        "",
+        _md_table(fleet_table(result).drop_duplicates(subset=["region", "capacity_rps"])),
         "",
         "## Day-ahead forecast error used for deferral (MAPE %, all hours and horizons)",
         "",
@@ -168,27 +172,46 @@ def plots(result: SimulationResult, hourly: pd.DataFrame, out: Path) -> list[Pat
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
+    paths.append(carbon_vs_latency(result, out / "carbon_vs_p99_ttft.png"))
     return paths
 
 
-def write_outputs(result: SimulationResult, out: Path, *, sample: int = 100_000) -> list[Path]:
-    """Write the report folder; per-request files keep ``sample`` requests (0: all)."""
+def carbon_vs_latency(result: SimulationResult, path: Path) -> Path:
+    """Carbon against p99 time to first token, one point per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result.summary
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(s["ttft_p99_ms"], s["t_co2e"], color="tab:green")
+    for _, row in s.iterrows():
+        ax.annotate(f"{row['policy']} ({row['slo_attainment']:.1%})",
+                    (row["ttft_p99_ms"], row["t_co2e"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("p99 time to first token, ms (at the client)")
+    ax.set_ylabel("t CO2e")
+    ax.set_title("Carbon against tail latency (SLO attainment in brackets)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: SimulationResult, out: Path) -> list[Path]:
+    """Write the report folder."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in result.outcomes:
-        p = out / f"requests_{name.replace('+', '_')}.parquet"
-        pq.write_table(per_request(result, name, sample), p, compression="zstd")
-        written.append(p)
     hourly = per_hour(result)
     p = out / "hourly.csv"
     hourly.to_csv(p, index=False)
     written.append(p)
-    p = out / "summary.csv"
-    result.summary.to_csv(p, index=False)
-    written.append(p)
-    p = out / "by_region.csv"
-    result.by_region.to_csv(p, index=False)
-    written.append(p)
+    for name, frame in (("summary", result.summary), ("by_region", result.by_region),
+                        ("fleet", fleet_table(result))):  # fmt: skip
+        p = out / f"{name}.csv"
+        frame.to_csv(p, index=False)
+        written.append(p)
     p = out / "report.md"
     p.write_text(markdown_report(result))
     written.append(p)

@@ -1,26 +1,41 @@
-"""``router simulate``: offline what-if runs of routing policies over a trace and real carbon data.
+"""``router simulate``: offline what-if runs of routing policies over a trace and real carbon
+data, on a model of GPU serving (:mod:`router.replica_sim`, calibrated by
+:mod:`forecasting.replica_model`).
 
-How a run works (all hourly, all vectorized over requests):
+How a run works (hour by hour, vectorized over hours and replicas):
 
-1. Traffic. The Azure LLM traces cover one hour. Each simulated hour draws a Poisson number of
-   requests with mean ``requests_per_hour x (1 + a cos(2 pi (hour - 14) / 24))`` (a daily shape
-   peaking at 14:00 UTC, amplitude ``diurnal_amplitude``) and samples that many requests of the
-   trace with replacement, keeping each one's offset in its hour and its token counts. A JSONL
-   trace is used as it is. ``deferrable_share`` of the requests may wait ``defer_window_h``.
-2. World. Actual intensity per region and hour from the historical files (as of each hour),
+1. Fleet. Each configured replica (``count`` of them) is a replica model (model, GPU type and
+   count, ``max_concurrency`` = the engine's batch limit, ``max_num_batched_tokens``). For each
+   kind of replica and region, a :class:`router.replica_sim.ServingTable` gives its energy, busy
+   share and latency distributions by arrival rate, and its capacity: the highest rate at which
+   ``slo_attainment`` of requests meet both SLOs (first token, with the region's RTT; time per
+   output token).
+2. Traffic. The Azure LLM traces cover one hour each; listed together they are pooled, each at its
+   own rate (the conversation and code mixes). Hour h expects ``rate x (1 + a cos(2 pi (hour -
+   14) / 24))`` requests (a daily shape peaking at 14:00 UTC, amplitude ``diurnal_amplitude``);
+   ``rate`` is ``requests_per_hour``, or ``mean_utilization`` of the fleet's capacity. A replica
+   receiving a share of an hour receives requests drawn from the pool with their offsets in the
+   hour (the trace's own burstiness) and token counts. A JSONL trace gives its own hourly counts.
+   ``deferrable_share`` of requests may wait ``defer_window_h`` (policies with ``+defer``).
+3. World. Actual intensity per region and hour from the historical files (as of each hour),
    prices from the config's schedules, day-ahead forecasts issued every hour by
    :class:`CarbonForecaster` fitted on the data before the period (the oracle sees actuals).
-   Energy per request is the energy predictor's: J/token of the replica (GPU prior at half its
-   concurrency) x (output + prefill_weight x prompt tokens).
-3. Routing. Immediate requests of an hour are ranked with :func:`router.policy.score` (the live
-   router's code) and filled into replicas in score order up to ``target_utilization`` of each
-   replica's hourly capacity, then spill to the next; near-ties share by capacity. Round-robin
-   cycles. Deferred requests are planned by :func:`router.scheduler.plan`'s rule into the
-   (hour, replica) with the best forecast score and room left, and start at a random time in
-   that hour.
-4. Queueing. Each replica has ``max_concurrency`` slots of ``tokens_per_s / max_concurrency``
-   tokens/s; requests take slots in turn and wait when theirs is busy (a FIFO queue per slot,
-   solved exactly by Lindley's recursion). Latency and SLO violations come out of this.
+4. Routing. An hour's immediate requests are ranked with :func:`router.policy.score` (the live
+   router's code) using each replica's energy per request at ``target_utilization`` of its
+   capacity, and filled into replicas best first up to that utilization, then spilled to the
+   next; near-ties share by capacity. ``power_of_two`` (the carbon-agnostic baseline: Ray
+   Serve's default, power of two choices, keeps replicas equally loaded) shares by capacity;
+   ``round_robin`` equally. Deferrable requests are planned by the live planner's rule
+   (:func:`router.scheduler.worth_waiting`) into the (hour, replica) cells with the best forecast
+   score and room left; ``cleanest_hour`` moves them to the hour with the cleanest forecast fleet
+   average and places them carbon-agnostically; ``oracle`` plans with actual intensity.
+5. Serving. Each (hour, replica) cell is read from its table at the cell's rate: energy (static
+   power included; an off replica draws its standby power), busy share, and the distributions of
+   time to first token (plus the region's RTT) and time per output token. Energy is split between
+   requests and idle by the live attributor's rule (:mod:`router.metering.attribution`).
+
+:func:`compare_day` runs the iteration-level reference over one day of the same cells, request by
+request, and compares it with the fast model.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +54,19 @@ import pandas as pd
 from forecasting.datasets import dataset_path
 from forecasting.errors import ForecastingError
 from forecasting.forecaster import CarbonForecaster
-from regions.config import Config
+from forecasting.replica_model import ReplicaModelError, replica_model
+from regions.config import Config, Replica
 from router.billing import J_PER_KWH, PriceSchedule
 from router.errors import RouterError
+from router.metering.attribution import request_work, split_busy_idle
 from router.policy import POLICIES, score
+from router.replica_sim import (
+    Engine,
+    Histograms,
+    ServingTable,
+    Traffic,
+    run_engine,
+)
 from router.scheduler import worth_waiting
 
 log = logging.getLogger(__name__)
@@ -50,30 +75,20 @@ TRACES = {
     "azure_conv": "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
     "azure_code": "traces/azure_llm_2023/AzureLLMInferenceTrace_code.csv",
 }
-WEIGHTS = {"cheapest": 0.0, "greenest": 1.0, "oracle": 1.0, "price_carbon": None}
+WEIGHTS = {"cheapest": 0.0, "greenest": 1.0, "oracle": 1.0, "cleanest_hour": 1.0}
+BASELINES = ("power_of_two", "cleanest_hour")  # simulator-only policies
+DEFAULT_REQUESTS_PER_HOUR = 120.0
 
 
 class SimulationError(RouterError):
-    """Bad simulation input: trace columns, carbon coverage, policy names."""
+    """Bad simulation input: trace columns, carbon coverage, policy names, fleet."""
 
 
-# ---- inputs ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Requests:
-    arrival_s: np.ndarray  # float64 seconds since the period start, sorted
-    prompt: np.ndarray  # int32
-    output: np.ndarray  # int32
-    deferrable: np.ndarray  # bool
-    window_h: np.ndarray  # int16 hours each deferrable request may wait
-
-    def __len__(self) -> int:
-        return len(self.arrival_s)
+# ---- traffic ---------------------------------------------------------------------------------
 
 
 def load_trace(trace: str) -> pd.DataFrame:
-    """A trace as ``offset_s, prompt_tokens, output_tokens`` (Azure CSV or JSONL)."""
+    """A trace as ``offset_s, prompt_tokens, output_tokens`` (Azure CSV), or a JSONL's rows."""
     if trace in TRACES:
         df = pd.read_csv(dataset_path(TRACES[trace]))
         need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
@@ -90,7 +105,8 @@ def load_trace(trace: str) -> pd.DataFrame:
     path = Path(trace)
     if path.suffix != ".jsonl":
         raise SimulationError(
-            f"unknown trace {trace!r}: use azure_conv, azure_code, synthetic or a .jsonl file"
+            f"unknown trace {trace!r}: use azure_conv, azure_code (or both, as a list), "
+            "synthetic or a .jsonl file"
         )
     try:
         df = pd.read_json(path, lines=True)
@@ -102,57 +118,69 @@ def load_trace(trace: str) -> pd.DataFrame:
             f"{path}: missing columns {sorted(missing)}; each line needs time (ISO or seconds), "
             "prompt_tokens, output_tokens (tenant and preference optional)"
         )
-    if df[["prompt_tokens", "output_tokens"]].isna().any().any():
-        bad = int(df[["prompt_tokens", "output_tokens"]].isna().any(axis=1).to_numpy().argmax())
-        raise SimulationError(f"{path}:{bad + 1}: prompt_tokens/output_tokens missing")
+    tokens = df[["prompt_tokens", "output_tokens"]]
+    bad_rows = tokens.isna().any(axis=1) | (tokens.fillna(1) < 1).any(axis=1)
+    if bad_rows.any():
+        bad = int(bad_rows.to_numpy().argmax())
+        raise SimulationError(f"{path}:{bad + 1}: prompt_tokens/output_tokens missing or < 1")
     return df
 
 
-def make_requests(cfg: Config, hours: pd.DatetimeIndex, rng: np.random.Generator) -> Requests:
+@dataclass
+class Demand:
+    """Expected requests per hour of the period, and the requests they are drawn from."""
+
+    per_hour: np.ndarray  # [H]
+    traffic: Traffic
+
+    @property
+    def mean_output(self) -> float:
+        return self.traffic.mean_output
+
+    @property
+    def mean_prompt(self) -> float:
+        return self.traffic.mean_prompt
+
+
+def traffic_pool(cfg: Config, hours: pd.DatetimeIndex) -> tuple[Traffic, np.ndarray | None]:
+    """The pool requests are drawn from, and a JSONL trace's own hourly counts (else None)."""
     sim = cfg.simulation
-    if sim.trace == "synthetic":
-        pool = pd.DataFrame(
-            {
-                "offset_s": rng.uniform(0, 3600, 10_000),
-                "prompt_tokens": np.maximum(1, rng.lognormal(6.6, 0.8, 10_000)).astype(int),
-                "output_tokens": np.maximum(1, rng.lognormal(5.0, 0.7, 10_000)).astype(int),
-            }
-        )
-    else:
-        pool = load_trace(sim.trace)
-    if "time" in pool.columns:  # a JSONL trace, used as it is
+    names = [sim.trace] if isinstance(sim.trace, str) else list(sim.trace)
+    if not names:
+        raise SimulationError("simulation.trace: name at least one trace")
+    if names == ["synthetic"]:
+        rng = np.random.default_rng(sim.seed)
+        return Traffic(
+            rng.uniform(0, 3600, 10_000),
+            np.maximum(1, rng.lognormal(6.6, 0.8, 10_000)).astype(np.int64),
+            np.maximum(1, rng.lognormal(5.0, 0.7, 10_000)).astype(np.int64),
+        ), None
+    frames = [load_trace(n) for n in names]
+    if len(frames) > 1 and any("time" in f.columns for f in frames):
+        raise SimulationError("simulation.trace: a JSONL trace cannot be pooled with others")
+    pool = pd.concat(frames, ignore_index=True)
+    counts = None
+    if "time" in pool.columns:  # a JSONL trace, at its own times
         t = pd.to_datetime(pool["time"], utc=True, format="mixed")
         arrival = (t - hours[0]).dt.total_seconds().to_numpy()
         keep = (arrival >= 0) & (arrival < len(hours) * 3600)
         if not keep.any():
-            raise SimulationError(f"trace {sim.trace}: no request inside {hours[0]} .. {hours[-1]}")
-        pool = pool[keep]
-        arrival = arrival[keep]
-        order = np.argsort(arrival, kind="stable")
-        n = len(order)
-        defer = rng.random(n) < sim.deferrable_share
-        return Requests(
-            arrival[order],
-            pool["prompt_tokens"].to_numpy(np.int32)[order],
-            pool["output_tokens"].to_numpy(np.int32)[order],
-            defer,
-            np.full(n, sim.defer_window_h, np.int16),
-        )
+            raise SimulationError(f"trace {names[0]}: no request inside {hours[0]} .. {hours[-1]}")
+        pool = pool[keep].assign(offset_s=arrival[keep] % 3600.0)
+        counts = np.bincount((arrival[keep] // 3600).astype(np.int64), minlength=len(hours))
+    return Traffic(
+        pool["offset_s"].to_numpy(float),
+        pool["prompt_tokens"].to_numpy(np.int64),
+        pool["output_tokens"].to_numpy(np.int64),
+    ), counts
+
+
+def diurnal(hours: pd.DatetimeIndex, amplitude: float) -> np.ndarray:
     hod = hours.hour.to_numpy()
-    mean = sim.requests_per_hour * (1 + sim.diurnal_amplitude * np.cos(2 * np.pi * (hod - 14) / 24))
-    counts = rng.poisson(mean)
-    hour_of = np.repeat(np.arange(len(hours)), counts)
-    pick = rng.integers(0, len(pool), len(hour_of))
-    arrival = hour_of * 3600.0 + pool["offset_s"].to_numpy()[pick]
-    order = np.argsort(arrival, kind="stable")
-    n = len(order)
-    return Requests(
-        arrival[order],
-        pool["prompt_tokens"].to_numpy(np.int32)[pick][order],
-        pool["output_tokens"].to_numpy(np.int32)[pick][order],
-        rng.random(n) < sim.deferrable_share,
-        np.full(n, sim.defer_window_h, np.int16),
-    )
+    return np.asarray(1 + amplitude * np.cos(2 * np.pi * (hod - 14) / 24))
+
+
+# ---- the world -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -167,15 +195,25 @@ class World:
     price: np.ndarray  # [H, G] $/kWh
     pue: np.ndarray  # [G]
     rtt_ms: np.ndarray  # [G]
-    j_per_token: np.ndarray  # [R]
-    prefill_weight: np.ndarray  # [R]
-    slots: np.ndarray  # [R]
-    slot_rate: np.ndarray  # [R] tokens/s per slot
+    tables: list[ServingTable]  # one per kind of replica and region
+    replica_table: np.ndarray  # [R] index into tables
+    capacity_rps: np.ndarray  # [R] at the SLOs
+    j_per_request: np.ndarray  # [R] at target utilization (IT energy)
+    static_w: np.ndarray  # [R]
+    prefill_weight: np.ndarray  # [R] the attributor's weight of a prompt token
+    demand: Demand
     forecast_seconds: float = 0.0
+    table_seconds: float = 0.0
     forecast_mape: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def fleet_capacity_rps(self) -> float:
+        return float(self.capacity_rps.sum())
 
-def _hourly_actuals(cfg: Config, hours: pd.DatetimeIndex, base_dir: Path) -> dict[str, pd.Series]:
+
+def _hourly_actuals(
+    cfg: Config, hours: pd.DatetimeIndex, base_dir: Path
+) -> dict[str, pd.DataFrame]:
     from forecasting.sources import FileSource, ReplaySource, build_sources
 
     sources = build_sources(cfg, base_dir=base_dir)
@@ -203,6 +241,22 @@ def _hourly_actuals(cfg: Config, hours: pd.DatetimeIndex, base_dir: Path) -> dic
     return out
 
 
+def _replica_kind(rep: Replica) -> tuple[Any, ...]:
+    return (rep.backend.model, rep.gpu.type, rep.gpu.count, rep.max_concurrency,
+            rep.model_params_b, rep.static_power_w_per_gpu, rep.max_num_batched_tokens,
+            rep.tokens_per_s, rep.cpu_watts_per_core, rep.prefill_weight)  # fmt: skip
+
+
+def _engine(rep: Replica) -> Engine:
+    from router.service.routing import gpu_calibration
+
+    try:
+        model = replica_model(rep, gpu_calibration() if rep.gpu.type != "cpu" else None)
+        return Engine.of(model, rep.max_num_batched_tokens)
+    except (ReplicaModelError, ValueError) as e:
+        raise SimulationError(f"replica {rep.name}: {e}") from e
+
+
 def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -> World:
     sim = cfg.simulation
     start, end = pd.Timestamp(sim.start, tz="UTC"), pd.Timestamp(sim.end, tz="UTC")
@@ -225,10 +279,11 @@ def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -
             actual = actual.interpolate(limit_direction="both").to_numpy()
             fc = _forecasts(frame, hours, w, region.zone, cache_dir)
             done[region.zone] = (actual, fc)
-            target = np.stack([np.roll(actual, -k) for k in range(w)], axis=1)[: len(hours) - w]
-            mape[region.zone] = round(
-                float(np.mean(np.abs(fc[: len(hours) - w] - target) / target) * 100), 2
-            )
+            if len(hours) > w:
+                target = np.stack([np.roll(actual, -k) for k in range(w)], axis=1)[: len(hours) - w]
+                mape[region.zone] = round(
+                    float(np.mean(np.abs(fc[: len(hours) - w] - target) / target) * 100), 2
+                )
         intensity[:, g], forecast[:, :, g] = done[region.zone]
         schedule = PriceSchedule(region.price, base_dir=base_dir)
         price[:, g] = [schedule.at(t.to_pydatetime()) for t in hours]
@@ -236,23 +291,82 @@ def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -
     replicas = [(g, rep) for g, region in enumerate(regions) for rep in region.replicas]
     if not replicas:
         raise SimulationError("the config has no replicas to simulate")
-    jpt = _j_per_token([rep for _, rep in replicas])
+    traffic, counts = traffic_pool(cfg, hours)
+    t1 = time.perf_counter()
+    tables: list[ServingTable] = []
+    kinds: dict[tuple[Any, ...], int] = {}
+    names, region_of, table_of, cap_of = [], [], [], []
+    min_rtt = {_replica_kind(rep): min(regions[g].rtt_ms for g, r in replicas
+                                       if _replica_kind(r) == _replica_kind(rep))
+               for _, rep in replicas}  # fmt: skip
+    for g, rep in replicas:
+        kind = _replica_kind(rep)
+        server_slo_s = (sim.slo_ttft_ms - regions[g].rtt_ms) / 1000.0
+        if server_slo_s <= 0:
+            raise SimulationError(
+                f"region {regions[g].name}: its RTT ({regions[g].rtt_ms} ms) leaves nothing "
+                f"of the first-token SLO ({sim.slo_ttft_ms} ms)"
+            )
+        if kind not in kinds:
+            try:
+                tables.append(ServingTable.cached(
+                    cache_dir, _engine(rep), traffic,
+                    slo_ttft_s=(sim.slo_ttft_ms - min_rtt[kind]) / 1000.0,
+                    slo_tpot_s=sim.slo_tpot_ms / 1000.0, attainment=sim.slo_attainment,
+                    seed=sim.seed,
+                ))  # fmt: skip
+            except ValueError as e:
+                raise SimulationError(f"replica {rep.name} in {regions[g].name}: {e}") from e
+            kinds[kind] = len(tables) - 1
+        cap_r = tables[kinds[kind]].capacity_at(server_slo_s)
+        if cap_r <= 0:
+            raise SimulationError(
+                f"replica {rep.name} in {regions[g].name}: it cannot meet the SLOs with the "
+                f"region's RTT ({regions[g].rtt_ms} ms) even when nearly idle"
+            )
+        for k in range(rep.count):
+            names.append(rep.name if rep.count == 1 else f"{rep.name}-{k}")
+            region_of.append(g)
+            table_of.append(kinds[kind])
+            cap_of.append(cap_r)
+    table_s = time.perf_counter() - t1
+    table_idx = np.array(table_of)
+    cap = np.array(cap_of)
+    at_target = cap * sim.target_utilization
+    jpr = np.array([
+        float(tables[k].at(np.array([lam]), tables[k].energy_j_per_h)[0]) / (lam * 3600.0)
+        for k, lam in zip(table_of, at_target, strict=True)
+    ])  # fmt: skip
+    if counts is not None:
+        per_hour = counts.astype(float)
+    else:
+        if sim.mean_utilization is not None:
+            rate = sim.mean_utilization * float(cap.sum()) * 3600.0
+        else:
+            rate = sim.requests_per_hour or DEFAULT_REQUESTS_PER_HOUR
+        per_hour = rate * diurnal(hours, sim.diurnal_amplitude)
     return World(
         hours=hours,
         region_names=[r.name for r in regions],
         zones=[r.zone for r in regions],
-        replica_names=[rep.name for _, rep in replicas],
-        replica_region=np.array([g for g, _ in replicas]),
+        replica_names=names,
+        replica_region=np.array(region_of),
         intensity=intensity,
         forecast=forecast,
         price=price,
         pue=np.array([r.pue for r in regions]),
         rtt_ms=np.array([r.rtt_ms for r in regions]),
-        j_per_token=jpt,
-        prefill_weight=np.array([rep.prefill_weight for _, rep in replicas]),
-        slots=np.array([rep.max_concurrency for _, rep in replicas]),
-        slot_rate=np.array([rep.tokens_per_s / rep.max_concurrency for _, rep in replicas]),
+        tables=tables,
+        replica_table=table_idx,
+        capacity_rps=cap,
+        j_per_request=jpr,
+        static_w=np.array([tables[k].static_w for k in table_of]),
+        prefill_weight=np.array(
+            [rep.prefill_weight for _, rep in replicas for _ in range(rep.count)]
+        ),
+        demand=Demand(per_hour, traffic),
         forecast_seconds=fc_s,
+        table_seconds=table_s,
         forecast_mape=mape,
     )
 
@@ -278,240 +392,253 @@ def _forecasts(
     return np.asarray(table)
 
 
-def _j_per_token(replicas: list[Any]) -> np.ndarray:
-    from forecasting.energy import EnergyPredictor, ReplicaProfile
-
-    predictor: EnergyPredictor | None = None
-    out = []
-    for rep in replicas:
-        if rep.gpu.type == "cpu":
-            out.append(rep.cpu_watts_per_core * 2 / rep.tokens_per_s)
-            continue
-        if rep.model_params_b is None:
-            raise SimulationError(
-                f"replica {rep.name}: set model_params_b (model size in billions) so the "
-                "energy predictor can price its tokens"
-            )
-        predictor = predictor or EnergyPredictor.from_mlenergy()
-        profile = ReplicaProfile(name=rep.name, model=rep.backend.model, gpu=rep.gpu.type,
-                                 gpu_count=rep.gpu.count, total_params_b=rep.model_params_b,
-                                 prefill_weight=0.0)  # fmt: skip
-        batch = max(1.0, rep.max_concurrency / 2)
-        out.append(predictor.predict_j(profile, 0, 200, batch=batch) / 200)
-    return np.array(out)
-
-
 # ---- one policy --------------------------------------------------------------------------------
 
 
 @dataclass
 class Outcome:
+    """One policy's run, per (hour, replica) cell."""
+
     policy: str
-    replica: np.ndarray  # [N]
-    start_s: np.ndarray
-    wait_s: np.ndarray
-    service_s: np.ndarray
-    energy_j: np.ndarray
-    kwh: np.ndarray
-    carbon_g: np.ndarray
-    cost_usd: np.ndarray
-    token_cost_usd: np.ndarray
-    deferred: np.ndarray
-    slo_violation: np.ndarray
-    latency_ms: np.ndarray  # added: RTT + queue wait
+    requests: np.ndarray  # [H, R] expected requests served in the cell
+    deferred: np.ndarray  # [H, R] of which deferred from an earlier hour or waiting in it
+    delay_h: float  # total request-hours of deferral
+    on: np.ndarray  # [H, R] bool: replica up
+    energy_j: np.ndarray  # [H, R] IT energy
+    static_j: np.ndarray  # [H, R] of which static (or standby) power
+    attributed_j: np.ndarray  # [H, R] of which attributed to requests (the attributor's rule)
+    kwh: np.ndarray  # [H, R] facility energy (x PUE)
+    carbon_g: np.ndarray  # [H, R]
+    cost_usd: np.ndarray  # [H, R] the energy tariff
+    energy_cost_usd: np.ndarray  # [H, R] what the energy cost the operator
+    region_hists: list[Histograms]
     route_seconds: float
-    queue_seconds: float
+    serve_seconds: float
+
+    @property
+    def fleet_hist(self) -> Histograms:
+        h = Histograms()
+        for rh in self.region_hists:
+            h.add(rh)
+        return h
 
 
-def parse_policy(spec: str) -> tuple[str, bool]:
-    base, _, flag = spec.partition("+")
-    if base not in POLICIES or flag not in ("", "defer"):
+def parse_policy(spec: str) -> tuple[str, bool, bool]:
+    """(base policy, defers, scales the fleet) of ``base[+defer][+scale]``."""
+    base, *flags = spec.split("+")
+    known = sorted({*POLICIES, *BASELINES})
+    if (
+        base not in known
+        or any(f not in ("defer", "scale") for f in flags)
+        or len(set(flags)) < len(flags)
+    ):
         raise SimulationError(
-            f"unknown policy {spec!r}; choose from {', '.join(sorted(POLICIES))}, "
-            "optionally with +defer (oracle always defers, with perfect foresight)"
+            f"unknown policy {spec!r}; choose from {', '.join(known)}, optionally with +defer "
+            "and/or +scale (oracle and cleanest_hour always defer)"
         )
-    return base, flag == "defer" or base == "oracle"
+    return base, "defer" in flags or base in ("oracle", "cleanest_hour"), "scale" in flags
 
 
 def _water_fill(scores: np.ndarray, demand: np.ndarray, cap: np.ndarray, tie: float) -> np.ndarray:
-    """[H, R] share of each hour's demand per replica: best first up to capacity; near-ties
-    (within ``tie`` of the best) share by capacity; demand above all capacity by capacity."""
+    """[H, R] share of each hour's demand per replica: best first up to capacity. Replicas
+    whose scores are near-ties share their fill by capacity (as the live router's near-ties,
+    broken by load): scores are grouped in steps of ``1 + tie`` from the best, so the first
+    group is the live rule's (within ``tie`` of the best) and equal scores always share. Demand
+    above all capacity goes by capacity. ``cap`` is [R] or [H, R] (0 for a replica that is
+    off)."""
     h_n, r_n = scores.shape
+    cap2 = np.broadcast_to(cap, (h_n, r_n)).astype(float)
+    scores = np.where(cap2 > 0, scores, np.inf)
     order = np.argsort(scores, axis=1, kind="stable")
-    best = np.take_along_axis(scores, order[:, :1], axis=1)
-    ranked_scores = np.take_along_axis(scores, order, axis=1)
-    caps = cap[order]  # [H, R]
-    tied = ranked_scores <= best * (1 + tie)
-    # the tie group acts as one candidate with the summed capacity
-    group_cap = np.where(tied, caps, 0).sum(axis=1)
-    alloc = np.zeros((h_n, r_n))
-    take = np.minimum(demand, group_cap)
-    alloc += np.where(tied, caps / np.maximum(group_cap, 1e-12)[:, None] * take[:, None], 0)
-    left = demand - take
-    rest_caps = np.where(tied, 0, caps)
-    before = np.cumsum(rest_caps, axis=1) - rest_caps
-    alloc += np.clip(left[:, None] - before, 0, rest_caps)
-    over = demand - alloc.sum(axis=1)
-    alloc += np.where(
-        over[:, None] > 1e-9, caps / caps.sum(axis=1, keepdims=True) * over[:, None], 0
+    ranked = np.take_along_axis(scores, order, axis=1)
+    caps = np.take_along_axis(cap2, order, axis=1)  # [H, R]
+    best = ranked[:, :1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = np.log(ranked / best) / np.log1p(max(tie, 1e-9))
+    bucket = np.where(np.isfinite(step), np.floor(step + 1e-9), np.inf)
+    new = np.ones((h_n, r_n), bool)
+    new[:, 1:] = bucket[:, 1:] != bucket[:, :-1]
+    gidx = np.cumsum(new, axis=1) - 1  # group of each ranked replica, 0 .. R-1
+    rows = np.arange(h_n)[:, None] * r_n
+    group_cap = np.bincount((rows + gidx).ravel(), weights=caps.ravel(),
+                            minlength=h_n * r_n).reshape(h_n, r_n)  # fmt: skip
+    before = np.cumsum(group_cap, axis=1) - group_cap
+    took = np.clip(demand[:, None] - before, 0.0, group_cap)  # per group
+    mine = np.take_along_axis(group_cap, gidx, axis=1)
+    alloc = np.take_along_axis(took, gidx, axis=1) * np.divide(
+        caps, mine, out=np.zeros_like(caps), where=mine > 0
     )
+    over = demand - alloc.sum(axis=1)
+    total = np.maximum(caps.sum(axis=1, keepdims=True), 1e-12)
+    alloc += np.where(over[:, None] > 1e-9, caps / total * over[:, None], 0)
     out = np.empty_like(alloc)
     np.put_along_axis(out, order, alloc, axis=1)
     return np.asarray(out / np.maximum(demand, 1e-12)[:, None])
 
 
-def _lindley(start: np.ndarray, service: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Finish times of FIFO single-server queues (one per group), by Lindley's recursion:
-    finish_n = S_n + max_{j <= n} (a_j - S_{j-1}) within a group, S the cumulative service."""
-    span = float(start.max() - start.min() + service.sum() + 1.0) if len(start) else 1.0
-    order = np.argsort(group * span + start, kind="stable")  # by (group, start)
-    a, s, g = start[order], service[order], group[order]
-    cum = np.cumsum(s)
-    first = np.r_[True, g[1:] != g[:-1]]
-    offset = np.maximum.accumulate(np.where(first, np.arange(len(g)), 0))
-    cum_before = cum - s - np.where(offset > 0, cum[offset - 1], 0.0)  # work before, in group
-    lift = g * (span * 4)  # keeps the running max from leaking across groups
-    run = np.maximum.accumulate((a - cum_before) + lift) - lift
-    finish = np.empty_like(a)
-    finish[order] = cum_before + s + run
-    return np.asarray(finish)
+def _capacity_share(cap: np.ndarray) -> np.ndarray:
+    """[H, R] shares proportional to capacity (0 where off)."""
+    return np.asarray(cap / np.maximum(cap.sum(axis=1, keepdims=True), 1e-12))
 
 
 def run_policy(
-    spec: str, world: World, req: Requests, cfg: Config, rng: np.random.Generator
+    spec: str,
+    world: World,
+    cfg: Config,
+    *,
+    on: np.ndarray | None = None,
+    standby_j: np.ndarray | None = None,
 ) -> Outcome:
-    base, defer = parse_policy(spec)
+    """One policy over the period. ``on`` [H, R] says which replicas are up (default all);
+    ``standby_j`` [H, R] is the energy of replicas that are off or starting (fleet scaling)."""
+    base, defer, _ = parse_policy(spec)
     sim = cfg.simulation
     t0 = time.perf_counter()
-    n, r_n = len(req), len(world.replica_names)
-    hour = (req.arrival_s // 3600).astype(np.int64)
-    h_n = len(world.hours)
+    h_n, r_n = len(world.hours), len(world.replica_names)
     g_of = world.replica_region
-    work_tokens = req.output + world.prefill_weight.mean() * req.prompt  # one value per request
-    cap_s = world.slots * 3600.0 * sim.target_utilization  # slot-seconds per replica-hour
-    fixed = WEIGHTS.get(base)
-    weight: float = cfg.policy.weight if fixed is None else fixed
-    # per replica static parts of the score (per request it only scales by its tokens)
-    kwh_unit = world.j_per_token / J_PER_KWH  # kWh per work token
-    immediate = ~(req.deferrable & defer)
-    replica = np.empty(n, np.int64)
-    start = req.arrival_s.copy()
-    # demand in slot-seconds per hour and replica (service time differs per replica)
-    if base == "round_robin":
-        idx = np.flatnonzero(immediate)
-        replica[idx] = np.arange(len(idx)) % r_n
+    up = np.ones((h_n, r_n), bool) if on is None else on
+    room = np.where(up, world.capacity_rps * sim.target_utilization * 3600.0, 0.0)  # req / h
+    weight: float = WEIGHTS.get(base, cfg.policy.weight)
+    share_deferrable = sim.deferrable_share if defer else 0.0
+    immediate = world.demand.per_hour * (1 - share_deferrable)
+    kwh_unit = world.j_per_request / J_PER_KWH
+    if base == "power_of_two":
+        share = _capacity_share(room)
+    elif base == "round_robin":
+        share = _capacity_share(up.astype(float))
     else:
         if base == "nearest":
             hs = np.broadcast_to(world.rtt_ms[g_of], (h_n, r_n)).astype(float)
         else:
             hs = score(kwh_unit[None, :], world.pue[g_of][None, :], world.price[:, g_of],
                        world.intensity[:, g_of], weight)  # fmt: skip
-        inv_rate = float(np.mean(1.0 / world.slot_rate))  # slot-seconds per work token
-        demand = inv_rate * np.bincount(
-            hour[immediate], weights=work_tokens[immediate], minlength=h_n
-        ).astype(float)
-        share = _water_fill(hs, demand, cap_s, cfg.policy.tie_tolerance)
-        cum = np.cumsum(share, axis=1)
-        u = rng.random(n)
-        pick = (u[:, None] > cum[hour]).sum(axis=1)
-        replica[immediate] = np.minimum(pick[immediate], r_n - 1)
+        spill = base == "cleanest_hour"  # places carbon-agnostically: by capacity
+        share = (
+            _capacity_share(room)
+            if spill
+            else _water_fill(hs, immediate, room, cfg.policy.tie_tolerance)
+        )
+    served = immediate[:, None] * share
+    deferred = np.zeros((h_n, r_n))
+    delay_h = 0.0
     if defer:
-        _plan_deferred(world, req, immediate, replica, start, hour, work_tokens, cap_s, weight,
-                       oracle=base == "oracle", rng=rng,
-                       min_gain=sim.defer_min_gain)  # fmt: skip
+        deferred, delay_h = _plan_deferred(
+            world, world.demand.per_hour * share_deferrable, served, room, up, weight,
+            oracle=base == "oracle", spatial=base != "cleanest_hour", min_gain=sim.defer_min_gain,
+        )  # fmt: skip
+    n = served + deferred
     route_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    service = work_tokens / world.slot_rate[replica]
-    # each request takes the next slot of its replica in turn (round-robin over slots)
-    span = float(start.max() + 1.0)
-    order = np.argsort(replica * span + start, kind="stable")  # by (replica, start)
-    rank = np.empty(n, np.int64)
-    counts = np.bincount(replica, minlength=r_n)
-    first = np.cumsum(counts) - counts
-    rank[order] = np.arange(n) - first[replica[order]]
-    group = replica * int(world.slots.max()) + rank % world.slots[replica]
-    finish = _lindley(start, service, group)
-    wait = finish - service - start
-    queue_s = time.perf_counter() - t1
-    g = g_of[replica]
-    h_run = np.minimum((start // 3600).astype(np.int64), h_n - 1)
-    energy_j = world.j_per_token[replica] * work_tokens
-    kwh = energy_j / J_PER_KWH * world.pue[g]
-    carbon = kwh * world.intensity[h_run, g]
-    cost = np.maximum(cfg.billing.min_charge_usd,
-                      kwh * world.price[h_run, g] * (1 + cfg.billing.markup))  # fmt: skip
-    tokens = req.prompt + req.output
-    latency_ms = world.rtt_ms[g] + wait * 1000.0
-    deferred = ~immediate
-    prefill_ms = world.prefill_weight[replica] * req.prompt / world.slot_rate[replica] * 1000.0
-    slo = np.where(
-        deferred,
-        finish > req.arrival_s + req.window_h * 3600.0,  # a deferred request: its window
-        latency_ms + prefill_ms > sim.slo_ms,  # now: time to first token
-    )
-    return Outcome(spec, replica, start, wait, service, energy_j, kwh, carbon, cost,
-                   tokens / 1000 * cfg.billing.token_price_usd_per_1k, deferred, slo, latency_ms,
-                   route_s, queue_s)  # fmt: skip
+    energy = np.zeros((h_n, r_n))
+    busy = np.zeros((h_n, r_n))
+    hists = [Histograms() for _ in world.region_names]
+    rate = n / 3600.0
+    for k, table in enumerate(world.tables):
+        cols = np.flatnonzero(world.replica_table == k)
+        if not len(cols):
+            continue
+        lam = rate[:, cols]
+        energy[:, cols] = table.at(lam, table.energy_j_per_h)
+        busy[:, cols] = table.at(lam, table.busy_share)
+        for g in np.unique(g_of[cols]):
+            sel = cols[g_of[cols] == g]
+            gw = table.grid_weights(rate[:, sel].ravel(), n[:, sel].ravel())
+            hists[g].add(Histograms.of(table, gw, world.rtt_ms[g] / 1000.0))
+    static = np.where(up, world.static_w * 3600.0, 0.0)
+    energy = np.where(up, energy, 0.0)
+    if standby_j is not None:
+        energy = energy + standby_j
+        static = static + standby_j
+    work = request_work(n * world.demand.mean_output, n * world.demand.mean_prompt,
+                        world.prefill_weight)  # fmt: skip
+    attributed, _idle = split_busy_idle(np.where(work > 0, energy, 0.0), busy)
+    g_cells = np.broadcast_to(g_of, (h_n, r_n))
+    kwh = energy / J_PER_KWH * world.pue[g_cells]
+    carbon = kwh * world.intensity[:, g_of]
+    energy_cost = kwh * world.price[:, g_of]
+    tariff = np.maximum(n * cfg.billing.min_charge_usd, energy_cost * (1 + cfg.billing.markup))
+    serve_s = time.perf_counter() - t1
+    return Outcome(spec, n, deferred, delay_h, up, energy, static, attributed, kwh, carbon,
+                   tariff, energy_cost, hists, route_s, serve_s)  # fmt: skip
 
 
 def _plan_deferred(
     world: World,
-    req: Requests,
-    immediate: np.ndarray,
-    replica: np.ndarray,
-    start: np.ndarray,
-    hour: np.ndarray,
-    work_tokens: np.ndarray,
-    cap_s: np.ndarray,
+    demand: np.ndarray,  # [H] deferrable requests arriving per hour
+    booked_now: np.ndarray,  # [H, R] immediate requests already placed
+    room: np.ndarray,  # [H, R] requests per hour each cell takes at target utilization
+    up: np.ndarray,
     weight: float,
     *,
     oracle: bool,
-    rng: np.random.Generator,
+    spatial: bool,
     min_gain: float,
-) -> None:
-    """Book deferred requests, arrival hour by arrival hour, into the best forecast slots."""
-    h_n, r_n = len(world.hours), len(world.replica_names)
+) -> tuple[np.ndarray, float]:
+    """Book each hour's deferrable requests into the best forecast (hour, replica) cells with
+    room: ([H, R] requests booked, request-hours of waiting). With ``spatial`` off, the hour
+    is chosen by the fleet's mean forecast intensity and requests spread by capacity."""
+    h_n, r_n = booked_now.shape
     g_of = world.replica_region
     w = world.forecast.shape[1]
-    svc_mean = work_tokens / world.slot_rate.mean()
-    booked = np.zeros((h_n + w, r_n))
-    imm = np.flatnonzero(immediate)
-    np.add.at(booked, (hour[imm], replica[imm]), work_tokens[imm] / world.slot_rate[replica[imm]])
-    kwh_unit = world.j_per_token / J_PER_KWH
-    deferred = np.flatnonzero(~immediate)
-    bounds = np.searchsorted(hour[deferred], np.arange(h_n + 1))
+    booked = booked_now.copy()
+    out = np.zeros((h_n, r_n))
+    delay = 0.0
+    kwh_unit = world.j_per_request / J_PER_KWH
     pue = world.pue[g_of]
-    for h in range(h_n):
-        ids = deferred[bounds[h] : bounds[h + 1]]
-        if not len(ids):
-            continue
+    s_now = np.where(up, score(kwh_unit[None, :], pue[None, :], world.price[:, g_of],
+                               world.intensity[:, g_of], weight), np.inf)  # fmt: skip
+    for h in np.flatnonzero(demand > 0):
         k_n = min(w, h_n - h)
-        # the current hour's intensity is known (the live router reads it); later hours are
-        # the forecast issued now, or the actuals for the oracle
+        # this hour's intensity is known (the live router reads it); later hours are the
+        # forecast issued now, or the actuals for the oracle
         seen = world.intensity[h : h + k_n] if oracle else world.forecast[h, :k_n].copy()
         seen[0] = world.intensity[h]
-        s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
-                  seen[:, g_of], weight)  # fmt: skip
-        s = worth_waiting(s, min_gain)  # the live planner's rule
-        now_best = int(np.argmin(s[0]))
-        order = np.argsort(s, axis=None, kind="stable")
-        order = order[np.isfinite(s.ravel()[order])]
-        need = svc_mean[ids]
-        free = (cap_s[None, :] - booked[h : h + k_n]).ravel()[order]
-        # fill slots best-first: request j goes to the first slot whose free room covers the
-        # work booked before it (the requests of one arrival hour share one ranking)
-        cum_need = np.cumsum(need)
-        cum_free = np.cumsum(np.maximum(free, 0))
-        slot_pos = np.searchsorted(cum_free, cum_need, side="left")
-        # no room left in any better slot: it runs now, on the best replica for now
-        flat = np.where(
-            slot_pos < len(order), order[np.minimum(slot_pos, len(order) - 1)], now_best
-        )
-        k, r = np.divmod(flat, r_n)
-        replica[ids] = r
-        np.add.at(booked, (h + k, r), need)
-        offset = rng.random(len(ids)) * 3000.0
-        start[ids] = np.where(k == 0, req.arrival_s[ids], (h + k) * 3600.0 + offset)
+        free = np.maximum(room[h : h + k_n] - booked[h : h + k_n], 0.0)
+        left = float(demand[h])
+        if spatial:
+            s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
+                      seen[:, g_of], weight)  # fmt: skip
+            s = np.where(up[h : h + k_n], s, np.inf)
+            # now, a replica without room is no candidate (the live planner's has_capacity)
+            s[0] = np.where(free[0] > 0, s[0], np.inf)
+            s = worth_waiting(s, min_gain)  # the live planner's rule
+            order = np.argsort(s, axis=None, kind="stable")
+            order = order[np.isfinite(s.ravel()[order])]
+            room_sorted = free.ravel()[order]
+            before = np.cumsum(room_sorted) - room_sorted
+            take = np.clip(left - before, 0.0, room_sorted)
+            kk, rr = np.divmod(order, r_n)
+            np.add.at(out, (h + kk, rr), take)
+            np.add.at(booked, (h + kk, rr), take)
+            delay += float((take * kk).sum())
+            left -= float(take.sum())
+            if left > 1e-9:  # no room in any better slot: now, as immediate requests go
+                rem = np.maximum(room[h] - booked[h], 0.0)
+                if rem.sum() >= left:
+                    add = left * _water_fill(s_now[h : h + 1], np.array([left]), rem, 0.0)[0]
+                else:  # the fleet is full: over capacity, by capacity
+                    add = rem + (left - rem.sum()) * _capacity_share(room[h : h + 1])[0]
+                out[h] += add
+                booked[h] += add
+        else:
+            fleet = (seen[:, g_of] * free).sum(axis=1) / np.maximum(free.sum(axis=1), 1e-12)
+            fleet = np.where(free.sum(axis=1) > 0, fleet, np.inf)
+            fleet[1:] = np.where(fleet[1:] < fleet[0] * (1 - min_gain), fleet[1:], np.inf)
+            for k in np.argsort(fleet, kind="stable"):
+                if left <= 1e-9 or not np.isfinite(fleet[k]):
+                    break
+                total = free[k].sum()
+                take_k = min(left, total)
+                add = free[k] / total * take_k
+                out[h + k] += add
+                booked[h + k] += add
+                delay += take_k * k
+                left -= take_k
+            if left > 1e-9:
+                add = _capacity_share(up[h : h + 1].astype(float))[0] * left
+                out[h] += add
+                booked[h] += add
+    return out, delay
 
 
 # ---- many policies ----------------------------------------------------------------------------
@@ -520,47 +647,67 @@ def _plan_deferred(
 @dataclass
 class SimulationResult:
     world: World
-    requests: Requests
     outcomes: dict[str, Outcome]
     summary: pd.DataFrame
     by_region: pd.DataFrame
     seconds: float
 
+    @property
+    def requests(self) -> float:
+        return float(self.world.demand.per_hour.sum())
+
+
+def _figures(o: Outcome, sel: np.ndarray | None, hist: Histograms, world: World,
+             cfg: Config) -> dict[str, Any]:  # fmt: skip
+    cols = slice(None) if sel is None else sel
+    n = float(o.requests[:, cols].sum())
+    out_tokens = n * world.demand.mean_output
+    energy = float(o.energy_j[:, cols].sum())
+    tokens = n * (world.demand.mean_output + world.demand.mean_prompt)
+    slo = cfg.simulation.slo_ttft_ms / 1000.0
+    return {
+        "requests": n,
+        "kwh": float(o.kwh[:, cols].sum()),
+        "kwh_active": (energy - float(o.static_j[:, cols].sum())) / J_PER_KWH,
+        "kwh_static": float(o.static_j[:, cols].sum()) / J_PER_KWH,
+        "j_per_token": energy / out_tokens if out_tokens else math.nan,
+        "attributed_j_per_request": float(o.attributed_j[:, cols].sum()) / n if n else math.nan,
+        "t_co2e": float(o.carbon_g[:, cols].sum() / 1e6),
+        "g_co2e_per_request": float(o.carbon_g[:, cols].sum()) / n if n else math.nan,
+        "energy_cost_usd": float(o.energy_cost_usd[:, cols].sum()),
+        "energy_tariff_usd": float(o.cost_usd[:, cols].sum()),
+        "token_tariff_usd": tokens / 1000 * cfg.billing.token_price_usd_per_1k,
+        "slo_attainment": hist.attainment(slo),
+        "ttft_p50_ms": hist.ttft_q(0.5) * 1000,
+        "ttft_p99_ms": hist.ttft_q(0.99) * 1000,
+        "tpot_p50_ms": hist.tpot_q(0.5) * 1000,
+        "tpot_p99_ms": hist.tpot_q(0.99) * 1000,
+        "replicas_on_mean": float(o.on[:, cols].sum(axis=1).mean()),
+    }
+
 
 def summarize(
-    world: World, req: Requests, outcomes: dict[str, Outcome]
+    world: World, outcomes: dict[str, Outcome], cfg: Config
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, regions = [], []
     for name, o in outcomes.items():
-        rows.append({
-            "policy": name,
-            "requests": len(o.kwh),
-            "kwh": float(o.kwh.sum()),
-            "t_co2e": float(o.carbon_g.sum() / 1e6),
-            "energy_tariff_usd": float(o.cost_usd.sum()),
-            "token_tariff_usd": float(o.token_cost_usd.sum()),
-            "mean_added_latency_ms": float(o.latency_ms[~o.deferred].mean())
-            if (~o.deferred).any() else 0.0,
-            "p99_added_latency_ms": float(np.percentile(o.latency_ms[~o.deferred], 99))
-            if (~o.deferred).any() else 0.0,
-            "slo_violations": int(o.slo_violation.sum()),
-            "share_deferred": float(o.deferred.mean()),
-            "mean_delay_s": float((o.start_s - req.arrival_s)[o.deferred].mean())
-            if o.deferred.any() else 0.0,
-        })  # fmt: skip
-        g = world.replica_region[o.replica]
+        row = {"policy": name, **_figures(o, None, o.fleet_hist, world, cfg)}
+        total = row["requests"]
+        row["share_deferred"] = float(o.deferred.sum()) / total if total else 0.0
+        row["mean_delay_h"] = o.delay_h / float(o.deferred.sum()) if o.deferred.sum() else 0.0
+        rows.append(row)
         for gi, region in enumerate(world.region_names):
-            sel = g == gi
-            regions.append({"policy": name, "region": region, "requests": int(sel.sum()),
-                            "kwh": float(o.kwh[sel].sum()),
-                            "t_co2e": float(o.carbon_g[sel].sum() / 1e6),
-                            "energy_tariff_usd": float(o.cost_usd[sel].sum())})  # fmt: skip
+            sel = np.flatnonzero(world.replica_region == gi)
+            regions.append({"policy": name, "region": region,
+                            **_figures(o, sel, o.region_hists[gi], world, cfg)})  # fmt: skip
     df = pd.DataFrame(rows).set_index("policy")
-    if "round_robin" in df.index:
-        rr = df.loc["round_robin", "t_co2e"]
-        df["co2_saved_vs_round_robin"] = 1 - df["t_co2e"] / rr
-        if "oracle" in df.index and rr > df.loc["oracle", "t_co2e"]:
-            df["share_of_oracle_saving"] = (rr - df["t_co2e"]) / (rr - df.loc["oracle", "t_co2e"])
+    for base in ("power_of_two", "greenest", "cleanest_hour"):
+        if base in df.index:
+            df[f"co2_saved_vs_{base}"] = 1 - df["t_co2e"] / df.loc[base, "t_co2e"]
+    main = "power_of_two" if "power_of_two" in df.index else None
+    if main and "oracle" in df.index and df.loc[main, "t_co2e"] > df.loc["oracle", "t_co2e"]:
+        ref = df.loc[main, "t_co2e"]
+        df["share_of_oracle_saving"] = (ref - df["t_co2e"]) / (ref - df.loc["oracle", "t_co2e"])
     return df.reset_index(), pd.DataFrame(regions)
 
 
@@ -570,28 +717,32 @@ def simulate(
     base_dir: Path,
     policies: list[str] | None = None,
     cache_dir: Path | None = None,
-    progress: Any = None,
+    progress: Callable[[str], Any] | None = None,
+    world: World | None = None,
 ) -> SimulationResult:
     t0 = time.perf_counter()
     specs = policies or cfg.simulation.policies
     for spec in specs:
         parse_policy(spec)
-    world = build_world(cfg, base_dir=base_dir, cache_dir=cache_dir)
-    rng = np.random.default_rng(cfg.simulation.seed)
-    req = make_requests(cfg, world.hours, rng)
-    # requests that arrive within the window of the period end may run after it: cap them
-    req.window_h = np.minimum(
-        req.window_h, np.maximum(1, (len(world.hours) - req.arrival_s // 3600).astype(np.int16))
-    )
+    world = world or build_world(cfg, base_dir=base_dir, cache_dir=cache_dir)
     outcomes = {}
     for spec in specs:
-        outcomes[spec] = run_policy(
-            spec, world, req, cfg, np.random.default_rng(cfg.simulation.seed)
-        )
+        outcomes[spec] = run_spec(spec, world, cfg)
         if progress is not None:
             progress(spec)
-    summary, by_region = summarize(world, req, outcomes)
-    return SimulationResult(world, req, outcomes, summary, by_region, time.perf_counter() - t0)
+    summary, by_region = summarize(world, outcomes, cfg)
+    return SimulationResult(world, outcomes, summary, by_region, time.perf_counter() - t0)
+
+
+def run_spec(spec: str, world: World, cfg: Config) -> Outcome:
+    """A policy spec, with fleet scaling when it asks for it."""
+    _, _, scales = parse_policy(spec)
+    if not scales:
+        return run_policy(spec, world, cfg)
+    from router.fleet import fleet_schedule
+
+    on, standby = fleet_schedule(spec, world, cfg)
+    return run_policy(spec, world, cfg, on=on, standby_j=standby)
 
 
 def deferral_capture(summary: pd.DataFrame) -> float | None:
@@ -602,3 +753,80 @@ def deferral_capture(summary: pd.DataFrame) -> float | None:
         return None
     gain = s["greenest"] - s["oracle"]
     return float((s["greenest"] - s["greenest+defer"]) / gain) if gain > 0 else math.nan
+
+
+# ---- the reference on one day ------------------------------------------------------------------
+
+
+def compare_day(world: World, cfg: Config, spec: str, day: int, *, seed: int = 1) -> pd.DataFrame:
+    """The fast model against the iteration-level reference on day ``day`` of the period: both
+    serve the same (hour, replica) cells of ``spec``; the reference draws each cell's requests
+    (Poisson count, offsets and tokens from the pool) and runs every replica through the day,
+    its queue carried from hour to hour. Rows: energy kWh, TTFT p50/p99 ms, TPOT p50/p99 ms,
+    SLO attainment, seconds."""
+    o = run_spec(spec, world, cfg)
+    hrs = slice(day * 24, day * 24 + 24)
+    if day < 0 or (day + 1) * 24 > len(world.hours):
+        raise SimulationError(f"day {day} is outside the period ({len(world.hours) // 24} days)")
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    ref_energy = 0.0
+    ttft_all, tpot_all = [], []
+    ok_all = []
+    traffic = world.demand.traffic
+    slo = cfg.simulation.slo_ttft_ms / 1000.0
+    tpot_slo = cfg.simulation.slo_tpot_ms / 1000.0
+    engines: dict[int, Engine] = {}
+    reps = [rep for region in cfg.regions for rep in region.replicas for _ in range(rep.count)]
+    requests = 0
+    for r in range(len(world.replica_names)):
+        lam = o.requests[hrs, r] / 3600.0
+        arrivals, prompts, outputs = [], [], []
+        for k, rate in enumerate(lam):
+            a, p, q = traffic.hour(float(rate), rng)
+            arrivals.append(a + k * 3600.0)
+            prompts.append(p)
+            outputs.append(q)
+        a, p, q = np.concatenate(arrivals), np.concatenate(prompts), np.concatenate(outputs)
+        if r not in engines:
+            engines[r] = _engine(reps[r])
+        run = run_engine(engines[r], a, p, q, until_s=24 * 3600.0)
+        on_s = float(o.on[hrs, r].sum()) * 3600.0
+        # an off replica serves nothing; the reference idles it at static power all day, so
+        # take its off hours back out and add what the fast model charges for them
+        ref_energy += run.energy_j - engines[r].static_w * (24 * 3600.0 - on_s)
+        ref_energy += float((o.energy_j[hrs, r] * ~o.on[hrs, r]).sum())
+        rtt = world.rtt_ms[world.replica_region[r]] / 1000.0
+        ttft = run.ttft_s(a) + rtt
+        tpot = run.tpot_s(q)
+        ttft_all.append(ttft)
+        tpot_all.append(tpot[q > 1])
+        ok_all.append((ttft <= slo) & (tpot <= tpot_slo))
+        requests += len(a)
+    ref_s = time.perf_counter() - t0
+    ttft, tpot, ok = np.concatenate(ttft_all), np.concatenate(tpot_all), np.concatenate(ok_all)
+    t1 = time.perf_counter()
+    fast = run_spec(spec, world, cfg)
+    hist = Histograms()
+    for k, table in enumerate(world.tables):
+        for g in range(len(world.region_names)):
+            sel = np.flatnonzero((world.replica_table == k) & (world.replica_region == g))
+            if len(sel):
+                rate = fast.requests[hrs][:, sel] / 3600.0
+                gw = table.grid_weights(rate.ravel(), fast.requests[hrs][:, sel].ravel())
+                hist.add(Histograms.of(table, gw, world.rtt_ms[g] / 1000.0))
+    fast_s = time.perf_counter() - t1
+    fast_energy = float(fast.energy_j[hrs].sum())
+    rows = [
+        ("energy kWh", fast_energy / J_PER_KWH, ref_energy / J_PER_KWH),
+        ("TTFT p50 ms", hist.ttft_q(0.5) * 1000, float(np.percentile(ttft, 50)) * 1000),
+        ("TTFT p99 ms", hist.ttft_q(0.99) * 1000, float(np.percentile(ttft, 99)) * 1000),
+        ("TPOT p50 ms", hist.tpot_q(0.5) * 1000, float(np.percentile(tpot, 50)) * 1000),
+        ("TPOT p99 ms", hist.tpot_q(0.99) * 1000, float(np.percentile(tpot, 99)) * 1000),
+        ("SLO attainment %", hist.attainment(slo) * 100, float(ok.mean()) * 100),
+        ("requests", float(fast.requests[hrs].sum()), float(requests)),
+        ("seconds", fast_s, ref_s),
+    ]
+    df = pd.DataFrame(rows, columns=["figure", "fast", "reference"])
+    df["error"] = df["fast"] / df["reference"] - 1
+    return df

@@ -73,9 +73,9 @@ def fresh_env(tmp_path: Path, base_url: str) -> dict[str, str]:
     return env
 
 
-def router(tmp_path: Path, base_url: str, *args: str, timeout_s: float = 1200) -> (
-    subprocess.CompletedProcess[str]
-):
+def router(
+    tmp_path: Path, base_url: str, *args: str, timeout_s: float = 1200
+) -> subprocess.CompletedProcess[str]:
     with subprocess.Popen(
         [sys.executable, "-m", "router.cli", *args],
         cwd=tmp_path,  # not the checkout: nothing relative to it is found by accident
@@ -172,12 +172,12 @@ def test_simulate_a_short_period(tmp_path: Path, mirror: tuple[str, list[str]]) 
 
     (tmp_path / "sim.yaml").write_text(SMALL)
     out = router(tmp_path, mirror[0], "simulate", "--config", str(tmp_path / "sim.yaml"),
-                 "--period", "2024-06-01..2024-06-03", "--policies", "round_robin,greenest",
+                 "--period", "2024-06-01..2024-06-03", "--policies", "power_of_two,greenest",
                  "--out", str(tmp_path / "report"), "--json")  # fmt: skip
     assert out.returncode == 0, out.stderr
     summary = {row["policy"]: row for row in json.loads(out.stdout)["summary"]}
-    assert set(summary) == {"round_robin", "greenest"}
-    assert summary["greenest"]["t_co2e"] < summary["round_robin"]["t_co2e"]
+    assert set(summary) == {"power_of_two", "greenest"}
+    assert summary["greenest"]["t_co2e"] < summary["power_of_two"]["t_co2e"]
     assert (tmp_path / "cache/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv").is_file()
 
 
@@ -195,8 +195,18 @@ def test_serve_answers_a_request(tmp_path: Path, mirror: tuple[str, list[str]]) 
         .replace("ledger: carbon-router.sqlite", f"ledger: {tmp_path / 'ledger.sqlite'}")
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "serve", "--config", str(cfg),
-         "--port", str(port), "--direct-port", "0"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(port),
+            "--direct-port",
+            "0",
+        ],  # fmt: skip
         cwd=tmp_path,
         env=fresh_env(tmp_path, mirror[0]),
         stdout=subprocess.PIPE,
@@ -216,10 +226,14 @@ def test_serve_answers_a_request(tmp_path: Path, mirror: tuple[str, list[str]]) 
         )
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps({
-                "model": "smollm2-135m", "max_tokens": 8, "temperature": 0.0,
-                "messages": [{"role": "user", "content": "Name one fruit."}],
-            }).encode(),  # fmt: skip
+            data=json.dumps(
+                {
+                    "model": "smollm2-135m",
+                    "max_tokens": 8,
+                    "temperature": 0.0,
+                    "messages": [{"role": "user", "content": "Name one fruit."}],
+                }
+            ).encode(),  # fmt: skip
             headers={"Authorization": "Bearer sk-local-demo", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=120) as r:

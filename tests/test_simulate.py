@@ -1,23 +1,39 @@
-"""router simulate: outcomes on a short period, the queue model, and bad inputs."""
+"""router simulate: the iteration-level engine on cases worked by hand, the fast model against
+it, the policies' outcomes on a short period, the outputs, and bad inputs."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from regions.config import Config, parse_config
+from regions.config import Config, ConfigError, parse_config
 from router.cli import main
+from router.replica_sim import Engine, Histograms, ServingTable, Traffic, run_engine
 from router.simreport import write_outputs
-from router.simulate import SimulationError, _lindley, _water_fill, simulate
+from router.simulate import (
+    SimulationError,
+    _water_fill,
+    build_world,
+    compare_day,
+    run_policy,
+    simulate,
+)
 from tests.conftest import ROOT
 
 SMALL = """
 carbon_sources:
   em: {kind: file, dataset: electricitymaps_hourly}
+x-replica: &rep
+  backend: {kind: openai, url: "http://x/v1", model: m}
+  gpu: {type: H100}
+  max_concurrency: 64
+  model_params_b: 8
+  count: 2
 regions:
   - name: clean
     zone: SE
@@ -25,28 +41,31 @@ regions:
     pue: 1.1
     price: {flat_usd_per_kwh: 0.10}
     rtt_ms: 40
+    scaling: {min_replicas: 1}
     replicas:
-      - {name: clean-0, backend: {kind: openai, url: "http://x/v1", model: m}, gpu: {type: H100},
-         max_concurrency: 2, tokens_per_s: 70, model_params_b: 8, prefill_weight: 0.05}
+      - {<<: *rep, name: clean}
   - name: dirty
     zone: PL
     carbon_source: em
     pue: 1.3
     price: {flat_usd_per_kwh: 0.05}
     rtt_ms: 10
+    scaling: {min_replicas: 1}
     replicas:
-      - {name: dirty-0, backend: {kind: openai, url: "http://x/v1", model: m}, gpu: {type: H100},
-         max_concurrency: 2, tokens_per_s: 70, model_params_b: 8, prefill_weight: 0.05}
+      - {<<: *rep, name: dirty}
 simulation:
   trace: azure_conv
   start: "2024-03-01"
-  end: "2024-03-15"
-  requests_per_hour: 200
+  end: "2024-03-08"
+  mean_utilization: 0.5
+  diurnal_amplitude: 0.5
   deferrable_share: 0.3
   defer_window_h: 12
-  slo_ms: 5000
-  target_utilization: 0.6
-  policies: [round_robin, cheapest, greenest, price_carbon, greenest+defer, oracle]
+  slo_ttft_ms: 3000
+  slo_tpot_ms: 150
+  target_utilization: 0.9
+  policies: [power_of_two, round_robin, cheapest, greenest, price_carbon, greenest+defer,
+             price_carbon+scale, power_of_two+scale, cleanest_hour, oracle]
 """
 
 
@@ -55,106 +74,271 @@ def small(**sim: object) -> Config:
     return cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update=sim)})
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> object:
-    return simulate(small(), base_dir=ROOT, cache_dir=tmp_path_factory.mktemp("fc"))
+# ---- the engine, by hand ------------------------------------------------------------------------
+
+# one decode step: 10 ms alone, 12 ms with two, 15 ms with three; 1 ms per prompt token
+ENGINE = Engine(
+    itl_s=(0.0, 0.010, 0.012, 0.015),
+    power_w=(100.0, 300.0, 320.0, 340.0),
+    prefill_s_per_token=0.001,
+    prefill_min_s=0.005,
+    prefill_w=500.0,
+    static_w=100.0,
+    max_batch=3,
+    chunk_tokens=100,
+)
 
 
-def test_outcomes_make_sense(result: object) -> None:
-    s = result.summary.set_index("policy")  # type: ignore[attr-defined]
-    n = s["requests"].iloc[0]
-    assert (s["requests"] == n).all() and 200 * 24 * 14 * 0.8 < n < 200 * 24 * 14 * 1.2
-    # SE is far cleaner than PL: greenest emits much less than round-robin, cheapest more
-    assert s.loc["greenest", "t_co2e"] < 0.5 * s.loc["round_robin", "t_co2e"]
-    assert s.loc["cheapest", "t_co2e"] > s.loc["greenest", "t_co2e"]
-    assert s.loc["cheapest", "energy_tariff_usd"] < s.loc["greenest", "energy_tariff_usd"]
-    # the oracle is the bound; deferral moves about 30 % of the requests
-    assert s.loc["oracle", "t_co2e"] <= s.loc["greenest+defer", "t_co2e"] * 1.001
-    assert s.loc["greenest+defer", "share_deferred"] == pytest.approx(0.3, abs=0.03)
-    assert s.loc["greenest", "share_deferred"] == 0
-    assert s.loc["greenest+defer", "mean_delay_s"] > 0
-    # capacity binds: flooding the clean region costs latency that round-robin does not pay
-    assert (
-        s.loc["greenest", "mean_added_latency_ms"] > s.loc["round_robin", "mean_added_latency_ms"]
-    )
-    assert s.loc["round_robin", "co2_saved_vs_round_robin"] == 0
-    assert s.loc["oracle", "share_of_oracle_saving"] == pytest.approx(1.0)
-    token = s["token_tariff_usd"]
-    assert (token == token.iloc[0]).all()  # same requests, same token bill
+def run(arrival: list[float], prompt: list[int], output: list[int], **kw: object) -> object:
+    return run_engine(ENGINE, np.array(arrival), np.array(prompt), np.array(output), **kw)  # type: ignore[arg-type]
 
 
-def test_energy_and_carbon_add_up(result: object) -> None:
-    o = result.outcomes["greenest"]  # type: ignore[attr-defined]
-    w = result.world  # type: ignore[attr-defined]
-    g = w.replica_region[o.replica]
-    h = np.minimum((o.start_s // 3600).astype(int), len(w.hours) - 1)
-    assert np.allclose(o.kwh, o.energy_j / 3.6e6 * w.pue[g])
-    assert np.allclose(o.carbon_g, o.kwh * w.intensity[h, g])
-    assert (o.wait_s >= -1e-6).all()
+def test_a_lone_request_prefills_then_decodes_one_token_a_step() -> None:
+    r = run([1.0], [50], [5], until_s=2.0)
+    # idle to 1 s; one step of 50 prompt tokens (its first token); 4 decode steps alone
+    assert r.first_token_s[0] == pytest.approx(1.05)  # type: ignore[attr-defined]
+    assert r.finish_s[0] == pytest.approx(1.05 + 4 * 0.010)  # type: ignore[attr-defined]
+    energy = 100 * 1.0 + 500 * 0.05 + 300 * 0.04 + 100 * (2.0 - 1.09)
+    assert r.energy_j == pytest.approx(energy)  # type: ignore[attr-defined]
+    assert r.busy_s == pytest.approx(0.09)  # type: ignore[attr-defined]
 
 
-def test_report_folder(result: object, tmp_path: Path) -> None:
-    files = write_outputs(result, tmp_path, sample=500)  # type: ignore[arg-type]
-    names = {p.name for p in files}
-    assert {"report.md", "hourly.csv", "summary.csv", "by_region.csv",
-            "intensity_and_traffic.png", "carbon_and_cost.png"} <= names  # fmt: skip
-    per_req = pd.read_parquet(tmp_path / "requests_greenest_defer.parquet")
-    assert len(per_req) == 500 and per_req["deferred"].any()
-    assert "| greenest |" in (tmp_path / "report.md").read_text()
+def test_requests_arriving_together_prefill_in_one_step_and_share_decode_steps() -> None:
+    r = run([0.0, 0.0], [30, 20], [3, 2])
+    assert list(r.first_token_s) == pytest.approx([0.05, 0.05])  # type: ignore[attr-defined]
+    # two decoding: 12 ms steps; the shorter answer leaves after one, the other goes on alone
+    assert list(r.finish_s) == pytest.approx([0.05 + 0.012 + 0.010, 0.05 + 0.012])  # type: ignore[attr-defined]
+    assert list(r.tpot_s(np.array([3, 2]))) == pytest.approx([0.011, 0.012])  # type: ignore[attr-defined]
 
 
-def test_lindley_matches_a_plain_queue() -> None:
-    rng = np.random.default_rng(1)
-    start = np.sort(rng.uniform(0, 100, 300))
-    service = rng.exponential(0.5, 300)
-    group = rng.integers(0, 3, 300)
-    finish = _lindley(start, service, group)
-    for g in range(3):
-        free = 0.0
-        for i in np.flatnonzero(group == g):
-            free = max(free, start[i]) + service[i]
-            assert finish[i] == pytest.approx(free)
+def test_a_long_prompt_is_prefilled_in_chunks_and_stalls_the_batch() -> None:
+    # request 0 decodes; request 1's 250-token prompt takes 3 steps (budget 100 less 1 decode)
+    r = run([0.0, 0.0501], [10, 250], [20, 2])
+    first0 = 0.01
+    assert r.first_token_s[0] == pytest.approx(first0)  # type: ignore[attr-defined]
+    # request 1 joins at the step boundary after it arrives (5 decode steps in: 0.06 s)
+    steps = [0.010 + 0.099, 0.010 + 0.099, 0.010 + 0.052]
+    assert r.first_token_s[1] == pytest.approx(0.06 + sum(steps))  # type: ignore[attr-defined]
 
 
-def test_water_fill_respects_capacity_and_ties() -> None:
+def test_at_the_batch_limit_a_request_waits_for_a_sequence_to_finish() -> None:
+    r = run([0.0, 0.0, 0.0, 0.0], [10, 10, 10, 10], [3, 3, 3, 2])
+    first = r.first_token_s  # type: ignore[attr-defined]
+    assert first[:3] == pytest.approx([0.03] * 3)
+    assert first[3] > r.finish_s[:3].min()  # type: ignore[attr-defined]
+    assert first[3] == pytest.approx(0.03 + 2 * 0.015 + 0.010)  # after two full-batch steps
+
+
+def test_arrivals_must_be_sorted() -> None:
+    with pytest.raises(ValueError, match="sorted"):
+        run([1.0, 0.5], [1, 1], [1, 1])
+
+
+# ---- the fast model -----------------------------------------------------------------------------
+
+
+def test_a_serving_table_reads_energy_and_distributions_by_rate() -> None:
+    rng = np.random.default_rng(0)
+    traffic = Traffic(rng.uniform(0, 3600, 2000), rng.integers(10, 200, 2000),
+                      rng.integers(1, 30, 2000))  # fmt: skip
+    table = ServingTable.build(ENGINE, traffic, slo_ttft_s=0.5, slo_tpot_s=0.05,
+                               grid_requests=20_000)  # fmt: skip
+    assert table.capacity_rps > 0
+    assert table.energy_j_per_h[0] == pytest.approx(100 * 3600)  # idle: static power
+    assert (np.diff(table.energy_j_per_h) > 0).all()  # more requests, more energy
+    # past the last rate, each request costs what it costs there
+    top = table.rates_rps[-1]
+    e2 = table.at(np.array([2 * top]), table.energy_j_per_h)[0]
+    assert e2 == pytest.approx(2 * table.energy_j_per_h[-1])
+    # at capacity, the attainment it was defined by (the bisection stops within 2 %)
+    gw = table.grid_weights(np.array([table.capacity_rps]), np.array([1000.0]))
+    assert gw.sum() == pytest.approx(1000.0)
+    hist = Histograms.of(table, gw, 0.0)
+    assert hist.attainment(0.5) == pytest.approx(0.99, abs=0.01)
+    assert table.capacity_at(0.5) == pytest.approx(table.capacity_rps)
+    assert table.capacity_at(0.2) < table.capacity_rps  # a tighter SLO: less capacity
+
+
+def test_water_fill_respects_capacity_ties_and_replicas_that_are_off() -> None:
     scores = np.array([[1.0, 2.0, 3.0], [1.0, 1.01, 3.0]])
     share = _water_fill(scores, np.array([15.0, 15.0]), np.array([10.0, 10.0, 10.0]), 0.05)
     assert share[0] == pytest.approx([10 / 15, 5 / 15, 0])
     assert share[1] == pytest.approx([0.5, 0.5, 0])  # near-tie: split by capacity
+    # equal scores below the best share too (the live router spreads them by load)
+    share = _water_fill(np.array([[1.0, 2.0, 2.0]]), np.array([20.0]), np.array([10.0] * 3), 0.05)
+    assert share[0] == pytest.approx([0.5, 0.25, 0.25])
+    off = np.array([[0.0, 10.0, 10.0], [10.0, 10.0, 10.0]])
+    share = _water_fill(scores, np.array([15.0, 40.0]), off, 0.05)
+    assert share[0] == pytest.approx([0, 10 / 15, 5 / 15])  # the best is off
+    assert share[1] == pytest.approx([1 / 3, 1 / 3, 1 / 3])  # over capacity: by capacity
+
+
+# ---- a short period, all policies ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def result(cache: Path, data_dir: Path) -> object:
+    return simulate(small(), base_dir=ROOT, cache_dir=cache)
+
+
+def test_outcomes_make_sense(result: object) -> None:
+    s = result.summary.set_index("policy")  # type: ignore[attr-defined]
+    w = result.world  # type: ignore[attr-defined]
+    n = s["requests"].iloc[0]
+    # the rate is half the fleet's capacity at the SLOs, over 7 days
+    assert n == pytest.approx(0.5 * w.fleet_capacity_rps * 3600 * 24 * 7, rel=0.01)
+    assert np.allclose(s["requests"], n)
+    # SE is far cleaner than PL
+    assert s.loc["greenest", "t_co2e"] < 0.7 * s.loc["power_of_two", "t_co2e"]
+    assert s.loc["cheapest", "t_co2e"] > s.loc["greenest", "t_co2e"]
+    assert s.loc["cheapest", "energy_tariff_usd"] < s.loc["greenest", "energy_tariff_usd"]
+    # packing the clean region to 90 % of capacity costs tail latency, within the SLO
+    assert s.loc["greenest", "ttft_p99_ms"] > s.loc["power_of_two", "ttft_p99_ms"]
+    assert s.loc["greenest", "slo_attainment"] >= 0.99
+    # the oracle plans with actual intensity (greedily, hour by hour, as the others: not a
+    # global optimum, so a forecast can land within a percent of it either side); deferral
+    # moves 30 % of the requests and saves carbon
+    assert s.loc["oracle", "t_co2e"] <= s.loc["greenest+defer", "t_co2e"] * 1.01
+    assert s.loc["greenest+defer", "t_co2e"] < s.loc["greenest", "t_co2e"]
+    assert s.loc["greenest+defer", "share_deferred"] == pytest.approx(0.3, abs=0.01)
+    assert s.loc["greenest+defer", "mean_delay_h"] > 0
+    assert s.loc["power_of_two", "co2_saved_vs_power_of_two"] == 0
+    assert s.loc["oracle", "share_of_oracle_saving"] == pytest.approx(1.0)
+    # fleet scaling: fewer replicas up at night, less static energy, less energy per token
+    for base in ("power_of_two", "price_carbon"):
+        scaled = s.loc[f"{base}+scale"]
+        assert scaled["replicas_on_mean"] < s.loc[base, "replicas_on_mean"] == 4
+        assert scaled["kwh_static"] < s.loc[base, "kwh_static"]
+        assert scaled["j_per_token"] < s.loc[base, "j_per_token"]
+    token = s["token_tariff_usd"]
+    assert np.allclose(token, token.iloc[0])  # same requests, same token bill
+
+
+def test_energy_carbon_and_attribution_add_up(result: object) -> None:
+    w = result.world  # type: ignore[attr-defined]
+    for o in result.outcomes.values():  # type: ignore[attr-defined]
+        g = w.replica_region
+        assert np.allclose(o.kwh, o.energy_j / 3.6e6 * w.pue[g][None, :])
+        assert np.allclose(o.carbon_g, o.kwh * w.intensity[:, g])
+        # what the attributor gives the requests never exceeds what was drawn
+        assert (o.attributed_j <= o.energy_j + 1e-6).all() and (o.attributed_j >= 0).all()
+        assert (o.static_j <= o.energy_j + 1e-6).all()
+        assert o.requests.sum() == pytest.approx(w.demand.per_hour.sum())
+
+
+def test_scaling_the_fleet_scales_the_number_of_replicas_not_their_physics(
+    result: object, cache: Path
+) -> None:
+    cfg = small()
+    doubled = parse_config(SMALL.replace("count: 2", "count: 4"), env={})
+    w1 = result.world  # type: ignore[attr-defined]
+    w2 = build_world(doubled, base_dir=ROOT, cache_dir=cache)
+    assert w2.fleet_capacity_rps == pytest.approx(2 * w1.fleet_capacity_rps)
+    o1 = run_policy("greenest", w1, cfg)
+    o2 = run_policy("greenest", w2, doubled)
+    assert o2.energy_j.sum() == pytest.approx(2 * o1.energy_j.sum(), rel=1e-6)
+    assert o2.fleet_hist.attainment(3.0) == pytest.approx(o1.fleet_hist.attainment(3.0))
 
 
 @pytest.mark.needs_data
-def test_jsonl_trace_and_its_errors(tmp_path: Path) -> None:
+def test_the_fast_model_agrees_with_the_reference_on_a_day(result: object) -> None:
+    w = result.world  # type: ignore[attr-defined]
+    df = compare_day(w, small(), "greenest", 2).set_index("figure")
+    err = df["error"].abs()
+    assert err["energy kWh"] < 0.05
+    assert err["TTFT p50 ms"] < 0.10 and err["TTFT p99 ms"] < 0.10
+    assert err["TPOT p50 ms"] < 0.10 and err["TPOT p99 ms"] < 0.10
+    assert err["requests"] < 0.01
+
+
+def test_report_folder(result: object, tmp_path: Path) -> None:
+    files = write_outputs(result, tmp_path)  # type: ignore[arg-type]
+    names = {p.name for p in files}
+    assert {"report.md", "hourly.csv", "summary.csv", "by_region.csv", "fleet.csv",
+            "intensity_and_traffic.png", "carbon_and_cost.png",
+            "carbon_vs_p99_ttft.png"} <= names  # fmt: skip
+    hourly = pd.read_csv(tmp_path / "hourly.csv")
+    one = hourly[hourly["policy"] == "price_carbon+scale"]
+    assert len(one) == 7 * 24 * 2 and one["replicas_on"].max() <= 2
+    assert one["requests"].sum() == pytest.approx(result.requests, rel=1e-6)  # type: ignore[attr-defined]
+    assert "| greenest |" in (tmp_path / "report.md").read_text()
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.needs_data
+def test_jsonl_trace_and_its_errors(tmp_path: Path, cache: Path) -> None:
     good = tmp_path / "t.jsonl"
     good.write_text("\n".join(json.dumps({"time": f"2024-03-0{1 + i % 3}T10:00:00Z",
                                           "prompt_tokens": 100, "output_tokens": 50})
                               for i in range(30)))  # fmt: skip
     r = simulate(small(trace=str(good), start="2024-03-01", end="2024-03-04"), base_dir=ROOT,
-                 policies=["greenest"], cache_dir=tmp_path)  # fmt: skip
+                 policies=["greenest"], cache_dir=cache)  # fmt: skip
     assert r.summary["requests"].iloc[0] == 30
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"time": "2024-03-01T10:00:00Z", "prompt_tokens": 1}))
     with pytest.raises(SimulationError, match=r"missing columns \['output_tokens'\]"):
-        simulate(small(trace=str(bad)), base_dir=ROOT, policies=["greenest"], cache_dir=tmp_path)
+        simulate(small(trace=str(bad)), base_dir=ROOT, policies=["greenest"], cache_dir=cache)
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text(json.dumps({"time": "2024-03-01T10:00:00Z", "prompt_tokens": 1,
+                                "output_tokens": 0}))  # fmt: skip
+    with pytest.raises(SimulationError, match=r"zero.jsonl:1: .*< 1"):
+        simulate(small(trace=str(zero)), base_dir=ROOT, policies=["greenest"], cache_dir=cache)
 
 
 @pytest.mark.needs_data
-def test_bad_inputs_are_clear(tmp_path: Path) -> None:
+def test_bad_inputs_are_clear(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(SimulationError, match="unknown policy 'fastest'"):
         simulate(small(), base_dir=ROOT, policies=["fastest"])
+    with pytest.raises(SimulationError, match="unknown policy 'greenest\\+later'"):
+        simulate(small(), base_dir=ROOT, policies=["greenest+later"])
     with pytest.raises(SimulationError, match="zone SE.*missing 100% of the period"):
         simulate(small(start="2030-01-01", end="2030-01-08"), base_dir=ROOT, policies=["greenest"])
     with pytest.raises(SimulationError, match="unknown trace 'trace.csv'"):
-        simulate(small(trace="trace.csv"), base_dir=ROOT, policies=["greenest"], cache_dir=tmp_path)
+        simulate(small(trace="trace.csv"), base_dir=ROOT, policies=["greenest"], cache_dir=cache)
+    with pytest.raises(SimulationError, match="region clean: its RTT \\(40.0 ms\\) leaves nothing"):
+        simulate(small(slo_ttft_ms=30), base_dir=ROOT, policies=["greenest"], cache_dir=cache)
+    with pytest.raises(SimulationError, match="cannot meet the SLOs"):
+        simulate(small(slo_tpot_ms=1), base_dir=ROOT, policies=["greenest"], cache_dir=cache)
+
+
+def test_config_fields_of_the_simulator() -> None:
+    old = parse_config(SMALL.replace("slo_ttft_ms: 3000", "slo_ms: 2500"), env={})
+    assert old.simulation.slo_ttft_ms == 2500  # the old name still reads
+    with pytest.raises(ConfigError, match=r"<string>:\d+ simulation: .*not both"):
+        parse_config(SMALL.replace("mean_utilization: 0.5", "mean_utilization: 0.5\n"
+                                   "  requests_per_hour: 100"), env={})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"replicas\[0\].count: must be >= 1, got 0"):
+        parse_config(SMALL.replace("count: 2", "count: 0"), env={})
+    cfg = parse_config(SMALL, env={})
+    assert [r.replicas[0].count for r in cfg.regions] == [2, 2]  # the anchor was merged
 
 
 @pytest.mark.needs_data
-def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_and_reference_day(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> None:
+    import forecasting.datasets
+
+    monkeypatch.setattr(forecasting.datasets, "cache_dir", lambda: cache / "data")
     cfg = tmp_path / "sim.yaml"
-    cfg.write_text(SMALL.replace('end: "2024-03-15"', 'end: "2024-03-05"'))
+    cfg.write_text(SMALL)
     code = main(["simulate", "--config", str(cfg), "--out", str(tmp_path / "out"),
-                 "--policies", "round_robin,greenest", "--json"])  # fmt: skip
+                 "--policies", "power_of_two,greenest", "--json"])  # fmt: skip
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["policy"] for r in out["summary"]] == ["round_robin", "greenest"]
+    assert [r["policy"] for r in out["summary"]] == ["power_of_two", "greenest"]
+    assert out["fleet_capacity_rps"] > 0
     assert (tmp_path / "out" / "report.md").is_file()
+    code = main(["simulate", "--config", str(cfg), "--policies", "greenest",
+                 "--reference-day", "1", "--json"])  # fmt: skip
+    assert code == 0
+    rows = {r["figure"]: r for r in json.loads(capsys.readouterr().out)}
+    assert abs(rows["energy kWh"]["error"]) < 0.05
+    assert not math.isnan(rows["TTFT p99 ms"]["reference"])

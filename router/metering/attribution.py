@@ -20,6 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from regions.calibration import PREFILL_WEIGHT
 from regions.meters import MeterReading
@@ -146,10 +147,13 @@ class ReplicaAttributor:
     def _split(self, iv: _Interval) -> None:
         work: dict[str, float] = {}
         for r in iv.active:
-            w = float(iv.decode.get(r.id, 0))
-            if r.prefill_tokens and self.prefill_weight:
-                w += self.prefill_weight * r.prefill_tokens * _prefill_share(r, iv.a_s, iv.b_s)
-            work[r.id] = w
+            work[r.id] = float(
+                request_work(
+                    iv.decode.get(r.id, 0),
+                    r.prefill_tokens * _prefill_share(r, iv.a_s, iv.b_s) if r.prefill_tokens else 0,
+                    self.prefill_weight,
+                )
+            )
         total_work = sum(work.values())
         covered = _covered_fraction([(r.start_s, r.end_s) for r in iv.active], iv.a_s, iv.b_s)
         if total_work > 0 and covered == 0.0:
@@ -157,8 +161,8 @@ class ReplicaAttributor:
         if not iv.active or covered == 0.0:
             self.idle_j += iv.energy_j
         else:
-            busy = iv.energy_j * covered
-            self.idle_j += iv.energy_j - busy
+            busy, idle = split_busy_idle(iv.energy_j, covered)
+            self.idle_j += idle
             if total_work > 0:
                 shares = {k: v / total_work for k, v in work.items()}
             else:  # active but no measured work (e.g. waiting on a lock): by time present
@@ -203,6 +207,19 @@ class ReplicaAttributor:
     @property
     def open_requests(self) -> list[str]:
         return sorted(self._requests)
+
+
+def request_work(decode_tokens: Any, prefill_tokens: Any, prefill_weight: Any) -> Any:
+    """A request's work in an interval: its decode tokens + ``prefill_weight`` x the prompt
+    tokens it prefilled then (scalars or NumPy arrays alike; the simulator calls it too)."""
+    return decode_tokens + prefill_weight * prefill_tokens
+
+
+def split_busy_idle(energy_j: Any, covered: Any) -> tuple[Any, Any]:
+    """An interval's energy as (attributed to the requests present, idle): the share of the
+    interval some request was present is attributed (scalars or NumPy arrays alike)."""
+    busy = energy_j * covered
+    return busy, energy_j - busy
 
 
 def _overlap(s: float, e: float | None, a: float, b: float) -> float:
