@@ -27,5 +27,5 @@ def test_what_if_notebook_runs(tmp_path: object) -> None:
     text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
                      for o in outputs)  # fmt: skip
     assert "forecast-driven deferral captured" in text
-    assert "round_robin" in text and "token / energy" in text
+    assert "power_of_two" in text and "token / energy" in text and "TTFT p99 ms" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
