@@ -270,8 +270,9 @@ class Scaling(_Strict):
         gt=0,
         allow_inf_nan=False,
         description="requests/s one replica serves within its SLO at 100 % of the target "
-        "utilization; default: the replica model's decode rate at its batch limit over 129 "
-        "output tokens a request (the Azure conversation trace's median)",
+        "utilization; default from the replica model: a 512-token prefill and 129 output "
+        "tokens (the Azure conversation trace's median) decoded at its batch limit, an upper "
+        "bound; router simulate's fleet.csv gives the capacity at the SLOs",
     )
 
 

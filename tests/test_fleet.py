@@ -383,3 +383,31 @@ def test_a_regions_standby_power_is_its_own_or_its_gpus_default_and_0_is_a_value
     assert standby_w("{capacity_rps: 2}") == 4 * 72.0  # H100's default, per GPU
     assert standby_w("{capacity_rps: 2, standby_w_per_gpu: 40}") == 4 * 40.0
     assert standby_w("{capacity_rps: 2, standby_w_per_gpu: 0}") == 0.0  # node powered down
+
+
+def test_a_replicas_default_capacity_counts_its_prefill_not_only_its_decode_rate() -> None:
+    # a 70B replica on 4 x H100 decodes 4,900 tokens/s at its batch limit: 38 requests/s of
+    # 129 tokens; but each request's 512-token prompt also takes 36 ms of the replica's compute
+    from regions.config import parse_config
+    from router.billing import PriceSchedule
+    from router.service.fleet import REF_PROMPT_TOKENS, region_fleet
+    from router.service.routing import ReplicaState, model_of, profile_of
+
+    cfg = parse_config(
+        "carbon_sources:\n  grid: {kind: replay, dataset: electricitymaps_hourly}\n"
+        "regions:\n  - name: gpu\n    zone: SE\n    carbon_source: grid\n"
+        "    price: {flat_usd_per_kwh: 0.1}\n    scaling: {min_replicas: 1}\n"
+        "    replicas:\n      - name: gpu-0\n"
+        "        backend: {kind: openai, url: 'http://h:8000/v1',"
+        " model: meta-llama/Llama-3.1-70B-Instruct}\n"
+        "        gpu: {type: H100, count: 4}\n        max_concurrency: 256\n",
+        env={},
+    )
+    region = cfg.regions[0]
+    rep = region.replicas[0]
+    model = model_of(rep)
+    assert model is not None
+    states = [ReplicaState(rep, region, profile_of(rep), PriceSchedule(region.price), model=model)]
+    cap = region_fleet(region, states, 129.0).capacity_rps
+    per_request_s = model.prefill_s(REF_PROMPT_TOKENS) + 129.0 / model.decode_tokens_per_s(256)
+    assert cap == pytest.approx(1.0 / per_request_s, rel=1e-6)

@@ -83,8 +83,8 @@ class RegionPlan:
 
 def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float) -> RegionFleet:
     """The region as the policy sees it (its replicas' mean figures). A replica's capacity is
-    ``scaling.capacity_rps``, else its model's decode rate at its batch limit over
-    ``prior_tokens`` output tokens a request. Raises ValueError when a replica has neither, or
+    ``scaling.capacity_rps``, else what its model gives a reference request
+    (:data:`REF_PROMPT_TOKENS` prefilled, ``prior_tokens`` decoded at its batch limit). Raises ValueError when a replica has neither, or
     has a GPU of unknown standby power."""
     sc = region.scaling
     owned = len(states)
@@ -93,8 +93,16 @@ def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float
         model, rep = st.model, st.replica
         if sc is not None and sc.capacity_rps is not None:
             caps.append(sc.capacity_rps)
-        elif model is not None:  # decode rate at the batch limit over the output prior
-            caps.append(model.decode_tokens_per_s(model.max_batch) / prior_tokens)
+        elif model is not None:  # the reference request's prefill, then its share of
+            # decoding at the batch limit: an upper bound (no latency SLO, no bursts; router
+            # simulate's fleet.csv gives the capacity at the SLOs, for scaling.capacity_rps)
+            caps.append(
+                1.0
+                / (
+                    model.prefill_s(REF_PROMPT_TOKENS)
+                    + prior_tokens / model.decode_tokens_per_s(model.max_batch)
+                )
+            )
         else:
             raise ValueError(f"replica {rep.name} has no replica model: set scaling.capacity_rps")
         per_gpu = sc.standby_w_per_gpu if sc is not None else None
