@@ -84,8 +84,8 @@ class RegionPlan:
 def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float) -> RegionFleet:
     """The region as the policy sees it (its replicas' mean figures). A replica's capacity is
     ``scaling.capacity_rps``, else what its model gives a reference request
-    (:data:`REF_PROMPT_TOKENS` prefilled, ``prior_tokens`` decoded at its batch limit). Raises ValueError when a replica has neither, or
-    has a GPU of unknown standby power."""
+    (:data:`REF_PROMPT_TOKENS` prefilled, ``prior_tokens`` decoded at its batch limit).
+    Raises ValueError when a replica has neither, or has a GPU of unknown standby power."""
     sc = region.scaling
     owned = len(states)
     caps, standby = [], []
