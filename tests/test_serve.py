@@ -467,6 +467,42 @@ def test_a_stream_cut_by_its_client_is_billed_for_what_was_generated(
     assert 1 <= row.completion_tokens < 1000 and row.kwh_billed > 0
 
 
+def test_live_load_comes_from_the_replicas_reports(server: dict[str, Any]) -> None:
+    # the ingress reads each llama.cpp replica's batch and queue through its deployment, and
+    # the proxied server's from its /metrics, twice a second (policy.load_report_s 1 s): the
+    # decisions then have no estimated load (and these CPU replicas no other estimate); it runs
+    # before the faults below, which leave proxy-pl in its cooldown
+    from ray import serve
+
+    from router.service.ports import LoadReport
+
+    handle = serve.get_deployment_handle("replica-eu-north-0", app_name="carbon-router")
+    assert handle.load.remote().result(timeout_s=30) == LoadReport(0, 0)
+    stream = client(server).chat.completions.create(
+        **{**ask(), "max_tokens": 64}, stream=True,
+        extra_headers={"X-Carbon-Preference": 'regions=("eu-north")'},
+    )  # fmt: skip
+    try:
+        next(iter(stream))  # its first token is out: it holds a slot
+        running = handle.load.remote().result(timeout_s=30)
+    finally:
+        stream.close()
+    assert running.running >= 1 and running.waiting == 0
+    for region in ("eu-north", "proxy-pl"):  # in process; behind a URL
+        deadline = time.monotonic() + 20
+        while True:
+            raw = client(server).chat.completions.with_raw_response.create(
+                **ask(), extra_headers={"X-Carbon-Preference": f'regions=("{region}")'}
+            )
+            assert raw.headers["x-carbon-region"] == region
+            if "x-carbon-estimated" not in raw.headers:
+                break
+            # the first reports come within a second of the ingress starting, and a loaded
+            # machine may delay one past its interval now and then
+            assert time.monotonic() < deadline, raw.headers["x-carbon-estimated"]
+            time.sleep(0.5)
+
+
 # ---- faults, on the live stack: proxy-pl's server misbehaves on command ----------------------
 
 
@@ -522,38 +558,3 @@ def test_live_a_stream_whose_upstream_dies_is_billed_and_ends_with_an_error(
     row = billed(server, got[0].id, timeout_s=40)
     assert row.energy_source == "estimated" and 1 <= row.completion_tokens <= 2
     assert row.prompt_tokens == len("Name one fruit.") // 4  # no usage came: the estimate
-
-
-def test_live_load_comes_from_the_replicas_reports(server: dict[str, Any]) -> None:
-    # the ingress reads each llama.cpp replica's batch and queue through its deployment, and
-    # the proxied server's from its /metrics, twice a second (policy.load_report_s 1 s): the
-    # decisions then have no estimated load (and these CPU replicas no other estimate)
-    from ray import serve
-
-    from router.service.ports import LoadReport
-
-    handle = serve.get_deployment_handle("replica-eu-north-0", app_name="carbon-router")
-    assert handle.load.remote().result(timeout_s=30) == LoadReport(0, 0)
-    stream = client(server).chat.completions.create(
-        **{**ask(), "max_tokens": 64}, stream=True,
-        extra_headers={"X-Carbon-Preference": 'regions=("eu-north")'},
-    )  # fmt: skip
-    try:
-        next(iter(stream))  # its first token is out: it holds a slot
-        running = handle.load.remote().result(timeout_s=30)
-    finally:
-        stream.close()
-    assert running.running >= 1 and running.waiting == 0
-    for region in ("eu-north", "proxy-pl"):  # in process; behind a URL
-        deadline = time.monotonic() + 20
-        while True:
-            raw = client(server).chat.completions.with_raw_response.create(
-                **ask(), extra_headers={"X-Carbon-Preference": f'regions=("{region}")'}
-            )
-            assert raw.headers["x-carbon-region"] == region
-            if "x-carbon-estimated" not in raw.headers:
-                break
-            # the first reports come within a second of the ingress starting, and a loaded
-            # machine may delay one past its interval now and then
-            assert time.monotonic() < deadline, raw.headers["x-carbon-estimated"]
-            time.sleep(0.5)
