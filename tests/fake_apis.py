@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -283,3 +285,17 @@ def ukci_app(api: FakeAPI) -> FakeAPI:
     api.app.router.add_get("/regional/regionid/{rid}", regional_current)
     api.app.router.add_get("/regional/intensity/{frm}/{to}/regionid/{rid}", regional_window)
     return api
+
+
+@asynccontextmanager
+async def fake_openai() -> AsyncIterator[str]:
+    """regions.fake_openai on a loopback port: its base URL (.../v1)."""
+    from regions.fake_openai import make_app
+
+    runner = web.AppRunner(make_app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()

@@ -25,7 +25,17 @@ from router.service.ports import LoadSource
 DEMO = {"Authorization": "Bearer sk-local-demo"}
 ADMIN = {"Authorization": "Bearer sk-local-admin"}
 
-CONFIG = """
+TENANTS = """
+tenants:
+  - name: demo
+    api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]
+  - name: admin
+    admin: true
+    api_key_sha256: [dd64c8e8eaafa1abb74fd2a2ccad64f4dcb9f2bd6fae158f50e000958395a29e]
+"""
+
+CONFIG = (
+    """
 carbon_sources:
   grid: {kind: replay, dataset: electricitymaps_hourly}
 regions:
@@ -50,16 +60,13 @@ regions:
     residency: [us]
     replicas:
       - {name: us-south-0, backend: {kind: llama_cpp, model: smollm2-135m}, meter: cpu}
-tenants:
-  - name: demo
-    api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]
-  - name: admin
-    admin: true
-    api_key_sha256: [dd64c8e8eaafa1abb74fd2a2ccad64f4dcb9f2bd6fae158f50e000958395a29e]
-billing: {tariff: energy}
+"""
+    + TENANTS
+    + """billing: {tariff: energy}
 policy: {name: price_carbon, weight: 0.5}
 ledger: ledger.sqlite
 """
+)
 
 INTENSITY = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
 

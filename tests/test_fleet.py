@@ -17,16 +17,7 @@ from forecasting.errors import SourceUnavailable
 from forecasting.sources.base import Forecast
 from router.service.arrivals import Arrivals
 from router.service.fakes import FakeReplicaClient, StaticCarbonSource
-from tests.service_kit import ADMIN, DEMO, INTENSITY, Kit, chat, service_kit
-
-TENANTS = """
-tenants:
-  - name: demo
-    api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]
-  - name: admin
-    admin: true
-    api_key_sha256: [dd64c8e8eaafa1abb74fd2a2ccad64f4dcb9f2bd6fae158f50e000958395a29e]
-"""
+from tests.service_kit import ADMIN, DEMO, INTENSITY, TENANTS, Kit, chat, service_kit
 
 
 def region(name: str, zone: str, replicas: int, residency: str, scaling: str | None,

@@ -14,16 +14,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from regions.backends import Backend, CompletionRequest, TokenChunk
-from regions.fake_openai import make_app
 from regions.meters import FakeMeter
 from router.errors import LoadUnavailable
 from router.metering.replica import MeteredReplica
 from router.service.fakes import FakeLoadSource
 from router.service.load import ServerMetricsLoad, load_from_metrics, metrics_url
 from router.service.ports import LoadReport, LoadSource
+from tests.fake_apis import fake_openai
 
 
 @dataclass
@@ -48,16 +47,6 @@ async def fake_rig() -> AsyncIterator[Rig]:
     yield Rig(fake, pin, fail)
 
 
-@asynccontextmanager
-async def fake_server() -> AsyncIterator[str]:
-    """regions.fake_openai on a loopback port: its base URL (…/v1)."""
-    runner = web.AppRunner(make_app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
 
 
 async def control(base: str, body: dict[str, Any]) -> None:
@@ -68,7 +57,7 @@ async def control(base: str, body: dict[str, Any]) -> None:
 
 @asynccontextmanager
 async def server_rig() -> AsyncIterator[Rig]:
-    async with fake_server() as base:
+    async with fake_openai() as base:
         source = ServerMetricsLoad("r", metrics_url(base), timeout_s=0.3)
 
         async def pin(running: int, waiting: int) -> None:
@@ -122,7 +111,7 @@ async def test_a_hanging_source_is_ended_by_its_caller(kind: str) -> None:
 
 
 async def test_the_fake_server_counts_the_requests_it_is_answering() -> None:
-    async with fake_server() as base:
+    async with fake_openai() as base:
         source = ServerMetricsLoad("r", metrics_url(base), timeout_s=1.0)
         await control(base, {"mode": None})
         async with aiohttp.ClientSession() as session:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from regions.config import OpenAIBackendConfig
 from regions.openai_backend import OpenAIBackend
 from router.service.fakes import FakeReplicaClient, LedgerSink
 from router.service.proxied import ProxiedMetering, ProxiedReplica
+from tests.fake_apis import fake_openai
 from tests.service_kit import DEMO, chat, service_kit
 from tests.test_http1 import Handler, Seen, read_request, server, sse
 
@@ -268,20 +267,6 @@ async def test_a_usage_that_is_no_object_is_ignored_in_a_whole_answer_too() -> N
 # ---- the fake OpenAI-compatible server of the live tests does what real ones do ----------------
 
 
-@asynccontextmanager
-async def fake_openai() -> AsyncIterator[str]:
-    """regions.fake_openai on a loopback port: its base URL."""
-    from aiohttp import web
-
-    from regions.fake_openai import make_app
-
-    runner = web.AppRunner(make_app())
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
 
 
 async def fault(url: str, mode: str | None) -> None:
