@@ -395,7 +395,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from forecasting.datasets import cache_dir
     from regions.config import load_config
-    from router.simreport import SUMMARY_COLUMNS, write_outputs
+    from router.simreport import CONSOLE_COLUMNS, SUMMARY_COLUMNS, write_outputs
     from router.simulate import build_world, compare_day, deferral_capture, parse_policy, simulate
 
     cfg = load_config(args.config)
@@ -445,10 +445,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "outputs": [str(p) for p in written],
         }))  # fmt: skip
         return 0
-    shown = result.summary[[c for c in SUMMARY_COLUMNS if c in result.summary.columns]]
+    shown = result.summary[[c for c in CONSOLE_COLUMNS if c in result.summary.columns]]
     w = result.world
     _print_frame(
-        shown.rename(columns=SUMMARY_COLUMNS),
+        shown.rename(columns=SUMMARY_COLUMNS).round(4),
         f"{result.requests:,.0f} requests per policy on {len(w.replica_names)} replicas "
         f"({w.fleet_capacity_rps:.1f} requests/s at the SLOs), {result.seconds:.1f} s",
     )

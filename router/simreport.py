@@ -31,6 +31,10 @@ SUMMARY_COLUMNS = {
     "share_of_oracle_saving": "of oracle saving",
 }
 
+# what `router simulate` prints (the folder's summary.csv has every column)
+CONSOLE_COLUMNS = ("policy", "t_co2e", "co2_saved_vs_power_of_two", "j_per_token", "slo_attainment",
+                   "ttft_p99_ms", "tpot_p99_ms", "replicas_on_mean", "share_deferred")  # fmt: skip
+
 
 def per_hour(result: SimulationResult) -> pd.DataFrame:
     """One row per policy, hour and region: requests, replicas on, energy, carbon, cost."""
