@@ -390,6 +390,17 @@ def _local_error(path: str, predictor: object) -> dict[str, object]:
     }
 
 
+def _finite(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON has no inf or NaN: such a figure (a latency past the histograms, a share of
+    nothing) is null."""
+    import math
+
+    return [
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+        for r in rows
+    ]
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
@@ -436,8 +447,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     written = write_outputs(result, Path(args.out)) if args.out else []
     if args.json:
         print(json.dumps({
-            "summary": result.summary.to_dict(orient="records"),
-            "by_region": result.by_region.to_dict(orient="records"),
+            "summary": _finite(result.summary.to_dict(orient="records")),
+            "by_region": _finite(result.by_region.to_dict(orient="records")),
             "fleet_capacity_rps": result.world.fleet_capacity_rps,
             "deferral_capture": deferral_capture(result.summary),
             "forecast_mape": result.world.forecast_mape,
@@ -450,7 +461,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _print_frame(
         shown.rename(columns=SUMMARY_COLUMNS).round(4),
         f"{result.requests:,.0f} requests per policy on {len(w.replica_names)} replicas "
-        f"({w.fleet_capacity_rps:.1f} requests/s at the SLOs), {result.seconds:.1f} s",
+        f"({w.fleet_capacity_rps:.3g} requests/s at the SLOs), {result.seconds:.1f} s",
     )
     capture = deferral_capture(result.summary)
     if capture is not None:

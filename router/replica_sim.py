@@ -491,12 +491,15 @@ def shifted(hist: np.ndarray, shift_s: float, bin_s: float) -> np.ndarray:
 
 
 def quantile(hist: np.ndarray, q: float, bin_s: float) -> float:
-    """The ``q`` quantile of a histogram (bin upper edges, linear within a bin)."""
+    """The ``q`` quantile of a histogram (bin upper edges, linear within a bin); ``inf`` when
+    it falls in the last bin, which holds everything past the histogram's range."""
     total = hist.sum()
     if total <= 0:
         return math.nan
     cum = np.cumsum(hist)
     k = int(np.searchsorted(cum, q * total, side="left"))
+    if k >= len(hist) - 1:
+        return math.inf
     before = cum[k - 1] if k else 0.0
     inside = (q * total - before) / hist[k] if hist[k] > 0 else 1.0
     return float((k + inside) * bin_s)

@@ -157,6 +157,9 @@ def test_a_serving_table_reads_energy_and_distributions_by_rate() -> None:
     assert hist.attainment(0.5) == pytest.approx(0.99, abs=0.01)
     assert table.capacity_at(0.5) == pytest.approx(table.capacity_rps)
     assert table.capacity_at(0.2) < table.capacity_rps  # a tighter SLO: less capacity
+    # far past capacity the tail is past the histograms: infinite, not the last bin's edge
+    gw = table.grid_weights(np.array([10 * top]), np.array([1000.0]))
+    assert Histograms.of(table, gw, 0.0).ttft_q(0.99) == math.inf
 
 
 def test_water_fill_respects_capacity_ties_and_replicas_that_are_off() -> None:
