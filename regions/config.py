@@ -358,7 +358,9 @@ class Billing(_Strict):
 class PolicyDefaults(_Strict):
     name: Literal["price_carbon", "cheapest", "greenest", "round_robin", "nearest"] = "price_carbon"
     weight: float = Field(0.5, ge=0.0, le=1.0)
-    max_latency_ms: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(
+        None, gt=0, description="first-token budget (ms) for requests whose header sets none"
+    )
     tie_tolerance: float = Field(0.05, ge=0, le=1)
     max_defer_s: float = Field(86400.0, ge=0)
     defer_min_gain: float = Field(0.05, ge=0, lt=1)

@@ -81,10 +81,13 @@ def _number(key: str, item: Any, *, low: float, high: float = math.inf, low_open
     return x
 
 
-def parse_preference(header: str | None, *, default_weight: float = 0.5) -> Preference:
-    """Parse the header value (``None`` or empty: the defaults)."""
+def parse_preference(
+    header: str | None, *, default_weight: float = 0.5, default_max_latency_ms: float | None = None
+) -> Preference:
+    """Parse the header value (``None`` or empty: the defaults; the operator's first-token
+    budget, ``policy.max_latency_ms``, holds where the header gives none)."""
     if header is None or not header.strip():
-        return Preference(weight=default_weight, mode=None)
+        return Preference(weight=default_weight, mode=None, max_latency_ms=default_max_latency_ms)
     try:
         raw = header.encode("ascii")
     except UnicodeEncodeError as e:
@@ -128,4 +131,5 @@ def parse_preference(header: str | None, *, default_weight: float = 0.5) -> Pref
         raise PreferenceError("give mode or weight, not both")
     mode = out.pop("mode", None)
     weight = MODES[mode] if mode else out.pop("weight", default_weight)
+    out.setdefault("max_latency_ms", default_max_latency_ms)
     return Preference(weight=weight, mode=mode, **out)

@@ -74,6 +74,26 @@ async def test_the_cooldown_is_the_operators_setting(tmp_path: Path) -> None:
         assert t0 + 1.5 < north.cooldown_until <= time.monotonic() + 2.0
 
 
+async def test_the_configs_first_token_budget_bounds_requests_that_set_none(
+    tmp_path: Path,
+) -> None:
+    # policy.max_latency_ms is the operator's default budget for the first token: without it,
+    # a full replica whose queue is cheap at the margin keeps taking requests while others idle
+    config = CONFIG.replace("policy: {name: price_carbon, weight: 0.5}",
+                            "policy: {name: price_carbon, weight: 0.5, max_latency_ms: 500}")  # fmt: skip
+    async with service_kit(tmp_path, config=config) as kit:
+        north = kit.service.live.router.states[0]
+        north.active = 3 * north.replica.max_concurrency  # a long queue on the cleanest
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-carbon-replica"] != "eu-north-0"
+        assert r.headers["x-carbon-binding"] == "latency"
+        # a client's own budget still wins over the default
+        loose = {**DEMO, "X-Carbon-Preference": "mode=carbon, max-latency-ms=10000000"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=loose)
+        assert r.headers["x-carbon-replica"] == "eu-north-0"
+
+
 async def test_max_tpot_ms_steers_away_from_a_replica_whose_batch_is_slow(tmp_path: Path) -> None:
     # the time per output token at the batch a request joins comes from the replica model: on
     # eu-north (the cleanest) 7 sequences share 100 tok/s, so an eighth gets 80 ms a token

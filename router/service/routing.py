@@ -224,7 +224,11 @@ class Router:
         pref = self._prefs.get(header)
         if pref is not None:
             return pref
-        pref = parse_preference(header, default_weight=self.config.policy.weight)
+        pref = parse_preference(
+            header,
+            default_weight=self.config.policy.weight,
+            default_max_latency_ms=self.config.policy.max_latency_ms,
+        )
         if len(self._prefs) >= 4096:
             self._prefs.clear()
         self._prefs[header] = pref
