@@ -79,8 +79,10 @@ async def test_the_configs_first_token_budget_bounds_requests_that_set_none(
 ) -> None:
     # policy.max_latency_ms is the operator's default budget for the first token: without it,
     # a full replica whose queue is cheap at the margin keeps taking requests while others idle
-    config = CONFIG.replace("policy: {name: price_carbon, weight: 0.5}",
-                            "policy: {name: price_carbon, weight: 0.5, max_latency_ms: 500}")  # fmt: skip
+    config = CONFIG.replace(
+        "policy: {name: price_carbon, weight: 0.5}",
+        "policy: {name: price_carbon, weight: 0.5, max_latency_ms: 500}",
+    )
     async with service_kit(tmp_path, config=config) as kit:
         north = kit.service.live.router.states[0]
         north.active = 3 * north.replica.max_concurrency  # a long queue on the cleanest
