@@ -237,12 +237,21 @@ class Policy(ABC):
             d.estimated = c.estimated[d.index]
         return d
 
+    def tiebreak(self, c: Candidates, pref: Preference) -> np.ndarray | None:
+        """What decides between candidates whose scores are all 0 (lower is better)."""
+        return None
+
     def _rank(self, c: Candidates, pref: Preference) -> Decision:
         ok, _ = self.feasible(c, pref)
         s = self.scores(c, pref)
         binding = "score"
         met = True
         note = ""
+        # a replica whose batch is full queues the request: while another has room, the wait
+        # rules it out, however cheap its queue is at the margin (the saturated figure)
+        roomy = ok & (c.load < 1.0)
+        if roomy.any() and (roomy != ok).any():
+            ok, binding = roomy, "batch"
         if pref.max_latency_ms is not None:  # a budget for the first token
             got = self._bound(c, s, ok, c.ttft_ms, pref.max_latency_ms, "latency")
             if isinstance(got, Decision):
@@ -253,7 +262,12 @@ class Policy(ABC):
             if isinstance(got, Decision):
                 return got
             ok, binding = got[0], "tpot" if got[1] else binding
-        i = self.pick(c, s, ok)
+        masked = np.where(ok, s, np.inf)
+        second = self.tiebreak(c, pref) if masked.min() == 0.0 else None
+        if second is not None:  # zero marginal energy: what a kWh would cost there decides
+            i = self.pick(c, np.where(masked == 0.0, second, np.inf), ok & (masked == 0.0))
+        else:
+            i = self.pick(c, s, ok)
         return Decision(i, c.names[i], c.regions[i], self.name, s, ok, binding, met, note)
 
     def _bound(
@@ -300,6 +314,12 @@ class PriceCarbonPolicy(Policy):
     def scores(self, c: Candidates, pref: Preference) -> np.ndarray:
         w = pref.weight if self.fixed_weight is None else self.fixed_weight
         return score(c.kwh, c.pue, c.price_usd_per_kwh, c.intensity_g_per_kwh, w)
+
+    def tiebreak(self, c: Candidates, pref: Preference) -> np.ndarray:
+        """The score of one kWh on each candidate: when a request's marginal energy is 0
+        everywhere (no prompt, flat power), where energy is cleaner and cheaper still wins."""
+        w = pref.weight if self.fixed_weight is None else self.fixed_weight
+        return score(1.0, c.pue, c.price_usd_per_kwh, c.intensity_g_per_kwh, w)
 
 
 class CheapestPolicy(PriceCarbonPolicy):

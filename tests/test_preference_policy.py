@@ -248,3 +248,29 @@ def test_round_robin_cycles_over_feasible() -> None:
 def test_unknown_policy() -> None:
     with pytest.raises(RouterError, match="unknown policy 'fastest'; choose from cheapest"):
         make_policy("fastest")
+
+
+def test_a_replica_with_room_in_its_batch_is_preferred_to_a_queue() -> None:
+    # a full batch's queue is cheap at the margin (the saturated figure), far cheaper than
+    # waking an idle replica; the wait is not: while some replica has room, none queues
+    c = cands(kwh=np.array([2.5e-5, 8.2e-4, 8.2e-4]), load=np.array([1.4, 0.0, 0.0]))
+    d = make_policy("price_carbon").rank(c, Preference())
+    assert d.replica != "eu-north-0" and d.binding == "batch"
+    # below the batch limit, packing stands
+    c = cands(kwh=np.array([2.5e-5, 8.2e-4, 8.2e-4]), load=np.array([0.6, 0.0, 0.0]))
+    assert make_policy("price_carbon").rank(c, Preference()).replica == "eu-north-0"
+    # every replica full: the best queue
+    c = cands(kwh=np.array([2.5e-5, 8.2e-4, 8.2e-4]), load=np.array([1.4, 1.0, 2.0]))
+    assert make_policy("price_carbon").rank(c, Preference()).replica == "eu-north-0"
+
+
+def test_when_every_score_is_zero_carbon_and_price_still_decide() -> None:
+    # a request with no prompt, joining batches where the model's power is flat: zero
+    # marginal energy everywhere; the cleanest (per kWh) must win, not the first listed
+    c = cands(kwh=np.zeros(3), names=["us-south-0", "eu-central-0", "eu-north-0"],
+              regions=["us-south", "eu-central", "eu-north"],
+              intensity_g_per_kwh=np.array([450.0, 350.0, 30.0]),
+              price_usd_per_kwh=np.array([0.06, 0.22, 0.07]), pue=np.array([1.3, 1.25, 1.1]))  # fmt: skip
+    for _ in range(20):
+        assert make_policy("greenest").rank(c, Preference()).replica == "eu-north-0"
+        assert make_policy("price_carbon").rank(c, Preference()).replica == "eu-north-0"
