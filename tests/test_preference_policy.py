@@ -267,10 +267,14 @@ def test_a_replica_with_room_in_its_batch_is_preferred_to_a_queue() -> None:
 def test_when_every_score_is_zero_carbon_and_price_still_decide() -> None:
     # a request with no prompt, joining batches where the model's power is flat: zero
     # marginal energy everywhere; the cleanest (per kWh) must win, not the first listed
-    c = cands(kwh=np.zeros(3), names=["us-south-0", "eu-central-0", "eu-north-0"],
-              regions=["us-south", "eu-central", "eu-north"],
-              intensity_g_per_kwh=np.array([450.0, 350.0, 30.0]),
-              price_usd_per_kwh=np.array([0.06, 0.22, 0.07]), pue=np.array([1.3, 1.25, 1.1]))  # fmt: skip
+    c = cands(
+        kwh=np.zeros(3),
+        names=["us-south-0", "eu-central-0", "eu-north-0"],
+        regions=["us-south", "eu-central", "eu-north"],
+        intensity_g_per_kwh=np.array([450.0, 350.0, 30.0]),
+        price_usd_per_kwh=np.array([0.06, 0.22, 0.07]),
+        pue=np.array([1.3, 1.25, 1.1]),
+    )
     for _ in range(20):
         assert make_policy("greenest").rank(c, Preference()).replica == "eu-north-0"
         assert make_policy("price_carbon").rank(c, Preference()).replica == "eu-north-0"
