@@ -20,7 +20,13 @@ from regions.meters import FakeMeter
 from router.errors import LoadUnavailable
 from router.metering.replica import MeteredReplica
 from router.service.fakes import FakeLoadSource
-from router.service.load import ServerMetricsLoad, load_from_metrics, metrics_url
+from router.service.load import (
+    MAX_LOAD_COUNT,
+    ServerMetricsLoad,
+    checked,
+    load_from_metrics,
+    metrics_url,
+)
 from router.service.ports import LoadReport, LoadSource
 from tests.fake_apis import fake_openai
 
@@ -162,11 +168,32 @@ def test_two_engines_behind_one_server_add_up() -> None:
         ("vllm:num_requests_running 3\n", "no queue gauge"),
         ("vllm:num_requests_running NaN\nvllm:num_requests_waiting 0\n", "not a count"),
         ("vllm:num_requests_running -2\nvllm:num_requests_waiting 0\n", "not a count"),
+        ("vllm:num_requests_running 0.4\nvllm:num_requests_waiting 0\n", "not a count"),
+        ("vllm:num_requests_running 1e300\nvllm:num_requests_waiting 0\n", "not a count"),
+        ("vllm:num_requests_running 1.5e308\nvllm:num_requests_waiting 1.5e308\n",
+         "not a count"),
+        ("vllm:num_requests_running 3\nvllm:num_requests_waiting 2e6\n", "not a count"),
+        ('vllm:num_requests_running{e="0"} 9e5\nvllm:num_requests_running{e="1"} 9e5\n'
+         "vllm:num_requests_waiting 0\n", "not a count"),
     ],
 )
 def test_metrics_without_a_load_say_what_is_missing(text: str, problem: str) -> None:
     with pytest.raises(LoadUnavailable, match=problem):
         load_from_metrics(text, replica="r", url="http://h/metrics")
+
+
+def test_a_count_up_to_the_bound_is_read() -> None:
+    text = f"vllm:num_requests_running {MAX_LOAD_COUNT:.1f}\nvllm:num_requests_waiting 0.0\n"
+    assert load_from_metrics(text) == LoadReport(MAX_LOAD_COUNT, 0)
+
+
+@pytest.mark.parametrize(
+    "report", [LoadReport(10**400, 0), LoadReport(0, -1), LoadReport(MAX_LOAD_COUNT + 1, 0)]
+)
+def test_an_implausible_report_from_any_source_is_unavailable(report: LoadReport) -> None:
+    with pytest.raises(LoadUnavailable, match="not a count"):
+        checked(report, replica="r")
+    assert checked(LoadReport(3, 1), replica="r") == LoadReport(3, 1)
 
 
 def test_a_servers_metrics_are_beside_its_api() -> None:

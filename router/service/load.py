@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -44,6 +45,20 @@ ENGINE_GAUGES = (
 )
 _NAMES = tuple(name for pair in ENGINE_GAUGES for name in pair)
 MAX_METRICS_BYTES = 8 * 1024 * 1024
+# the most sequences (running, or waiting) a report may say: no server batches or queues more;
+# a larger count is a broken or hostile source, and routing on it would overflow its arithmetic
+MAX_LOAD_COUNT = 1_000_000
+
+
+def checked(report: LoadReport, *, replica: str = "?", where: str = "") -> LoadReport:
+    """``report`` if both counts are whole numbers in [0, :data:`MAX_LOAD_COUNT`], else
+    :class:`LoadUnavailable` (the replica's load is then the ingress's own count, estimated)."""
+    counts = (report.running, report.waiting)
+    if not all(isinstance(v, numbers.Integral) and 0 <= v <= MAX_LOAD_COUNT for v in counts):
+        shown = tuple(repr(v)[:20] for v in counts)
+        raise LoadUnavailable(f"{where}{shown} is not a count in [0, {MAX_LOAD_COUNT}]",
+                              replica=replica)  # fmt: skip
+    return LoadReport(int(report.running), int(report.waiting))
 
 
 def metrics_url(api_url: str, configured: str | None = None) -> str:
@@ -83,12 +98,17 @@ def load_from_metrics(text: str, *, replica: str = "?", url: str = "") -> LoadRe
             raise LoadUnavailable(f"{where}{running} but no queue gauge {waiting}",
                                   replica=replica)  # fmt: skip
         counts = sums[running], sums[waiting]
-        if not all(math.isfinite(v) and v >= 0 for v in counts):
-            raise LoadUnavailable(f"{where}{running}, {waiting} = {counts} is not a count",
-                                  replica=replica)  # fmt: skip
-        return LoadReport(round(counts[0]), round(counts[1]))
+        if not all(_plausible(v) for v in counts):
+            raise LoadUnavailable(f"{where}{running}, {waiting} = {counts} is not a count "
+                                  f"in [0, {MAX_LOAD_COUNT}]", replica=replica)  # fmt: skip
+        return LoadReport(int(counts[0]), int(counts[1]))
     names = ", ".join(r for r, _ in ENGINE_GAUGES)
     raise LoadUnavailable(f"{where}no running-batch gauge ({names})", replica=replica)
+
+
+def _plausible(v: float) -> bool:
+    """A count of sequences: whole, >= 0, at most :data:`MAX_LOAD_COUNT` (NaN fails each)."""
+    return 0 <= v <= MAX_LOAD_COUNT and v == math.floor(v)
 
 
 class ServerMetricsLoad:
@@ -150,7 +170,7 @@ class LoadPoller:
         sent_at, active = router.clock(), st.active
         try:
             async with asyncio.timeout(timeout_s):
-                report = await source.read()
+                report = checked(await source.read(), replica=source.name)
         except (LoadUnavailable, TimeoutError) as e:
             if i not in self._down:
                 self._down.add(i)
