@@ -5,6 +5,7 @@ published at GET /v1/fleet and as router_desired_replicas."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -217,7 +218,72 @@ async def test_a_failed_forecast_uses_the_intensity_now_and_says_so(tmp_path: Pa
         view = (await kit.client.get("/v1/fleet")).json()
         north = next(r for r in view["regions"] if r["region"] == "eu-north")
         assert north["inputs"]["intensity_g_per_kwh"] == [30.0, 30.0]
-        assert "forecast endpoint down" in north["inputs"]["carbon"]["forecast"]
+        assert north["inputs"]["carbon"]["forecast"] == (
+            "unavailable: the intensity now is used ahead"
+        )
+
+
+SECRET_URL = "http://ops:hunter2@10.1.2.3:8443/v3/carbon-intensity/latest"
+
+
+class LeakySource(ZoneProfiles):
+    """Fails as a real source behind a credentialed URL does: SE's intensity and forecast,
+    DE's forecast."""
+
+    async def latest(self, zone: str) -> Any:
+        if zone == "SE":
+            raise SourceUnavailable(f"ClientConnectorError calling {SECRET_URL}", source="em",
+                                    zone=zone)  # fmt: skip
+        return await super().latest(zone)
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        if zone in ("SE", "DE"):
+            raise SourceUnavailable(f"HTTP 503 from {SECRET_URL}", source="em", zone=zone)
+        return await super().forecast(zone, horizon_h)
+
+
+async def test_the_fleet_view_publishes_fixed_reasons_never_a_sources_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GET /v1/fleet needs no credentials: a source's error text (its URL, with a password and
+    # an internal address) stays in the log
+    from router.billing import PriceError
+
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 3600, capacity_rps: 1}")
+    async with kit_for(tmp_path, cfg, clock, source=LeakySource({})) as kit:
+        load(kit, clock, 2.5)
+        us = next(s for s in kit.service.live.router.states if s.region.name == "us-south")
+
+        def no_price(when: Any) -> float:
+            raise PriceError(f"{SECRET_URL}: cannot read the price series")
+
+        monkeypatch.setattr(us.prices, "at", no_price)
+        await kit.service.fleet.step()
+        view = (await kit.client.get("/v1/fleet")).json()
+        held = {r["region"]: r["held"] for r in view["regions"]}
+        assert held["eu-north"] == "carbon intensity unavailable: the count is kept"
+        assert held["us-south"] == "price unavailable: the count is kept"
+        central = next(r for r in view["regions"] if r["region"] == "eu-central")
+        assert central["inputs"]["carbon"]["forecast"] == (
+            "unavailable: the intensity now is used ahead"
+        )
+        # a step that fails says so, not what failed
+        async def broken(*a: Any, **kw: Any) -> None:
+            raise RuntimeError(f"boom at {SECRET_URL}")
+
+        monkeypatch.setattr(kit.service.fleet, "step", broken)
+        task = asyncio.create_task(kit.service.fleet.loop())  # steps at once, then sleeps
+        for _ in range(5):
+            await asyncio.sleep(0)
+        task.cancel()
+        text = (await kit.client.get("/v1/fleet")).text
+        assert (await kit.client.get("/v1/fleet")).json()["error"] == (
+            "fleet scaling failed: every count is kept"
+        )
+        for needle in ("hunter2", "10.1.2.3", "8443", "ops:", "boom"):
+            assert needle not in text
+        assert "hunter2" in caplog.text  # the detail is in the log
 
 
 async def test_a_region_whose_carbon_data_fails_keeps_its_count(tmp_path: Path) -> None:

@@ -223,7 +223,8 @@ class FleetScaler:
         try:
             plan.fleet = region_fleet(region, states, prior)
         except ValueError as e:
-            plan.held = f"{e}; the count is kept"
+            log.warning("fleet: region %s has no capacity or standby figure: %s", region.name, e)
+            plan.held = "no capacity or standby power figure: the count is kept"
         return plan
 
     async def _inputs(
@@ -234,7 +235,8 @@ class FleetScaler:
         try:
             reading = await router.carbon.get(region)
         except CarbonUnavailable as e:
-            plan.held = f"carbon intensity unavailable ({e}): the count is kept"
+            log.warning("fleet: region %s: carbon intensity unavailable: %s", region.name, e)
+            plan.held = "carbon intensity unavailable: the count is kept"
             return
         plan.carbon = {"source": reading.source, "signal": reading.signal,
                        "stale": reading.stale, "age_s": round(reading.age_s, 1)}  # fmt: skip
@@ -246,15 +248,17 @@ class FleetScaler:
                 plan.carbon["forecast"] = {"source": fc.source, "stale": fc.stale,
                                            "issued_at": fc.issued_at.isoformat()}  # fmt: skip
             except ForecastingError as e:
+                log.warning("fleet: region %s: forecast unavailable: %s", region.name, e)
                 intensity += [reading.g_per_kwh] * (len(offsets) - 1)
-                plan.carbon["forecast"] = f"unavailable ({e}): the intensity now is used ahead"
+                plan.carbon["forecast"] = "unavailable: the intensity now is used ahead"
         if not all(math.isfinite(i) and i >= 0 for i in intensity):
             plan.held = f"carbon intensity {intensity} is not a number >= 0: the count is kept"
             return
         try:
             price = [st.prices.at(now + timedelta(seconds=o)) for o in offsets]
         except PriceError as e:
-            plan.held = f"price unavailable ({e}): the count is kept"
+            log.warning("fleet: region %s: price unavailable: %s", region.name, e)
+            plan.held = "price unavailable: the count is kept"
             return
         kwh = router.predictor.predict_j(
             st.profile, REF_PROMPT_TOKENS, router.lengths.prior_tokens,
@@ -341,9 +345,10 @@ class FleetScaler:
         while True:
             try:
                 await self.step()
-            except Exception as e:
+            except Exception:
                 log.exception("fleet scaling failed: every count is kept")
-                self._error = f"{type(e).__name__}: {e}; every count is kept"
+                # GET /v1/fleet is public: the detail (a source's URL, ...) stays in the log
+                self._error = "fleet scaling failed: every count is kept"
             await asyncio.sleep(self._live().config.fleet.interval_s)
 
     # -- publishing -------------------------------------------------------------------------
