@@ -131,7 +131,9 @@ async def test_load_that_must_stay_in_a_region_keeps_it_on(tmp_path: Path) -> No
         counts = await kit.service.fleet.step()
         assert counts == {"eu-north": 1, "eu-central": 1, "us-south": 2}
         view = (await kit.client.get("/v1/fleet")).json()
-        assert view["load"]["sets"] == [{"model": "smollm2-135m", "regions": ["us"], "rps": [1.5]}]
+        assert view["load"]["sets"] == [
+            {"model": "smollm2-135m", "regions": ["us-south"], "rps": [1.5]}
+        ]
 
 
 async def test_load_goes_only_to_regions_that_serve_its_model(tmp_path: Path) -> None:
@@ -468,3 +470,55 @@ def test_a_replicas_default_capacity_counts_its_prefill_not_only_its_decode_rate
     cap = region_fleet(region, states, 129.0).capacity_rps
     per_request_s = model.prefill_s(REF_PROMPT_TOKENS) + 129.0 / model.decode_tokens_per_s(256)
     assert cap == pytest.approx(1.0 / per_request_s, rel=1e-6)
+
+
+async def test_many_distinct_patterns_never_erase_another_tenants_residency(
+    tmp_path: Path,
+) -> None:
+    # one tenant sends 64+ distinct patterns a minute that all match the US region; EU-only
+    # load must still count as EU-only (arrivals are keyed by the regions allowed, not by the
+    # patterns), so the EU regions are not drained and an EU-only request is served
+    clock = Clock()
+    fast = "{min_replicas: 0, startup_s: 0, capacity_rps: 1}"
+    cfg = ("carbon_sources:\n  grid: {kind: replay, dataset: electricitymaps_hourly}\nregions:\n"
+           + region("eu-north", "DE", 3, "eu", fast) + region("eu-central", "DE", 3, "eu", fast)
+           + region("us-south", "SE", 2, "us", "{min_replicas: 0, startup_s: 0, capacity_rps: 2}")
+           + TENANTS + "fleet: {target_utilization: 1.0}\nledger: ledger.sqlite\n")  # fmt: skip
+    async with kit_for(tmp_path, cfg, clock) as kit:
+        fleet = kit.service.fleet
+        for _ in range(16):
+            for k in range(80):
+                fleet.arrived("smollm2-135m", ("us-" + "*" * (k + 1),))
+            for _ in range(150):  # 2.5 rps of EU-only load
+                fleet.arrived("smollm2-135m", ("eu",))
+            clock.t += 60
+        counts = await fleet.step()
+        assert counts["eu-north"] + counts["eu-central"] >= 3
+        view = (await kit.client.get("/v1/fleet")).json()
+        sets = {tuple(s["regions"]) for s in view["load"]["sets"]}
+        assert sets == {("eu-central", "eu-north"), ("us-south",)}
+        pref = {**DEMO, "X-Carbon-Preference": 'regions=("eu")'}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 200, r.text
+
+
+def test_arrivals_past_the_bound_keep_their_residency() -> None:
+    # past MAX_SETS keys a minute a new set counts under a key it contains (requests it may
+    # serve), never as "anywhere"
+    from router.service.arrivals import MAX_SETS
+
+    clock = Clock()
+    arrivals = Arrivals(clock)
+    clock.t += 60  # the first minute is not counted whole
+    for k in range(MAX_SETS):
+        arrivals.add(("m", (f"r{k:03d}",)))
+    arrivals.add(("m", ("eu-a", "eu-b")))  # over the bound, no key inside it: its own smallest
+    arrivals.add(("m", ("eu-a", "eu-b", "r000")))  # over the bound: under one it contains
+    arrivals.add(("m", ()))  # anywhere, over the bound: under an existing key
+    clock.t += 60
+    rates = arrivals.rates(clock.t - 60, clock.t)
+    assert rates is not None
+    assert ("m", ()) not in rates
+    assert sum(rates.values()) == pytest.approx((MAX_SETS + 3) / 60)
+    assert all(set(regions) <= {"eu-a", "eu-b", "r000"} or len(regions) == 1
+               for _, regions in rates)  # fmt: skip

@@ -158,8 +158,19 @@ class FleetScaler:
 
     def arrived(self, model: str, patterns: tuple[str, ...]) -> None:
         """A request for ``model`` started that may run in the regions ``patterns`` match
-        (empty: any)."""
-        self.arrivals.add((model, patterns))
+        (empty: any). Counted by the set of region names they match (every region: anywhere),
+        so that distinct patterns for the same regions are one key (a tenant cannot fill
+        :data:`router.service.arrivals.MAX_SETS` with spellings of one set)."""
+        if patterns:
+            regions = self._live().config.regions
+            names = tuple(sorted(r.name for r in regions if _matches(r, patterns)))
+            if not names:
+                return  # no region may serve it: it is refused, not served
+            if len(names) == len(regions):
+                names = ()
+        else:
+            names = ()
+        self.arrivals.add((model, names))
 
     # -- deciding ---------------------------------------------------------------------------
     async def step(self) -> dict[str, int]:
@@ -279,13 +290,14 @@ class FleetScaler:
         keys = sorted({k for est, _ in per_offset for k in est})
         models = [{rep.backend.model for rep in r.replicas} for r in regions]
         masks, kept = [], []
-        for model, patterns in keys:
+        for model, names in keys:  # names: the regions the requests may use (() = any)
             mask = [
-                model in m and _matches(r, patterns) for r, m in zip(regions, models, strict=True)
+                model in m and (not names or r.name in names)
+                for r, m in zip(regions, models, strict=True)
             ]
             if any(mask):  # a request no region can serve was refused, not served
                 masks.append(mask)
-                kept.append((model, patterns))
+                kept.append((model, names))
         if not kept:  # no requests: an all-regions column of 0
             kept, masks = [("", ())], [[True] * len(regions)]
         rps = np.array([[est.get(k, 0.0) for k in kept] for est, _ in per_offset])
@@ -297,10 +309,10 @@ class FleetScaler:
             "sets": [
                 {
                     "model": model,
-                    "regions": list(patterns) or ["*"],
+                    "regions": list(names) or ["*"],
                     "rps": [round(float(x), 4) for x in rps[:, j]],
                 }
-                for j, (model, patterns) in enumerate(kept)
+                for j, (model, names) in enumerate(kept)
                 if model
             ],  # fmt: skip
         }
