@@ -522,3 +522,24 @@ def test_arrivals_past_the_bound_keep_their_residency() -> None:
     assert sum(rates.values()) == pytest.approx((MAX_SETS + 3) / 60)
     assert all(set(regions) <= {"eu-a", "eu-b", "r000"} or len(regions) == 1
                for _, regions in rates)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+async def test_a_forecast_that_is_not_an_intensity_is_a_failed_forecast(
+    tmp_path: Path, bad: float
+) -> None:
+    # like a failed forecast: the intensity now is used ahead, and the view says so
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 3600, capacity_rps: 1}")
+    source = ZoneProfiles({"SE": bad, "DE": bad})
+    async with kit_for(tmp_path, cfg, clock, source=source) as kit:
+        load(kit, clock, 2.5)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 1, "us-south": 0}
+        view = (await kit.client.get("/v1/fleet")).json()
+        north = next(r for r in view["regions"] if r["region"] == "eu-north")
+        assert north["held"] is None
+        assert north["inputs"]["intensity_g_per_kwh"] == [30.0, 30.0]
+        assert north["inputs"]["carbon"]["forecast"] == (
+            "unavailable: the intensity now is used ahead"
+        )

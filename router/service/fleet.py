@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from forecasting.energy import GPUS, EnergyModelError, canonical_gpu
-from forecasting.errors import ForecastingError
+from forecasting.errors import CarbonSourceError, ForecastingError
 from regions.config import Region
 from router.billing import PriceError
 from router.errors import CarbonUnavailable
@@ -255,10 +255,14 @@ class FleetScaler:
         if len(offsets) > 1:
             try:
                 fc = await router._forecast(region, math.ceil(offsets[-1] / 3600) + 1)
-                intensity += [fc.at(now + timedelta(seconds=o)) for o in offsets[1:]]
+                ahead = [fc.at(now + timedelta(seconds=o)) for o in offsets[1:]]
+                if not all(math.isfinite(i) and i >= 0 for i in ahead):
+                    raise CarbonSourceError(f"forecast {ahead} is not a number >= 0",
+                                           source=fc.source, zone=region.zone)  # fmt: skip
+                intensity += ahead
                 plan.carbon["forecast"] = {"source": fc.source, "stale": fc.stale,
                                            "issued_at": fc.issued_at.isoformat()}  # fmt: skip
-            except ForecastingError as e:
+            except ForecastingError as e:  # failed, or not an intensity: the one now, ahead
                 log.warning("fleet: region %s: forecast unavailable: %s", region.name, e)
                 intensity += [reading.g_per_kwh] * (len(offsets) - 1)
                 plan.carbon["forecast"] = "unavailable: the intensity now is used ahead"
