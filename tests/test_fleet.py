@@ -5,6 +5,7 @@ published at GET /v1/fleet and as router_desired_replicas."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -130,7 +131,9 @@ async def test_load_that_must_stay_in_a_region_keeps_it_on(tmp_path: Path) -> No
         counts = await kit.service.fleet.step()
         assert counts == {"eu-north": 1, "eu-central": 1, "us-south": 2}
         view = (await kit.client.get("/v1/fleet")).json()
-        assert view["load"]["sets"] == [{"model": "smollm2-135m", "regions": ["us"], "rps": [1.5]}]
+        assert view["load"]["sets"] == [
+            {"model": "smollm2-135m", "regions": ["us-south"], "rps": [1.5]}
+        ]
 
 
 async def test_load_goes_only_to_regions_that_serve_its_model(tmp_path: Path) -> None:
@@ -217,7 +220,72 @@ async def test_a_failed_forecast_uses_the_intensity_now_and_says_so(tmp_path: Pa
         view = (await kit.client.get("/v1/fleet")).json()
         north = next(r for r in view["regions"] if r["region"] == "eu-north")
         assert north["inputs"]["intensity_g_per_kwh"] == [30.0, 30.0]
-        assert "forecast endpoint down" in north["inputs"]["carbon"]["forecast"]
+        assert north["inputs"]["carbon"]["forecast"] == (
+            "unavailable: the intensity now is used ahead"
+        )
+
+
+SECRET_URL = "http://ops:hunter2@10.1.2.3:8443/v3/carbon-intensity/latest"
+
+
+class LeakySource(ZoneProfiles):
+    """Fails as a real source behind a credentialed URL does: SE's intensity and forecast,
+    DE's forecast."""
+
+    async def latest(self, zone: str) -> Any:
+        if zone == "SE":
+            raise SourceUnavailable(f"ClientConnectorError calling {SECRET_URL}", source="em",
+                                    zone=zone)  # fmt: skip
+        return await super().latest(zone)
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        if zone in ("SE", "DE"):
+            raise SourceUnavailable(f"HTTP 503 from {SECRET_URL}", source="em", zone=zone)
+        return await super().forecast(zone, horizon_h)
+
+
+async def test_the_fleet_view_publishes_fixed_reasons_never_a_sources_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GET /v1/fleet needs no credentials: a source's error text (its URL, with a password and
+    # an internal address) stays in the log
+    from router.billing import PriceError
+
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 3600, capacity_rps: 1}")
+    async with kit_for(tmp_path, cfg, clock, source=LeakySource({})) as kit:
+        load(kit, clock, 2.5)
+        us = next(s for s in kit.service.live.router.states if s.region.name == "us-south")
+
+        def no_price(when: Any) -> float:
+            raise PriceError(f"{SECRET_URL}: cannot read the price series")
+
+        monkeypatch.setattr(us.prices, "at", no_price)
+        await kit.service.fleet.step()
+        view = (await kit.client.get("/v1/fleet")).json()
+        held = {r["region"]: r["held"] for r in view["regions"]}
+        assert held["eu-north"] == "carbon intensity unavailable: the count is kept"
+        assert held["us-south"] == "price unavailable: the count is kept"
+        central = next(r for r in view["regions"] if r["region"] == "eu-central")
+        assert central["inputs"]["carbon"]["forecast"] == (
+            "unavailable: the intensity now is used ahead"
+        )
+        # a step that fails says so, not what failed
+        async def broken(*a: Any, **kw: Any) -> None:
+            raise RuntimeError(f"boom at {SECRET_URL}")
+
+        monkeypatch.setattr(kit.service.fleet, "step", broken)
+        task = asyncio.create_task(kit.service.fleet.loop())  # steps at once, then sleeps
+        for _ in range(5):
+            await asyncio.sleep(0)
+        task.cancel()
+        text = (await kit.client.get("/v1/fleet")).text
+        assert (await kit.client.get("/v1/fleet")).json()["error"] == (
+            "fleet scaling failed: every count is kept"
+        )
+        for needle in ("hunter2", "10.1.2.3", "8443", "ops:", "boom"):
+            assert needle not in text
+        assert "hunter2" in caplog.text  # the detail is in the log
 
 
 async def test_a_region_whose_carbon_data_fails_keeps_its_count(tmp_path: Path) -> None:
@@ -402,3 +470,76 @@ def test_a_replicas_default_capacity_counts_its_prefill_not_only_its_decode_rate
     cap = region_fleet(region, states, 129.0).capacity_rps
     per_request_s = model.prefill_s(REF_PROMPT_TOKENS) + 129.0 / model.decode_tokens_per_s(256)
     assert cap == pytest.approx(1.0 / per_request_s, rel=1e-6)
+
+
+async def test_many_distinct_patterns_never_erase_another_tenants_residency(
+    tmp_path: Path,
+) -> None:
+    # one tenant sends 64+ distinct patterns a minute that all match the US region; EU-only
+    # load must still count as EU-only (arrivals are keyed by the regions allowed, not by the
+    # patterns), so the EU regions are not drained and an EU-only request is served
+    clock = Clock()
+    fast = "{min_replicas: 0, startup_s: 0, capacity_rps: 1}"
+    cfg = ("carbon_sources:\n  grid: {kind: replay, dataset: electricitymaps_hourly}\nregions:\n"
+           + region("eu-north", "DE", 3, "eu", fast) + region("eu-central", "DE", 3, "eu", fast)
+           + region("us-south", "SE", 2, "us", "{min_replicas: 0, startup_s: 0, capacity_rps: 2}")
+           + TENANTS + "fleet: {target_utilization: 1.0}\nledger: ledger.sqlite\n")  # fmt: skip
+    async with kit_for(tmp_path, cfg, clock) as kit:
+        fleet = kit.service.fleet
+        for _ in range(16):
+            for k in range(80):
+                fleet.arrived("smollm2-135m", ("us-" + "*" * (k + 1),))
+            for _ in range(150):  # 2.5 rps of EU-only load
+                fleet.arrived("smollm2-135m", ("eu",))
+            clock.t += 60
+        counts = await fleet.step()
+        assert counts["eu-north"] + counts["eu-central"] >= 3
+        view = (await kit.client.get("/v1/fleet")).json()
+        sets = {tuple(s["regions"]) for s in view["load"]["sets"]}
+        assert sets == {("eu-central", "eu-north"), ("us-south",)}
+        pref = {**DEMO, "X-Carbon-Preference": 'regions=("eu")'}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 200, r.text
+
+
+def test_arrivals_past_the_bound_keep_their_residency() -> None:
+    # past MAX_SETS keys a minute a new set counts under a key it contains (requests it may
+    # serve), never as "anywhere"
+    from router.service.arrivals import MAX_SETS
+
+    clock = Clock()
+    arrivals = Arrivals(clock)
+    clock.t += 60  # the first minute is not counted whole
+    for k in range(MAX_SETS):
+        arrivals.add(("m", (f"r{k:03d}",)))
+    arrivals.add(("m", ("eu-a", "eu-b")))  # over the bound, no key inside it: its own smallest
+    arrivals.add(("m", ("eu-a", "eu-b", "r000")))  # over the bound: under one it contains
+    arrivals.add(("m", ()))  # anywhere, over the bound: under an existing key
+    clock.t += 60
+    rates = arrivals.rates(clock.t - 60, clock.t)
+    assert rates is not None
+    assert ("m", ()) not in rates
+    assert sum(rates.values()) == pytest.approx((MAX_SETS + 3) / 60)
+    assert all(set(regions) <= {"eu-a", "eu-b", "r000"} or len(regions) == 1
+               for _, regions in rates)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+async def test_a_forecast_that_is_not_an_intensity_is_a_failed_forecast(
+    tmp_path: Path, bad: float
+) -> None:
+    # like a failed forecast: the intensity now is used ahead, and the view says so
+    clock = Clock()
+    cfg = config(scaling="{min_replicas: 1, startup_s: 3600, capacity_rps: 1}")
+    source = ZoneProfiles({"SE": bad, "DE": bad})
+    async with kit_for(tmp_path, cfg, clock, source=source) as kit:
+        load(kit, clock, 2.5)
+        counts = await kit.service.fleet.step()
+        assert counts == {"eu-north": 3, "eu-central": 1, "us-south": 0}
+        view = (await kit.client.get("/v1/fleet")).json()
+        north = next(r for r in view["regions"] if r["region"] == "eu-north")
+        assert north["held"] is None
+        assert north["inputs"]["intensity_g_per_kwh"] == [30.0, 30.0]
+        assert north["inputs"]["carbon"]["forecast"] == (
+            "unavailable: the intensity now is used ahead"
+        )

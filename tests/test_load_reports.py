@@ -20,7 +20,14 @@ from regions.meters import FakeMeter
 from router.errors import LoadUnavailable
 from router.metering.replica import MeteredReplica
 from router.service.fakes import FakeLoadSource
-from router.service.load import ServerMetricsLoad, load_from_metrics, metrics_url
+from router.service.load import (
+    MAX_LOAD_COUNT,
+    MAX_METRICS_BYTES,
+    ServerMetricsLoad,
+    checked,
+    load_from_metrics,
+    metrics_url,
+)
 from router.service.ports import LoadReport, LoadSource
 from tests.fake_apis import fake_openai
 
@@ -162,11 +169,88 @@ def test_two_engines_behind_one_server_add_up() -> None:
         ("vllm:num_requests_running 3\n", "no queue gauge"),
         ("vllm:num_requests_running NaN\nvllm:num_requests_waiting 0\n", "not a count"),
         ("vllm:num_requests_running -2\nvllm:num_requests_waiting 0\n", "not a count"),
+        ("vllm:num_requests_running 0.4\nvllm:num_requests_waiting 0\n", "not a count"),
+        ("vllm:num_requests_running 1e300\nvllm:num_requests_waiting 0\n", "not a count"),
+        ("vllm:num_requests_running 1.5e308\nvllm:num_requests_waiting 1.5e308\n",
+         "not a count"),
+        ("vllm:num_requests_running 3\nvllm:num_requests_waiting 2e6\n", "not a count"),
+        ('vllm:num_requests_running{e="0"} 9e5\nvllm:num_requests_running{e="1"} 9e5\n'
+         "vllm:num_requests_waiting 0\n", "not a count"),
     ],
 )
 def test_metrics_without_a_load_say_what_is_missing(text: str, problem: str) -> None:
     with pytest.raises(LoadUnavailable, match=problem):
         load_from_metrics(text, replica="r", url="http://h/metrics")
+
+
+def test_a_count_up_to_the_bound_is_read() -> None:
+    text = f"vllm:num_requests_running {MAX_LOAD_COUNT:.1f}\nvllm:num_requests_waiting 0.0\n"
+    assert load_from_metrics(text) == LoadReport(MAX_LOAD_COUNT, 0)
+
+
+@pytest.mark.parametrize(
+    "report", [LoadReport(10**400, 0), LoadReport(0, -1), LoadReport(MAX_LOAD_COUNT + 1, 0)]
+)
+def test_an_implausible_report_from_any_source_is_unavailable(report: LoadReport) -> None:
+    with pytest.raises(LoadUnavailable, match="not a count"):
+        checked(report, replica="r")
+    assert checked(LoadReport(3, 1), replica="r") == LoadReport(3, 1)
+
+
+@asynccontextmanager
+async def metrics_server(body: bytes) -> AsyncIterator[str]:
+    """A loopback server answering ``body`` at ``/metrics``; yields its URL."""
+    from aiohttp import web
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_metrics_body_past_a_real_servers_size_is_not_read() -> None:
+    # a real vLLM /metrics is ~100 KB; a body past MAX_METRICS_BYTES (1 MiB) is refused
+    assert MAX_METRICS_BYTES <= 1024 * 1024
+    line = b'vllm:num_requests_running{e="0000000"} 0\n'
+    body = line * (MAX_METRICS_BYTES // len(line) + 1) + b"vllm:num_requests_waiting 0\n"
+    async with metrics_server(body) as url:
+        source = ServerMetricsLoad("r", url, timeout_s=5.0)
+        try:
+            with pytest.raises(LoadUnavailable, match="over"):
+                await source.read()
+        finally:
+            await source.aclose()
+
+
+async def test_a_metrics_body_is_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # parsing a body of many matching gauge lines takes tens of ms: never on the ingress's loop
+    import threading
+
+    import router.service.load as load
+
+    threads: list[int] = []
+    parse = load.load_from_metrics
+
+    def spy(text: str, **kw: Any) -> LoadReport:
+        threads.append(threading.get_ident())
+        return parse(text, **kw)
+
+    monkeypatch.setattr(load, "load_from_metrics", spy)
+    async with metrics_server(VLLM.encode()) as url:
+        source = ServerMetricsLoad("r", url, timeout_s=5.0)
+        try:
+            assert await source.read() == LoadReport(37, 4)
+        finally:
+            await source.aclose()
+    assert threads and threads[0] != threading.get_ident()
 
 
 def test_a_servers_metrics_are_beside_its_api() -> None:

@@ -509,6 +509,29 @@ async def test_load_comes_from_fresh_reports_and_the_decision_says_when_it_is_es
         assert "load" in r.headers["x-carbon-estimated"].split(", ")
 
 
+async def test_an_implausible_load_report_is_not_kept_and_never_fails_a_request(
+    tmp_path: Path, gpu_predictor: EnergyPredictor
+) -> None:
+    # a source reporting counts past any float (or a hostile /metrics) must not reach routing:
+    # the replica's load is the ingress's own count, marked estimated
+    fakes = [FakeReplicaClient(n) for n in ("gpu-a", "gpu-b")]
+    loads = [FakeLoadSource("gpu-a", running=10**400, waiting=10**400),
+             FakeLoadSource("gpu-b", running=1)]  # fmt: skip
+    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+                           predictor=gpu_predictor, loads=loads) as kit:  # fmt: skip
+        assert kit.service.loads is not None
+        await kit.service.loads.poll_once()
+        router = kit.service.live.router
+        a, b = router.states
+        assert a.report is None and b.report is not None
+        assert a.in_flight(router.clock(), 0.2) == (0, True)
+        for _ in range(3):
+            r = await kit.client.post(
+                "/v1/chat/completions", json=chat(model=LLAMA_8B), headers=DEMO
+            )
+            assert r.status_code == 200, r.text
+
+
 async def test_a_hanging_or_failing_load_source_never_holds_up_a_request(
     tmp_path: Path, gpu_predictor: EnergyPredictor
 ) -> None:

@@ -1,7 +1,9 @@
 """The fleet scaler's load forecast, from the requests the router started itself.
 
-Requests are counted per minute by model and the regions they may use (their ``regions``
-preference patterns), over the last 25 h, bounded (:data:`MAX_SETS` keys a minute). The forecast for
+Requests are counted per minute by model and the regions they may use (the region names their
+``regions`` preference patterns match, sorted; none: anywhere), over the last 25 h, bounded
+(:data:`MAX_SETS` keys a minute; past it a request counts under a key whose regions it may use,
+never as "anywhere": the bound never drops a residency restriction). The forecast for
 a time ``T`` is, per key, the larger of the rate over the last 15 complete minutes and
 the rate in the hour around ``T`` yesterday (once counts cover that hour whole): the higher of
 "now" and "the same time yesterday", so a daily peak is met before it comes.
@@ -23,9 +25,9 @@ YESTERDAY_S = 86400
 AROUND_S = 1800  # the hour around the same time yesterday: +- 30 min
 MINUTE_S = 60
 KEEP_MINUTES = (YESTERDAY_S + 2 * AROUND_S) // MINUTE_S + 30  # plus the longest lead's room
-MAX_SETS = 64  # distinct (model, patterns) counted per minute (more count as "anywhere")
+MAX_SETS = 64  # distinct (model, regions) counted per minute (see Arrivals.add past it)
 
-Key = tuple[str, tuple[str, ...]]  # (model, the request's regions patterns; () = anywhere)
+Key = tuple[str, tuple[str, ...]]  # (model, the region names it may use, sorted; () = anywhere)
 
 
 class LoadUnknown(Exception):
@@ -33,8 +35,8 @@ class LoadUnknown(Exception):
 
 
 class Arrivals:
-    """Requests started per minute, by model and the ``regions`` patterns they were allowed;
-    bounded (25 h of minutes, :data:`MAX_SETS` keys a minute)."""
+    """Requests started per minute, by model and the regions they were allowed; bounded (25 h
+    of minutes, :data:`MAX_SETS` keys a minute, see :meth:`add`)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -43,6 +45,10 @@ class Arrivals:
         self._warned = False
 
     def add(self, key: Key) -> None:
+        """Count a request. Past :data:`MAX_SETS` keys this minute, a new key is counted under
+        the largest existing key of its model whose regions it may all use, else under its
+        first region alone (at most one key per model and region more): capacity planned
+        there serves it, so a residency restriction is never lost."""
         minute = int(self._clock() // MINUTE_S)
         if not self._minutes or self._minutes[-1][0] != minute:
             self._minutes.append((minute, {}))
@@ -51,9 +57,10 @@ class Arrivals:
         counts = self._minutes[-1][1]
         if key not in counts and len(counts) >= MAX_SETS:
             if not self._warned:
-                log.warning("over %d region sets a minute: the rest count as 'anywhere'", MAX_SETS)
+                log.warning("over %d region sets a minute: the rest count under a set they "
+                            "may use", MAX_SETS)  # fmt: skip
                 self._warned = True
-            key = (key[0], ())
+            key = _inside(key, counts)
         counts[key] = counts.get(key, 0) + 1
 
     def rates(self, lo_s: float, hi_s: float) -> dict[Key, float] | None:
@@ -88,3 +95,19 @@ class Arrivals:
             "rps_same_hour_yesterday": None if yesterday is None else sum(yesterday.values()),
         }
         return est, how
+
+
+def _inside(key: Key, counts: dict[Key, int]) -> Key:
+    """The largest key in ``counts`` of ``key``'s model whose regions ``key`` may all use
+    (``()``: any region), else ``key``'s first region alone (or ``key`` when it is anywhere)."""
+    model, regions = key
+    allowed = set(regions)
+    best: Key | None = None
+    for k in counts:
+        if k[0] != model or not k[1] or not (not regions or set(k[1]) <= allowed):
+            continue
+        if best is None or len(k[1]) > len(best[1]):
+            best = k
+    if best is not None:
+        return best
+    return (model, regions[:1]) if regions else key

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from forecasting.energy import GPUS, EnergyModelError, canonical_gpu
-from forecasting.errors import ForecastingError
+from forecasting.errors import CarbonSourceError, ForecastingError
 from regions.config import Region
 from router.billing import PriceError
 from router.errors import CarbonUnavailable
@@ -158,8 +158,19 @@ class FleetScaler:
 
     def arrived(self, model: str, patterns: tuple[str, ...]) -> None:
         """A request for ``model`` started that may run in the regions ``patterns`` match
-        (empty: any)."""
-        self.arrivals.add((model, patterns))
+        (empty: any). Counted by the set of region names they match (every region: anywhere),
+        so that distinct patterns for the same regions are one key (a tenant cannot fill
+        :data:`router.service.arrivals.MAX_SETS` with spellings of one set)."""
+        if patterns:
+            regions = self._live().config.regions
+            names = tuple(sorted(r.name for r in regions if _matches(r, patterns)))
+            if not names:
+                return  # no region may serve it: it is refused, not served
+            if len(names) == len(regions):
+                names = ()
+        else:
+            names = ()
+        self.arrivals.add((model, names))
 
     # -- deciding ---------------------------------------------------------------------------
     async def step(self) -> dict[str, int]:
@@ -223,7 +234,8 @@ class FleetScaler:
         try:
             plan.fleet = region_fleet(region, states, prior)
         except ValueError as e:
-            plan.held = f"{e}; the count is kept"
+            log.warning("fleet: region %s has no capacity or standby figure: %s", region.name, e)
+            plan.held = "no capacity or standby power figure: the count is kept"
         return plan
 
     async def _inputs(
@@ -234,7 +246,8 @@ class FleetScaler:
         try:
             reading = await router.carbon.get(region)
         except CarbonUnavailable as e:
-            plan.held = f"carbon intensity unavailable ({e}): the count is kept"
+            log.warning("fleet: region %s: carbon intensity unavailable: %s", region.name, e)
+            plan.held = "carbon intensity unavailable: the count is kept"
             return
         plan.carbon = {"source": reading.source, "signal": reading.signal,
                        "stale": reading.stale, "age_s": round(reading.age_s, 1)}  # fmt: skip
@@ -242,19 +255,25 @@ class FleetScaler:
         if len(offsets) > 1:
             try:
                 fc = await router._forecast(region, math.ceil(offsets[-1] / 3600) + 1)
-                intensity += [fc.at(now + timedelta(seconds=o)) for o in offsets[1:]]
+                ahead = [fc.at(now + timedelta(seconds=o)) for o in offsets[1:]]
+                if not all(math.isfinite(i) and i >= 0 for i in ahead):
+                    raise CarbonSourceError(f"forecast {ahead} is not a number >= 0",
+                                           source=fc.source, zone=region.zone)  # fmt: skip
+                intensity += ahead
                 plan.carbon["forecast"] = {"source": fc.source, "stale": fc.stale,
                                            "issued_at": fc.issued_at.isoformat()}  # fmt: skip
-            except ForecastingError as e:
+            except ForecastingError as e:  # failed, or not an intensity: the one now, ahead
+                log.warning("fleet: region %s: forecast unavailable: %s", region.name, e)
                 intensity += [reading.g_per_kwh] * (len(offsets) - 1)
-                plan.carbon["forecast"] = f"unavailable ({e}): the intensity now is used ahead"
+                plan.carbon["forecast"] = "unavailable: the intensity now is used ahead"
         if not all(math.isfinite(i) and i >= 0 for i in intensity):
             plan.held = f"carbon intensity {intensity} is not a number >= 0: the count is kept"
             return
         try:
             price = [st.prices.at(now + timedelta(seconds=o)) for o in offsets]
         except PriceError as e:
-            plan.held = f"price unavailable ({e}): the count is kept"
+            log.warning("fleet: region %s: price unavailable: %s", region.name, e)
+            plan.held = "price unavailable: the count is kept"
             return
         kwh = router.predictor.predict_j(
             st.profile, REF_PROMPT_TOKENS, router.lengths.prior_tokens,
@@ -275,13 +294,14 @@ class FleetScaler:
         keys = sorted({k for est, _ in per_offset for k in est})
         models = [{rep.backend.model for rep in r.replicas} for r in regions]
         masks, kept = [], []
-        for model, patterns in keys:
+        for model, names in keys:  # names: the regions the requests may use (() = any)
             mask = [
-                model in m and _matches(r, patterns) for r, m in zip(regions, models, strict=True)
+                model in m and (not names or r.name in names)
+                for r, m in zip(regions, models, strict=True)
             ]
             if any(mask):  # a request no region can serve was refused, not served
                 masks.append(mask)
-                kept.append((model, patterns))
+                kept.append((model, names))
         if not kept:  # no requests: an all-regions column of 0
             kept, masks = [("", ())], [[True] * len(regions)]
         rps = np.array([[est.get(k, 0.0) for k in kept] for est, _ in per_offset])
@@ -293,10 +313,10 @@ class FleetScaler:
             "sets": [
                 {
                     "model": model,
-                    "regions": list(patterns) or ["*"],
+                    "regions": list(names) or ["*"],
                     "rps": [round(float(x), 4) for x in rps[:, j]],
                 }
-                for j, (model, patterns) in enumerate(kept)
+                for j, (model, names) in enumerate(kept)
                 if model
             ],  # fmt: skip
         }
@@ -341,9 +361,10 @@ class FleetScaler:
         while True:
             try:
                 await self.step()
-            except Exception as e:
+            except Exception:
                 log.exception("fleet scaling failed: every count is kept")
-                self._error = f"{type(e).__name__}: {e}; every count is kept"
+                # GET /v1/fleet is public: the detail (a source's URL, ...) stays in the log
+                self._error = "fleet scaling failed: every count is kept"
             await asyncio.sleep(self._live().config.fleet.interval_s)
 
     # -- publishing -------------------------------------------------------------------------

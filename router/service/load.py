@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from regions.http1 import Http1Pool, UpstreamError
@@ -43,7 +45,22 @@ ENGINE_GAUGES = (
     ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
 )
 _NAMES = tuple(name for pair in ENGINE_GAUGES for name in pair)
-MAX_METRICS_BYTES = 8 * 1024 * 1024
+# a real server's /metrics is ~100 KB (vLLM's, with its histograms); a body past this is refused
+MAX_METRICS_BYTES = 1024 * 1024
+# the most sequences (running, or waiting) a report may say: no server batches or queues more;
+# a larger count is a broken or hostile source, and routing on it would overflow its arithmetic
+MAX_LOAD_COUNT = 1_000_000
+
+
+def checked(report: LoadReport, *, replica: str = "?", where: str = "") -> LoadReport:
+    """``report`` if both counts are whole numbers in [0, :data:`MAX_LOAD_COUNT`], else
+    :class:`LoadUnavailable` (the replica's load is then the ingress's own count, estimated)."""
+    counts = (report.running, report.waiting)
+    if not all(isinstance(v, numbers.Integral) and 0 <= v <= MAX_LOAD_COUNT for v in counts):
+        shown = tuple(repr(v)[:20] for v in counts)
+        raise LoadUnavailable(f"{where}{shown} is not a count in [0, {MAX_LOAD_COUNT}]",
+                              replica=replica)  # fmt: skip
+    return LoadReport(int(report.running), int(report.waiting))
 
 
 def metrics_url(api_url: str, configured: str | None = None) -> str:
@@ -83,12 +100,20 @@ def load_from_metrics(text: str, *, replica: str = "?", url: str = "") -> LoadRe
             raise LoadUnavailable(f"{where}{running} but no queue gauge {waiting}",
                                   replica=replica)  # fmt: skip
         counts = sums[running], sums[waiting]
-        if not all(math.isfinite(v) and v >= 0 for v in counts):
-            raise LoadUnavailable(f"{where}{running}, {waiting} = {counts} is not a count",
-                                  replica=replica)  # fmt: skip
-        return LoadReport(round(counts[0]), round(counts[1]))
+        if not all(_plausible(v) for v in counts):
+            raise LoadUnavailable(f"{where}{running}, {waiting} = {counts} is not a count "
+                                  f"in [0, {MAX_LOAD_COUNT}]", replica=replica)  # fmt: skip
+        return LoadReport(int(counts[0]), int(counts[1]))
     names = ", ".join(r for r, _ in ENGINE_GAUGES)
     raise LoadUnavailable(f"{where}no running-batch gauge ({names})", replica=replica)
+
+
+_PARSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-parse")
+
+
+def _plausible(v: float) -> bool:
+    """A count of sequences: whole, >= 0, at most :data:`MAX_LOAD_COUNT` (NaN fails each)."""
+    return 0 <= v <= MAX_LOAD_COUNT and v == math.floor(v)
 
 
 class ServerMetricsLoad:
@@ -115,6 +140,12 @@ class ServerMetricsLoad:
                                   replica=self.name) from e  # fmt: skip
         if status != 200:
             raise LoadUnavailable(f"{self.url}: HTTP {status}", replica=self.name)
+        # parsed in a thread: a body of many matching lines takes tens of ms, which on the
+        # event loop would hold up every request the ingress is serving
+        # one thread for all replicas' parses, so at most one competes with the loop for the GIL
+        return await asyncio.get_running_loop().run_in_executor(_PARSER, self._parse, body)
+
+    def _parse(self, body: bytes) -> LoadReport:
         return load_from_metrics(body.decode("utf-8", "replace"), replica=self.name, url=self.url)
 
     async def aclose(self) -> None:
@@ -150,7 +181,7 @@ class LoadPoller:
         sent_at, active = router.clock(), st.active
         try:
             async with asyncio.timeout(timeout_s):
-                report = await source.read()
+                report = checked(await source.read(), replica=source.name)
         except (LoadUnavailable, TimeoutError) as e:
             if i not in self._down:
                 self._down.add(i)
