@@ -210,7 +210,7 @@ class Replica(_Strict):
     meter: Literal["nvml", "rapl", "cpu"] = "cpu"
     gpu_indices: list[int] | None = None
     cpu_watts_per_core: float = Field(15.0, gt=0)
-    max_concurrency: int = Field(8, ge=1)
+    max_concurrency: int = Field(8, ge=1, le=65_536)
     tokens_per_s: float = Field(100.0, gt=0, description="decode capacity, for the simulator")
     model_params_b: float | None = Field(
         None, gt=0, description="model size in billions, for the energy predictor's GPU prior"
@@ -388,7 +388,10 @@ class Simulation(_Strict):
     start: str = "2024-01-01"
     end: str = "2025-01-01"
     requests_per_hour: float | None = Field(
-        None, gt=0, description="mean arrivals per hour; or set mean_utilization"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="mean arrivals per hour; or set mean_utilization",
     )
     mean_utilization: float | None = Field(
         None,
@@ -406,15 +409,19 @@ class Simulation(_Strict):
     slo_ttft_ms: float = Field(
         10_000.0,
         gt=0,
+        allow_inf_nan=False,
         validation_alias=AliasChoices("slo_ttft_ms", "slo_ms"),
         description="time to first token at the client (RTT + queue + prefill)",
     )
-    slo_tpot_ms: float = Field(1_000.0, gt=0, description="time per output token after the first")
+    slo_tpot_ms: float = Field(
+        1_000.0, gt=0, allow_inf_nan=False, description="time per output token after the first"
+    )
     slo_attainment: float = Field(
         0.99, gt=0, lt=1, description="share of requests that must meet both SLOs at capacity"
     )
     target_utilization: float = Field(0.8, gt=0, le=1)
     policies: list[str] = Field(
+        min_length=1,
         default_factory=lambda: [
             "power_of_two",
             "nearest",
@@ -428,6 +435,19 @@ class Simulation(_Strict):
         ]
     )
     seed: int = 0
+
+    @field_validator("start", "end")
+    @classmethod
+    def _a_date(cls, v: str) -> str:
+        import pandas as pd
+
+        try:
+            t = pd.Timestamp(v)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a date ({e}); write it as 2024-01-01") from None
+        if pd.isna(t):
+            raise ValueError("not a date; write it as 2024-01-01")
+        return v
 
     @model_validator(mode="after")
     def _one_rate(self) -> Simulation:

@@ -411,10 +411,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     if args.period:
-        start, _, end = args.period.partition("..")
-        cfg = cfg.model_copy(
-            update={"simulation": cfg.simulation.model_copy(update={"start": start, "end": end})}
-        )
+        from pydantic import ValidationError
+
+        from regions.config import Simulation
+        from router.simulate import SimulationError
+
+        start, dots, end = args.period.partition("..")
+        try:
+            if not dots:
+                raise ValueError("it has no '..'")
+            sim = Simulation.model_validate(
+                {**cfg.simulation.model_dump(), "start": start, "end": end}
+            )
+        except (ValueError, ValidationError) as e:
+            why = "; ".join(x["msg"] for x in e.errors()) if isinstance(e, ValidationError) else e
+            raise SimulationError(
+                f"--period {args.period!r}: give START..END, e.g. 2024-06-01..2024-07-01 ({why})"
+            ) from None
+        cfg = cfg.model_copy(update={"simulation": sim})
     policies = args.policies.split(",") if args.policies else cfg.simulation.policies
     for spec in policies:
         parse_policy(spec)

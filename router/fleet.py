@@ -73,7 +73,11 @@ def fleet_schedule(spec: str, world: World, cfg: Config) -> tuple[np.ndarray, np
     g_n = len(world.region_names)
     fleets, static = region_fleets(world, cfg)
     demand = world.demand.per_hour / 3600.0
-    load = np.concatenate([demand[:24], demand[:-24]]) if h_n > 24 else demand.copy()
+    # the live forecast: the larger of the same hour yesterday and the rate just before (here
+    # the hour before; the first day has only that)
+    yesterday = np.concatenate([demand[:24], demand[:-24]]) if h_n > 24 else demand.copy()
+    before = np.concatenate([demand[:1], demand[:-1]])
+    load = np.maximum(yesterday, before)
     lead = lead_intervals(fleets, 3600.0)
     w = world.forecast.shape[1]
     seen = world.intensity.copy()
@@ -82,18 +86,33 @@ def fleet_schedule(spec: str, world: World, cfg: Config) -> tuple[np.ndarray, np
     elif lead >= w:
         seen[lead:] = world.forecast[np.arange(h_n - lead), w - 1]
     weight = WEIGHTS.get(base, cfg.policy.weight)
-    jpr = np.array([world.j_per_request[world.replica_region == g].mean() for g in range(g_n)])
+    jpr = np.array([
+        world.j_per_request[world.replica_region == g].mean() if f.replicas else np.inf
+        for g, f in enumerate(fleets)
+    ])  # fmt: skip
     s = score(jpr[None, :] / J_PER_KWH, world.pue[None, :], world.price, seen, weight)
+    s = np.where(np.isnan(s), np.inf, s)
     desired = desired_on(load, s, fleets, target_utilization=cfg.simulation.target_utilization)
+    # requests came while the forecast had every replica off: the router starts one where
+    # it is cleanest (it would refuse them otherwise; the simulator does not lose them)
+    dark = (demand > 0) & (desired.sum(axis=1) == 0)
+    if dark.any():
+        owned = np.array([f.replicas for f in fleets]) > 0
+        best = np.argmin(np.where(owned[None, :], s, np.inf), axis=1)
+        desired[dark, best[dark]] = 1
     sched = with_startup(desired, fleets, step_s=3600.0, static_w=static.tolist())
     extra = schedule_energy(sched, fleets, static_w=static.tolist())
-    cost = extra.startup_j + extra.standby_j  # [H, G]
     on = np.zeros((h_n, r_n), bool)
-    spread = np.zeros((h_n, r_n))
+    extra_j = np.zeros((h_n, r_n))
     for g in range(g_n):
         cols = np.flatnonzero(world.replica_region == g)
         if not len(cols):
             continue
         on[:, cols] = np.arange(len(cols))[None, :] < sched.on[:, g : g + 1]
-        spread[:, cols] = cost[:, g : g + 1] / len(cols)
-    return on, spread
+        off = ~on[:, cols]
+        # standby on the replicas that are off, start-ups on those that are on
+        n_off = np.maximum(off.sum(axis=1, keepdims=True), 1)
+        n_on = np.maximum((~off).sum(axis=1, keepdims=True), 1)
+        standby = np.where(off, extra.standby_j[:, g : g + 1] / n_off, 0.0)
+        extra_j[:, cols] = standby + np.where(~off, extra.startup_j[:, g : g + 1] / n_on, 0.0)
+    return on, extra_j

@@ -77,6 +77,13 @@ class Engine:
     max_batch: int
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
+    def throughput_rps(self, traffic: Traffic) -> float:
+        """The most requests/s of ``traffic`` the replica can process at all: the least of
+        its prefill compute and its decode rate at the batch limit."""
+        prefill = self.prefill_s_per_token * traffic.mean_prompt
+        decode = traffic.mean_output * self.itl_s[self.max_batch] / self.max_batch
+        return 1.0 / max(prefill, decode, 1e-9)
+
     @classmethod
     def of(cls, model: ReplicaModel, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Engine:
         b = model.max_batch
@@ -316,13 +323,18 @@ class ServingTable:
                 return 1.0
             return float(np.mean((r.ttft_s(a) <= slo_ttft_s) & (r.tpot_s(o) <= slo_tpot_s)))
 
-        # capacity: grow until the SLOs fail, then bisect (to 2 %)
+        # capacity: grow until the SLOs fail, then bisect (to 2 %); never past what the
+        # replica can process at all (its prefill compute, its decode rate at the batch
+        # limit), where the queue grows without bound whatever the SLOs
+        top = engine.throughput_rps(traffic)
         lo = 0.0
-        hi = max(0.05, 0.05 / max(engine.prefill_s_per_token * traffic.mean_prompt, 1e-6))
+        hi = min(top, max(0.05, 0.05 / max(engine.prefill_s_per_token * traffic.mean_prompt,
+                                           1e-6)))  # fmt: skip
         while met(hi) >= attainment:
-            lo, hi = hi, hi * 2
-            if hi > 1e5:
-                raise ValueError("the replica never fails its SLOs: check the model and the SLOs")
+            if hi >= top:
+                lo = hi = top  # the SLOs never bind: the throughput is the capacity
+                break
+            lo, hi = hi, min(hi * 2, top)
         while hi - lo > 0.02 * hi:
             mid = (lo + hi) / 2
             if met(mid) >= attainment:
@@ -396,19 +408,39 @@ class ServingTable:
         path = cache_dir / f"serving_{cls.cache_key(engine, traffic, **settings)}.npz"
         if path.is_file():
             try:
-                with np.load(path) as z:
+                with path.open("rb") as fh, np.load(fh) as z:  # ours to close, even if broken
                     fields = {k: z[k] for k in z.files}
-                return cls(**{k: (v if v.ndim else v.item()) for k, v in fields.items()})
-            except (OSError, ValueError, TypeError, KeyError) as e:
+                got = cls(**{k: (v if v.ndim else v.item()) for k, v in fields.items()})
+                got.check()
+                return got
+            except Exception as e:  # noqa: BLE001 - any unreadable file is rebuilt
                 log.warning("serving table %s unreadable (%s): building it again", path, e)
         table = cls.build(engine, traffic, **settings)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        arrays = {f.name: np.asarray(getattr(table, f.name)) for f in dataclasses.fields(table)}
-        save: Any = np.savez_compressed
-        save(tmp, **arrays)
-        os.replace(tmp, path)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            arrays = {f.name: np.asarray(getattr(table, f.name)) for f in dataclasses.fields(table)}
+            save: Any = np.savez_compressed
+            save(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot keep the serving table in %s (%s): not cached", cache_dir, e)
         return table
+
+    def check(self) -> None:
+        """Raise ValueError unless the table is whole (a file read back may not be)."""
+        k_n = len(self.rates_rps)
+        n_ttft, n_tpot = round(TTFT_MAX_S / TTFT_BIN_S), round(TPOT_MAX_S / TPOT_BIN_S)
+        shapes = {
+            "energy_j_per_h": (k_n,), "busy_share": (k_n,), "mean_batch": (k_n,),
+            "ttft_hist": (k_n, n_ttft), "ttft_ok_hist": (k_n, n_ttft), "tpot_hist": (k_n, n_tpot),
+        }  # fmt: skip
+        for name, shape in shapes.items():
+            a = np.asarray(getattr(self, name))
+            if a.shape != shape or not np.isfinite(a).all() or (a < 0).any():
+                raise ValueError(f"{name}: shape {a.shape} (want {shape}) or values out of range")
+        if not (math.isfinite(self.capacity_rps) and self.capacity_rps > 0):
+            raise ValueError(f"capacity_rps {self.capacity_rps}")
 
     def capacity_at(self, slo_ttft_s: float) -> float:
         """The capacity (requests/s) at a first-token SLO at the replica no looser than the
@@ -537,7 +569,7 @@ class Histograms:
         total = self.ttft.sum()
         if total <= 0:
             return math.nan
-        return float(mass_within(self.ttft_ok, slo_ttft_s, TTFT_BIN_S) / total)
+        return min(1.0, float(mass_within(self.ttft_ok, slo_ttft_s, TTFT_BIN_S) / total))
 
     def ttft_q(self, q: float) -> float:
         return quantile(self.ttft, q, TTFT_BIN_S)

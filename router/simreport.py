@@ -15,7 +15,7 @@ SUMMARY_COLUMNS = {
     "policy": "policy",
     "requests": "requests",
     "kwh": "kWh",
-    "kwh_static": "static kWh",
+    "it_kwh_static": "static IT kWh",
     "j_per_token": "J/token",
     "t_co2e": "t CO2e",
     "energy_tariff_usd": "energy tariff $",

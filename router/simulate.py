@@ -78,6 +78,7 @@ TRACES = {
 WEIGHTS = {"cheapest": 0.0, "greenest": 1.0, "oracle": 1.0, "cleanest_hour": 1.0}
 BASELINES = ("power_of_two", "cleanest_hour")  # simulator-only policies
 DEFAULT_REQUESTS_PER_HOUR = 120.0
+MAX_TOKENS = 10_000_000  # a request's prompt or output: more is a broken trace
 
 
 class SimulationError(RouterError):
@@ -118,11 +119,28 @@ def load_trace(trace: str) -> pd.DataFrame:
             f"{path}: missing columns {sorted(missing)}; each line needs time (ISO or seconds), "
             "prompt_tokens, output_tokens (tenant and preference optional)"
         )
-    tokens = df[["prompt_tokens", "output_tokens"]]
-    bad_rows = tokens.isna().any(axis=1) | (tokens.fillna(1) < 1).any(axis=1)
-    if bad_rows.any():
-        bad = int(bad_rows.to_numpy().argmax())
-        raise SimulationError(f"{path}:{bad + 1}: prompt_tokens/output_tokens missing or < 1")
+    for col in ("prompt_tokens", "output_tokens"):
+        v = pd.to_numeric(df[col], errors="coerce")
+        bad_rows = v.isna() | (v < 1) | (v > MAX_TOKENS)
+        if bad_rows.any():
+            bad = int(bad_rows.to_numpy().argmax())
+            raise SimulationError(
+                f"{path}:{bad + 1}: {col} must be a number of tokens, 1 to {MAX_TOKENS:,}; "
+                f"got {df[col].tolist()[bad]!r}"
+            )
+        df[col] = v
+    t = df["time"]
+    if pd.api.types.is_numeric_dtype(t):  # seconds since the epoch
+        times = pd.to_datetime(t, unit="s", utc=True, errors="coerce")
+    else:
+        times = pd.to_datetime(t, utc=True, format="mixed", errors="coerce")
+    if times.isna().any():
+        bad = int(times.isna().to_numpy().argmax())
+        raise SimulationError(
+            f"{path}:{bad + 1}: time must be an ISO 8601 time or seconds since the epoch, "
+            f"got {t.tolist()[bad]!r}"
+        )
+    df["time"] = times
     return df
 
 
@@ -148,6 +166,8 @@ def traffic_pool(cfg: Config, hours: pd.DatetimeIndex) -> tuple[Traffic, np.ndar
     names = [sim.trace] if isinstance(sim.trace, str) else list(sim.trace)
     if not names:
         raise SimulationError("simulation.trace: name at least one trace")
+    if "synthetic" in names and len(names) > 1:
+        raise SimulationError("simulation.trace: synthetic cannot be pooled with other traces")
     if names == ["synthetic"]:
         rng = np.random.default_rng(sim.seed)
         return Traffic(
@@ -161,8 +181,7 @@ def traffic_pool(cfg: Config, hours: pd.DatetimeIndex) -> tuple[Traffic, np.ndar
     pool = pd.concat(frames, ignore_index=True)
     counts = None
     if "time" in pool.columns:  # a JSONL trace, at its own times
-        t = pd.to_datetime(pool["time"], utc=True, format="mixed")
-        arrival = (t - hours[0]).dt.total_seconds().to_numpy()
+        arrival = (pool["time"] - hours[0]).dt.total_seconds().to_numpy()
         keep = (arrival >= 0) & (arrival < len(hours) * 3600)
         if not keep.any():
             raise SimulationError(f"trace {names[0]}: no request inside {hours[0]} .. {hours[-1]}")
@@ -375,10 +394,21 @@ def _forecasts(
     frame: pd.DataFrame, hours: pd.DatetimeIndex, w: int, zone: str, cache_dir: Path | None
 ) -> np.ndarray:
     """[H, W] forecasts issued at every hour of the period, from a model fitted before it."""
-    key = f"{zone}_{hours[0]:%Y%m%d%H}_{len(hours)}_{w}_{len(frame)}.npy"
+    import hashlib
+    import os
+
+    digest = hashlib.sha256(np.ascontiguousarray(frame["g_per_kwh"].to_numpy(float)).tobytes())
+    digest.update(np.ascontiguousarray(frame.index.asi8).tobytes())
+    key = f"{zone}_{hours[0]:%Y%m%d%H}_{len(hours)}_{w}_{digest.hexdigest()[:16]}.npy"
     cached = cache_dir / key if cache_dir else None
     if cached is not None and cached.is_file():
-        return np.asarray(np.load(cached))
+        try:
+            with cached.open("rb") as fh:
+                got = np.asarray(np.load(fh))
+            if got.shape == (len(hours), w) and np.isfinite(got).all():
+                return got
+        except (OSError, ValueError, EOFError) as e:
+            log.warning("cached forecast %s unreadable (%s): forecasting again", cached, e)
     history = frame[frame.index < hours[0]].iloc[-24 * 365 * 2 :]
     try:
         model = CarbonForecaster(max_horizon_h=w).fit(history)
@@ -387,8 +417,13 @@ def _forecasts(
     except ForecastingError as e:
         raise SimulationError(f"zone {zone}: cannot forecast the period: {e}") from e
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cached, table)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, table)
+            os.replace(tmp, cached)
+        except OSError as e:
+            log.warning("cannot cache the forecast in %s (%s): not cached", cached.parent, e)
     return np.asarray(table)
 
 
@@ -405,7 +440,8 @@ class Outcome:
     delay_h: float  # total request-hours of deferral
     on: np.ndarray  # [H, R] bool: replica up
     energy_j: np.ndarray  # [H, R] IT energy
-    static_j: np.ndarray  # [H, R] of which static (or standby) power
+    static_j: np.ndarray  # [H, R] of which static power (standby and start-ups included)
+    extra_j: np.ndarray  # [H, R] of which standby and start-ups (fleet scaling)
     attributed_j: np.ndarray  # [H, R] of which attributed to requests (the attributor's rule)
     kwh: np.ndarray  # [H, R] facility energy (x PUE)
     carbon_g: np.ndarray  # [H, R]
@@ -501,6 +537,12 @@ def run_policy(
     weight: float = WEIGHTS.get(base, cfg.policy.weight)
     share_deferrable = sim.deferrable_share if defer else 0.0
     immediate = world.demand.per_hour * (1 - share_deferrable)
+    dark = (world.demand.per_hour > 0) & (room.sum(axis=1) == 0)
+    if dark.any():
+        raise SimulationError(
+            f"{spec}: no replica is on at {world.hours[int(np.argmax(dark))]} while requests "
+            "arrive; they would be lost"
+        )
     kwh_unit = world.j_per_request / J_PER_KWH
     if base == "power_of_two":
         share = _capacity_share(room)
@@ -546,9 +588,9 @@ def run_policy(
             hists[g].add(Histograms.of(table, gw, world.rtt_ms[g] / 1000.0))
     static = np.where(up, world.static_w * 3600.0, 0.0)
     energy = np.where(up, energy, 0.0)
-    if standby_j is not None:
-        energy = energy + standby_j
-        static = static + standby_j
+    extra = np.zeros((h_n, r_n)) if standby_j is None else standby_j
+    energy = energy + extra
+    static = static + extra
     work = request_work(n * world.demand.mean_output, n * world.demand.mean_prompt,
                         world.prefill_weight)  # fmt: skip
     attributed, _idle = split_busy_idle(np.where(work > 0, energy, 0.0), busy)
@@ -558,8 +600,8 @@ def run_policy(
     energy_cost = kwh * world.price[:, g_of]
     tariff = np.maximum(n * cfg.billing.min_charge_usd, energy_cost * (1 + cfg.billing.markup))
     serve_s = time.perf_counter() - t1
-    return Outcome(spec, n, deferred, delay_h, up, energy, static, attributed, kwh, carbon,
-                   tariff, energy_cost, hists, route_s, serve_s)  # fmt: skip
+    return Outcome(spec, n, deferred, delay_h, up, energy, static, extra, attributed, kwh,
+                   carbon, tariff, energy_cost, hists, route_s, serve_s)  # fmt: skip
 
 
 def _plan_deferred(
@@ -668,8 +710,8 @@ def _figures(o: Outcome, sel: np.ndarray | None, hist: Histograms, world: World,
     return {
         "requests": n,
         "kwh": float(o.kwh[:, cols].sum()),
-        "kwh_active": (energy - float(o.static_j[:, cols].sum())) / J_PER_KWH,
-        "kwh_static": float(o.static_j[:, cols].sum()) / J_PER_KWH,
+        "it_kwh_active": (energy - float(o.static_j[:, cols].sum())) / J_PER_KWH,
+        "it_kwh_static": float(o.static_j[:, cols].sum()) / J_PER_KWH,
         "j_per_token": energy / out_tokens if out_tokens else math.nan,
         "attributed_j_per_request": float(o.attributed_j[:, cols].sum()) / n if n else math.nan,
         "t_co2e": float(o.carbon_g[:, cols].sum() / 1e6),
@@ -793,9 +835,9 @@ def compare_day(world: World, cfg: Config, spec: str, day: int, *, seed: int = 1
         run = run_engine(engines[r], a, p, q, until_s=24 * 3600.0)
         on_s = float(o.on[hrs, r].sum()) * 3600.0
         # an off replica serves nothing; the reference idles it at static power all day, so
-        # take its off hours back out and add what the fast model charges for them
+        # take its off hours back out and add the standby and start-ups the schedule costs
         ref_energy += run.energy_j - engines[r].static_w * (24 * 3600.0 - on_s)
-        ref_energy += float((o.energy_j[hrs, r] * ~o.on[hrs, r]).sum())
+        ref_energy += float(o.extra_j[hrs, r].sum())  # standby and start-ups, as booked
         rtt = world.rtt_ms[world.replica_region[r]] / 1000.0
         ttft = run.ttft_s(a) + rtt
         tpot = run.tpot_s(q)

@@ -216,7 +216,7 @@ def test_outcomes_make_sense(result: object) -> None:
     for base in ("power_of_two", "price_carbon"):
         scaled = s.loc[f"{base}+scale"]
         assert scaled["replicas_on_mean"] < s.loc[base, "replicas_on_mean"] == 4
-        assert scaled["kwh_static"] < s.loc[base, "kwh_static"]
+        assert scaled["it_kwh_static"] < s.loc[base, "it_kwh_static"]
         assert scaled["j_per_token"] < s.loc[base, "j_per_token"]
     token = s["token_tariff_usd"]
     assert np.allclose(token, token.iloc[0])  # same requests, same token bill
@@ -291,7 +291,7 @@ def test_jsonl_trace_and_its_errors(tmp_path: Path, cache: Path) -> None:
     zero = tmp_path / "zero.jsonl"
     zero.write_text(json.dumps({"time": "2024-03-01T10:00:00Z", "prompt_tokens": 1,
                                 "output_tokens": 0}))  # fmt: skip
-    with pytest.raises(SimulationError, match=r"zero.jsonl:1: .*< 1"):
+    with pytest.raises(SimulationError, match=r"zero.jsonl:1: output_tokens must be .*got 0$"):
         simulate(small(trace=str(zero)), base_dir=ROOT, policies=["greenest"], cache_dir=cache)
 
 
@@ -345,3 +345,123 @@ def test_cli_json_and_reference_day(
     rows = {r["figure"]: r for r in json.loads(capsys.readouterr().out)}
     assert abs(rows["energy kWh"]["error"]) < 0.05
     assert not math.isnan(rows["TTFT p99 ms"]["reference"])
+
+
+# ---- found by a hostile review ------------------------------------------------------------------
+
+
+@pytest.mark.needs_data
+def test_scaling_to_zero_never_loses_the_requests_of_a_quiet_day_after(
+    tmp_path: Path, cache: Path
+) -> None:
+    # no load on day 1, load on day 2, min_replicas 0: yesterday's load says "all off"
+    trace = tmp_path / "gap.jsonl"
+    rng = np.random.default_rng(0)
+    times = pd.Timestamp("2024-03-02", tz="UTC") + pd.to_timedelta(rng.uniform(0, 86400, 3000), "s")
+    trace.write_text("\n".join(json.dumps({"time": t.isoformat(), "prompt_tokens": 500,
+                                           "output_tokens": 100}) for t in times))  # fmt: skip
+    cfg = parse_config(SMALL.replace("min_replicas: 1", "min_replicas: 0"), env={})
+    cfg = cfg.model_copy(update={"simulation": cfg.simulation.model_copy(
+        update={"trace": str(trace), "start": "2024-03-01", "end": "2024-03-03"})})  # fmt: skip
+    scaled = ["power_of_two+scale", "price_carbon+scale", "greenest+defer+scale"]
+    r = simulate(cfg, base_dir=ROOT, cache_dir=cache, policies=scaled)
+    for o in r.outcomes.values():
+        assert o.requests.sum() == pytest.approx(3000)
+        assert (o.requests[~o.on] == 0).all()  # an off replica serves nothing
+    assert r.summary["slo_attainment"].notna().all()
+
+
+def test_a_replica_that_meets_any_slo_has_its_throughput_as_capacity() -> None:
+    # SLOs no replica can miss: the capacity search stops at what the replica can process
+    rng = np.random.default_rng(0)
+    traffic = Traffic(rng.uniform(0, 3600, 500), rng.integers(10, 200, 500),
+                      rng.integers(1, 30, 500))  # fmt: skip
+    table = ServingTable.build(ENGINE, traffic, slo_ttft_s=1e9, slo_tpot_s=1e9,
+                               grid_requests=5_000)  # fmt: skip
+    prefill_bound = 1 / (ENGINE.prefill_s_per_token * traffic.mean_prompt)
+    assert 0 < table.capacity_rps <= 1.5 * prefill_bound
+
+
+@pytest.mark.needs_data
+def test_a_corrupt_cache_is_rebuilt_and_an_unwritable_one_is_skipped(
+    tmp_path: Path, cache: Path
+) -> None:
+    import shutil
+
+    own = tmp_path / "c"
+    shutil.copytree(cache, own)
+    for f in own.glob("*.np[yz]"):
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated
+    w = build_world(small(), base_dir=ROOT, cache_dir=own)
+    assert w.fleet_capacity_rps > 0
+    ro = tmp_path / "ro"
+    ro.write_text("a file where the cache folder should be")
+    w2 = build_world(small(), base_dir=ROOT, cache_dir=ro / "sub")
+    assert w2.fleet_capacity_rps == pytest.approx(w.fleet_capacity_rps)
+
+
+@pytest.mark.needs_data
+def test_forecasts_cached_for_one_emission_factor_are_not_used_for_another(
+    tmp_path: Path, cache: Path
+) -> None:
+    life = build_world(small(), base_dir=ROOT, cache_dir=cache)
+    direct = SMALL.replace(
+        "{kind: file, dataset: electricitymaps_hourly}",
+        "{kind: file, dataset: electricitymaps_hourly, emission_factor: direct}",
+    )
+    w = build_world(parse_config(direct, env={}), base_dir=ROOT, cache_dir=cache)
+    assert not np.allclose(w.forecast, life.forecast)
+    assert np.mean(np.abs(w.forecast[:, 0] - w.intensity)) < np.mean(
+        np.abs(life.forecast[:, 0] - w.intensity)
+    )
+
+
+@pytest.mark.needs_data
+def test_compare_day_books_a_scaled_fleets_standby_as_the_fast_model_does(result: object) -> None:
+    w = result.world  # type: ignore[attr-defined]
+    df = compare_day(w, small(), "price_carbon+scale", 2).set_index("figure")
+    assert abs(df.loc["energy kWh", "error"]) < 0.05
+
+
+@pytest.mark.needs_data
+def test_more_bad_inputs_are_clear(tmp_path: Path, cache: Path) -> None:
+    for bad, match in (
+        ("policies: [", r"policies: .*at least 1"),
+        ('start: "2024-03-01"', r"start: not a date"),
+        ("slo_ttft_ms: 3000", r"slo_ttft_ms: .*finite"),
+    ):
+        text = {
+            "policies: [": SMALL.replace(SMALL[SMALL.index("  policies: ["):], "  policies: []\n"),
+            'start: "2024-03-01"': SMALL.replace('start: "2024-03-01"', "start: soon"),
+            "slo_ttft_ms: 3000": SMALL.replace("slo_ttft_ms: 3000", "slo_ttft_ms: .inf"),
+        }[bad]
+        with pytest.raises(ConfigError, match=match):
+            parse_config(text, env={})
+    with pytest.raises(ConfigError, match=r"max_concurrency: must be <= 65536"):
+        parse_config(SMALL.replace("max_concurrency: 64", "max_concurrency: 10000000"), env={})
+    for line, match in (
+        ({"time": "yesterday", "prompt_tokens": 1, "output_tokens": 1}, r"t.jsonl:1: .*time"),
+        ({"time": "2024-03-01T10:00:00Z", "prompt_tokens": "abc", "output_tokens": 1},
+         r"t.jsonl:1: .*prompt_tokens"),
+    ):  # fmt: skip
+        (tmp_path / "t.jsonl").write_text(json.dumps(line))
+        with pytest.raises(SimulationError, match=match):
+            simulate(small(trace=str(tmp_path / "t.jsonl")), base_dir=ROOT,
+                     policies=["greenest"], cache_dir=cache)  # fmt: skip
+    # seconds since the epoch, as documented
+    t = pd.Timestamp("2024-03-01T10:00:00Z").timestamp()
+    (tmp_path / "t.jsonl").write_text(json.dumps({"time": t, "prompt_tokens": 5,
+                                                  "output_tokens": 5}))  # fmt: skip
+    r = simulate(small(trace=str(tmp_path / "t.jsonl")), base_dir=ROOT, policies=["greenest"],
+                 cache_dir=cache)  # fmt: skip
+    assert r.requests == 1
+    with pytest.raises(SimulationError, match="synthetic cannot be pooled"):
+        simulate(small(trace=["synthetic", "azure_conv"]), base_dir=ROOT, policies=["greenest"],
+                 cache_dir=cache)  # fmt: skip
+
+
+def test_period_option_must_be_start_dot_dot_end(capsys: pytest.CaptureFixture[str]) -> None:
+    for period in ("2024-03-01", "2024-03-01..soon"):
+        code = main(["simulate", "--config", str(ROOT / "configs/simulate.yaml"),
+                     "--period", period, "--out", ""])  # fmt: skip
+        assert code == 1 and "give START..END" in capsys.readouterr().err
