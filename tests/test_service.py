@@ -128,6 +128,20 @@ async def test_candidates_predict_the_first_token_from_the_replica_model(tmp_pat
             assert c.ttft_ms[i] == pytest.approx(st.region.rtt_ms + prefill)
 
 
+async def test_the_wait_in_a_queue_depends_on_the_requests_ahead_not_on_this_one(
+    tmp_path: Path,
+) -> None:
+    # those ahead end after their own answers (the router's expected length), so asking for
+    # one token does not make a long queue look short
+    async with service_kit(tmp_path) as kit:
+        router = kit.service.live.router
+        north = router.states[0]
+        north.active = north.replica.max_concurrency + 20
+        short = (await router.candidates(100, 1.0)).queue_wait_ms[0]
+        long = (await router.candidates(100, 500.0)).queue_wait_ms[0]
+        assert short == pytest.approx(long) and short > 0
+
+
 async def test_when_every_replica_is_down_the_answer_is_503_in_openai_format(
     tmp_path: Path,
 ) -> None:

@@ -251,6 +251,7 @@ class Router:
         slowdown = np.empty(n)
         load = np.empty(n)
         has_capacity = np.empty(n, dtype=bool)
+        ahead_tokens = self.lengths.prior_tokens  # what the requests ahead in a queue will say
         actives: list[int] = []
         estimated: list[tuple[str, ...]] = []
         missing: dict[str, str] = {}  # a region without data is unavailable, not the service
@@ -274,7 +275,7 @@ class Router:
                 kwh[i] = self._predicted_j(st, prompt_tokens, output_tokens, active) / 3.6e6
             per_tok = st.service_s_per_token or 1.0 / st.replica.tokens_per_s
             service_ms[i] = output_tokens * per_tok * 1000.0
-            queue_ms[i] = st.queue_ms(active, output_tokens)
+            queue_ms[i] = st.queue_ms(active, ahead_tokens)
             slowdown[i] = st.slowdown(active)
             load[i] = active / st.replica.max_concurrency
             has_capacity[i] = active < 4 * st.replica.max_concurrency
