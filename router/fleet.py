@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from forecasting.energy import GPUS, canonical_gpu
 from router.billing import J_PER_KWH
 from router.policy import score
 from router.scaling import RegionFleet, desired_on, lead_intervals, schedule_energy, with_startup
+from router.service.fleet import standby_w
 
 if TYPE_CHECKING:
     from regions.config import Config
@@ -41,14 +41,7 @@ def region_fleets(world: World, cfg: Config) -> tuple[list[RegionFleet], np.ndar
         sc = region.scaling
         owned = int(sel.sum())
         static_w = float(world.static_w[sel].mean()) if owned else 0.0
-        standby = []
-        for rep in region.replicas:
-            per_gpu = sc.standby_w_per_gpu if sc is not None else None
-            if rep.gpu.type == "cpu":
-                per_gpu = 0.0
-            elif per_gpu is None:
-                per_gpu = GPUS[canonical_gpu(rep.gpu.type)].standby_w
-            standby += [per_gpu * rep.gpu.count] * rep.count
+        standby = [standby_w(rep, sc) for rep in region.replicas for _ in range(rep.count)]
         scalable = sc is not None and sc.scalable
         fleets.append(
             RegionFleet(

@@ -473,15 +473,17 @@ class ServingTable:
         return lo, 1.0 - w_hi, w_hi
 
     def at(self, rate_rps: np.ndarray, what: np.ndarray) -> np.ndarray:
-        """A per-rate figure (``energy_j_per_h``, ``busy_share``, ``mean_batch``) at rates.
-        Past the last rate, energy grows with the requests (each costs what it costs there:
-        the replica serves them later, from a queue), the rest stays."""
+        """A per-rate figure (``busy_share``, ``mean_batch``) at rates; past the last rate,
+        the last rate's."""
         lo, w_lo, w_hi = self.weights(rate_rps)
-        out = w_lo * what[lo] + w_hi * what[lo + 1]
-        if what is self.energy_j_per_h:
-            top = self.rates_rps[-1]
-            out = out * np.maximum(1.0, np.asarray(rate_rps, float) / top)
-        return np.asarray(out)
+        return np.asarray(w_lo * what[lo] + w_hi * what[lo + 1])
+
+    def energy_at(self, rate_rps: np.ndarray) -> np.ndarray:
+        """Joules per hour at rates. Past the last rate, energy grows with the requests (each
+        costs what it costs there: the replica serves them later, from a queue)."""
+        top = self.rates_rps[-1]
+        scale = np.maximum(1.0, np.asarray(rate_rps, float) / top)
+        return np.asarray(self.at(rate_rps, self.energy_j_per_h) * scale)
 
     def grid_weights(self, rate_rps: np.ndarray, requests: np.ndarray) -> np.ndarray:
         """[K + 1] how many requests each grid rate stands for, summed over cells: the

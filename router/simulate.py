@@ -353,7 +353,7 @@ def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -
     cap = np.array(cap_of)
     at_target = cap * sim.target_utilization
     jpr = np.array([
-        float(tables[k].at(np.array([lam]), tables[k].energy_j_per_h)[0]) / (lam * 3600.0)
+        float(tables[k].energy_at(np.array([lam]))[0]) / (lam * 3600.0)
         for k, lam in zip(table_of, at_target, strict=True)
     ])  # fmt: skip
     if counts is not None:
@@ -573,19 +573,12 @@ def run_policy(
     t1 = time.perf_counter()
     energy = np.zeros((h_n, r_n))
     busy = np.zeros((h_n, r_n))
-    hists = [Histograms() for _ in world.region_names]
     rate = n / 3600.0
     for k, table in enumerate(world.tables):
         cols = np.flatnonzero(world.replica_table == k)
-        if not len(cols):
-            continue
-        lam = rate[:, cols]
-        energy[:, cols] = table.at(lam, table.energy_j_per_h)
-        busy[:, cols] = table.at(lam, table.busy_share)
-        for g in np.unique(g_of[cols]):
-            sel = cols[g_of[cols] == g]
-            gw = table.grid_weights(rate[:, sel].ravel(), n[:, sel].ravel())
-            hists[g].add(Histograms.of(table, gw, world.rtt_ms[g] / 1000.0))
+        energy[:, cols] = table.energy_at(rate[:, cols])
+        busy[:, cols] = table.at(rate[:, cols], table.busy_share)
+    hists = region_hists(world, n)
     static = np.where(up, world.static_w * 3600.0, 0.0)
     energy = np.where(up, energy, 0.0)
     extra = np.zeros((h_n, r_n)) if standby_j is None else standby_j
@@ -602,6 +595,19 @@ def run_policy(
     serve_s = time.perf_counter() - t1
     return Outcome(spec, n, deferred, delay_h, up, energy, static, extra, attributed, kwh,
                    carbon, tariff, energy_cost, hists, route_s, serve_s)  # fmt: skip
+
+
+def region_hists(world: World, n: np.ndarray) -> list[Histograms]:
+    """Each region's latency distributions (its RTT added) for ``n`` [H, R] requests per
+    (hour, replica) cell, each cell read from its replica's table at the cell's rate."""
+    hists = [Histograms() for _ in world.region_names]
+    for k, table in enumerate(world.tables):
+        for g in range(len(world.region_names)):
+            sel = np.flatnonzero((world.replica_table == k) & (world.replica_region == g))
+            if len(sel):
+                gw = table.grid_weights(n[:, sel].ravel() / 3600.0, n[:, sel].ravel())
+                hists[g].add(Histograms.of(table, gw, world.rtt_ms[g] / 1000.0))
+    return hists
 
 
 def _plan_deferred(
@@ -818,7 +824,7 @@ def compare_day(world: World, cfg: Config, spec: str, day: int, *, seed: int = 1
     traffic = world.demand.traffic
     slo = cfg.simulation.slo_ttft_ms / 1000.0
     tpot_slo = cfg.simulation.slo_tpot_ms / 1000.0
-    engines: dict[int, Engine] = {}
+    engines: dict[int, Engine] = {}  # by kind of replica (its table)
     reps = [rep for region in cfg.regions for rep in region.replicas for _ in range(rep.count)]
     requests = 0
     for r in range(len(world.replica_names)):
@@ -830,13 +836,14 @@ def compare_day(world: World, cfg: Config, spec: str, day: int, *, seed: int = 1
             prompts.append(p)
             outputs.append(q)
         a, p, q = np.concatenate(arrivals), np.concatenate(prompts), np.concatenate(outputs)
-        if r not in engines:
-            engines[r] = _engine(reps[r])
-        run = run_engine(engines[r], a, p, q, until_s=24 * 3600.0)
+        kind = int(world.replica_table[r])
+        if kind not in engines:
+            engines[kind] = _engine(reps[r])
+        run = run_engine(engines[kind], a, p, q, until_s=24 * 3600.0)
         on_s = float(o.on[hrs, r].sum()) * 3600.0
         # an off replica serves nothing; the reference idles it at static power all day, so
         # take its off hours back out and add the standby and start-ups the schedule costs
-        ref_energy += run.energy_j - engines[r].static_w * (24 * 3600.0 - on_s)
+        ref_energy += run.energy_j - engines[kind].static_w * (24 * 3600.0 - on_s)
         ref_energy += float(o.extra_j[hrs, r].sum())  # standby and start-ups, as booked
         rtt = world.rtt_ms[world.replica_region[r]] / 1000.0
         ttft = run.ttft_s(a) + rtt
@@ -848,17 +855,11 @@ def compare_day(world: World, cfg: Config, spec: str, day: int, *, seed: int = 1
     ref_s = time.perf_counter() - t0
     ttft, tpot, ok = np.concatenate(ttft_all), np.concatenate(tpot_all), np.concatenate(ok_all)
     t1 = time.perf_counter()
-    fast = run_spec(spec, world, cfg)
-    hist = Histograms()
-    for k, table in enumerate(world.tables):
-        for g in range(len(world.region_names)):
-            sel = np.flatnonzero((world.replica_table == k) & (world.replica_region == g))
-            if len(sel):
-                rate = fast.requests[hrs][:, sel] / 3600.0
-                gw = table.grid_weights(rate.ravel(), fast.requests[hrs][:, sel].ravel())
-                hist.add(Histograms.of(table, gw, world.rtt_ms[g] / 1000.0))
+    hist = Histograms()  # the fast model's day: the same cells, read from the tables
+    for h in region_hists(world, o.requests[hrs]):
+        hist.add(h)
     fast_s = time.perf_counter() - t1
-    fast_energy = float(fast.energy_j[hrs].sum())
+    fast_energy = float(o.energy_j[hrs].sum())
     rows = [
         ("energy kWh", fast_energy / J_PER_KWH, ref_energy / J_PER_KWH),
         ("TTFT p50 ms", hist.ttft_q(0.5) * 1000, float(np.percentile(ttft, 50)) * 1000),
@@ -866,7 +867,7 @@ def compare_day(world: World, cfg: Config, spec: str, day: int, *, seed: int = 1
         ("TPOT p50 ms", hist.tpot_q(0.5) * 1000, float(np.percentile(tpot, 50)) * 1000),
         ("TPOT p99 ms", hist.tpot_q(0.99) * 1000, float(np.percentile(tpot, 99)) * 1000),
         ("SLO attainment %", hist.attainment(slo) * 100, float(ok.mean()) * 100),
-        ("requests", float(fast.requests[hrs].sum()), float(requests)),
+        ("requests", float(o.requests[hrs].sum()), float(requests)),
         ("seconds", fast_s, ref_s),
     ]
     df = pd.DataFrame(rows, columns=["figure", "fast", "reference"])

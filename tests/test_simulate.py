@@ -137,10 +137,14 @@ def test_arrivals_must_be_sorted() -> None:
 # ---- the fast model -----------------------------------------------------------------------------
 
 
-def test_a_serving_table_reads_energy_and_distributions_by_rate() -> None:
+def toy_traffic(n: int) -> Traffic:
+    """``n`` requests spread over the hour: prompts of 10-200 tokens, answers of 1-30."""
     rng = np.random.default_rng(0)
-    traffic = Traffic(rng.uniform(0, 3600, 2000), rng.integers(10, 200, 2000),
-                      rng.integers(1, 30, 2000))  # fmt: skip
+    return Traffic(rng.uniform(0, 3600, n), rng.integers(10, 200, n), rng.integers(1, 30, n))
+
+
+def test_a_serving_table_reads_energy_and_distributions_by_rate() -> None:
+    traffic = toy_traffic(2000)
     table = ServingTable.build(ENGINE, traffic, slo_ttft_s=0.5, slo_tpot_s=0.05,
                                grid_requests=20_000)  # fmt: skip
     assert table.capacity_rps > 0
@@ -148,7 +152,7 @@ def test_a_serving_table_reads_energy_and_distributions_by_rate() -> None:
     assert (np.diff(table.energy_j_per_h) > 0).all()  # more requests, more energy
     # past the last rate, each request costs what it costs there
     top = table.rates_rps[-1]
-    e2 = table.at(np.array([2 * top]), table.energy_j_per_h)[0]
+    e2 = table.energy_at(np.array([2 * top]))[0]
     assert e2 == pytest.approx(2 * table.energy_j_per_h[-1])
     # at capacity, the attainment it was defined by (the bisection stops within 2 %)
     gw = table.grid_weights(np.array([table.capacity_rps]), np.array([1000.0]))
@@ -373,9 +377,7 @@ def test_scaling_to_zero_never_loses_the_requests_of_a_quiet_day_after(
 
 def test_a_replica_that_meets_any_slo_has_its_throughput_as_capacity() -> None:
     # SLOs no replica can miss: the capacity search stops at what the replica can process
-    rng = np.random.default_rng(0)
-    traffic = Traffic(rng.uniform(0, 3600, 500), rng.integers(10, 200, 500),
-                      rng.integers(1, 30, 500))  # fmt: skip
+    traffic = toy_traffic(500)
     table = ServingTable.build(ENGINE, traffic, slo_ttft_s=1e9, slo_tpot_s=1e9,
                                grid_requests=5_000)  # fmt: skip
     prefill_bound = 1 / (ENGINE.prefill_s_per_token * traffic.mean_prompt)

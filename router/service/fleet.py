@@ -50,7 +50,7 @@ import numpy as np
 
 from forecasting.energy import GPUS, EnergyModelError, canonical_gpu
 from forecasting.errors import CarbonSourceError, ForecastingError
-from regions.config import Region
+from regions.config import Region, Replica, Scaling
 from router.billing import PriceError
 from router.errors import CarbonUnavailable
 from router.policy import score
@@ -81,6 +81,18 @@ class RegionPlan:
     held: str | None = None
 
 
+def standby_w(rep: Replica, sc: Scaling | None) -> float:
+    """Watts a replica that is switched off still draws: ``scaling.standby_w_per_gpu`` or
+    its GPU type's default, times its GPUs; a stopped CPU replica draws nothing of its own.
+    Raises EnergyModelError for a GPU type without a default."""
+    if rep.gpu.type == "cpu":
+        return 0.0
+    per_gpu = sc.standby_w_per_gpu if sc is not None else None
+    if per_gpu is None:
+        per_gpu = GPUS[canonical_gpu(rep.gpu.type)].standby_w
+    return per_gpu * rep.gpu.count
+
+
 def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float) -> RegionFleet:
     """The region as the policy sees it (its replicas' mean figures). A replica's capacity is
     ``scaling.capacity_rps``, else what its model gives a reference request
@@ -105,17 +117,10 @@ def region_fleet(region: Region, states: list[ReplicaState], prior_tokens: float
             )
         else:
             raise ValueError(f"replica {rep.name} has no replica model: set scaling.capacity_rps")
-        per_gpu = sc.standby_w_per_gpu if sc is not None else None
-        if rep.gpu.type == "cpu":
-            per_gpu = 0.0  # a stopped CPU replica draws nothing of its own
-        elif per_gpu is None:
-            try:
-                per_gpu = GPUS[canonical_gpu(rep.gpu.type)].standby_w
-            except EnergyModelError as e:
-                raise ValueError(
-                    f"replica {rep.name}: {e}; or set scaling.standby_w_per_gpu"
-                ) from e
-        standby.append(per_gpu * rep.gpu.count)
+        try:
+            standby.append(standby_w(rep, sc))
+        except EnergyModelError as e:
+            raise ValueError(f"replica {rep.name}: {e}; or set scaling.standby_w_per_gpu") from e
     scalable = sc is not None and sc.scalable
     return RegionFleet(
         name=region.name,
