@@ -299,3 +299,98 @@ async def fake_openai() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     finally:
         await runner.cleanup()
+
+
+# ---- an OpenAI-compatible server that gives one answer whole or streamed -----------------------
+
+USAGE_MODES = ("final", "last_choice", "cumulative", "none")
+
+
+@dataclass
+class Scripted:
+    """What :func:`scripted_openai` answers: ``pieces`` of text (one SSE chunk each when
+    streamed, joined when whole), with ``prompt_tokens`` and one completion token a piece as
+    its usage, reported as ``usage`` says:
+
+    - ``final``: OpenAI's way, an event of its own (``"choices": []``) before ``[DONE]`` when
+      the request asked for it (``stream_options.include_usage``), and on a whole answer;
+    - ``last_choice``: on the chunk that carries ``finish_reason`` (TGI, older llama.cpp);
+    - ``cumulative``: running totals on every chunk (some vLLM versions with continuous usage
+      stats), the last one the whole stream's;
+    - ``none``: never, neither whole nor streamed.
+
+    ``pause_s`` is waited between chunks. ``bodies`` records what it was asked, ``cut`` counts
+    the streams their client hung up on."""
+
+    pieces: list[str]
+    prompt_tokens: int = 9
+    usage: str = "final"
+    pause_s: float = 0.0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    cut: int = 0
+
+    def counts(self, k: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": k,
+                "total_tokens": self.prompt_tokens + k}  # fmt: skip
+
+
+@asynccontextmanager
+async def scripted_openai(script: Scripted) -> AsyncIterator[str]:
+    """A loopback OpenAI-compatible server (chat and text completions) that answers ``script``
+    whole or streamed, the same answer either way: its base URL (.../v1)."""
+    if script.usage not in USAGE_MODES:
+        raise ValueError(f"usage must be one of {USAGE_MODES}")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        script.bodies.append(body)
+        chat = request.path.endswith("/chat/completions")
+        n = len(script.pieces)
+        if not body.get("stream"):
+            text = "".join(script.pieces)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            whole: dict[str, Any] = {"id": "x", "object": "chat.completion" if chat else
+                                     "text_completion", "choices": [choice]}  # fmt: skip
+            if script.usage != "none":
+                whole["usage"] = script.counts(n)
+            return web.json_response(whole)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        for k, piece in enumerate(script.pieces, 1):
+            choice = {"index": 0, "finish_reason": "stop" if k == n else None}
+            if chat:
+                choice["delta"] = {"content": piece}
+            else:
+                choice["text"] = piece
+            event: dict[str, Any] = {"id": "x", "object": obj, "choices": [choice]}
+            if script.usage == "cumulative" or (script.usage == "last_choice" and k == n):
+                event["usage"] = script.counts(k)
+            try:
+                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                if script.pause_s:
+                    await asyncio.sleep(script.pause_s)
+            except ConnectionResetError:  # the router hung up: it stopped the generation
+                script.cut += 1
+                return resp
+        asked = (body.get("stream_options") or {}).get("include_usage")
+        if script.usage == "final" and asked:
+            end = {"id": "x", "object": obj, "choices": [], "usage": script.counts(n)}
+            await resp.write(f"data: {json.dumps(end)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()

@@ -21,6 +21,7 @@ from router.service.app import RouterService
 from router.service.fakes import FakeReplicaClient, LedgerSink, StaticCarbonSource
 from router.service.fleet import Targets
 from router.service.ports import LoadSource
+from router.service.proxied import ProxiedMetering
 
 DEMO = {"Authorization": "Bearer sk-local-demo"}
 ADMIN = {"Authorization": "Bearer sk-local-admin"}
@@ -94,17 +95,20 @@ async def service_kit(
     fleet_targets: Targets | None = None,
     predictor: EnergyPredictor | None = None,
     loads: Sequence[LoadSource | None] | None = None,
+    sink: LedgerSink | None = None,
+    proxied: ProxiedMetering | None = None,
 ) -> AsyncIterator[Kit]:
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
     static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
     ``fleet_targets`` where its counts go; ``loads``: the replicas' load sources (polled when a
-    test calls ``service.loads``)."""
+    test calls ``service.loads``); ``sink``: the ledger (made beside the config when not
+    given); ``proxied``: the metering of proxied replicas, which hands them their bills."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
                               ("eu-north-0", "eu-central-0", "us-south-0")])  # fmt: skip
     predictor = predictor or EnergyPredictor()
-    sink = LedgerSink(tmp / "ledger.sqlite")
+    sink = sink or LedgerSink(tmp / "ledger.sqlite")
     source = source or StaticCarbonSource(INTENSITY, profile=profile)
     service = RouterService(
         cfg,
@@ -118,6 +122,7 @@ async def service_kit(
         fleet_targets=fleet_targets,
         predictor=predictor,
         loads=loads,
+        proxied=proxied,
     )
     api = make_api()
     api.state.service = service
