@@ -5,8 +5,8 @@ timeout on every call.
 Token counts are the server's: the ``usage`` of a whole answer, and on a stream the usage event
 the server ends it with when asked (``stream_options.include_usage``, sent unless
 ``stream_usage=False``, for a server that refuses it). Before the server answers, and where it
-reports nothing usable, prompt tokens are estimated (4 chars/token) and each chunk of output
-counts one token."""
+reports nothing usable, they are estimated from the text (:func:`estimate_tokens`, 4 chars a
+token), the prompt's and the answer's, the same way streamed or whole."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 1 << 20  # one SSE line; past it the server is not streaming tokens
 MAX_REPORTED_TOKENS = 10_000_000  # more than any context window: past it, a server's nonsense
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """The tokens of ``text`` where no server counted them: 4 characters a token, at least one
+    for any text. The one estimate of a whole answer and of a stream, so that the same answer
+    bills the same tokens either way."""
+    return max(1, len(text) // CHARS_PER_TOKEN) if text else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +89,7 @@ class OpenAIBackend(Backend):
 
     async def prompt_tokens(self, request: CompletionRequest) -> int:
         text = request.prompt or "".join(m["content"] for m in request.messages or [])
-        return max(1, len(text) // 4)
+        return max(1, estimate_tokens(text))
 
     def _body(self, request: CompletionRequest, stream: bool) -> tuple[bytes, dict[str, Any]]:
         chat = request.messages is not None

@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from regions.backends import CompletionRequest
 from regions.openai_backend import OpenAIBackend
 from router.http.completions import sse_events
 from router.http.wire import parse_body
 from router.ledger import LedgerRow
 from router.metering.remote import AwaitingBills
 from router.service.fakes import FakeReplicaClient, LedgerSink
+from router.service.ports import Final
 from router.service.proxied import ProxiedMetering, ProxiedReplica, TimelineBatch
 from tests.fake_apis import USAGE_MODES, Scripted, scripted_openai
 from tests.service_kit import CONFIG, DEMO, Kit, service_kit
@@ -226,7 +230,7 @@ def estimated_tokens(text: str) -> int:
     return max(1, len(text) // 4) if text else 0
 
 
-@pytest.mark.parametrize("usage", [m for m in USAGE_MODES if m != "none"])
+@pytest.mark.parametrize("usage", USAGE_MODES)
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
 async def test_proxied_a_stream_and_a_whole_answer_bill_alike(
     tmp_path: Path, chat: bool, usage: str
@@ -257,6 +261,46 @@ async def test_proxied_a_stream_and_a_whole_answer_bill_alike(
     if usage == "final":
         streamed_body = next(b for b in script.bodies if b["stream"])
         assert streamed_body["stream_options"] == {"include_usage": True}
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]),
+                            min_size=1, max_size=12), min_size=1, max_size=10),
+    usage=st.sampled_from(USAGE_MODES),
+    chat=st.booleans(),
+)  # fmt: skip
+def test_property_a_proxied_answer_counts_the_same_streamed_or_whole(
+    tmp_path: Path, pieces: list[str], usage: str, chat: bool
+) -> None:
+    """Whatever the answer's pieces and however the server reports usage, the replica's
+    Final has the same counts for the stream as for the whole answer."""
+
+    async def both() -> tuple[Final, Final]:
+        script = Scripted(pieces, prompt_tokens=5, usage=usage)
+        async with scripted_openai(script) as url:
+            backend = OpenAIBackend(url, "m")
+            metering = ProxiedMetering([0], LedgerSink(tmp_path / "unused.sqlite"))
+            replica = ProxiedReplica(0, "r", backend, metering)
+            request = CompletionRequest(
+                messages=[{"role": "user", "content": QUESTION}] if chat else None,
+                prompt=None if chat else QUESTION,
+            )
+            whole = (await replica.complete("w", request)).final
+            items = [i async for i in replica.stream("s", request)]
+            await backend.aclose()
+        last = items[-1]
+        assert isinstance(last, Final)
+        return whole, last
+
+    whole, streamed = asyncio.run(both())
+    assert (whole.prompt_tokens, whole.completion_tokens) == (
+        streamed.prompt_tokens, streamed.completion_tokens,
+    )  # fmt: skip
+    if usage != "none":
+        assert (streamed.prompt_tokens, streamed.completion_tokens) == (5, len(pieces))
 
 
 # ---- cut streams: billed once, for what was sent -------------------------------------------------

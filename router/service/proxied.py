@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from regions.backends import BackendError, BackendRefused, CompletionRequest
-from regions.openai_backend import OpenAIBackend
+from regions.openai_backend import OpenAIBackend, estimate_tokens
 from router.errors import ReplicaFailed, UpstreamRefused
 from router.metering.remote import AwaitingBills, MeterEvent, timeline
 from router.service.ports import Answer, BillSink, Chunk, Final, StreamItem
@@ -143,8 +143,9 @@ class ProxiedReplica:
         return ReplicaFailed(str(e), replica=self.name)
 
     async def complete(self, request_id: str, request: CompletionRequest) -> Answer:
-        """One non-streamed call: the server counts the tokens; they are spread evenly over
-        its duration on the timeline."""
+        """One non-streamed call: the server counts the tokens (where it reports none, they
+        are estimated from the text, as for a stream); they are spread evenly over its
+        duration on the timeline."""
         started, wall0 = datetime.now(UTC), time.time()
         try:
             ans = await self.backend.answer(request)
@@ -156,7 +157,7 @@ class ProxiedReplica:
             prompt = await self.backend.prompt_tokens(request)
         completion = ans.completion_tokens
         if completion is None:
-            completion = max(1, len(ans.text) // 4) if ans.text else 0
+            completion = estimate_tokens(ans.text)
         self.metering.whole(self.index, request_id, wall0, wall1, prompt, completion)
         final = Final(prompt, completion, started, datetime.now(UTC))
         return Answer(ans.text, ans.finish_reason, final)
@@ -166,15 +167,16 @@ class ProxiedReplica:
     ) -> AsyncIterator[StreamItem]:
         """The server's stream. Its :class:`Final` has the token counts the server reported at
         the end (its usage event, asked for unless the backend's ``stream_usage`` is off);
-        where it reported none, or nonsense, the prompt is estimated (4 characters a token)
-        and each chunk of output counts one token. The timeline keeps those estimates (its
-        start is sent before the server has counted anything): they only split the meter's
-        readings between requests. A stream cut before its end has no Final; the caller bills
-        it by estimate."""
+        where it reported none, or nonsense, they are estimated from the text, the prompt's
+        and the answer's, exactly as for the same answer whole
+        (:func:`regions.openai_backend.estimate_tokens`): the same request bills the same
+        tokens streamed or not. The timeline counts one token a chunk (its start is sent
+        before the server has counted anything): it only splits the meter's readings between
+        requests. A stream cut before its end has no Final; the caller bills it by estimate."""
         i, metering = self.index, self.metering
         started, wall0 = datetime.now(UTC), time.time()
         prompt = await self.backend.prompt_tokens(request)  # an estimate
-        completion, begun = 0, False
+        begun, text = False, list[str]()  # the answer's text, for its estimate
         reported: tuple[int | None, int | None] = (None, None)  # the server's (prompt, completion)
         try:
             async for batch in self.backend.stream_batches(request):
@@ -182,8 +184,8 @@ class ProxiedReplica:
                     metering.started(i, request_id, wall0, prompt)
                     begun = True
                 if n_batch := sum(c.n_tokens for c in batch.chunks):  # merged until the next send
-                    completion += n_batch
                     metering.tokens(i, request_id, n_batch)
+                text += (c.text for c in batch.chunks)
                 if batch.last:
                     reported = batch.prompt_tokens, batch.completion_tokens
                 # what arrived together leaves together: one write for the whole batch (with
@@ -197,7 +199,7 @@ class ProxiedReplica:
         server_prompt, server_completion = reported
         yield Final(
             prompt if server_prompt is None else server_prompt,
-            completion if server_completion is None else server_completion,
+            estimate_tokens("".join(text)) if server_completion is None else server_completion,
             started,
             datetime.now(UTC),
         )
