@@ -32,7 +32,7 @@ from router.http.wire import parse_body
 from router.ledger import LedgerRow
 from router.metering.remote import AwaitingBills
 from router.service.fakes import FakeReplicaClient, LedgerSink
-from router.service.ports import Final
+from router.service.ports import Chunk, Final, StreamItem
 from router.service.proxied import ProxiedMetering, ProxiedReplica, TimelineBatch
 from tests.fake_apis import USAGE_MODES, Scripted, scripted_openai
 from tests.service_kit import CONFIG, DEMO, Kit, service_kit
@@ -360,3 +360,46 @@ async def test_proxied_a_cut_stream_is_billed_once_for_what_it_was_sent(
         assert_billed_once(px.kit, [row])
         await asyncio.sleep(0.2)
         assert script.cut == 1  # the server saw the hang-up: it stopped generating
+
+
+# ---- a stream that ends without its figures is billed for what was sent, not 0 tokens -----------
+
+
+class Unfinished(FakeReplicaClient):
+    """A replica whose stream ends without its :class:`Final` (a broken deployment, a proxy
+    that drops the end): the client got its text all the same."""
+
+    async def stream(
+        self, request_id: str, request: CompletionRequest
+    ) -> AsyncIterator[StreamItem]:
+        async for item in super().stream(request_id, request):
+            if isinstance(item, Chunk):
+                yield item
+
+
+async def test_a_stream_that_ends_without_its_figures_is_billed_for_what_it_sent(
+    tmp_path: Path,
+) -> None:
+    fakes = [Unfinished(n, words=PIECES) for n in NAMES]
+    async with service_kit(tmp_path, replicas=fakes, config=BUDGETED) as kit:
+        streamed = await ask(kit, chat=True, stream=True)
+        assert streamed.text == "".join(PIECES)
+        (row,) = await until_rows(kit, 1)
+        assert row.energy_source == "estimated"
+        assert (row.prompt_tokens, row.completion_tokens) == (len(QUESTION) // 4, len(PIECES))
+        assert row.kwh_billed > 0 and row.cost_usd > 0
+        assert_usage_is_the_row(streamed.usage, row)
+        # collected whole (a batch line that asked for a stream): the same bill
+        svc = kit.service
+        parsed = parse_body(json.dumps(body_of(chat=True, stream=True)).encode(), chat=True)
+        admitted = await svc.completions.admit(svc.authenticate(DEMO["Authorization"]), parsed)
+        pref = svc.live.router.preference(None)
+        started = await svc.completions.start(
+            "job-x", "demo", parsed, admitted.cands, pref, hold=admitted.hold
+        )
+        done = await svc.completions.collect(started, "job-x", "demo", parsed)
+        collected = kit.sink.ledger.get("job-x")
+        assert collected is not None and done.text == "".join(PIECES)
+        assert_same_bill(row, collected)
+        assert_usage_is_the_row(done.usage, collected)
+        assert_billed_once(kit, [row, collected])

@@ -228,6 +228,7 @@ class Completions:
         text: list[str] = []
         finish: str | None = None
         final: Final | None = None
+        began = datetime.now(UTC)
         try:
             if started.answer is not None:
                 text, finish = [started.answer.text], started.answer.finish_reason
@@ -244,6 +245,8 @@ class Completions:
                     item = await anext(stream, None)
         finally:
             router.states[started.index].active -= 1
+        if final is None:  # the stream ended without its figures: bill what it produced
+            final = unfinished(parsed, began, sum(1 for t in text if t))
         usage = await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
         return Collected("".join(text), finish or "stop", usage)
 
@@ -293,6 +296,16 @@ class Completions:
             raise
         finally:
             st.active -= 1
+        if final is None:  # the stream ended without its figures: bill what was sent
+            final = unfinished(parsed, begun, produced)
         yield Settled(
             await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
         )
+
+
+def unfinished(parsed: ParsedRequest, began: datetime, produced: int) -> Final:
+    """The figures of a stream that ended without its :class:`Final` (a replica that broke
+    the contract of :class:`ReplicaClient`): its prompt estimated, one token a piece of output
+    it produced, the energy predicted. Never 0 tokens for an answer the client got."""
+    log.warning("a stream ended without its figures: billing %d pieces by estimate", produced)
+    return Final(parsed.prompt_estimate(), produced, began, datetime.now(UTC))
