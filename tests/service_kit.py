@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from forecasting.energy import EnergyPredictor
 from router.http.app import make_api
@@ -69,6 +70,10 @@ ledger: ledger.sqlite
 """
 )
 
+_DEMO_KEY = "api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]"
+# CONFIG with a budget for the demo tenant that it never reaches: its spend is counted per bill
+BUDGETED = CONFIG.replace(_DEMO_KEY, _DEMO_KEY + "\n    budget: {period: day, kwh: 1000.0}", 1)
+
 INTENSITY = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
 
 
@@ -81,6 +86,22 @@ class Kit:
 
     def rows(self) -> list[Any]:
         return self.sink.ledger.tenant_rows(None)
+
+    def assert_billed_once(self, rows: Sequence[Any]) -> None:
+        """The ledger holds ``rows`` and nothing else, and the demo tenant's budget (with
+        ``BUDGETED``) and the ``/metrics`` energy total counted each of them once: a second
+        bill of a request id, which the ledger skips, shows there."""
+        assert sorted(r.request_id for r in self.rows()) == sorted(r.request_id for r in rows)
+        kwh = sum(r.kwh_billed for r in rows)
+        spend = self.service.live.budgets.spend.get("demo")
+        assert spend is not None and spend.kwh == pytest.approx(kwh, rel=1e-9)
+        metered = sum(
+            s.value
+            for m in self.service.metrics.energy_total.collect()
+            for s in m.samples
+            if s.name == "router_energy_kwh_total"
+        )
+        assert metered == pytest.approx(kwh, rel=1e-9)
 
 
 @asynccontextmanager

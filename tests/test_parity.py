@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +35,9 @@ from router.service.fakes import FakeReplicaClient, LedgerSink
 from router.service.ports import Chunk, Final, StreamItem
 from router.service.proxied import ProxiedMetering, ProxiedReplica, TimelineBatch
 from tests.fake_apis import USAGE_MODES, Scripted, scripted_openai
-from tests.service_kit import CONFIG, DEMO, Kit, service_kit
+from tests.service_kit import BUDGETED, DEMO, Kit, service_kit
 
 NAMES = ("eu-north-0", "eu-central-0", "us-south-0")
-DEMO_KEY = "api_key_sha256: [4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f]"
-# the demo tenant with a budget it never reaches: its spend is counted per bill
-BUDGETED = CONFIG.replace(DEMO_KEY, DEMO_KEY + "\n    budget: {period: day, kwh: 1000.0}", 1)
 QUESTION = "Name two red fruits, please."
 # six chunks, 42 characters: one token a chunk and 4 characters a token disagree
 PIECES = ["Strawberries", " and", " raspberries", " are", " both", " red."]
@@ -86,26 +83,6 @@ async def ask(kit: Kit, *, chat: bool, stream: bool, include_usage: bool = True)
         assert len(usages) == 1 and events[-1]["choices"] == []  # it ends the stream
     parts = [c["delta"]["content"] if chat else c["text"] for e in events for c in e["choices"]]
     return Asked(events[0]["id"], "".join(parts), usages[0] if usages else None)
-
-
-def spend_kwh(kit: Kit) -> float:
-    return kit.service.live.budgets.spend["demo"].kwh
-
-
-def metered_kwh(kit: Kit) -> float:
-    total = kit.service.metrics.registry.get_sample_value(
-        "router_energy_kwh_total", {"region": "eu-north"}
-    )
-    return total or 0.0
-
-
-def assert_billed_once(kit: Kit, rows: Sequence[LedgerRow]) -> None:
-    """The ledger holds ``rows`` and nothing else, and the budget and /metrics counted each
-    of them once."""
-    assert sorted(r.request_id for r in kit.rows()) == sorted(r.request_id for r in rows)
-    kwh = sum(r.kwh_billed for r in rows)
-    assert spend_kwh(kit) == pytest.approx(kwh, rel=1e-9)
-    assert metered_kwh(kit) == pytest.approx(kwh, rel=1e-9)
 
 
 def assert_same_bill(a: LedgerRow, b: LedgerRow) -> None:
@@ -159,7 +136,7 @@ async def test_in_process_a_stream_and_a_whole_answer_bill_alike(
         assert_usage_is_the_row(streamed.usage, b)
         assert whole.usage["energy_source"] == streamed.usage["energy_source"] == a.energy_source  # type: ignore[index]
         assert quiet.usage is None  # not asked for; billed all the same
-        assert_billed_once(kit, [a, b, c])
+        kit.assert_billed_once([a, b, c])
 
 
 # ---- proxied: the server's counts, the same whether it streamed or not ---------------------------
@@ -257,7 +234,7 @@ async def test_proxied_a_stream_and_a_whole_answer_bill_alike(
             # the replica's deployment was handed the same counts to price its measurement
             template = px.deployment.bills[row.request_id]
             assert (template["prompt_tokens"], template["completion_tokens"]) == expected
-        assert_billed_once(kit, [a, b])
+        kit.assert_billed_once([a, b])
     if usage == "final":
         streamed_body = next(b for b in script.bodies if b["stream"])
         assert streamed_body["stream_options"] == {"include_usage": True}
@@ -337,7 +314,7 @@ async def test_in_process_a_cut_stream_is_billed_once_for_what_it_was_sent(
         assert row.request_id == "cmpl-cut" and row.energy_source == "estimated"
         assert row.completion_tokens == 1  # the one chunk it was sent
         assert kit.replicas["eu-north-0"].closed == ["cmpl-cut"]  # generation stopped
-        assert_billed_once(kit, [row])
+        kit.assert_billed_once([row])
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
@@ -357,7 +334,7 @@ async def test_proxied_a_cut_stream_is_billed_once_for_what_it_was_sent(
         assert row.request_id == "cmpl-cut" and row.energy_source == "estimated"
         assert row.completion_tokens == 1  # the server's usage never came: one chunk sent
         assert row.prompt_tokens == len(QUESTION) // 4
-        assert_billed_once(px.kit, [row])
+        px.kit.assert_billed_once([row])
         await asyncio.sleep(0.2)
         assert script.cut == 1  # the server saw the hang-up: it stopped generating
 
@@ -402,4 +379,4 @@ async def test_a_stream_that_ends_without_its_figures_is_billed_for_what_it_sent
         assert collected is not None and done.text == "".join(PIECES)
         assert_same_bill(row, collected)
         assert_usage_is_the_row(done.usage, collected)
-        assert_billed_once(kit, [row, collected])
+        kit.assert_billed_once([row, collected])
