@@ -118,12 +118,15 @@ async def service_kit(
     loads: Sequence[LoadSource | None] | None = None,
     sink: LedgerSink | None = None,
     proxied: ProxiedMetering | None = None,
+    jobs: JobStore | None = None,
 ) -> AsyncIterator[Kit]:
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
     static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
     ``fleet_targets`` where its counts go; ``loads``: the replicas' load sources (polled when a
     test calls ``service.loads``); ``sink``: the ledger (made beside the config when not
-    given); ``proxied``: the metering of proxied replicas, which hands them their bills."""
+    given); ``proxied``: the metering of proxied replicas, which hands them their bills;
+    ``jobs``: the job store (``jobs.sqlite`` beside the config when not given). A second kit on
+    the same folder is a fresh service on the same ledger and job store."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
@@ -136,7 +139,7 @@ async def service_kit(
         replicas=fakes,
         sink=sink,
         ledger=sink,
-        jobs=JobStore(tmp / "jobs.sqlite"),
+        jobs=jobs or JobStore(tmp / "jobs.sqlite"),
         wire=OpenAIWire(),
         sources=lambda c, base: {"grid": source},
         clock=clock,

@@ -274,8 +274,8 @@ async def test_a_deferred_job_is_checked_against_the_budget_when_it_runs(tmp_pat
 
 
 async def test_a_batch_over_the_budget_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    line = json.dumps({"custom_id": "q", "body": chat()})
-    jsonl = ("\n".join([line] * 20) + "\n").encode()
+    lines = [json.dumps({"custom_id": f"q{k}", "body": chat()}) for k in range(20)]
+    jsonl = ("\n".join(lines) + "\n").encode()
     async with service_kit(tmp_path) as kit:
         per = await per_request_kwh(kit)
         kit.service.live.budgets.limits["demo"] = Budget(period="month", kwh=3.5 * per)
@@ -661,9 +661,9 @@ async def test_batch_uploads_and_line_counts_are_capped(tmp_path: Path) -> None:
 
 
 async def test_a_large_batch_does_not_stall_the_event_loop(tmp_path: Path) -> None:
-    line = json.dumps({"custom_id": "a", "body": chat()}).encode()
+    lines = [json.dumps({"custom_id": f"a{k}", "body": chat()}).encode() for k in range(2000)]
     async with service_kit(tmp_path) as kit:
-        up = await upload(kit, b"\n".join([line] * 2000))
+        up = await upload(kit, b"\n".join(lines))
         async with loop_turns() as turns:
             r = await create_batch(kit, up.json()["id"])
         assert r.status_code == 200 and r.json()["request_counts"]["total"] == 2000

@@ -269,8 +269,8 @@ async def test_batch_lines_run_and_each_is_billed_once(tmp_path: Path) -> None:
 
 
 async def test_a_batch_with_a_bad_line_is_refused_whole(tmp_path: Path) -> None:
-    good = json.dumps({"custom_id": "ok", "body": chat()})
-    jsonl = f'{good}\n{good}\n{{"custom_id": "bad", "body": {{"model": 3}}}}\n'.encode()
+    good = [json.dumps({"custom_id": f"ok-{k}", "body": chat()}) for k in (1, 2)]
+    jsonl = f'{good[0]}\n{good[1]}\n{{"custom_id": "bad", "body": {{"model": 3}}}}\n'.encode()
     async with service_kit(tmp_path) as kit:
         up = await upload(kit, jsonl)
         r = await create_batch(kit, up.json()["id"])

@@ -67,7 +67,8 @@ class Batches:
         self, caller: Caller, input_file_id: Any, endpoint: Any, window: Any
     ) -> dict[str, Any]:
         """Plan every line of the caller's ``input_file_id``; all lines are stored with the
-        batch in one transaction, or none (a bad line refuses the batch, naming the line)."""
+        batch in one transaction, or none (a bad line refuses the batch, naming the line; so
+        does a ``custom_id`` another line has: a line without one is ``line-N``)."""
         if endpoint not in ENDPOINTS:
             raise RequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
         if not (
@@ -98,6 +99,7 @@ class Batches:
         pref = router.preference(header)
         jobs: list[Job] = []
         custom_ids: list[str] = []
+        line_of: dict[str, int] = {}  # custom_id -> the line that has it
         predicted: list[Candidates] = []
         for k, (n, line) in enumerate(lines):
             if k % YIELD_EVERY == YIELD_EVERY - 1:
@@ -106,6 +108,15 @@ class Batches:
                 item = orjson.loads(line)
                 if not isinstance(item, dict) or not isinstance(item.get("body"), dict):
                     raise ValueError("a line must be an object with a 'body' object")
+                # each output line answers one input line: two lines with one custom_id could
+                # not be told apart (nor billed apart by the client)
+                custom_id = str(item.get("custom_id", f"line-{n}"))
+                if custom_id in line_of:
+                    raise ValueError(
+                        f"custom_id {custom_id!r} is also the custom_id of line "
+                        f"{line_of[custom_id]}; each line needs its own"
+                    )
+                line_of[custom_id] = n
                 raw = orjson.dumps(item["body"])
                 parsed = self.wire.parse(raw, chat=chat)
                 if parsed.model not in router.models:
@@ -122,7 +133,7 @@ class Batches:
             )
             assert job is not None  # forced
             jobs.append(job)
-            custom_ids.append(str(item.get("custom_id", f"line-{n}")))
+            custom_ids.append(custom_id)
         # the whole batch must fit the tenant's budget now; each line is checked again when it
         # runs (others may have spent it meanwhile)
         await self.deferral.completions.settlement.check(caller.tenant, predicted)
