@@ -1,9 +1,12 @@
 """Deferred jobs: requests that may wait (``defer`` in the preference) and run later in the
 planned region. The store is SQLite (WAL, durable on write), so planned jobs survive restarts.
 
-Statuses: ``scheduled`` -> ``running`` -> ``completed`` | ``failed``. A job found ``running``
-after a restart is scheduled again (it was never billed: billing happens on completion, once,
-by request id).
+Statuses: ``scheduled`` -> ``running`` -> ``completed`` | ``failed``. A runner claims a due
+job for a lease (:attr:`JobStore.lease_s`, 60 s) that it renews while the job runs: several
+ingresses share one store, and one that starts, or restarts, leaves the jobs another is running
+alone. A job whose runner died (its lease ran out) is claimed again, under the same id: its
+bill is the ledger's row of that id, once (see :meth:`router.service.deferral.Deferral.run`).
+Only the runner holding a job's claim stores its result.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import contextlib
 import json
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +45,12 @@ class Job:
     result: dict[str, Any] | None = None
     error: str | None = None
     preference: str | None = None  # the X-Carbon-Preference it came with, applied when it runs
+    claim: str | None = None  # the running attempt's token: only it may store the result
+    lease_until: str | None = None  # when a running job's claim runs out unless renewed
 
     def public(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("body", "preference")}
+        hidden = ("body", "preference", "claim", "lease_until")
+        out = {k: v for k, v in self.__dict__.items() if k not in hidden}
         out["object"] = "job"
         return out
 
@@ -70,7 +77,10 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 # v2: a job keeps the preference it came with (its regions above all) for when it runs
 _V1_TO_V2 = "ALTER TABLE jobs ADD COLUMN preference TEXT"
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2}  # from version k to k + 1
+# v3: a running job is claimed for a lease (a job running when v3 first opens the store has
+# none: it is claimed again at once, as every running job was on a restart before)
+_V2_TO_V3 = "ALTER TABLE jobs ADD COLUMN claim TEXT; ALTER TABLE jobs ADD COLUMN lease_until TEXT"
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3}  # from version k to k + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -99,13 +109,18 @@ class Batch:
     output_file_id: str | None = None
 
 
+LEASE_S = 60.0  # a claimed job's lease; its runner renews it well before it runs out
+
+
 class JobStore:
     """Jobs, files and batches in one SQLite file. Writes are durable when they return
     (``synchronous=FULL``); a store that cannot be opened, migrated or written raises
-    :class:`JobError` naming its file."""
+    :class:`JobError` naming its file. ``lease_s``: how long a claim on a due job holds
+    unless renewed (:meth:`renew`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, lease_s: float = LEASE_S) -> None:
         self.path = Path(path)
+        self.lease_s = lease_s
         try:
             self._db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30.0
@@ -117,8 +132,6 @@ class JobStore:
             raise JobError(f"{self.path}: cannot open the job store: {e}") from e
         self._lock = threading.Lock()
         self._migrate()
-        with self._write():  # jobs interrupted by a restart run again (they were not billed)
-            self._db.execute("UPDATE jobs SET status='scheduled' WHERE status='running'")
 
     @property
     def schema_version(self) -> int:
@@ -171,40 +184,77 @@ class JobStore:
         return _job(row) if row else None
 
     def due(self, now: datetime, limit: int = 16) -> list[Job]:
-        """Claim up to ``limit`` scheduled jobs whose start time has come (marks them running)."""
+        """Claim up to ``limit`` jobs, marked running, each under a claim of its own leased
+        until ``now`` + :attr:`lease_s`: the scheduled ones whose start time has come, and the
+        running ones whose lease ran out (their runner died)."""
+        at = now.astimezone(UTC).isoformat()
+        until = (now + timedelta(seconds=self.lease_s)).astimezone(UTC).isoformat()
+        claimed: list[Job] = []
         with self._write():
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status='scheduled' AND start_at <= ? ORDER BY start_at "
-                "LIMIT ?",
-                (now.astimezone(UTC).isoformat(), limit),
+                "SELECT * FROM jobs WHERE (status='scheduled' AND start_at <= ?) OR "
+                "(status='running' AND (lease_until IS NULL OR lease_until < ?)) "
+                "ORDER BY start_at LIMIT ?",
+                (at, at, limit),
             ).fetchall()
             for r in rows:
-                self._db.execute("UPDATE jobs SET status='running' WHERE id=?", (r["id"],))
-        return [_job(r) for r in rows]
+                claim = uuid.uuid4().hex
+                self._db.execute(
+                    "UPDATE jobs SET status='running', claim=?, lease_until=? WHERE id=?",
+                    (claim, until, r["id"]),
+                )
+                claimed.append(replace(_job(r), status="running", claim=claim, lease_until=until))
+        return claimed
 
-    def finish(self, job_id: str, *, result: dict[str, Any] | None, error: str | None) -> None:
+    def renew(self, claims: dict[str, str], now: datetime) -> None:
+        """Extend the leases of the running jobs ``claims`` names (job id -> claim) to
+        ``now`` + :attr:`lease_s`; a job claimed by another runner meanwhile is left alone."""
+        if not claims:
+            return
+        until = (now + timedelta(seconds=self.lease_s)).astimezone(UTC).isoformat()
+        with self._write():
+            self._db.executemany(
+                "UPDATE jobs SET lease_until=? WHERE id=? AND claim=? AND status='running'",
+                [(until, job_id, claim) for job_id, claim in claims.items()],
+            )
+
+    def finish(
+        self,
+        job_id: str,
+        *,
+        result: dict[str, Any] | None,
+        error: str | None,
+        claim: str | None = None,
+    ) -> bool:
         """``completed`` with its result, or ``failed`` with why (never completed without
-        a result: an error with an empty message still fails the job)."""
+        a result: an error with an empty message still fails the job). With ``claim``, only
+        while the job is running under that claim; returns whether the job was stored."""
         failed = result is None or error is not None
         if failed and not error:
             error = "failed without a message"
         with self._write():
-            self._db.execute(
-                "UPDATE jobs SET status=?, result=?, error=? WHERE id=?",
+            cur = self._db.execute(
+                "UPDATE jobs SET status=?, result=?, error=?, lease_until=NULL WHERE id=? AND "
+                "(? IS NULL OR (claim=? AND status='running'))",
                 (
                     "failed" if failed else "completed",
                     None if failed else json.dumps(result),
                     error if failed else None,
                     job_id,
+                    claim,
+                    claim,
                 ),
             )
+        return cur.rowcount > 0
 
-    def retry_at(self, job_id: str, at: datetime) -> None:
-        """A running job that could not start (every replica full) is scheduled again."""
+    def retry_at(self, job_id: str, at: datetime, claim: str | None = None) -> None:
+        """A running job that could not start (every replica full), or whose runner stops, is
+        scheduled again (with ``claim``: only while that claim holds it)."""
         with self._write():
             self._db.execute(
-                "UPDATE jobs SET status='scheduled', start_at=? WHERE id=? AND status='running'",
-                (at.astimezone(UTC).isoformat(), job_id),
+                "UPDATE jobs SET status='scheduled', start_at=?, lease_until=NULL WHERE id=? AND "
+                "status='running' AND (? IS NULL OR claim=?)",
+                (at.astimezone(UTC).isoformat(), job_id, claim, claim),
             )
 
     def run_now(self, job_id: str, now: datetime) -> None:

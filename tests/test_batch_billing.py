@@ -268,3 +268,28 @@ async def test_a_line_retried_when_every_replica_is_full_keeps_its_request_id(
         _, out = await output(kit, batch_id)
         assert out[0]["id"] == job_id
         kit.assert_billed_once([assert_answer_is_its_bill(kit, out[0])])
+
+
+async def test_a_second_ingress_on_the_same_job_store_leaves_a_running_line_alone(
+    tmp_path: Path,
+) -> None:
+    """Two ingresses share the job store (several ingress replicas on one node); one starts
+    while the other runs a line."""
+    gate = asyncio.Event()
+    async with service_kit(tmp_path, replicas=replicas(gate=gate), config=BUDGETED) as first:
+        r = await create(first, [line("shared", "hello")])
+        batch_id = r.json()["id"]
+        await due_now(first, batch_id)
+        first.service.deferral.run_due()
+        while calls(first) < 1:
+            await asyncio.sleep(0.005)
+        async with service_kit(tmp_path, replicas=replicas(), config=BUDGETED) as second:
+            await drain(second)  # its loop claims what is due
+            assert calls(second) == 0  # the running line is the first's
+            gate.set()
+            await drain(first)
+            status, out = await output(second, batch_id)
+            assert status["request_counts"]["completed"] == 1
+            row = assert_answer_is_its_bill(second, out[0])
+            first.assert_billed_once([row])
+            assert calls(first) + calls(second) == 1  # and it ran once

@@ -30,10 +30,12 @@ def test_jobs_survive_a_restart(tmp_path: Path) -> None:
     assert claimed.id == "a" and store.get("a").status == "running"  # type: ignore[union-attr]
     store.close()  # the process dies while "a" runs
     again = JobStore(tmp_path / "j.sqlite")
-    assert again.get("a").status == "scheduled"  # type: ignore[union-attr]  # runs again
+    assert again.get("a").status == "running"  # type: ignore[union-attr]  # until its lease ends
     assert again.get("b").body["model"] == "m"  # type: ignore[union-attr]
-    (a,) = again.due(T0 + timedelta(hours=3))
-    again.finish(a.id, result={"usage": {"energy_kwh": 1e-6}}, error=None)
+    assert again.due(T0 + timedelta(hours=3)) == []
+    (a,) = again.due(T0 + timedelta(hours=3, seconds=again.lease_s + 1))  # it runs again
+    assert a.id == "a" and a.claim != claimed.claim
+    again.finish(a.id, result={"usage": {"energy_kwh": 1e-6}}, error=None, claim=a.claim)
     done = again.get("a")
     assert done is not None and done.status == "completed" and done.result
     again.run_now("b", T0)
@@ -69,3 +71,24 @@ def test_a_store_of_the_first_schema_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     assert old is not None and old.preference is None and old.status == "scheduled"
     store.add(job("k", T0))
     assert store.get("k") == job("k", T0)
+
+
+def test_a_running_job_is_left_alone_until_its_lease_runs_out(tmp_path: Path) -> None:
+    # several ingresses share a store: one that starts, or restarts, must not take the jobs
+    # another is running (each ran twice, and each was billed by both)
+    first = JobStore(tmp_path / "j.sqlite", lease_s=60.0)
+    first.add(job("a", T0))
+    (mine,) = first.due(T0)
+    second = JobStore(tmp_path / "j.sqlite", lease_s=60.0)  # another ingress starts
+    assert second.get("a").status == "running"  # type: ignore[union-attr]
+    assert second.due(T0 + timedelta(seconds=59)) == []
+    first.renew({"a": mine.claim}, T0 + timedelta(seconds=50))  # type: ignore[dict-item]
+    assert second.due(T0 + timedelta(seconds=100)) == []  # renewed until T0 + 110 s
+    (taken,) = second.due(T0 + timedelta(seconds=111))  # the first runner died
+    # the first runner, late, cannot store its answer over the job another runner holds now
+    assert not first.finish("a", result={"late": True}, error=None, claim=mine.claim)
+    first.renew({"a": mine.claim}, T0 + timedelta(seconds=112))  # type: ignore[dict-item]
+    assert second.get("a").lease_until == taken.lease_until  # type: ignore[union-attr]
+    assert second.finish("a", result={"ok": True}, error=None, claim=taken.claim)
+    done = second.get("a")
+    assert done is not None and done.status == "completed" and done.result == {"ok": True}

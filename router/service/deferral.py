@@ -36,6 +36,8 @@ class Deferral:
         self.completions = completions
         self.wire = wire
         self._running: set[asyncio.Task[None]] = set()
+        self._claims: dict[str, str] = {}  # running job id -> its claim, renewed by the loop
+        self._renewed_s = time.monotonic()
         self._room = asyncio.Event()  # a running job finished: there may be room to claim more
 
     async def plan(
@@ -119,6 +121,8 @@ class Deferral:
         if room <= 0:
             return
         for job in self.jobs.due(datetime.now(UTC), limit=room):
+            if job.claim is not None:
+                self._claims[job.id] = job.claim
             task = asyncio.get_running_loop().create_task(self.run(job))
             self._running.add(task)
             task.add_done_callback(self._finished)
@@ -129,11 +133,19 @@ class Deferral:
         if not task.cancelled() and (e := task.exception()) is not None:  # the store failed
             log.error("a job's run failed outside its own handling", exc_info=e)
 
+    def renew(self) -> None:
+        """Extend the leases of the jobs this runner is running, so that no other claims them."""
+        self.jobs.renew(dict(self._claims), datetime.now(UTC))
+        self._renewed_s = time.monotonic()
+
     async def loop(self, period_s: float = 1.0) -> None:
         """Claim due jobs every ``period_s``, and at once whenever a running one finishes (a
-        batch runs as fast as its replicas answer, at most MAX_RUNNING at a time)."""
+        batch runs as fast as its replicas answer, at most MAX_RUNNING at a time); renew the
+        running ones' leases four times a lease."""
         while True:
             try:
+                if time.monotonic() - self._renewed_s >= self.jobs.lease_s / 4:
+                    self.renew()
                 self.run_due()
             except Exception:  # the store failed: say so, try again next period
                 log.exception("claiming due jobs failed")
@@ -143,7 +155,14 @@ class Deferral:
 
     async def run(self, job: Job) -> None:
         """Run ``job`` on its planned replica (another if that one is down) and store its
-        answer, or why it failed."""
+        answer, or why it failed (only while this runner holds its claim)."""
+        try:
+            await self._run(job)
+        finally:
+            self._claims.pop(job.id, None)
+
+    async def _run(self, job: Job) -> None:
+        claim = job.claim
         try:
             router = self._live().router
             parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat)
@@ -162,20 +181,20 @@ class Deferral:
             body = self.wire.body(
                 job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())
             )
-            self.jobs.finish(job.id, result=body, error=None)
+            if not self.jobs.finish(job.id, result=body, error=None, claim=claim):
+                log.warning("job %s: another runner claimed it; its answer is not stored", job.id)
         except AtCapacity as e:  # shed: it waits its turn, as a client told Retry-After would
             later = datetime.now(UTC) + timedelta(seconds=e.retry_after_s)
             if later > datetime.fromisoformat(job.deadline):  # but not past its deadline
                 log.warning("job %s: replicas full until past its deadline", job.id)
-                self.jobs.finish(
-                    job.id, result=None, error=f"{e}, until past the job's deadline {job.deadline}"
-                )
+                error = f"{e}, until past the job's deadline {job.deadline}"
+                self.jobs.finish(job.id, result=None, error=error, claim=claim)
                 return
             log.info("job %s: replicas full, retried at %s", job.id, later)
-            self.jobs.retry_at(job.id, later)
+            self.jobs.retry_at(job.id, later, claim)
         except asyncio.CancelledError:  # this ingress is stopping: the job runs again later
-            self.jobs.retry_at(job.id, datetime.now(UTC))
+            self.jobs.retry_at(job.id, datetime.now(UTC), claim)
             raise
         except Exception as e:  # the job records why; the loop goes on
             log.exception("job %s failed", job.id)
-            self.jobs.finish(job.id, result=None, error=str(e))
+            self.jobs.finish(job.id, result=None, error=str(e), claim=claim)
