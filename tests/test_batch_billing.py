@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from regions.backends import CompletionRequest
 from router.errors import ReplicaFailed, UpstreamRefused
+from router.jobs import JobError, JobStore
 from router.ledger import LedgerRow
 from router.service.fakes import FakeReplicaClient
 from router.service.ports import Answer, StreamItem
@@ -268,6 +269,103 @@ async def test_a_line_retried_when_every_replica_is_full_keeps_its_request_id(
         _, out = await output(kit, batch_id)
         assert out[0]["id"] == job_id
         kit.assert_billed_once([assert_answer_is_its_bill(kit, out[0])])
+
+
+async def test_a_runner_stopped_mid_line_bills_each_line_once_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The ingress stops (its job tasks cancelled) while a line waits for its replica; a fresh
+    service on the same job store and ledger runs the batch to its end."""
+    lines = [line(f"q{k}", f"line {k}") for k in range(3)]
+    gate = asyncio.Event()  # never set: the replicas hang until the runner is stopped
+    async with service_kit(tmp_path, replicas=replicas(gate=gate), config=BUDGETED) as first:
+        r = await create(first, lines)
+        batch_id = r.json()["id"]
+        await due_now(first, batch_id)
+        first.service.deferral.run_due()
+        running = list(first.service.deferral._running)
+        while calls(first) < len(lines):
+            await asyncio.sleep(0.005)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.sleep(0.05)  # bills settling on tasks of their own, if any
+    async with service_kit(tmp_path, replicas=replicas(), config=BUDGETED) as fresh:
+        await due_now(fresh, batch_id)
+        await drain(fresh)
+        status, out = await output(fresh, batch_id)
+        assert status["request_counts"]["completed"] == len(lines)
+        rows = [assert_answer_is_its_bill(fresh, x) for x in out]
+        fresh.assert_billed_once(rows)
+
+
+class FailingStore(JobStore):
+    """A job store whose writes of a job's outcome fail ``times`` times (a full disk, a store
+    locked past its timeout): the line was billed, its answer is not stored. ``None``: always,
+    as a runner that dies before it stores anything."""
+
+    def __init__(self, path: Path, times: int | None, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self.times = times
+
+    def _fail(self) -> None:
+        if self.times is None or self.times > 0:
+            self.times = None if self.times is None else self.times - 1
+            raise JobError(f"{self.path}: database or disk is full")
+
+    def finish(self, job_id: str, **kw: Any) -> bool:
+        self._fail()
+        return super().finish(job_id, **kw)
+
+    def retry_at(self, job_id: str, at: datetime, claim: str | None = None) -> None:
+        if self.times is None:
+            self._fail()
+        super().retry_at(job_id, at, claim)
+
+
+async def test_a_line_billed_whose_answer_was_not_stored_runs_again_and_is_billed_once(
+    tmp_path: Path,
+) -> None:
+    store = FailingStore(tmp_path / "jobs.sqlite", times=1)
+    async with service_kit(tmp_path, replicas=replicas(), config=BUDGETED, jobs=store) as kit:
+        batch_id = await run(kit, [line("once", "hello")])
+        status, out = await output(kit, batch_id)
+        assert status["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
+        assert calls(kit) == 2  # its answer was lost once: the line ran again
+        (billed,) = kit.rows()
+        assert assert_answer_is_its_bill(kit, out[0]) == billed  # the first attempt's bill
+        kit.assert_billed_once([billed])  # counted against its budget once
+
+
+async def test_a_line_billed_before_its_runner_died_is_billed_once_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    store = FailingStore(tmp_path / "jobs.sqlite", times=None, lease_s=0.2)
+    async with service_kit(tmp_path, replicas=replicas(), config=BUDGETED, jobs=store) as first:
+        r = await create(first, [line("once", "hello")])
+        batch_id = r.json()["id"]
+        await due_now(first, batch_id)
+        await drain(first)
+        (billed,) = first.rows()
+        (job_id,) = first.service.jobs.batch(batch_id).jobs  # type: ignore[union-attr]
+        assert billed.request_id == job_id
+        job = first.service.jobs.get(job_id)
+        assert job is not None and job.status == "running"  # nothing stored: as if it died
+    await asyncio.sleep(0.3)  # the dead runner's lease runs out
+    async with service_kit(tmp_path, replicas=replicas(), config=BUDGETED) as fresh:
+        await due_now(fresh, batch_id)
+        await drain(fresh)
+        _, out = await output(fresh, batch_id)
+        row = assert_answer_is_its_bill(fresh, out[0])  # the answer says what was billed
+        assert row == billed
+        assert fresh.rows() == [billed]
+        # its budget counts it once (from the ledger), not once more for the rerun
+        r = await fresh.client.post("/v1/chat/completions", headers=DEMO,
+                                    json=line(None, "and now")["body"])  # fmt: skip
+        assert r.status_code == 200, r.text
+        now = row_of(fresh, r.json()["id"])
+        spend = fresh.service.live.budgets.spend["demo"]
+        assert spend.kwh == pytest.approx(billed.kwh_billed + now.kwh_billed, rel=1e-9)
 
 
 async def test_a_second_ingress_on_the_same_job_store_leaves_a_running_line_alone(

@@ -29,6 +29,7 @@ from regions.config import Config, load_config
 from router.http.app import make_api
 from router.http.wire import OpenAIWire
 from router.jobs import JobStore
+from router.ledger import LedgerRow
 from router.metering.outbox import Outbox
 from router.ray_app.fleet import RayFleetTargets, autoscaling_config
 from router.ray_app.metering import METERING_ACTOR, NAMESPACE, MeteringActor
@@ -61,6 +62,10 @@ class ActorLedger:
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         rows: list[tuple[int, int, float]] = await self.actor.refit_rows.remote(replica)
         return rows
+
+    async def bill(self, request_id: str) -> LedgerRow | None:
+        row: LedgerRow | None = await self.actor.bill.remote(request_id)
+        return row
 
 
 def _sources(cfg: Config, base: Path) -> dict[str, Any]:

@@ -59,3 +59,6 @@ class MeteringActor:
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         return self.ledger.measured_rows(replica)
+
+    async def bill(self, request_id: str) -> LedgerRow | None:
+        return await asyncio.to_thread(self.ledger.get, request_id)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from router.errors import ReplicaFailed
+from router.ledger import LedgerRow
 from router.policy import Candidates, Decision
 from router.preference import Preference
 from router.service.live import Live
@@ -29,7 +30,7 @@ from router.service.ports import (
     ReplicaClient,
     StreamItem,
 )
-from router.service.settlement import Settlement
+from router.service.settlement import Settlement, usage_fields
 from router.service.tenants import Caller, Hold
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,19 @@ class Completions:
         pref: Preference,
         only: int | None = None,
         hold: Hold | None = None,
+        bill_if_cut: bool = True,
     ) -> Started:
         """Send the request to the best replica, failing over until one answers (or gives
         its first stream item). ``only``: a planned job's replica, tried first. ``hold`` is
-        released if no replica takes the request, else it travels with it to its bill."""
+        released if no replica takes the request, else it travels with it to its bill.
+        Cancelled while a replica works, it bills what ran (the client went away) unless
+        ``bill_if_cut`` is off (a job stopped with its ingress: it runs again, billed then)."""
         if self._arrived is not None:
             self._arrived(parsed.model, pref.regions)
         try:
-            return await self._start(request_id, tenant, parsed, cands, pref, only, hold)
+            return await self._start(
+                request_id, tenant, parsed, cands, pref, only, hold, bill_if_cut
+            )
         except BaseException:
             self.settlement.release(hold)
             raise
@@ -136,6 +142,7 @@ class Completions:
         pref: Preference,
         only: int | None,
         hold: Hold | None,
+        bill_if_cut: bool,
     ) -> Started:
         router = self._live().router
         tried: set[int] = set()
@@ -166,7 +173,8 @@ class Completions:
                 continue
             except asyncio.CancelledError:  # the client went away while the replica worked
                 st.active -= 1
-                self._bill_cut(request_id, tenant, i, parsed, began, None, hold)
+                if bill_if_cut:
+                    self._bill_cut(request_id, tenant, i, parsed, began, None, hold)
                 raise
             except BaseException:
                 st.active -= 1
@@ -221,9 +229,17 @@ class Completions:
         return task
 
     async def collect(
-        self, started: Started, request_id: str, tenant: str, parsed: ParsedRequest
+        self,
+        started: Started,
+        request_id: str,
+        tenant: str,
+        parsed: ParsedRequest,
+        *,
+        billed: LedgerRow | None = None,
     ) -> Collected:
-        """The whole answer and its bill."""
+        """The whole answer and its bill. ``billed``: the request's bill is already in the
+        ledger (a job run again after its answer was lost): the answer carries that bill and
+        nothing is billed again."""
         router = self._live().router
         text: list[str] = []
         finish: str | None = None
@@ -245,6 +261,9 @@ class Completions:
                     item = await anext(stream, None)
         finally:
             router.states[started.index].active -= 1
+        if billed is not None:
+            self.settlement.release(started.hold)
+            return Collected("".join(text), finish or "stop", usage_of(billed))
         if final is None:  # the stream ended without its figures: bill what it produced
             final = unfinished(parsed, began, sum(1 for t in text if t))
         usage = await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
@@ -301,6 +320,17 @@ class Completions:
         yield Settled(
             await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
         )
+
+
+def usage_of(row: LedgerRow) -> dict[str, Any]:
+    """The ``usage`` of a bill already in the ledger, as :meth:`Settlement.settle` returns it."""
+    prompt, completion = row.prompt_tokens, row.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        **usage_fields(row),
+    }
 
 
 def unfinished(parsed: ParsedRequest, began: datetime, produced: int) -> Final:

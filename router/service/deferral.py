@@ -14,7 +14,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from router.errors import NotFound, PermissionDenied
-from router.jobs import Job, JobStore
+from router.jobs import Job, JobError, JobStore
+from router.ledger import LedgerRow
 from router.policy import AtCapacity, Candidates
 from router.preference import Preference
 from router.service.completions import Completions
@@ -25,6 +26,7 @@ from router.service.tenants import Caller
 log = logging.getLogger(__name__)
 
 MAX_RUNNING = 32  # due jobs in flight at once per ingress; the replicas shed what they cannot take
+LEDGER_RETRY_S = 10.0  # a job that cannot learn whether it was billed waits this long
 
 
 class Deferral:
@@ -161,7 +163,32 @@ class Deferral:
         finally:
             self._claims.pop(job.id, None)
 
+    async def _billed(self, job_id: str) -> LedgerRow | None:
+        """The bill an earlier attempt of the job left (it billed, then its answer was lost:
+        a store that failed, an ingress that died), once this ingress's own bills are in the
+        ledger (waited for up to 5 s)."""
+        settlement = self.completions.settlement
+        with contextlib.suppress(TimeoutError):
+            await settlement.sink.flush(5.0)
+        return await settlement.ledger.bill(job_id)
+
+    def _later(self, job: Job, after_s: float, why: str) -> None:
+        """Run ``job`` again in ``after_s``, or fail it if that is past its deadline."""
+        later = datetime.now(UTC) + timedelta(seconds=after_s)
+        if later > datetime.fromisoformat(job.deadline):
+            log.warning("job %s: %s until past its deadline", job.id, why)
+            error = f"{why}, until past the job's deadline {job.deadline}"
+            self.jobs.finish(job.id, result=None, error=error, claim=job.claim)
+            return
+        log.info("job %s: %s; retried at %s", job.id, why, later)
+        self.jobs.retry_at(job.id, later, job.claim)
+
     async def _run(self, job: Job) -> None:
+        """One attempt. The job is billed once, under its id, for the answer it stores: an
+        attempt that finds the job billed already (its answer lost after its bill) bills
+        nothing and stores that bill with its answer; one stopped with its ingress bills
+        nothing (the job runs again); one whose answer cannot be stored after its bill leaves
+        the job to run again."""
         claim = job.claim
         try:
             router = self._live().router
@@ -172,26 +199,34 @@ class Deferral:
             cands = await router.candidates(0, expected)
             index = next(k for k, s in enumerate(router.states) if s.replica.name == job.replica)
             pref = router.preference(job.preference)  # its regions hold on failover too
+            try:
+                billed = await self._billed(job.id)
+            except Exception as e:  # not knowing, it could bill twice: it waits for the ledger
+                self._later(job, LEDGER_RETRY_S, f"the ledger cannot say whether it is billed: {e}")
+                return
             # checked when it runs, not only when it was planned: the budget may be spent now
-            hold = await self.completions.settlement.reserve(job.tenant, cands)
+            # (a job billed already has paid)
+            hold = None if billed else await self.completions.settlement.reserve(job.tenant, cands)
             started = await self.completions.start(
-                job.id, job.tenant, parsed, cands, pref, only=index, hold=hold
+                job.id, job.tenant, parsed, cands, pref, only=index, hold=hold, bill_if_cut=False
             )
-            done = await self.completions.collect(started, job.id, job.tenant, parsed)
+            done = await self.completions.collect(
+                started, job.id, job.tenant, parsed, billed=billed
+            )
             body = self.wire.body(
                 job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())
             )
-            if not self.jobs.finish(job.id, result=body, error=None, claim=claim):
+            try:
+                stored = self.jobs.finish(job.id, result=body, error=None, claim=claim)
+            except JobError:  # billed, and its answer lost: it runs again, not billed again
+                log.exception("job %s: billed, but its answer was not stored", job.id)
+                with contextlib.suppress(JobError):
+                    self.jobs.retry_at(job.id, datetime.now(UTC), claim)
+                return
+            if not stored:
                 log.warning("job %s: another runner claimed it; its answer is not stored", job.id)
         except AtCapacity as e:  # shed: it waits its turn, as a client told Retry-After would
-            later = datetime.now(UTC) + timedelta(seconds=e.retry_after_s)
-            if later > datetime.fromisoformat(job.deadline):  # but not past its deadline
-                log.warning("job %s: replicas full until past its deadline", job.id)
-                error = f"{e}, until past the job's deadline {job.deadline}"
-                self.jobs.finish(job.id, result=None, error=error, claim=claim)
-                return
-            log.info("job %s: replicas full, retried at %s", job.id, later)
-            self.jobs.retry_at(job.id, later, claim)
+            self._later(job, e.retry_after_s, str(e))
         except asyncio.CancelledError:  # this ingress is stopping: the job runs again later
             self.jobs.retry_at(job.id, datetime.now(UTC), claim)
             raise

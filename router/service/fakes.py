@@ -201,3 +201,6 @@ class LedgerSink:
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         return self.ledger.measured_rows(replica)
+
+    async def bill(self, request_id: str) -> LedgerRow | None:
+        return self.ledger.get(request_id)

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from regions.backends import CompletionRequest
-from router.ledger import Ledger
+from router.ledger import Ledger, LedgerRow
 
 Piece = tuple[str, str | None]  # (text, finish_reason)
 
@@ -141,6 +141,9 @@ class LedgerReader(Protocol):
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         """``(prompt tokens, completion tokens, measured J)`` of ``replica``'s metered rows."""
+
+    async def bill(self, request_id: str) -> LedgerRow | None:
+        """The ledger's row of ``request_id``, or None while it has none."""
 
 
 @dataclass(frozen=True)
