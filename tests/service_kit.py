@@ -94,14 +94,15 @@ class Kit:
         assert sorted(r.request_id for r in self.rows()) == sorted(r.request_id for r in rows)
         kwh = sum(r.kwh_billed for r in rows)
         spend = self.service.live.budgets.spend.get("demo")
-        assert spend is not None and spend.kwh == pytest.approx(kwh, rel=1e-9)
+        assert spend is not None, "the budget counted no bill"
+        assert spend.kwh == pytest.approx(kwh, rel=1e-9), f"budget {spend.kwh} kWh, billed {kwh}"
         metered = sum(
             s.value
             for m in self.service.metrics.energy_total.collect()
             for s in m.samples
             if s.name == "router_energy_kwh_total"
         )
-        assert metered == pytest.approx(kwh, rel=1e-9)
+        assert metered == pytest.approx(kwh, rel=1e-9), f"/metrics {metered} kWh, billed {kwh}"
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,8 @@ from router.service.metrics import Metrics
 from router.service.ports import BillSink, Final, LedgerReader, ParsedRequest, ReplicaClient
 from router.service.proxied import ProxiedMetering
 from router.service.tenants import Hold, period_start
+
+REMEMBERED_BILLS = 10_000  # request ids billed lately, whose second bill is not charged again
 
 
 def usage_fields(row: LedgerRow) -> dict[str, Any]:
@@ -58,6 +61,7 @@ class Settlement:
         self.ledger = ledger
         self.proxied = proxied
         self.metrics = metrics
+        self._billed: OrderedDict[str, dict[str, Any]] = OrderedDict()  # request id -> usage
 
     async def reserve(self, tenant: str, cands: Candidates) -> Hold | None:
         """Hold the request's predicted spend on its cheapest candidate, or refuse
@@ -108,7 +112,8 @@ class Settlement:
         hold: Hold | None = None,
     ) -> dict[str, Any]:
         """Bill what the request used, release what it held of its budget, and return its
-        ``usage``: token counts and the bill."""
+        ``usage``: token counts and the bill. A request id settled again (among the last
+        ``REMEMBERED_BILLS`` in this process) is not billed again: it gets the first usage."""
         live = self._live()
         router = live.router
         st = router.states[index]
@@ -135,6 +140,11 @@ class Settlement:
             )
         finally:  # billed or not, the request holds nothing any more
             live.budgets.release(hold)
+        # a request settled again (a flood of one id): the ledger keeps its first row, so the
+        # budget and /metrics count only that one and every caller gets its usage. No await
+        # from here to the end: settles of one id cannot interleave between check and charge
+        if (first := self._billed.get(request_id)) is not None:
+            return first
         extra = usage_fields(row)
         if self.replicas[index].bills_remotely and self.proxied is not None:
             extra["energy_source"] = "predicted"  # the replica bills the measurement
@@ -145,12 +155,16 @@ class Settlement:
         router.lengths.observe(tenant, parsed.model, final.completion_tokens)
         self.metrics.billed(row)
         prompt, completion = final.prompt_tokens, final.completion_tokens
-        return {
+        usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             **extra,
         }
+        self._billed[request_id] = usage
+        if len(self._billed) > REMEMBERED_BILLS:
+            self._billed.popitem(last=False)
+        return usage
 
     async def wait_settled(self, tenant: str | None, timeout_s: float = 5.0) -> None:
         """Wait (up to ``timeout_s``) until the requests of ``tenant`` (None: everyone) that
