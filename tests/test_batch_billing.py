@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,13 @@ async def output(kit: Kit, batch_id: str) -> tuple[dict[str, Any], list[dict[str
     assert status["status"] == "completed", status
     r = await kit.client.get(f"/v1/files/{status['output_file_id']}/content", headers=DEMO)
     return status, [json.loads(x) for x in r.text.splitlines()]
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
 
 
 def row_of(kit: Kit, request_id: str) -> LedgerRow:
@@ -284,8 +292,7 @@ async def test_a_runner_stopped_mid_line_bills_each_line_once_after_a_restart(
         await due_now(first, batch_id)
         first.service.deferral.run_due()
         running = list(first.service.deferral._running)
-        while calls(first) < len(lines):
-            await asyncio.sleep(0.005)
+        await until(lambda: calls(first) == len(lines))
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
@@ -379,8 +386,7 @@ async def test_a_second_ingress_on_the_same_job_store_leaves_a_running_line_alon
         batch_id = r.json()["id"]
         await due_now(first, batch_id)
         first.service.deferral.run_due()
-        while calls(first) < 1:
-            await asyncio.sleep(0.005)
+        await until(lambda: calls(first) == 1)
         async with service_kit(tmp_path, replicas=replicas(), config=BUDGETED) as second:
             await drain(second)  # its loop claims what is due
             assert calls(second) == 0  # the running line is the first's
@@ -391,3 +397,44 @@ async def test_a_second_ingress_on_the_same_job_store_leaves_a_running_line_alon
             row = assert_answer_is_its_bill(second, out[0])
             first.assert_billed_once([row])
             assert calls(first) + calls(second) == 1  # and it ran once
+
+
+async def test_a_line_running_longer_than_its_lease_keeps_it_while_its_runner_lives(
+    tmp_path: Path,
+) -> None:
+    gate = asyncio.Event()
+    store = JobStore(tmp_path / "jobs.sqlite", lease_s=0.2)
+    async with service_kit(
+        tmp_path, replicas=replicas(gate=gate), config=BUDGETED, jobs=store
+    ) as first:
+        r = await create(first, [line("slow", "hello")])
+        batch_id = r.json()["id"]
+        await due_now(first, batch_id)
+        loop = asyncio.get_running_loop().create_task(first.service.deferral.loop(period_s=0.02))
+        await until(lambda: calls(first) == 1)
+        other = JobStore(tmp_path / "jobs.sqlite", lease_s=0.2)  # another ingress's
+        for _ in range(10):  # five leases long: renewed all along
+            await asyncio.sleep(0.1)
+            assert other.due(datetime.now(UTC)) == []
+        gate.set()
+        await until(lambda: not first.service.deferral._running)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        other.close()
+        _, out = await output(first, batch_id)
+        first.assert_billed_once([assert_answer_is_its_bill(first, out[0])])
+        assert calls(first) == 1
+
+
+async def test_the_runner_stops_with_its_ingress_even_as_a_line_ends(tmp_path: Path) -> None:
+    # a stopping ingress cancels the runner's loop; when a line had just ended (the loop woken
+    # to claim more), asyncio.wait_for (Python 3.11) swallowed the cancellation and the loop
+    # went on claiming lines that its stopping ingress would never finish
+    async with service_kit(tmp_path, replicas=replicas()) as kit:
+        deferral = kit.service.deferral
+        loop = asyncio.get_running_loop().create_task(deferral.loop(period_s=10.0))
+        await asyncio.sleep(0.01)  # waiting for room
+        deferral._room.set()  # a line ended
+        loop.cancel()  # and the ingress stops
+        done, _ = await asyncio.wait([loop], timeout=1.0)
+        assert done == {loop} and loop.cancelled()

@@ -152,8 +152,11 @@ class Deferral:
             except Exception:  # the store failed: say so, try again next period
                 log.exception("claiming due jobs failed")
             self._room.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that comes as the room is made, and the loop would outlive its ingress
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), period_s)
+                async with asyncio.timeout(period_s):
+                    await self._room.wait()
 
     async def run(self, job: Job) -> None:
         """Run ``job`` on its planned replica (another if that one is down) and store its
