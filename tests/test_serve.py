@@ -194,6 +194,44 @@ def test_streaming_ends_with_usage(server: dict[str, Any]) -> None:
     assert (last.usage.model_extra or {})["energy_kwh"] > 0
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+def test_the_real_model_bills_a_stream_as_its_whole_answer(
+    server: dict[str, Any], chat: bool
+) -> None:
+    # issue 13: the same request (greedy and seeded: the same tokens) streamed and whole bills
+    # the same tokens by the same method, in the ledger and in the usage its client gets
+    import json
+
+    import httpx
+
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = ask()
+    if not chat:
+        del body["messages"]
+        body["prompt"] = "The sky is"
+    headers = {"Authorization": "Bearer sk-local-demo",
+               "X-Carbon-Preference": 'regions=("eu-north")'}  # in process: llama.cpp  # fmt: skip
+    with httpx.Client(base_url=server["url"], headers=headers, timeout=60) as http:
+        whole = http.post(path, json=body).json()
+        streamed = http.post(path, json={**body, "stream": True,
+                                         "stream_options": {"include_usage": True}})  # fmt: skip
+    events = [json.loads(line[6:]) for line in streamed.text.split("\n")
+              if line.startswith("data: {")]  # fmt: skip
+    pieces = [c["delta"]["content"] if chat else c["text"] for e in events for c in e["choices"]]
+    choice = whole["choices"][0]
+    assert (choice["message"]["content"] if chat else choice["text"]) == "".join(pieces) != ""
+    usages = [whole["usage"], events[-1]["usage"]]
+    rows = [billed(server, whole["id"]), billed(server, events[-1]["id"])]
+    for usage, row in zip(usages, rows, strict=True):
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+            row.prompt_tokens, row.completion_tokens)  # fmt: skip
+        assert usage["energy_kwh"] == pytest.approx(row.kwh_billed, rel=1e-9)
+    a, b = rows
+    assert (a.prompt_tokens, a.completion_tokens) == (b.prompt_tokens, b.completion_tokens)
+    assert (a.replica, a.energy_source, a.tariff) == (b.replica, b.energy_source, b.tariff)
+    assert a.replica.startswith("eu-north") and a.kwh_billed > 0 and b.kwh_billed > 0
+
+
 def test_completions_and_models(server: dict[str, Any]) -> None:
     c = client(server)
     r = c.completions.create(model="smollm2-135m", prompt="The sky is", max_tokens=5, temperature=0)
