@@ -17,17 +17,19 @@ import logging
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from router.chain import GENESIS, HASHED_NAMES, canonical_values, link, row_hash
+from router.chain import VERSION as CHAIN_VERSION
 from router.errors import RouterError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class LedgerError(RouterError):
@@ -40,6 +42,12 @@ MAX_TOKENS = 10**9
 FLOAT_COLUMNS = (
     "energy_j", "pue", "kwh_billed", "intensity_g_per_kwh", "carbon_g", "price_usd_per_kwh",
     "cost_usd", "energy_cost_usd", "token_cost_usd", "carbon_cost_usd",
+    "prefill_j", "static_j", "held_s", "embodied_g", "baseline_carbon_g", "avoided_g",
+)  # fmt: skip
+# figures that cannot be negative (avoided_g can: the carbon-aware choice may emit more)
+NON_NEGATIVE = (
+    "energy_j", "kwh_billed", "carbon_g", "cost_usd", "prefill_j", "static_j", "held_s",
+    "embodied_g", "baseline_carbon_g",
 )  # fmt: skip
 
 
@@ -55,7 +63,9 @@ class LedgerRow:
     prompt_tokens: int
     completion_tokens: int
     energy_j: float  # IT energy attributed to the request
-    energy_source: Literal["measured", "estimated"]
+    # measured: a hardware counter (NVML, RAPL); estimated: a model of the hardware after the
+    # fact (the CPU-time model); predicted: the energy predictor's figure from token counts
+    energy_source: Literal["measured", "estimated", "predicted"]
     pue: float
     kwh_billed: float  # energy_j / 3.6e6 x pue
     intensity_g_per_kwh: float
@@ -69,6 +79,32 @@ class LedgerRow:
     token_cost_usd: float
     carbon_cost_usd: float
     status: Literal["ok", "error", "cancelled"] = "ok"
+    # ---- the receipt (schema v5): where every figure came from -------------------------------
+    zone: str = ""  # the grid zone whose intensity was used
+    first_token_at: str | None = None  # ISO 8601 UTC; None when no output was produced
+    prefill_j: float = 0.0  # of energy_j, the prompt's share; the rest is decode
+    static_j: float = 0.0  # of energy_j, the replica's static power over the time it held
+    held_s: float = 0.0  # replica (GPU) seconds the request held: its share of busy time
+    meter: str = ""  # what measured or estimated energy_j, e.g. nvml-energy, predictor
+    method: str = ""  # attribution method and version, e.g. work-share/1
+    intensity_at: str = ""  # ISO 8601 UTC time of the intensity value used
+    intensity_source: str = ""  # the carbon source (and zone) it came from
+    intensity_kind: Literal["actual", "forecast", "stale"] = "actual"
+    marginal_g_per_kwh: float | None = None  # a marginal signal that drove the decision
+    embodied_g: float = 0.0  # amortized manufacturing carbon, kept apart from carbon_g
+    policy: str = ""  # the routing policy, and the constraint that decided (binding)
+    binding: str = ""
+    baseline_replica: str = ""  # what a carbon-agnostic choice (power of two) would pick
+    baseline_carbon_g: float = 0.0  # and emit, expected over its random draws
+    avoided_g: float = 0.0  # baseline_carbon_g - carbon_g (negative when it emitted more)
+
+    @property
+    def decode_j(self) -> float:
+        return self.energy_j - self.prefill_j
+
+    @property
+    def active_j(self) -> float:
+        return self.energy_j - self.static_j
 
     def __post_init__(self) -> None:
         p, c = self.prompt_tokens, self.completion_tokens
@@ -83,7 +119,9 @@ class LedgerRow:
         total = (
             self.energy_j + self.pue + self.kwh_billed + self.intensity_g_per_kwh
             + self.carbon_g + self.price_usd_per_kwh + self.cost_usd + self.energy_cost_usd
-            + self.token_cost_usd + self.carbon_cost_usd
+            + self.token_cost_usd + self.carbon_cost_usd + self.prefill_j + self.static_j
+            + self.held_s + self.embodied_g + self.baseline_carbon_g + self.avoided_g
+            + (self.marginal_g_per_kwh or 0.0)
         )  # fmt: skip
         if not math.isfinite(total):
             bad = next(
@@ -91,10 +129,18 @@ class LedgerRow:
                 "the sum of its figures",  # each finite, their sum past float: absurd too
             )
             raise LedgerError(f"request {self.request_id}: {bad} is not a finite number")
-        if self.energy_j < 0 or self.kwh_billed < 0 or self.carbon_g < 0 or self.cost_usd < 0:
-            raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost")
-        for name in ("started_at", "ended_at"):
+        if min(getattr(self, n) for n in NON_NEGATIVE) < 0:
+            bad = next(n for n in NON_NEGATIVE if getattr(self, n) < 0)
+            raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost ({bad})")
+        if self.prefill_j > self.energy_j or self.static_j > self.energy_j:
+            raise LedgerError(
+                f"request {self.request_id}: prefill_j {self.prefill_j} or static_j "
+                f"{self.static_j} is more than its energy_j {self.energy_j}"
+            )
+        for name in ("started_at", "ended_at", "first_token_at", "intensity_at"):
             value = getattr(self, name)
+            if not value and name in ("first_token_at", "intensity_at"):
+                continue  # not known: None or ""
             try:
                 ts = datetime.fromisoformat(value)
             except ValueError as e:
@@ -110,6 +156,12 @@ class LedgerRow:
 
 
 COLUMNS = [f.name for f in fields(LedgerRow)]
+# a row's hashed fields are its columns and its place in the chain (router.chain)
+assert tuple(COLUMNS) == HASHED_NAMES[:-2], "router.chain.HASHED and LedgerRow differ"
+_INSERT = (
+    f"INSERT INTO requests ({', '.join(COLUMNS)}, tenant_seq, chained_at, prev_hash, row_hash, "
+    f"chain_version) VALUES ({', '.join('?' * (len(COLUMNS) + 5))})"
+)
 
 
 @dataclass(frozen=True)
@@ -216,9 +268,151 @@ _V3_TO_V4 = (
             carbon_g = carbon_g + excluded.carbon_g, cost_usd = cost_usd + excluded.cost_usd;
     END""",
 )
-# each a script of statements split at ';', or a tuple of statements (a trigger holds ';')
-MIGRATIONS: dict[int, str | tuple[str, ...]] = {
-    0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4,
+
+
+def _chain_existing(db: sqlite3.Connection) -> None:
+    """Chain the rows billed before v5, each tenant's in time order, as if written now."""
+    now = utc_iso(datetime.now(UTC))
+    heads: dict[str, tuple[int, str]] = {}
+    cols = ", ".join(c for c in HASHED_NAMES if c not in ("tenant_seq", "chained_at"))
+    rows = db.execute(
+        f"SELECT rowid, {cols} FROM requests ORDER BY tenant, started_at, request_id"
+    ).fetchall()
+    names = [c for c in HASHED_NAMES if c not in ("tenant_seq", "chained_at")]
+    for rowid, *values in rows:
+        fields = dict(zip(names, values, strict=True))
+        seq, prev = heads.get(fields["tenant"], (0, GENESIS))
+        fields["tenant_seq"], fields["chained_at"] = seq + 1, now
+        h = row_hash(prev, fields)
+        db.execute(
+            "UPDATE requests SET tenant_seq = ?, chained_at = ?, prev_hash = ?, row_hash = ?, "
+            "chain_version = ? WHERE rowid = ?",
+            (seq + 1, now, prev, h, CHAIN_VERSION, rowid),
+        )
+        heads[fields["tenant"]] = (seq + 1, h)
+
+
+# v5: the receipt (where each figure came from), the per-tenant hash chain and its signed
+# heads, rows made append-only, and sums per hour, region and deciding constraint for the
+# operator's view. Rows billed before v5 are chained on migration, in time order.
+_V5_TABLE = """
+CREATE TABLE requests_v5 (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    region TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    model TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+    completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+    energy_j REAL NOT NULL CHECK (energy_j >= 0),
+    energy_source TEXT NOT NULL CHECK (energy_source IN ('measured', 'estimated', 'predicted')),
+    pue REAL NOT NULL CHECK (pue >= 1),
+    kwh_billed REAL NOT NULL,
+    intensity_g_per_kwh REAL NOT NULL,
+    signal TEXT NOT NULL,
+    carbon_stale INTEGER NOT NULL,
+    carbon_g REAL NOT NULL,
+    price_usd_per_kwh REAL NOT NULL,
+    tariff TEXT NOT NULL,
+    cost_usd REAL NOT NULL,
+    energy_cost_usd REAL NOT NULL,
+    token_cost_usd REAL NOT NULL,
+    status TEXT NOT NULL,
+    carbon_cost_usd REAL NOT NULL DEFAULT 0,
+    zone TEXT NOT NULL DEFAULT '',
+    first_token_at TEXT,
+    prefill_j REAL NOT NULL DEFAULT 0 CHECK (prefill_j >= 0),
+    static_j REAL NOT NULL DEFAULT 0 CHECK (static_j >= 0),
+    held_s REAL NOT NULL DEFAULT 0 CHECK (held_s >= 0),
+    meter TEXT NOT NULL DEFAULT '',
+    method TEXT NOT NULL DEFAULT '',
+    intensity_at TEXT NOT NULL DEFAULT '',
+    intensity_source TEXT NOT NULL DEFAULT '',
+    intensity_kind TEXT NOT NULL DEFAULT 'actual'
+        CHECK (intensity_kind IN ('actual', 'forecast', 'stale')),
+    marginal_g_per_kwh REAL,
+    embodied_g REAL NOT NULL DEFAULT 0 CHECK (embodied_g >= 0),
+    policy TEXT NOT NULL DEFAULT '',
+    binding TEXT NOT NULL DEFAULT '',
+    baseline_replica TEXT NOT NULL DEFAULT '',
+    baseline_carbon_g REAL NOT NULL DEFAULT 0,
+    avoided_g REAL NOT NULL DEFAULT 0,
+    tenant_seq INTEGER,
+    chained_at TEXT,
+    prev_hash TEXT,
+    row_hash TEXT,
+    chain_version INTEGER
+)"""
+_V4_COLUMNS = (
+    "request_id, tenant, region, replica, model, started_at, ended_at, prompt_tokens, "
+    "completion_tokens, energy_j, energy_source, pue, kwh_billed, intensity_g_per_kwh, signal, "
+    "carbon_stale, carbon_g, price_usd_per_kwh, tariff, cost_usd, energy_cost_usd, "
+    "token_cost_usd, status, carbon_cost_usd"
+)
+_V4_TO_V5 = (
+    # rebuilt, not altered: SQLite cannot change a CHECK, and energy_source gains 'predicted'
+    _V5_TABLE,
+    f"INSERT INTO requests_v5 ({_V4_COLUMNS}) SELECT {_V4_COLUMNS} FROM requests",
+    "DROP TABLE requests",  # with its indexes and the daily sums' trigger, made again below
+    "ALTER TABLE requests_v5 RENAME TO requests",
+    "CREATE INDEX requests_tenant_time ON requests (tenant, started_at)",
+    _V2_TO_V3,
+    _V3_TO_V4[2],
+    _chain_existing,
+    "CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)",
+    """CREATE TABLE chain_signatures (
+        tenant TEXT NOT NULL,
+        tenant_seq INTEGER NOT NULL,
+        row_hash TEXT NOT NULL,
+        signed_at TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (tenant, tenant_seq, key_id)
+    )""",
+    """CREATE TABLE usage_hourly (
+        hour TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        region TEXT NOT NULL,
+        binding TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        kwh REAL NOT NULL,
+        carbon_g REAL NOT NULL,
+        avoided_g REAL NOT NULL,
+        embodied_g REAL NOT NULL,
+        cost_usd REAL NOT NULL,
+        PRIMARY KEY (hour, tenant, region, binding)
+    )""",
+    """INSERT INTO usage_hourly
+        SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), SUM(kwh_billed),
+               SUM(carbon_g), SUM(avoided_g), SUM(embodied_g), SUM(cost_usd)
+        FROM requests GROUP BY 1, 2, 3, 4""",
+    """CREATE TRIGGER requests_hourly AFTER INSERT ON requests BEGIN
+        INSERT INTO usage_hourly VALUES (substr(NEW.started_at, 1, 13), NEW.tenant, NEW.region,
+            NEW.binding, 1, NEW.kwh_billed, NEW.carbon_g, NEW.avoided_g, NEW.embodied_g,
+            NEW.cost_usd)
+        ON CONFLICT (hour, tenant, region, binding) DO UPDATE SET
+            requests = requests + 1, kwh = kwh + excluded.kwh,
+            carbon_g = carbon_g + excluded.carbon_g, avoided_g = avoided_g + excluded.avoided_g,
+            embodied_g = embodied_g + excluded.embodied_g,
+            cost_usd = cost_usd + excluded.cost_usd;
+    END""",
+    # a billed row is never changed or removed by carbon-router; this stops a slip (a hand-run
+    # UPDATE), the chain shows a deliberate one
+    """CREATE TRIGGER requests_append_only_update BEFORE UPDATE ON requests BEGIN
+        SELECT RAISE(ABORT, 'ledger rows are append-only: bill a correction as a new row');
+    END""",
+    """CREATE TRIGGER requests_append_only_delete BEFORE DELETE ON requests BEGIN
+        SELECT RAISE(ABORT, 'ledger rows are append-only: bill a correction as a new row');
+    END""",
+)
+# each a script of statements split at ';', or a tuple of statements (a trigger holds ';') and
+# steps in Python
+Step = str | Callable[[sqlite3.Connection], None]
+MIGRATIONS: dict[int, str | tuple[Step, ...]] = {
+    0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5,
 }  # fmt: skip
 
 
@@ -286,8 +480,11 @@ class Ledger:
                 for v in range(version, SCHEMA_VERSION):
                     step = MIGRATIONS[v]
                     stmts = step.split(";") if isinstance(step, str) else step
-                    for stmt in filter(None, (s.strip() for s in stmts)):
-                        self._db.execute(stmt)
+                    for stmt in stmts:
+                        if callable(stmt):
+                            stmt(self._db)
+                        elif stmt.strip():
+                            self._db.execute(stmt)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
@@ -301,21 +498,16 @@ class Ledger:
     # ---- writes -----------------------------------------------------------------------------
 
     def write(self, rows: Sequence[LedgerRow]) -> int:
-        """Insert rows in one durable transaction; returns how many were new (duplicates by
-        request id are skipped, never billed twice)."""
+        """Insert rows in one durable transaction, each chained after its tenant's last;
+        returns how many were new (duplicates by request id are skipped, never billed twice,
+        and do not move the chain)."""
         if not rows:
             return 0
-        placeholders = ", ".join("?" for _ in COLUMNS)
-        sql = (
-            f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
-            "ON CONFLICT (request_id) DO NOTHING"
-        )
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                # attribute reads, not dataclasses.astuple: that deep-copies every field; the
-                # cursor's count is of rows inserted (not of the daily sums' trigger's changes)
-                cur = self._db.executemany(sql, ([getattr(r, c) for c in COLUMNS] for r in rows))
+                fresh = self._fresh(rows)
+                self._db.executemany(_INSERT, self._chained(fresh))
                 self._db.execute("COMMIT")
             except BaseException as e:  # nothing of the batch is kept, no transaction left open
                 if self._db.in_transaction:
@@ -323,7 +515,50 @@ class Ledger:
                 if isinstance(e, sqlite3.Error | OverflowError | ValueError | TypeError):
                     raise LedgerError(f"{self.path}: write of {len(rows)} rows failed: {e}") from e
                 raise
-            return int(cur.rowcount)
+            return len(fresh)
+
+    def _fresh(self, rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+        """The rows whose request id is neither in the ledger nor earlier in ``rows``."""
+        ids = list({r.request_id for r in rows})
+        known: set[str] = set()
+        for i in range(0, len(ids), 500):  # SQLite's bound parameters, in chunks
+            chunk = ids[i : i + 500]
+            known.update(
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT request_id FROM requests WHERE request_id IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
+        fresh = []
+        for r in rows:
+            if r.request_id not in known:
+                known.add(r.request_id)
+                fresh.append(r)
+        return fresh
+
+    def _chained(self, rows: Sequence[LedgerRow]) -> Iterator[list[object]]:
+        """Each row's values for :data:`_INSERT`: its fields, then its place in its tenant's
+        chain, the time it joined (never before the row it follows) and the hashes."""
+        now = utc_iso(datetime.now(UTC))
+        heads: dict[str, tuple[int, str, str]] = {}
+        for r in rows:
+            head = heads.get(r.tenant)
+            if head is None:
+                last = self._db.execute(
+                    "SELECT tenant_seq, row_hash, chained_at FROM requests WHERE tenant = ? "
+                    "ORDER BY tenant_seq DESC LIMIT 1",
+                    (r.tenant,),
+                ).fetchone()
+                head = (0, GENESIS, now) if last is None else (int(last[0]), last[1], last[2])
+            seq, prev, prev_at = head
+            at = max(now, prev_at)
+            values: list[object] = [getattr(r, c) for c in COLUMNS]
+            values += [seq + 1, at]
+            h = link(prev, canonical_values(values))
+            heads[r.tenant] = (seq + 1, h, at)
+            yield [*values, prev, h, CHAIN_VERSION]
 
     def write_readings(
         self, replica: str, readings: Iterable[tuple[float, str, float]], energy_source: str
@@ -349,6 +584,152 @@ class Ledger:
     def get(self, request_id: str) -> LedgerRow | None:
         rows = self.rows(where="request_id = ?", params=(request_id,))
         return rows[0] if rows else None
+
+    def receipt(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The row of ``request_id`` with its place in the chain, or None; with ``tenant``,
+        only that tenant's (another tenant's id reads as unknown)."""
+        cols = [*COLUMNS, "tenant_seq", "chained_at", "prev_hash", "row_hash", "chain_version"]
+        where, params = "request_id = ?", [request_id]
+        if tenant is not None:
+            where, params = where + " AND tenant = ?", [*params, tenant]
+        found = self._query(f"SELECT {', '.join(cols)} FROM requests WHERE {where}", params)
+        if not found:
+            return None
+        d = dict(zip(cols, found[0], strict=True))
+        d["carbon_stale"] = bool(d["carbon_stale"])
+        return d
+
+    def chain(
+        self, tenant: str | None = None, *, first_seq: int = 1, last_seq: int | None = None,
+        batch: int = 5000,
+    ) -> Iterator[tuple[Any, ...]]:  # fmt: skip
+        """The rows of ``tenant``'s chain (None: every tenant's, one after another) in chain
+        order, each as its hashed values (:data:`router.chain.HASHED`) then ``prev_hash`` and
+        ``row_hash``; read on a connection of its own, a batch at a time."""
+        cols = [*HASHED_NAMES, "prev_hash", "row_hash"]
+        where, params = ["tenant_seq >= ?"], [first_seq]
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)  # type: ignore[arg-type]
+        if last_seq is not None:
+            where.append("tenant_seq <= ?")
+            params.append(last_seq)
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+        try:
+            cur = db.execute(
+                f"SELECT {', '.join(cols)} FROM requests WHERE {' AND '.join(where)} "
+                "ORDER BY tenant, tenant_seq",
+                params,
+            )
+            while chunk := cur.fetchmany(batch):
+                yield from chunk
+        finally:
+            db.close()
+
+    def seq_range(
+        self, tenant: str, start: datetime | None, end: datetime | None
+    ) -> tuple[int, int] | None:
+        """The first and last ``tenant_seq`` of ``tenant``'s rows chained in ``[start, end)``
+        (a contiguous run: the chain's times never go back), or None when there are none."""
+        where, params = ["tenant = ?"], [tenant]
+        if start is not None:
+            where.append("chained_at >= ?")
+            params.append(utc_iso(start))
+        if end is not None:
+            where.append("chained_at < ?")
+            params.append(utc_iso(end))
+        lo, hi = self._query(
+            f"SELECT MIN(tenant_seq), MAX(tenant_seq) FROM requests WHERE {' AND '.join(where)}",
+            params,
+        )[0]
+        return None if lo is None else (int(lo), int(hi))
+
+    def link_before(self, tenant: str, seq: int) -> str:
+        """The hash the row ``seq`` of ``tenant``'s chain follows."""
+        found = self._query(
+            "SELECT prev_hash FROM requests WHERE tenant = ? AND tenant_seq = ?", (tenant, seq)
+        )
+        if not found:
+            raise LedgerError(f"tenant {tenant} has no row {seq} in its chain")
+        return str(found[0][0])
+
+    def heads(self) -> dict[str, tuple[int, str]]:
+        """Each tenant's chain head: (its last ``tenant_seq``, that row's hash)."""
+        return {
+            t: (int(seq), h)
+            for t, seq, h in self._query(
+                "SELECT tenant, tenant_seq, row_hash FROM requests r WHERE tenant_seq = "
+                "(SELECT MAX(tenant_seq) FROM requests WHERE tenant = r.tenant)"
+            )
+        }
+
+    def add_signatures(self, signed: Iterable[tuple[str, int, str, str, str, str, str]]) -> None:
+        """Signed chain heads: (tenant, tenant_seq, row_hash, signed_at, key_id, public key,
+        signature)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO chain_signatures VALUES (?, ?, ?, ?, ?, ?, ?)", signed
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def signatures(
+        self, tenant: str | None = None, first_seq: int = 1, last_seq: int | None = None
+    ) -> list[dict[str, Any]]:
+        cols = ["tenant", "tenant_seq", "row_hash", "signed_at", "key_id", "public_key",
+                "signature"]  # fmt: skip
+        where, params = ["tenant_seq >= ?"], [first_seq]
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)  # type: ignore[arg-type]
+        if last_seq is not None:
+            where.append("tenant_seq <= ?")
+            params.append(last_seq)
+        found = self._query(
+            f"SELECT {', '.join(cols)} FROM chain_signatures WHERE {' AND '.join(where)} "
+            "ORDER BY tenant, tenant_seq, signed_at",
+            params,
+        )
+        return [dict(zip(cols, r, strict=True)) for r in found]
+
+    def last_signed_at(self) -> str | None:
+        found = self._query("SELECT MAX(signed_at) FROM chain_signatures")
+        return found[0][0] if found else None
+
+    def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Sums per UTC hour, region and deciding constraint of rows started in ``[start,
+        end)`` (whole hours: an hour is in if it starts in the period), ``tenant``'s only or
+        everyone's; read from the hourly sums, not the rows."""
+        where, params = ["hour >= ?", "hour < ?"], [utc_iso(start)[:13], utc_iso(end)[:13]]
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        cols = ["hour", "region", "binding", "requests", "kwh", "carbon_g", "avoided_g",
+                "embodied_g", "cost_usd"]  # fmt: skip
+        found = self._query(
+            "SELECT hour, region, binding, SUM(requests), SUM(kwh), SUM(carbon_g), "
+            "SUM(avoided_g), SUM(embodied_g), SUM(cost_usd) FROM usage_hourly "
+            f"WHERE {' AND '.join(where)} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            params,
+        )
+        return [dict(zip(cols, r, strict=True)) for r in found]
+
+    def top_tenants(self, start: datetime, end: datetime, limit: int = 10) -> list[dict[str, Any]]:
+        """The tenants that used most kWh in the hours starting in ``[start, end)``."""
+        cols = ["tenant", "requests", "kwh", "carbon_g", "avoided_g", "cost_usd"]
+        found = self._query(
+            "SELECT tenant, SUM(requests), SUM(kwh), SUM(carbon_g), SUM(avoided_g), "
+            "SUM(cost_usd) FROM usage_hourly WHERE hour >= ? AND hour < ? "
+            "GROUP BY tenant ORDER BY 3 DESC, 1 LIMIT ?",
+            (utc_iso(start)[:13], utc_iso(end)[:13], limit),
+        )
+        return [dict(zip(cols, r, strict=True)) for r in found]
 
     def rows(self, *, where: str = "1", params: Sequence[object] = ()) -> list[LedgerRow]:
         cur = self._query(

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from router.ledger import COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
 from tests.conftest import ROOT
 
+V4_COLUMNS = COLUMNS[: COLUMNS.index("zone")]  # a row's columns before the receipt (v5)
+
 
 def row(rid: str, when: datetime | None = None, **kw: object) -> LedgerRow:
     when = when or datetime(2026, 11, 3, 12, tzinfo=UTC)
@@ -94,7 +96,7 @@ def test_v1_file_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "v1.sqlite"
     db = sqlite3.connect(path)
     db.executescript(MIGRATIONS[0])
-    cols = [c for c in row("old").__dataclass_fields__ if c != "carbon_cost_usd"]
+    cols = [c for c in V4_COLUMNS if c != "carbon_cost_usd"]
     r = row("old")
     db.execute(
         f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
@@ -310,9 +312,9 @@ def test_a_v3_ledger_gets_its_daily_sums_when_migrated(tmp_path: Path) -> None:
     for v in range(3):
         db.executescript(MIGRATIONS[v])
     r = row("old")
-    marks = ", ".join("?" for _ in COLUMNS)
-    db.execute(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({marks})",
-               [getattr(r, c) for c in COLUMNS])  # fmt: skip
+    marks = ", ".join("?" for _ in V4_COLUMNS)
+    db.execute(f"INSERT INTO requests ({', '.join(V4_COLUMNS)}) VALUES ({marks})",
+               [getattr(r, c) for c in V4_COLUMNS])  # fmt: skip
     db.execute("PRAGMA user_version=3")
     db.commit()
     db.close()

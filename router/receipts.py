@@ -1,0 +1,439 @@
+"""Receipts an auditor can check: signed chain heads, a tenant's export, and its verification.
+
+The ledger chains each tenant's rows (:mod:`router.chain`). A :class:`Signer` (Ed25519) signs
+each tenant's chain head at least every ``audit.sign_every_s`` (the metering actor does it as
+it writes) and at every export. A signed head pins the history before it: a row edited,
+inserted, reordered or deleted before a signed head breaks either a row's hash, a link, or the
+head's signature.
+
+``router receipts export`` writes a tenant's rows chained in a period as JSON lines: a header
+(the tenant, the period, the hash the first row follows, the public key), one line per receipt
+with every hashed field and both hashes, and a trailer (count, last hash, the signed heads
+inside the run, and the export's own signature over all of that). ``router verify`` checks an
+export, or a whole ledger, and names every row that does not hold.
+
+What a signature cannot show: rows removed from the end of a chain after its last signed head
+(at most ``sign_every_s`` of them) when the auditor has no later head. Tenants who keep the
+heads they are given (``GET /v1/receipts/head``) close that gap.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from router.chain import GENESIS, HASHED, HASHED_NAMES, canonical, link
+from router.errors import RouterError
+from router.ledger import Ledger, utc_iso
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "carbon-router-receipts/1"
+HEAD_TAG = b"carbon-router/chain-head/v1\n"
+EXPORT_TAG = b"carbon-router/export/v1\n"
+MAX_PROBLEMS = 50  # a report names this many problems, then counts the rest
+
+
+class ReceiptError(RouterError):
+    """A signing key or an export that cannot be read."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def key_id(public_key_b64: str) -> str:
+    """A short name of a public key: the first 16 hex digits of SHA-256 of its raw bytes."""
+    return hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest()[:16]
+
+
+class Signer:
+    """An Ed25519 private key that signs chain heads and exports."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.public_key = _b64(raw)
+        self.key_id = key_id(self.public_key)
+
+    @classmethod
+    def load(cls, path: str | Path, *, create: bool = False) -> Signer:
+        """The PEM (PKCS#8, unencrypted) key at ``path``; with ``create``, a new key is made
+        there (mode 0600) when there is none."""
+        path = Path(path)
+        if not path.exists():
+            if not create:
+                raise ReceiptError(
+                    f"{path}: no signing key; make one with `router receipts keygen {path}`"
+                )
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+            log.warning(
+                "made a new receipt signing key at %s: back it up, and publish its public key "
+                "(router receipts public-key %s) to those who verify receipts",
+                path,
+                path,
+            )
+            return cls(key)
+        try:
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError, OSError) as e:
+            raise ReceiptError(f"{path}: not an unencrypted PEM private key: {e}") from e
+        if not isinstance(loaded, Ed25519PrivateKey):
+            raise ReceiptError(
+                f"{path}: the signing key must be Ed25519, not {type(loaded).__name__}"
+            )
+        return cls(loaded)
+
+    def sign(self, message: bytes) -> str:
+        return _b64(self._key.sign(message))
+
+
+def public_key_from(text: str) -> str:
+    """A public key given as base64 of its 32 raw bytes or as PEM, as base64 raw."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(text.encode())
+        except ValueError as e:
+            raise ReceiptError(f"not a PEM public key: {e}") from e
+        if not isinstance(key, Ed25519PublicKey):
+            raise ReceiptError(f"the public key must be Ed25519, not {type(key).__name__}")
+        return _b64(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise ReceiptError(f"not a base64 public key: {e}") from e
+    if len(raw) != 32:
+        raise ReceiptError(f"an Ed25519 public key is 32 bytes, this is {len(raw)}")
+    return text
+
+
+def signature_ok(public_key_b64: str, message: bytes, signature_b64: str) -> bool:
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64))
+        key.verify(base64.b64decode(signature_b64), message)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def head_message(tenant: str, seq: int, row_hash: str, signed_at: str) -> bytes:
+    return HEAD_TAG + orjson.dumps([tenant, seq, row_hash, signed_at])
+
+
+def sign_heads(ledger: Ledger, signer: Signer, now: datetime | None = None) -> int:
+    """Sign every tenant's chain head not yet signed by this key; returns how many."""
+    signed_at = utc_iso(now or datetime.now(UTC))
+    done = {
+        (s["tenant"], s["tenant_seq"]) for s in ledger.signatures() if s["key_id"] == signer.key_id
+    }
+    new = [
+        (t, seq, h, signed_at, signer.key_id, signer.public_key,
+         signer.sign(head_message(t, seq, h, signed_at)))
+        for t, (seq, h) in ledger.heads().items()
+        if (t, seq) not in done
+    ]  # fmt: skip
+    if new:
+        ledger.add_signatures(new)
+    return len(new)
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+def _statement(header: dict[str, Any], trailer: dict[str, Any]) -> bytes:
+    """What an export's signature covers: its header and its trailer's figures."""
+    return EXPORT_TAG + orjson.dumps(
+        [header[k] for k in ("format", "tenant", "period_start", "period_end", "first_seq",
+                             "anchor", "key_id", "public_key")]
+        + [trailer[k] for k in ("count", "last_seq", "head_hash", "exported_at")]
+    )  # fmt: skip
+
+
+def export(
+    ledger: Ledger,
+    tenant: str,
+    start: datetime | None,
+    end: datetime | None,
+    signer: Signer,
+    out: IO[bytes],
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Write ``tenant``'s receipts chained in ``[start, end)`` to ``out`` as JSON lines,
+    signed; returns the trailer."""
+    span = ledger.seq_range(tenant, start, end)
+    header: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "tenant": tenant,
+        "period_start": None if start is None else utc_iso(start),
+        "period_end": None if end is None else utc_iso(end),
+        "first_seq": span[0] if span else None,
+        "anchor": ledger.link_before(tenant, span[0]) if span else None,
+        "key_id": signer.key_id,
+        "public_key": signer.public_key,
+        # the heads signed inside the run, each with its own signature (not the export's)
+        "signed_heads": ledger.signatures(tenant, span[0], span[1]) if span is not None else [],
+    }
+    out.write(orjson.dumps(header) + b"\n")
+    count, last_seq, head = 0, None, None
+    if span is not None:
+        for values in ledger.chain(tenant, first_seq=span[0], last_seq=span[1]):
+            record = dict(zip((*HASHED_NAMES, "prev_hash", "row_hash"), values, strict=True))
+            record["carbon_stale"] = bool(record["carbon_stale"])
+            out.write(orjson.dumps(record) + b"\n")
+            count, last_seq, head = count + 1, record["tenant_seq"], record["row_hash"]
+    trailer: dict[str, Any] = {
+        "end": True,
+        "count": count,
+        "last_seq": last_seq,
+        "head_hash": head,
+        "exported_at": utc_iso(now or datetime.now(UTC)),
+    }
+    trailer["signature"] = signer.sign(_statement(header, trailer))
+    out.write(orjson.dumps(trailer) + b"\n")
+    return trailer
+
+
+# ---- verification ---------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What a verification found: rows checked, and each problem with where it is."""
+
+    rows: int = 0
+    tenants: int = 0
+    signatures: int = 0
+    problems: list[str] = field(default_factory=list)
+    more_problems: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+        else:
+            self.more_problems += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "rows": self.rows, "tenants": self.tenants,
+            "signatures": self.signatures, "problems": self.problems,
+            "more_problems": self.more_problems, "notes": self.notes,
+        }  # fmt: skip
+
+
+class _Chain:
+    """One tenant's chain as it is read: checks each row's place, link and hash."""
+
+    def __init__(self, report: Report, tenant: str, first_seq: int, anchor: str) -> None:
+        self.report, self.tenant = report, tenant
+        self.seq, self.prev, self.at = first_seq - 1, anchor, ""
+        self.hashes: dict[int, str] = {}  # seq -> hash, kept for the seqs that are signed
+        self.keep: set[int] = set()
+
+    def add(self, where: str, fields: dict[str, Any]) -> None:
+        r = self.report
+        r.rows += 1
+        rid = fields.get("request_id")
+        at = f"{where} (request {rid}, seq {fields.get('tenant_seq')})"
+        try:
+            computed = link(fields["prev_hash"], canonical(fields))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            r.problem(f"{at}: malformed: {e!r}")
+            self.seq += 1
+            return
+        if fields["tenant"] != self.tenant:
+            r.problem(f"{at}: tenant {fields['tenant']!r} in {self.tenant!r}'s chain")
+        if fields["tenant_seq"] != self.seq + 1:
+            r.problem(
+                f"{at}: seq {fields['tenant_seq']} where {self.seq + 1} was due (a row "
+                "deleted, inserted or reordered)"
+            )
+        if fields["prev_hash"] != self.prev:
+            r.problem(
+                f"{at}: follows {str(fields['prev_hash'])[:12]}… but the row before it hashes "
+                f"to {self.prev[:12]}… (a row deleted, inserted, reordered or edited before it)"
+            )
+        if computed != fields["row_hash"]:
+            r.problem(f"{at}: its fields do not hash to its row_hash (edited)")
+        if str(fields["chained_at"]) < self.at:
+            r.problem(f"{at}: chained at {fields['chained_at']}, before the row it follows")
+        self.seq, self.prev, self.at = (
+            int(fields["tenant_seq"]),
+            computed,
+            str(fields["chained_at"]),
+        )
+        if self.seq in self.keep:
+            self.hashes[self.seq] = computed
+
+
+def _check_heads(
+    report: Report, chain: _Chain, heads: Iterable[dict[str, Any]], trusted: set[str] | None
+) -> None:
+    for s in heads:
+        report.signatures += 1
+        where = f"signed head of {s['tenant']} at seq {s['tenant_seq']} ({s['signed_at']})"
+        if trusted is not None and s["public_key"] not in trusted:
+            report.problem(f"{where}: signed by key {s['key_id']}, not a trusted key")
+        message = head_message(s["tenant"], s["tenant_seq"], s["row_hash"], s["signed_at"])
+        if not signature_ok(s["public_key"], message, s["signature"]):
+            report.problem(f"{where}: the signature does not verify")
+        got = chain.hashes.get(int(s["tenant_seq"]))
+        if got is None:
+            report.problem(f"{where}: the chain has no row {s['tenant_seq']} (rows deleted)")
+        elif got != s["row_hash"]:
+            report.problem(f"{where}: the chain's row there hashes to {got[:12]}…, not the "
+                           f"signed {str(s['row_hash'])[:12]}… (history rewritten)")  # fmt: skip
+
+
+def verify_ledger(ledger: Ledger, trusted: Iterable[str] | None = None) -> Report:
+    """Check every tenant's chain in the ledger from its first row, and every signed head."""
+    trusted_keys = None if trusted is None else set(trusted)
+    report = Report()
+    signatures: dict[str, list[dict[str, Any]]] = {}
+    for s in ledger.signatures():
+        signatures.setdefault(s["tenant"], []).append(s)
+    names = (*HASHED_NAMES, "prev_hash", "row_hash")
+    chain: _Chain | None = None
+
+    def close(c: _Chain) -> None:
+        heads = signatures.pop(c.tenant, [])
+        _check_heads(report, c, heads, trusted_keys)
+        last = max((int(s["tenant_seq"]) for s in heads), default=0)
+        if c.seq > last:
+            report.notes.append(
+                f"{c.tenant}: rows {last + 1}..{c.seq} are after its last signed head"
+            )
+
+    for values in ledger.chain():
+        fields = dict(zip(names, values, strict=True))
+        if chain is None or fields["tenant"] != chain.tenant:
+            if chain is not None:
+                close(chain)
+            chain = _Chain(report, fields["tenant"], 1, GENESIS)
+            chain.keep = {int(s["tenant_seq"]) for s in signatures.get(chain.tenant, [])}
+            report.tenants += 1
+        chain.add("ledger", fields)
+    if chain is not None:
+        close(chain)
+    for tenant, heads in signatures.items():  # signed, but no row of the tenant is left
+        _check_heads(report, _Chain(report, tenant, 1, GENESIS), heads, trusted_keys)
+    return report
+
+
+def _lines(source: IO[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for n, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise ReceiptError(f"line {n}: not JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ReceiptError(f"line {n}: not a JSON object")
+        yield n, value
+
+
+def verify_export(source: IO[bytes], trusted: Iterable[str] | None = None) -> Report:
+    """Check an export: its header, every receipt's place, link and hash, its signed heads,
+    and its own signature; ``trusted``: the public keys (base64) the auditor accepts (else
+    the export's own key is used, and the report says so)."""
+    report = Report(tenants=1)
+    lines = _lines(source)
+    try:
+        _, header = next(lines)
+    except StopIteration:
+        raise ReceiptError("the export is empty") from None
+    if header.get("format") != EXPORT_FORMAT:
+        raise ReceiptError(f"not a {EXPORT_FORMAT} export (format {header.get('format')!r})")
+    trusted_keys = None if trusted is None else set(trusted)
+    if trusted_keys is None:
+        report.notes.append(
+            f"checked with the key in the export ({header.get('key_id')}): compare it with the "
+            "operator's published key, or pass --public-key"
+        )
+        trusted_keys = {str(header.get("public_key"))}
+    elif header.get("public_key") not in trusted_keys:
+        report.problem(f"the export is signed by key {header.get('key_id')}, not a trusted key")
+    heads = header.get("signed_heads") or []
+    expected = {*HASHED_NAMES, "prev_hash", "row_hash"}
+    chain: _Chain | None = None
+    trailer: dict[str, Any] | None = None
+    for n, record in lines:
+        if trailer is not None:
+            report.problem(f"line {n}: after the export's end")
+            continue
+        if record.get("end") is True:
+            trailer = record
+            continue
+        if chain is None:
+            first = header.get("first_seq")
+            chain = _Chain(report, str(header.get("tenant")), int(first or 1),
+                           str(header.get("anchor")))  # fmt: skip
+            chain.keep = {int(s["tenant_seq"]) for s in heads}
+        if set(record) != expected:
+            missing, extra = expected - set(record), set(record) - expected
+            report.problem(f"line {n}: fields missing {sorted(missing)} or extra {sorted(extra)}")
+        chain.add(f"line {n}", record)
+    if trailer is None:
+        report.problem("the export has no trailer: it was cut short")
+        return report
+    count = report.rows
+    if trailer.get("count") != count:
+        report.problem(
+            f"the trailer counts {trailer.get('count')} receipts, the export has {count}"
+        )
+    head = chain.prev if chain is not None else None
+    if trailer.get("head_hash") != head:
+        report.problem("the last receipt is not the head the trailer names (rows cut or added)")
+    last = chain.seq if chain is not None else None
+    if trailer.get("last_seq") != last:
+        report.problem(f"the trailer's last seq {trailer.get('last_seq')} is not the last "
+                       f"receipt's {last}")  # fmt: skip
+    try:
+        statement = _statement(header, trailer)
+    except KeyError as e:
+        report.problem(f"the header or trailer lacks {e}")
+        return report
+    if not signature_ok(str(header.get("public_key")), statement, str(trailer.get("signature"))):
+        report.problem("the export's signature does not verify: its header or trailer was "
+                       "changed, or it was not signed by the key it names")  # fmt: skip
+    if chain is not None:
+        _check_heads(report, chain, heads, trusted_keys)
+    elif heads:
+        report.problem("the export names signed heads but holds no receipt")
+    return report
+
+
+def verify_export_file(path: str | Path, trusted: Iterable[str] | None = None) -> Report:
+    with open(path, "rb") as f:
+        return verify_export(f, trusted)
+
+
+assert len(HASHED) == len(HASHED_NAMES)

@@ -1,0 +1,365 @@
+"""Receipts an auditor can check: the per-tenant hash chain, signed heads, exports, and
+`router verify` failing on any edited, inserted, reordered or deleted row."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sqlite3
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from router.chain import GENESIS, HASHED_NAMES, row_hash
+from router.ledger import Ledger, LedgerRow, utc_iso
+from router.receipts import (
+    ReceiptError,
+    Signer,
+    export,
+    sign_heads,
+    verify_export,
+    verify_ledger,
+)
+
+T0 = datetime(2026, 11, 3, 12, tzinfo=UTC)
+
+
+def receipt_row(rid: str, tenant: str = "acme", k: int = 0, **kw: Any) -> LedgerRow:
+    when = T0 + timedelta(minutes=k)
+    base: dict[str, Any] = dict(
+        request_id=rid, tenant=tenant, region="eu-north", replica="eu-north-0", model="m",
+        started_at=utc_iso(when), ended_at=utc_iso(when + timedelta(seconds=2)),
+        prompt_tokens=100 + k, completion_tokens=50, energy_j=360.0 + k, energy_source="measured",
+        pue=1.2, kwh_billed=(360.0 + k) / 3.6e6 * 1.2, intensity_g_per_kwh=50.0,
+        signal="average", carbon_stale=False, carbon_g=0.006, price_usd_per_kwh=0.1,
+        tariff="energy", cost_usd=1.2e-5, energy_cost_usd=1.2e-5, token_cost_usd=0.0,
+        carbon_cost_usd=0.0, zone="SE-SE1", first_token_at=utc_iso(when + timedelta(seconds=1)),
+        prefill_j=60.0, static_j=100.0, held_s=0.5, meter="nvml-energy", method="work-share/1",
+        intensity_at=utc_iso(when.replace(minute=0)), intensity_source="electricitymaps",
+        intensity_kind="actual", marginal_g_per_kwh=None, embodied_g=0.0021, policy="price_carbon",
+        binding="score", baseline_replica="us-east-0", baseline_carbon_g=0.05, avoided_g=0.044,
+    )  # fmt: skip
+    base.update(kw)
+    return LedgerRow(**base)
+
+
+def filled(path: Path, n: int = 6) -> Ledger:
+    ledger = Ledger(path)
+    rows = []
+    for k in range(n):
+        rows.append(receipt_row(f"a{k}", "acme", k, avoided_g=-0.01 if k == 2 else 0.044))
+        rows.append(receipt_row(f"b{k}", "bolt", k, marginal_g_per_kwh=420.0))
+    ledger.write(rows[:6])
+    ledger.write(rows[6:])
+    return ledger
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> Signer:
+    return Signer.load(tmp_path / "key.pem", create=True)
+
+
+def test_each_tenants_rows_form_a_chain_from_genesis(tmp_path: Path) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    a = [ledger.receipt(f"a{k}") for k in range(6)]
+    assert [r["tenant_seq"] for r in a if r] == [1, 2, 3, 4, 5, 6]
+    assert a[0] is not None and a[0]["prev_hash"] == GENESIS
+    for before, after in zip(a, a[1:], strict=False):
+        assert before is not None and after is not None
+        assert after["prev_hash"] == before["row_hash"]
+        assert after["row_hash"] == row_hash(after["prev_hash"], after)
+    # a retried write neither bills twice nor moves the chain
+    assert ledger.write([receipt_row("a3", "acme", 3, energy_j=999.0)]) == 0
+    assert ledger.heads()["acme"] == (6, a[-1]["row_hash"] if a[-1] else "")
+
+
+def test_a_clean_ledger_verifies_with_its_signed_heads(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    assert sign_heads(ledger, signer) == 2
+    assert sign_heads(ledger, signer) == 0  # heads already signed are not signed again
+    ledger.write([receipt_row("a9", "acme", 9)])
+    report = verify_ledger(ledger, [signer.public_key])
+    assert report.ok, report.problems
+    assert (report.rows, report.tenants, report.signatures) == (13, 2, 2)
+    assert report.notes == ["acme: rows 7..7 are after its last signed head"]
+
+
+def test_rows_are_append_only_in_the_ledger(tmp_path: Path) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    with (
+        closing(sqlite3.connect(ledger.path)) as db,
+        pytest.raises(sqlite3.IntegrityError, match="append-only"),
+    ):
+        db.execute("UPDATE requests SET cost_usd = 0 WHERE request_id = 'a1'")
+    with (
+        closing(sqlite3.connect(ledger.path)) as db,
+        pytest.raises(sqlite3.IntegrityError, match="append-only"),
+    ):
+        db.execute("DELETE FROM requests WHERE request_id = 'a1'")
+
+
+def _tampered(tmp_path: Path, ledger: Ledger, sql: str, params: tuple[Any, ...] = ()) -> Ledger:
+    """A copy of ``ledger`` changed by someone who dropped the append-only triggers."""
+    ledger.close()
+    copy = tmp_path / f"t{len(list(tmp_path.iterdir()))}.sqlite"
+    shutil.copy(ledger.path, copy)
+    with closing(sqlite3.connect(copy)) as db:
+        db.execute("DROP TRIGGER requests_append_only_update")
+        db.execute("DROP TRIGGER requests_append_only_delete")
+        db.execute("DROP INDEX requests_chain")
+        db.execute(sql, params)
+        db.commit()
+    return Ledger(copy)
+
+
+ENUMS = {"energy_source": "estimated", "intensity_kind": "forecast", "signal": "marginal",
+         "status": "error"}  # fmt: skip
+
+
+def _other(value: Any, column: str = "") -> Any:
+    if column in ENUMS:
+        return ENUMS[column]
+    if isinstance(value, bool):
+        return int(not value)
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 1.000001 + 1e-12
+    if value is None:
+        return 1.0
+    return str(value) + "x"
+
+
+@pytest.mark.parametrize("column", [*HASHED_NAMES, "prev_hash", "row_hash"])
+def test_verify_finds_any_field_of_any_row_edited(
+    tmp_path: Path, signer: Signer, column: str
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    before = ledger.receipt("a2")
+    assert before is not None
+    bad = _tampered(
+        tmp_path, ledger, f"UPDATE requests SET {column} = ? WHERE request_id = 'a2'",
+        (_other(before[column], column),),
+    )  # fmt: skip
+    report = verify_ledger(bad, [signer.public_key])
+    assert not report.ok
+    assert any("a2" in p or "acme" in p for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM requests WHERE request_id = 'a2'",  # from the middle
+        "DELETE FROM requests WHERE request_id = 'a0'",  # the first
+        "DELETE FROM requests WHERE request_id = 'a5'",  # the last, under a signed head
+        "UPDATE requests SET tenant_seq = 99 WHERE request_id = 'a1'",  # moved
+        # two swapped (reordered)
+        "UPDATE requests SET tenant_seq = CASE request_id WHEN 'a1' THEN 1 ELSE 2 END "
+        "WHERE request_id IN ('a0', 'a1')",
+        "UPDATE requests SET tenant = 'bolt' WHERE request_id = 'a3'",  # moved to another chain
+    ],
+)
+def test_verify_finds_rows_deleted_or_reordered(tmp_path: Path, signer: Signer, sql: str) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    report = verify_ledger(_tampered(tmp_path, ledger, sql), [signer.public_key])
+    assert not report.ok, sql
+
+
+def test_verify_finds_an_inserted_row_even_with_its_own_hash_right(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    a1 = ledger.receipt("a1")
+    assert a1 is not None
+    forged = {**a1, "request_id": "forged", "tenant_seq": 2}
+    forged["prev_hash"] = a1["row_hash"]
+    forged["row_hash"] = row_hash(a1["row_hash"], forged)
+    cols = list(forged)
+    bad = _tampered(
+        tmp_path, ledger,
+        f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+        tuple(forged[c] for c in cols),
+    )  # fmt: skip
+    assert not verify_ledger(bad, [signer.public_key]).ok
+
+
+def test_history_rewritten_with_fresh_hashes_fails_on_the_signed_head(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """An attacker who edits a row and recomputes every hash after it keeps the chain whole;
+    the head signed before the edit no longer matches."""
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    rows = [ledger.receipt(f"a{k}") for k in range(6)]
+    ledger.close()
+    copy = tmp_path / "rewritten.sqlite"
+    shutil.copy(ledger.path, copy)
+    with closing(sqlite3.connect(copy)) as db:
+        db.execute("DROP TRIGGER requests_append_only_update")
+        prev = GENESIS
+        for r in rows:
+            assert r is not None
+            if r["request_id"] == "a2":
+                r["cost_usd"] = 0.0
+            r["prev_hash"], r["row_hash"] = prev, row_hash(prev, r)
+            prev = r["row_hash"]
+            db.execute(
+                "UPDATE requests SET cost_usd = ?, prev_hash = ?, row_hash = ? "
+                "WHERE request_id = ?",
+                (r["cost_usd"], r["prev_hash"], r["row_hash"], r["request_id"]),
+            )
+        db.commit()
+    report = verify_ledger(Ledger(copy), [signer.public_key])
+    assert not report.ok
+    assert any("history rewritten" in p for p in report.problems), report.problems
+
+
+def test_a_head_signed_by_an_untrusted_key_is_a_problem(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    other = Signer.load(tmp_path / "other.pem", create=True)
+    sign_heads(ledger, other)
+    assert not verify_ledger(ledger, [signer.public_key]).ok
+    assert verify_ledger(ledger, [other.public_key]).ok
+
+
+# ---- exports --------------------------------------------------------------------------------
+
+
+def _export(ledger: Ledger, signer: Signer, tenant: str = "acme") -> list[bytes]:
+    out = io.BytesIO()
+    export(ledger, tenant, None, None, signer, out)
+    return out.getvalue().splitlines(keepends=True)
+
+
+def _check(lines: list[bytes], signer: Signer) -> Any:
+    return verify_export(io.BytesIO(b"".join(lines)), [signer.public_key])
+
+
+def test_an_export_verifies_and_holds_only_its_tenant(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    lines = _export(ledger, signer)
+    report = _check(lines, signer)
+    assert report.ok, report.problems
+    assert report.rows == 6 and report.signatures == 1
+    receipts = [orjson.loads(x) for x in lines[1:-1]]
+    assert {r["tenant"] for r in receipts} == {"acme"}
+    # without a trusted key it still checks, and says whose key it used
+    alone = verify_export(io.BytesIO(b"".join(lines)))
+    assert alone.ok and signer.key_id in alone.notes[0]
+
+
+@pytest.mark.parametrize("field", [*HASHED_NAMES, "prev_hash", "row_hash"])
+def test_an_export_fails_on_any_field_edited(tmp_path: Path, signer: Signer, field: str) -> None:
+    lines = _export(filled(tmp_path / "l.sqlite"), signer)
+    rec = orjson.loads(lines[3])
+    rec[field] = _other(rec[field], field)
+    lines[3] = orjson.dumps(rec) + b"\n"
+    assert not _check(lines, signer).ok
+
+
+def _delete(lines: list[bytes], i: int) -> list[bytes]:
+    return lines[:i] + lines[i + 1 :]
+
+
+def _swap(lines: list[bytes], i: int) -> list[bytes]:
+    return lines[:i] + [lines[i + 1], lines[i]] + lines[i + 2 :]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda ls: _delete(ls, 1),  # the first receipt
+        lambda ls: _delete(ls, 3),  # one in the middle
+        lambda ls: _delete(ls, len(ls) - 2),  # the last receipt
+        lambda ls: _delete(ls, len(ls) - 1),  # the trailer: cut short
+        lambda ls: ls[:3] + [ls[3]] + ls[3:],  # a receipt twice
+        lambda ls: _swap(ls, 2),  # two reordered
+        lambda ls: ls[:-1] + [ls[2]] + ls[-1:],  # an earlier receipt appended
+        lambda ls: ls + [ls[2]],  # a line after the end
+    ],
+    ids=["first", "middle", "last", "trailer", "twice", "swapped", "appended", "after-end"],
+)
+def test_an_export_fails_on_rows_deleted_inserted_or_reordered(
+    tmp_path: Path, signer: Signer, change: Any
+) -> None:
+    lines = _export(filled(tmp_path / "l.sqlite"), signer)
+    assert not _check(change(lines), signer).ok
+
+
+@pytest.mark.parametrize("part,key", [(0, "tenant"), (0, "anchor"), (0, "period_start"),
+                                      (-1, "count"), (-1, "exported_at")])  # fmt: skip
+def test_an_export_fails_when_its_header_or_trailer_is_edited(
+    tmp_path: Path, signer: Signer, part: int, key: str
+) -> None:
+    lines = _export(filled(tmp_path / "l.sqlite"), signer)
+    rec = orjson.loads(lines[part])
+    rec[key] = _other(rec[key])
+    lines[part] = orjson.dumps(rec) + b"\n"
+    assert not _check(lines, signer).ok
+
+
+def test_an_export_signed_by_another_key_is_refused(tmp_path: Path, signer: Signer) -> None:
+    other = Signer.load(tmp_path / "other.pem", create=True)
+    lines = _export(filled(tmp_path / "l.sqlite"), other)
+    report = _check(lines, signer)
+    assert not report.ok and "not a trusted key" in report.problems[0]
+
+
+def test_a_month_export_links_to_the_month_before(tmp_path: Path, signer: Signer) -> None:
+    """Exports of consecutive periods chain: the second's anchor is the first's head."""
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([receipt_row("m1", "acme", 0), receipt_row("m2", "acme", 1)])
+    cut = datetime.now(UTC)
+    ledger.write([receipt_row("m3", "acme", 2)])
+    first, second = io.BytesIO(), io.BytesIO()
+    t1 = export(ledger, "acme", None, cut, signer, first)
+    export(ledger, "acme", cut, None, signer, second)
+    head = orjson.loads(second.getvalue().splitlines()[0])
+    assert t1["count"] == 2 and head["first_seq"] == 3 and head["anchor"] == t1["head_hash"]
+    assert verify_export(io.BytesIO(second.getvalue()), [signer.public_key]).ok
+
+
+def test_not_an_export_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ReceiptError, match="not a carbon-router-receipts/1 export"):
+        verify_export(io.BytesIO(b'{"format": "x"}\n'))
+    with pytest.raises(ReceiptError, match="line 1: not JSON"):
+        verify_export(io.BytesIO(b"garbage\n"))
+    with pytest.raises(ReceiptError, match="empty"):
+        verify_export(io.BytesIO(b""))
+
+
+def test_a_v4_ledger_is_chained_when_migrated(tmp_path: Path, signer: Signer) -> None:
+    from router.ledger import COLUMNS, MIGRATIONS
+
+    path = tmp_path / "v4.sqlite"
+    v4 = COLUMNS[: COLUMNS.index("zone")]
+    with closing(sqlite3.connect(path)) as db:
+        for v in range(4):
+            step = MIGRATIONS[v]
+            for stmt in step.split(";") if isinstance(step, str) else step:
+                assert isinstance(stmt, str)
+                if stmt.strip():
+                    db.execute(stmt)
+        for k, tenant in enumerate(["acme", "bolt", "acme"]):
+            r = receipt_row(f"old{k}", tenant, k)
+            db.execute(
+                f"INSERT INTO requests ({', '.join(v4)}) VALUES ({', '.join('?' * len(v4))})",
+                [getattr(r, c) for c in v4],
+            )
+        db.execute("PRAGMA user_version=4")
+        db.commit()
+    ledger = Ledger(path)
+    ledger.write([receipt_row("new", "acme", 9)])
+    assert ledger.heads() == {"acme": (3, ledger.receipt("new")["row_hash"]),  # type: ignore[index]
+                              "bolt": (1, ledger.receipt("old1")["row_hash"])}  # type: ignore[index]  # fmt: skip
+    assert verify_ledger(ledger).ok
+    hours = ledger.hourly(T0, T0 + timedelta(hours=1))
+    assert sum(h["requests"] for h in hours) == 4
