@@ -92,6 +92,7 @@ class LedgerRow:
     intensity_kind: Literal["actual", "forecast", "stale"] = "actual"
     marginal_g_per_kwh: float | None = None  # a marginal signal that drove the decision
     embodied_g: float = 0.0  # amortized manufacturing carbon, kept apart from carbon_g
+    embodied_basis: str = ""  # the hardware figures and lifetime it was amortized from
     policy: str = ""  # the routing policy, and the constraint that decided (binding)
     binding: str = ""
     baseline_replica: str = ""  # what a carbon-agnostic choice (power of two) would pick
@@ -334,6 +335,7 @@ CREATE TABLE requests_v5 (
         CHECK (intensity_kind IN ('actual', 'forecast', 'stale')),
     marginal_g_per_kwh REAL,
     embodied_g REAL NOT NULL DEFAULT 0 CHECK (embodied_g >= 0),
+    embodied_basis TEXT NOT NULL DEFAULT '',
     policy TEXT NOT NULL DEFAULT '',
     binding TEXT NOT NULL DEFAULT '',
     baseline_replica TEXT NOT NULL DEFAULT '',
