@@ -363,3 +363,73 @@ def test_a_v4_ledger_is_chained_when_migrated(tmp_path: Path, signer: Signer) ->
     assert verify_ledger(ledger).ok
     hours = ledger.hourly(T0, T0 + timedelta(hours=1))
     assert sum(h["requests"] for h in hours) == 4
+
+
+# ---- receipts from the request path ---------------------------------------------------------
+
+
+async def test_a_billed_request_has_a_receipt_that_names_where_each_figure_came_from(
+    tmp_path: Path,
+) -> None:
+    from tests.service_kit import DEMO, INTENSITY, chat, service_kit
+
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(stream=True), headers=DEMO)
+        assert r.status_code == 200
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200
+        streamed, whole = kit.rows()
+        for row in (streamed, whole):
+            assert (row.zone, row.region, row.intensity_kind) == ("SE", "eu-north", "actual")
+            assert row.intensity_source == "static (SE)" and row.intensity_at
+            assert (row.meter, row.method, row.energy_source) == ("cpu", "work-share/1", "measured")
+            assert (row.policy, row.binding) == ("price_carbon", "score")
+            assert 0 < row.prefill_j < row.energy_j and row.held_s > 0
+            assert row.embodied_g > 0 and "CPU replica" in row.embodied_basis
+            # the baseline: power of two over three idle replicas takes each a third of the
+            # time; they predict the same energy, all at PUE 1.2
+            per_kwh = 1.2 * sum(INTENSITY.values()) / 3
+            assert row.baseline_carbon_g == pytest.approx(row.energy_j / 3.6e6 * per_kwh)
+            assert row.avoided_g == pytest.approx(row.baseline_carbon_g - row.carbon_g)
+            assert row.avoided_g > 0
+        assert streamed.first_token_at is not None
+        assert streamed.started_at <= streamed.first_token_at <= streamed.ended_at
+        assert verify_ledger(kit.sink.ledger).ok
+
+
+async def test_a_predicted_bill_says_so_on_its_receipt(tmp_path: Path) -> None:
+    from router.service.fakes import FakeReplicaClient
+    from tests.service_kit import DEMO, chat, service_kit
+
+    fakes = [FakeReplicaClient(n, energy_j=None) for n in
+             ("eu-north-0", "eu-central-0", "us-south-0")]  # fmt: skip
+    async with service_kit(tmp_path, replicas=fakes) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200 and r.json()["usage"]["energy_source"] == "predicted"
+        (row,) = kit.rows()
+        assert (row.energy_source, row.meter, row.method) == (
+            "predicted",
+            "energy-predictor",
+            "predicted-work-share/1",
+        )
+        assert 0 < row.prefill_j < row.energy_j
+
+
+def test_a_measurement_rebills_the_receipt_at_its_own_rates() -> None:
+    """A proxied request's predicted row, billed again when the meter's figure comes: static
+    power and embodied carbon at the row's rates per second held, the baseline with the
+    energy, the carbon avoided from both."""
+    from regions.config import Billing
+    from router.billing import rebill, tariff_for
+
+    old = receipt_row("p", energy_j=400.0, prefill_j=100.0, static_j=100.0, held_s=2.0,
+                      embodied_g=0.2, baseline_carbon_g=1.0, meter="energy-predictor",
+                      method="predicted-work-share/1")  # fmt: skip
+    new = rebill(old, 800.0, "measured", tariff_for(Billing(tariff="energy")), prefill_j=300.0,
+                 held_s=3.0, meter="nvml", method="work-share/1")  # fmt: skip
+    assert (new.energy_j, new.prefill_j, new.held_s) == (800.0, 300.0, 3.0)
+    assert new.static_j == pytest.approx(150.0) and new.embodied_g == pytest.approx(0.3)
+    assert new.baseline_carbon_g == pytest.approx(2.0)
+    assert new.avoided_g == pytest.approx(2.0 - new.carbon_g)
+    assert (new.meter, new.method, new.zone, new.policy) == ("nvml", "work-share/1", "SE-SE1",
+                                                             "price_carbon")  # fmt: skip

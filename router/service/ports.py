@@ -60,6 +60,11 @@ class Final:
     ended_at: datetime
     energy_j: float | None = None
     energy_source: str = "predicted"
+    # from the meter's attribution with energy_j (router.metering.attribution.Attributed):
+    # the prompt's share of it, and the replica seconds the request held
+    prefill_j: float | None = None
+    held_s: float | None = None
+    first_token_at: datetime | None = None  # when the replica saw its first output token
 
 
 StreamItem = Chunk | Final
