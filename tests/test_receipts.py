@@ -433,3 +433,87 @@ def test_a_measurement_rebills_the_receipt_at_its_own_rates() -> None:
     assert new.avoided_g == pytest.approx(2.0 - new.carbon_g)
     assert (new.meter, new.method, new.zone, new.policy) == ("nvml", "work-share/1", "SE-SE1",
                                                              "price_carbon")  # fmt: skip
+
+
+# ---- the commands an operator and an auditor run ---------------------------------------------
+
+
+def test_an_auditor_verifies_a_month_exported_by_the_commands(tmp_path: Path) -> None:
+    from router.cli import main
+
+    ledger = filled(tmp_path / "l.sqlite")
+    ledger.close()
+    key, pub = tmp_path / "k.pem", tmp_path / "k.pub"
+    assert main(["receipts", "keygen", str(key)]) == 0
+    with pytest.raises(SystemExit, match="never overwritten"):
+        main(["receipts", "keygen", str(key)])
+    pub.write_text(Signer.load(key).public_key)
+    led = ["--ledger", str(ledger.path), "--key", str(key)]
+    assert main(["receipts", "sign", *led]) == 0
+    month = datetime.now(UTC).strftime("%Y-%m")
+    out = tmp_path / "acme.jsonl"
+    assert main(["receipts", "export", *led, "--tenant", "acme", "--month", month,
+                 "-o", str(out)]) == 0  # fmt: skip
+    assert len(out.read_bytes().splitlines()) == 8  # header, 6 receipts, trailer
+    assert main(["verify", str(out), "--public-key", str(pub)]) == 0
+    assert main(["verify", "--ledger", str(ledger.path), "--public-key", str(pub)]) == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    rec = orjson.loads(lines[2])
+    rec["cost_usd"] = 0.0
+    lines[2] = orjson.dumps(rec) + b"\n"
+    out.write_bytes(b"".join(lines))
+    assert main(["verify", str(out), "--public-key", str(pub)]) == 1
+    with pytest.raises(SystemExit, match="not YYYY-MM"):
+        main(["receipts", "export", *led, "--tenant", "acme", "--month", "11/2026"])
+    with pytest.raises(SystemExit, match="has no rows"):
+        main(["receipts", "export", *led, "--tenant", "nobody"])
+
+
+async def test_a_tenant_reads_its_own_receipts_and_chain_head_only(tmp_path: Path) -> None:
+    from tests.service_kit import ADMIN, DEMO, chat, service_kit
+
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=ADMIN)
+        admins = r.json()["id"]
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        rid = r.json()["id"]
+        got = await kit.client.get(f"/v1/receipts/{rid}", headers=DEMO)
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert body["id"] == rid and body["tenant"] == "demo"
+        assert body["energy"]["decode_j"] == pytest.approx(
+            body["energy"]["it_j"] - body["energy"]["prefill_j"]
+        )
+        assert body["chain"]["tenant_seq"] == 1
+        assert row_hash(body["record"]["prev_hash"], body["record"]) == body["chain"]["row_hash"]
+        # another tenant's request reads as unknown; the admin reads anyone's
+        assert (await kit.client.get(f"/v1/receipts/{admins}", headers=DEMO)).status_code == 404
+        assert (await kit.client.get(f"/v1/receipts/{rid}", headers=ADMIN)).status_code == 200
+        assert (await kit.client.get("/v1/receipts/nope", headers=DEMO)).status_code == 404
+        assert (await kit.client.get(f"/v1/receipts/{rid}")).status_code == 401
+        head = (await kit.client.get("/v1/receipts/head", headers=DEMO)).json()
+        assert (head["tenant"], head["tenant_seq"]) == ("demo", 1)
+        assert head["row_hash"] == body["chain"]["row_hash"]
+        r = await kit.client.get("/v1/receipts/head?tenant=admin", headers=DEMO)
+        assert r.status_code == 403
+
+
+def test_usage_and_invoices_sum_the_carbon_avoided_and_embodied(tmp_path: Path) -> None:
+    from router.invoice import invoice
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    day = timedelta(days=1)
+    rows = [receipt_row(f"r{k}", "acme", k * 600, avoided_g=0.5 - 0.3 * (k % 3),
+                        embodied_g=0.01 * k) for k in range(12)]  # fmt: skip
+    ledger.write(rows)
+    want_avoided, want_embodied = sum(r.avoided_g for r in rows), sum(r.embodied_g for r in rows)
+    # whole days from the daily sums, the partial days at the ends from the rows
+    for start, end in [(None, None), (T0 + timedelta(hours=5), T0 + 3 * day + timedelta(hours=1))]:
+        page = ledger.usage_page("acme", start=start, end=end)
+        inside = [r for r in rows if (start is None or r.started_at >= utc_iso(start))
+                  and (end is None or r.started_at < utc_iso(end))]  # fmt: skip
+        assert page.totals["carbon_avoided_g"] == pytest.approx(sum(r.avoided_g for r in inside))
+        assert page.totals["embodied_g"] == pytest.approx(sum(r.embodied_g for r in inside))
+    inv = invoice(ledger, "acme", T0.strftime("%Y-%m"))
+    assert inv.carbon_avoided_g == pytest.approx(want_avoided)
+    assert inv.embodied_g == pytest.approx(want_embodied)

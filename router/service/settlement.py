@@ -40,6 +40,8 @@ def usage_fields(row: LedgerRow) -> dict[str, Any]:
         "region": row.region,
         "replica": row.replica,
         "energy_source": row.energy_source,
+        "carbon_avoided_g": row.avoided_g,
+        "embodied_carbon_g": row.embodied_g,
     }
 
 
