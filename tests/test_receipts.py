@@ -517,3 +517,40 @@ def test_usage_and_invoices_sum_the_carbon_avoided_and_embodied(tmp_path: Path) 
     inv = invoice(ledger, "acme", T0.strftime("%Y-%m"))
     assert inv.carbon_avoided_g == pytest.approx(want_avoided)
     assert inv.embodied_g == pytest.approx(want_embodied)
+
+
+def _marginal_config(decide_on: str) -> str:
+    from tests.service_kit import CONFIG
+
+    text = CONFIG.replace(
+        "carbon_sources:\n",
+        "carbon_sources:\n  wt: {kind: watttime, username: u, password: p}\n",
+    )
+    for zone in ("SE", "DE", "US-TEX-ERCO"):
+        text = text.replace(f"    zone: {zone}\n", f"    zone: {zone}\n    marginal_source: wt\n")
+    policy = f"policy: {{name: price_carbon, weight: 0.5, decision_signal: {decide_on}}}"
+    return text.replace("policy: {name: price_carbon, weight: 0.5}", policy)
+
+
+@pytest.mark.parametrize("decide_on", ["average", "marginal"])
+async def test_a_marginal_signal_drives_decisions_only_when_asked_and_bills_stay_average(
+    tmp_path: Path, decide_on: str
+) -> None:
+    from router.service.fakes import StaticCarbonSource
+    from tests.service_kit import DEMO, INTENSITY, chat, service_kit
+
+    marginal = {"SE": 900.0, "DE": 100.0, "US-TEX-ERCO": 500.0}
+    greenest = {**DEMO, "X-Carbon-Preference": "mode=carbon"}
+    async with service_kit(tmp_path, config=_marginal_config(decide_on),
+                           more_sources={"wt": StaticCarbonSource(marginal)}) as kit:  # fmt: skip
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=greenest)
+        assert r.status_code == 200, r.text
+        (row,) = kit.rows()
+        zone = "DE" if decide_on == "marginal" else "SE"  # the greenest by the signal asked
+        assert row.zone == zone
+        assert row.signal == "average" and row.intensity_g_per_kwh == INTENSITY[zone]
+        assert row.marginal_g_per_kwh == marginal[zone]  # recorded beside, never billed
+        assert row.carbon_g == pytest.approx(row.kwh_billed * INTENSITY[zone])
+        # the baseline is in the billed signal too: avoided compares average with average
+        per_kwh = 1.2 * sum(INTENSITY.values()) / 3
+        assert row.baseline_carbon_g == pytest.approx(row.energy_j / 3.6e6 * per_kwh)
