@@ -40,6 +40,7 @@ check: lint typecheck test
 bench: $(BIN)/.installed-dev
 	$(BIN)/python benchmarks/forecast.py
 	$(BIN)/python benchmarks/ledger.py
+	$(BIN)/python benchmarks/receipts.py
 	$(BIN)/python benchmarks/attribution_local.py
 	$(BIN)/python benchmarks/simulate.py
 	$(BIN)/python benchmarks/http_client.py
