@@ -208,26 +208,30 @@ def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) ->
     Among n allowed replicas the one of load rank r (0 the least loaded) is taken in
     n - 1 - r of the n(n - 1)/2 pairs; replicas of equal load share what they win. Plain
     Python: n is a handful and this runs on every request."""
-    billed = c.billed_kwh.tolist()
-    pue, ci, load = c.pue.tolist(), c.billing_intensity.tolist(), c.load.tolist()
+    billed = c.billed_kwh
+    chosen_kwh = float(billed[chosen])
+    # each replica's g CO2e for this request there, by its predicted energy (one pass)
+    emitted = (billed * c.pue * c.billing_intensity).tolist()
+    load = c.load.tolist()
     idx = [k for k, ok in enumerate(allowed.tolist()) if ok]
     if not idx:
-        return c.names[chosen], pue[chosen] * ci[chosen]
+        return c.names[chosen], float(c.pue[chosen] * c.billing_intensity[chosen])
     n = len(idx)
-    idx.sort(key=lambda k: load[k])
+    idx.sort(key=load.__getitem__)
     pairs = n * (n - 1) / 2
-    g, rank = 0.0, 0
-    while rank < n:  # a run of equal loads shares the pairs its ranks win
-        end = rank
-        while end + 1 < n and load[idx[end + 1]] == load[idx[rank]]:
-            end += 1
-        won = sum(n - 1 - r for r in range(rank, end + 1))
-        p = (won / pairs if pairs else 1.0) / (end - rank + 1)
-        for k in idx[rank : end + 1]:
-            ratio = billed[k] / billed[chosen] if billed[chosen] > 0 else 1.0
-            g += p * ratio * pue[k] * ci[k]
-        rank = end + 1
-    return c.names[idx[0]], g
+    g, a = 0.0, 0
+    while a < n:  # a run of equal loads (ranks a..b) shares the pairs its ranks win
+        b, level = a, load[idx[a]]
+        while b + 1 < n and load[idx[b + 1]] == level:
+            b += 1
+        m = b - a + 1
+        won = m * (n - 1) - (a + b) * m / 2  # sum of n - 1 - r over r = a..b
+        share = (won / pairs if pairs else 1.0) / m
+        g += share * (emitted[idx[a]] if m == 1 else sum([emitted[k] for k in idx[a : b + 1]]))
+        a = b + 1
+    if chosen_kwh > 0:
+        return c.names[idx[0]], g / chosen_kwh
+    return c.names[idx[0]], g / float(np.mean([billed[k] for k in idx]) or 1.0)
 
 
 # a request's bound -> (how a note names it, what the fallback picks)
