@@ -201,3 +201,11 @@ class LedgerSink:
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         return self.ledger.measured_rows(replica)
+
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self.ledger.hourly(start, end, tenant)
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        return self.ledger.top_tenants(start, end, limit)

@@ -142,6 +142,15 @@ class LedgerReader(Protocol):
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         """``(prompt tokens, completion tokens, measured J)`` of ``replica``'s metered rows."""
 
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Sums per UTC hour, region and binding constraint of the rows started in the whole
+        hours ``[start, end)`` (``tenant``'s, None: everyone's): :meth:`Ledger.hourly`."""
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` tenants that used most kWh in those hours: :meth:`Ledger.top_tenants`."""
+
 
 @dataclass(frozen=True)
 class ParsedRequest:
