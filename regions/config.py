@@ -207,6 +207,12 @@ class Replica(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     backend: BackendConfig
     gpu: Gpu = Gpu(type="cpu", count=1)
+    embodied_kg: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="kg CO2e to make the hardware this replica holds; default from the "
+        "audit.embodied figures: its GPUs and their share of a server (a CPU replica: one "
+        "GPU's share of a server)",
+    )  # fmt: skip
     meter: Literal["nvml", "rapl", "cpu"] = "cpu"
     gpu_indices: list[int] | None = None
     cpu_watts_per_core: float = Field(15.0, gt=0)
@@ -465,6 +471,40 @@ class FleetScaling(_Strict):
     interval_s: float = Field(60.0, ge=5, le=3600, description="how often it decides")
 
 
+# Embodied (manufacturing) carbon defaults, from Luccioni, Viguier and Ligozat, "Estimating the
+# Carbon Footprint of BLOOM, a 176B Parameter Language Model", JMLR 24 (2023): 150 kg CO2e per
+# A100 GPU, 2,500 kg per 8-GPU server (an HPE Apollo 6500 LCA), six years of use at 85 %
+# utilization. Newer figures differ (Chien et al., HotCarbon 2023, put a whole A100 instance at
+# 318 kg per GPU); set your hardware's own.
+class Embodied(_Strict):
+    """Manufacturing carbon, amortized over a replica's useful life and charged to each request
+    by the replica time it held; shown apart from operational carbon, never added to it."""
+
+    gpu_kg: float = Field(150.0, ge=0, allow_inf_nan=False, description="kg CO2e per GPU")
+    server_kg: float = Field(
+        2500.0, ge=0, allow_inf_nan=False,
+        description="kg CO2e per server (chassis, CPUs, memory, storage) without its GPUs",
+    )  # fmt: skip
+    gpus_per_server: int = Field(8, ge=1, le=64)
+    lifetime_years: float = Field(6.0, gt=0, le=30, allow_inf_nan=False)
+    utilization: float = Field(
+        0.85, gt=0, le=1,
+        description="share of its life the hardware is busy: the time requests pay for",
+    )  # fmt: skip
+
+
+class Audit(_Strict):
+    """Receipts: the signing key of the ledger's chain heads, and how often they are signed."""
+
+    signing_key: str | None = Field(
+        None,
+        description="Ed25519 private key (PEM, PKCS#8), relative to the config's folder; "
+        "default: the ledger's path + '.key', made on first start",
+    )
+    sign_every_s: float = Field(3600.0, ge=60, le=86_400, allow_inf_nan=False)
+    embodied: Embodied = Embodied()
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -474,6 +514,7 @@ class Config(_Strict):
     ledger: str = "carbon-router.sqlite"
     simulation: Simulation = Simulation()
     fleet: FleetScaling = FleetScaling()
+    audit: Audit = Audit()
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:

@@ -54,7 +54,7 @@ HASHED: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("first_token_at", _str), ("prefill_j", _float), ("static_j", _float), ("held_s", _float),
     ("meter", _str), ("method", _str), ("intensity_at", _str), ("intensity_source", _str),
     ("intensity_kind", _str), ("marginal_g_per_kwh", _float), ("embodied_g", _float),
-    ("policy", _str), ("binding", _str), ("baseline_replica", _str),
+    ("embodied_basis", _str), ("policy", _str), ("binding", _str), ("baseline_replica", _str),
     ("baseline_carbon_g", _float), ("avoided_g", _float),
     ("tenant_seq", _int), ("chained_at", _str),
 )  # fmt: skip

@@ -92,6 +92,7 @@ class LedgerRow:
     intensity_kind: Literal["actual", "forecast", "stale"] = "actual"
     marginal_g_per_kwh: float | None = None  # a marginal signal that drove the decision
     embodied_g: float = 0.0  # amortized manufacturing carbon, kept apart from carbon_g
+    embodied_basis: str = ""  # the hardware figures and lifetime it was amortized from
     policy: str = ""  # the routing policy, and the constraint that decided (binding)
     binding: str = ""
     baseline_replica: str = ""  # what a carbon-agnostic choice (power of two) would pick
@@ -334,6 +335,7 @@ CREATE TABLE requests_v5 (
         CHECK (intensity_kind IN ('actual', 'forecast', 'stale')),
     marginal_g_per_kwh REAL,
     embodied_g REAL NOT NULL DEFAULT 0 CHECK (embodied_g >= 0),
+    embodied_basis TEXT NOT NULL DEFAULT '',
     policy TEXT NOT NULL DEFAULT '',
     binding TEXT NOT NULL DEFAULT '',
     baseline_replica TEXT NOT NULL DEFAULT '',
@@ -359,7 +361,19 @@ _V4_TO_V5 = (
     "ALTER TABLE requests_v5 RENAME TO requests",
     "CREATE INDEX requests_tenant_time ON requests (tenant, started_at)",
     _V2_TO_V3,
-    _V3_TO_V4[2],
+    # the daily sums gain carbon avoided and embodied (0 for rows billed before: no baseline)
+    "ALTER TABLE usage_daily ADD COLUMN avoided_g REAL NOT NULL DEFAULT 0",
+    "ALTER TABLE usage_daily ADD COLUMN embodied_g REAL NOT NULL DEFAULT 0",
+    """CREATE TRIGGER requests_daily AFTER INSERT ON requests BEGIN
+        INSERT INTO usage_daily VALUES (NEW.tenant, substr(NEW.started_at, 1, 10), 1,
+                                        NEW.kwh_billed, NEW.carbon_g, NEW.cost_usd,
+                                        NEW.avoided_g, NEW.embodied_g)
+        ON CONFLICT (tenant, day) DO UPDATE SET
+            requests = requests + 1, kwh = kwh + excluded.kwh,
+            carbon_g = carbon_g + excluded.carbon_g, cost_usd = cost_usd + excluded.cost_usd,
+            avoided_g = avoided_g + excluded.avoided_g,
+            embodied_g = embodied_g + excluded.embodied_g;
+    END""",
     _chain_existing,
     "CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)",
     """CREATE TABLE chain_signatures (
@@ -782,7 +796,7 @@ class Ledger:
         time order from the row after request ``after``, with the period's totals, summed by
         SQL: the cost does not grow with the rows a tenant has, only with the page."""
         where, params = _period(tenant, start, end)
-        n, kwh, g, usd = self._totals(tenant, start, end)
+        n, kwh, g, usd, avoided, embodied = self._totals(tenant, start, end)
         page_where, page_params = where, list(params)
         if after is not None:
             found = self._query("SELECT started_at FROM requests WHERE request_id = ?", (after,))
@@ -797,18 +811,20 @@ class Ledger:
         )
         rows = [_row(r) for r in cur]
         totals = {"requests": int(n), "kwh": float(kwh), "carbon_g": float(g),
-                  "cost_usd": float(usd)}  # fmt: skip
+                  "cost_usd": float(usd), "carbon_avoided_g": float(avoided),
+                  "embodied_g": float(embodied)}  # fmt: skip
         return UsagePage(rows[:limit], totals, len(rows) > limit)
 
     def spend(self, tenant: str, since: datetime) -> tuple[float, float, float]:
         """``tenant``'s billed (kWh, g CO2e, USD) since ``since``, summed by SQL."""
-        _, kwh, g, usd = self._totals(tenant, since, None)
+        _, kwh, g, usd, _, _ = self._totals(tenant, since, None)
         return kwh, g, usd
 
     def _totals(
         self, tenant: str | None, start: datetime | None, end: datetime | None
-    ) -> tuple[int, float, float, float]:
-        """(requests, kWh, g CO2e, USD) of ``tenant``'s rows (None: everyone's) started in
+    ) -> tuple[int, float, float, float, float, float]:
+        """(requests, kWh, g CO2e, USD, g avoided, g embodied) of ``tenant``'s rows (None:
+        everyone's) started in
         ``[start, end)``: the whole UTC days inside it from the daily sums, the partial days
         at its ends from the rows, so the cost is that of two days at most, not of the period."""
         first = None if start is None else _day(start, up=True)  # the first whole day
@@ -825,13 +841,14 @@ class Ledger:
         if stop is not None:
             where.append("day < ?")
             params.append(stop.date().isoformat())
-        n, kwh, g, usd = self._query(
+        n, *sums = self._query(
             "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(kwh), 0), "
-            "COALESCE(SUM(carbon_g), 0), COALESCE(SUM(cost_usd), 0) FROM usage_daily "
+            "COALESCE(SUM(carbon_g), 0), COALESCE(SUM(cost_usd), 0), "
+            "COALESCE(SUM(avoided_g), 0), COALESCE(SUM(embodied_g), 0) FROM usage_daily "
             f"WHERE {' AND '.join(where)}",
             params,
         )[0]
-        total = [int(n), float(kwh), float(g), float(usd)]
+        total = [int(n), *map(float, sums)]
         edges = []
         if start is not None and first is not None and start < first:
             edges.append(self._sum_rows(tenant, start, first))
@@ -839,18 +856,19 @@ class Ledger:
             edges.append(self._sum_rows(tenant, stop, end))
         for edge in edges:
             total = [a + b for a, b in zip(total, edge, strict=True)]
-        return int(total[0]), total[1], total[2], total[3]
+        return int(total[0]), total[1], total[2], total[3], total[4], total[5]
 
     def _sum_rows(
         self, tenant: str | None, start: datetime | None, end: datetime | None
-    ) -> tuple[int, float, float, float]:
+    ) -> tuple[int, float, float, float, float, float]:
         where, params = _period(tenant, start, end)
-        n, kwh, g, usd = self._query(
+        n, kwh, g, usd, avoided, embodied = self._query(
             "SELECT COUNT(*), COALESCE(SUM(kwh_billed), 0), COALESCE(SUM(carbon_g), 0), "
-            f"COALESCE(SUM(cost_usd), 0) FROM requests WHERE {where}",
+            "COALESCE(SUM(cost_usd), 0), COALESCE(SUM(avoided_g), 0), "
+            f"COALESCE(SUM(embodied_g), 0) FROM requests WHERE {where}",
             params,
         )[0]
-        return int(n), float(kwh), float(g), float(usd)
+        return int(n), float(kwh), float(g), float(usd), float(avoided), float(embodied)
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         """A read on the reader's own connection, fetched whole under its lock: it sees

@@ -183,6 +183,39 @@ class Decision:
         }
 
 
+def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) -> tuple[str, float]:
+    """What a carbon-agnostic choice would have emitted for this request: power of two
+    choices over the ``allowed`` replicas (two drawn at random, the less loaded taken),
+    expected over its draws, so a receipt's figure does not depend on a coin. Returns its
+    likeliest pick and its g CO2e per kWh of IT energy the request used on ``chosen`` (each
+    replica's predicted energy relative to the chosen one's, its PUE and intensity); the
+    receipt multiplies that by the energy measured.
+
+    Among n allowed replicas the one of load rank r (0 the least loaded) is taken in
+    n - 1 - r of the n(n - 1)/2 pairs; replicas of equal load share what they win. Plain
+    Python: n is a handful and this runs on every request."""
+    billed = c.billed_kwh.tolist()
+    pue, ci, load = c.pue.tolist(), c.intensity_g_per_kwh.tolist(), c.load.tolist()
+    idx = [k for k, ok in enumerate(allowed.tolist()) if ok]
+    if not idx:
+        return c.names[chosen], pue[chosen] * ci[chosen]
+    n = len(idx)
+    idx.sort(key=lambda k: load[k])
+    pairs = n * (n - 1) / 2
+    g, rank = 0.0, 0
+    while rank < n:  # a run of equal loads shares the pairs its ranks win
+        end = rank
+        while end + 1 < n and load[idx[end + 1]] == load[idx[rank]]:
+            end += 1
+        won = sum(n - 1 - r for r in range(rank, end + 1))
+        p = (won / pairs if pairs else 1.0) / (end - rank + 1)
+        for k in idx[rank : end + 1]:
+            ratio = billed[k] / billed[chosen] if billed[chosen] > 0 else 1.0
+            g += p * ratio * pue[k] * ci[k]
+        rank = end + 1
+    return c.names[idx[0]], g
+
+
 # a request's bound -> (how a note names it, what the fallback picks)
 BOUNDS = {"latency": ("latency budget", "fastest"), "tpot": ("max-tpot-ms", "quickest")}
 

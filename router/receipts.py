@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from router.chain import GENESIS, HASHED, HASHED_NAMES, canonical, link
+from router.chain import CHAIN_FIELDS, GENESIS, HASHED, HASHED_NAMES, canonical, link
 from router.errors import RouterError
 from router.ledger import Ledger, utc_iso
 
@@ -158,6 +158,85 @@ def sign_heads(ledger: Ledger, signer: Signer, now: datetime | None = None) -> i
     if new:
         ledger.add_signatures(new)
     return len(new)
+
+
+def receipt_view(d: dict[str, Any]) -> dict[str, Any]:
+    """A receipt as ``GET /v1/receipts/{id}`` answers it: its figures grouped, each beside
+    what it came from, and ``record``, the hashed fields as stored (what an auditor hashes)."""
+    operational = d["carbon_g"]
+    return {
+        "object": "receipt",
+        "id": d["request_id"],
+        "tenant": d["tenant"],
+        "model": d["model"],
+        "status": d["status"],
+        "placement": {"region": d["region"], "replica": d["replica"], "zone": d["zone"]},
+        "times": {
+            "started_at": d["started_at"],
+            "first_token_at": d["first_token_at"],
+            "ended_at": d["ended_at"],
+        },  # fmt: skip
+        "tokens": {"prompt": d["prompt_tokens"], "completion": d["completion_tokens"]},
+        "energy": {
+            "it_j": d["energy_j"],
+            "prefill_j": d["prefill_j"],
+            "decode_j": d["energy_j"] - d["prefill_j"],
+            "active_j": d["energy_j"] - d["static_j"],
+            "static_j": d["static_j"],
+            "replica_seconds_held": d["held_s"],
+            "source": d["energy_source"],
+            "meter": d["meter"],
+            "method": d["method"],
+            "pue": d["pue"],
+            "billed_kwh": d["kwh_billed"],
+        },
+        "carbon": {
+            "operational_g": operational,
+            "intensity_g_per_kwh": d["intensity_g_per_kwh"],
+            "signal": d["signal"],
+            "accounting": "location-based (GHG Protocol Scope 2)"
+            if d["signal"] == "average"
+            else "marginal signal",
+            "intensity_source": d["intensity_source"],
+            "intensity_at": d["intensity_at"],
+            "intensity_kind": d["intensity_kind"],
+            "marginal_g_per_kwh": d["marginal_g_per_kwh"],
+            "embodied_g": d["embodied_g"],
+            "embodied_basis": d["embodied_basis"],
+        },
+        "avoided": {
+            "baseline": "power of two choices over the same allowed replicas, expected over "
+            "its draws, at the moment of the decision",
+            "baseline_replica": d["baseline_replica"],
+            "baseline_carbon_g": d["baseline_carbon_g"],
+            "carbon_avoided_g": d["avoided_g"],
+        },
+        "decision": {"policy": d["policy"], "binding": d["binding"]},
+        "price": {
+            "usd_per_kwh": d["price_usd_per_kwh"],
+            "tariff": d["tariff"],
+            "cost_usd": d["cost_usd"],
+            "energy_cost_usd": d["energy_cost_usd"],
+            "token_cost_usd": d["token_cost_usd"],
+            "carbon_cost_usd": d["carbon_cost_usd"],
+        },
+        "chain": {k: d[k] for k in CHAIN_FIELDS},
+        "record": {k: d[k] for k in (*HASHED_NAMES, "prev_hash", "row_hash")},
+    }
+
+
+def head_view(ledger: Ledger, tenant: str) -> dict[str, Any]:
+    """``tenant``'s chain head now and the latest signed one (``GET /v1/receipts/head``): a
+    tenant that keeps its signed heads can show later that no row before them changed."""
+    seq, h = ledger.heads().get(tenant, (0, GENESIS))
+    signed = ledger.signatures(tenant)
+    return {
+        "object": "receipt_chain_head",
+        "tenant": tenant,
+        "tenant_seq": seq,
+        "row_hash": h,
+        "signed": max(signed, key=lambda s: (s["tenant_seq"], s["signed_at"])) if signed else None,
+    }
 
 
 # ---- export ---------------------------------------------------------------------------------

@@ -363,3 +363,157 @@ def test_a_v4_ledger_is_chained_when_migrated(tmp_path: Path, signer: Signer) ->
     assert verify_ledger(ledger).ok
     hours = ledger.hourly(T0, T0 + timedelta(hours=1))
     assert sum(h["requests"] for h in hours) == 4
+
+
+# ---- receipts from the request path ---------------------------------------------------------
+
+
+async def test_a_billed_request_has_a_receipt_that_names_where_each_figure_came_from(
+    tmp_path: Path,
+) -> None:
+    from tests.service_kit import DEMO, INTENSITY, chat, service_kit
+
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(stream=True), headers=DEMO)
+        assert r.status_code == 200
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200
+        streamed, whole = kit.rows()
+        for row in (streamed, whole):
+            assert (row.zone, row.region, row.intensity_kind) == ("SE", "eu-north", "actual")
+            assert row.intensity_source == "static (SE)" and row.intensity_at
+            assert (row.meter, row.method, row.energy_source) == ("cpu", "work-share/1", "measured")
+            assert (row.policy, row.binding) == ("price_carbon", "score")
+            assert 0 < row.prefill_j < row.energy_j and row.held_s > 0
+            assert row.embodied_g > 0 and "CPU replica" in row.embodied_basis
+            # the baseline: power of two over three idle replicas takes each a third of the
+            # time; they predict the same energy, all at PUE 1.2
+            per_kwh = 1.2 * sum(INTENSITY.values()) / 3
+            assert row.baseline_carbon_g == pytest.approx(row.energy_j / 3.6e6 * per_kwh)
+            assert row.avoided_g == pytest.approx(row.baseline_carbon_g - row.carbon_g)
+            assert row.avoided_g > 0
+        assert streamed.first_token_at is not None
+        assert streamed.started_at <= streamed.first_token_at <= streamed.ended_at
+        assert verify_ledger(kit.sink.ledger).ok
+
+
+async def test_a_predicted_bill_says_so_on_its_receipt(tmp_path: Path) -> None:
+    from router.service.fakes import FakeReplicaClient
+    from tests.service_kit import DEMO, chat, service_kit
+
+    fakes = [FakeReplicaClient(n, energy_j=None) for n in
+             ("eu-north-0", "eu-central-0", "us-south-0")]  # fmt: skip
+    async with service_kit(tmp_path, replicas=fakes) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        assert r.status_code == 200 and r.json()["usage"]["energy_source"] == "predicted"
+        (row,) = kit.rows()
+        assert (row.energy_source, row.meter, row.method) == (
+            "predicted",
+            "energy-predictor",
+            "predicted-work-share/1",
+        )
+        assert 0 < row.prefill_j < row.energy_j
+
+
+def test_a_measurement_rebills_the_receipt_at_its_own_rates() -> None:
+    """A proxied request's predicted row, billed again when the meter's figure comes: static
+    power and embodied carbon at the row's rates per second held, the baseline with the
+    energy, the carbon avoided from both."""
+    from regions.config import Billing
+    from router.billing import rebill, tariff_for
+
+    old = receipt_row("p", energy_j=400.0, prefill_j=100.0, static_j=100.0, held_s=2.0,
+                      embodied_g=0.2, baseline_carbon_g=1.0, meter="energy-predictor",
+                      method="predicted-work-share/1")  # fmt: skip
+    new = rebill(old, 800.0, "measured", tariff_for(Billing(tariff="energy")), prefill_j=300.0,
+                 held_s=3.0, meter="nvml", method="work-share/1")  # fmt: skip
+    assert (new.energy_j, new.prefill_j, new.held_s) == (800.0, 300.0, 3.0)
+    assert new.static_j == pytest.approx(150.0) and new.embodied_g == pytest.approx(0.3)
+    assert new.baseline_carbon_g == pytest.approx(2.0)
+    assert new.avoided_g == pytest.approx(2.0 - new.carbon_g)
+    assert (new.meter, new.method, new.zone, new.policy) == ("nvml", "work-share/1", "SE-SE1",
+                                                             "price_carbon")  # fmt: skip
+
+
+# ---- the commands an operator and an auditor run ---------------------------------------------
+
+
+def test_an_auditor_verifies_a_month_exported_by_the_commands(tmp_path: Path) -> None:
+    from router.cli import main
+
+    ledger = filled(tmp_path / "l.sqlite")
+    ledger.close()
+    key, pub = tmp_path / "k.pem", tmp_path / "k.pub"
+    assert main(["receipts", "keygen", str(key)]) == 0
+    with pytest.raises(SystemExit, match="never overwritten"):
+        main(["receipts", "keygen", str(key)])
+    pub.write_text(Signer.load(key).public_key)
+    led = ["--ledger", str(ledger.path), "--key", str(key)]
+    assert main(["receipts", "sign", *led]) == 0
+    month = datetime.now(UTC).strftime("%Y-%m")
+    out = tmp_path / "acme.jsonl"
+    assert main(["receipts", "export", *led, "--tenant", "acme", "--month", month,
+                 "-o", str(out)]) == 0  # fmt: skip
+    assert len(out.read_bytes().splitlines()) == 8  # header, 6 receipts, trailer
+    assert main(["verify", str(out), "--public-key", str(pub)]) == 0
+    assert main(["verify", "--ledger", str(ledger.path), "--public-key", str(pub)]) == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    rec = orjson.loads(lines[2])
+    rec["cost_usd"] = 0.0
+    lines[2] = orjson.dumps(rec) + b"\n"
+    out.write_bytes(b"".join(lines))
+    assert main(["verify", str(out), "--public-key", str(pub)]) == 1
+    with pytest.raises(SystemExit, match="not YYYY-MM"):
+        main(["receipts", "export", *led, "--tenant", "acme", "--month", "11/2026"])
+    with pytest.raises(SystemExit, match="has no rows"):
+        main(["receipts", "export", *led, "--tenant", "nobody"])
+
+
+async def test_a_tenant_reads_its_own_receipts_and_chain_head_only(tmp_path: Path) -> None:
+    from tests.service_kit import ADMIN, DEMO, chat, service_kit
+
+    async with service_kit(tmp_path) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=ADMIN)
+        admins = r.json()["id"]
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=DEMO)
+        rid = r.json()["id"]
+        got = await kit.client.get(f"/v1/receipts/{rid}", headers=DEMO)
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert body["id"] == rid and body["tenant"] == "demo"
+        assert body["energy"]["decode_j"] == pytest.approx(
+            body["energy"]["it_j"] - body["energy"]["prefill_j"]
+        )
+        assert body["chain"]["tenant_seq"] == 1
+        assert row_hash(body["record"]["prev_hash"], body["record"]) == body["chain"]["row_hash"]
+        # another tenant's request reads as unknown; the admin reads anyone's
+        assert (await kit.client.get(f"/v1/receipts/{admins}", headers=DEMO)).status_code == 404
+        assert (await kit.client.get(f"/v1/receipts/{rid}", headers=ADMIN)).status_code == 200
+        assert (await kit.client.get("/v1/receipts/nope", headers=DEMO)).status_code == 404
+        assert (await kit.client.get(f"/v1/receipts/{rid}")).status_code == 401
+        head = (await kit.client.get("/v1/receipts/head", headers=DEMO)).json()
+        assert (head["tenant"], head["tenant_seq"]) == ("demo", 1)
+        assert head["row_hash"] == body["chain"]["row_hash"]
+        r = await kit.client.get("/v1/receipts/head?tenant=admin", headers=DEMO)
+        assert r.status_code == 403
+
+
+def test_usage_and_invoices_sum_the_carbon_avoided_and_embodied(tmp_path: Path) -> None:
+    from router.invoice import invoice
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    day = timedelta(days=1)
+    rows = [receipt_row(f"r{k}", "acme", k * 600, avoided_g=0.5 - 0.3 * (k % 3),
+                        embodied_g=0.01 * k) for k in range(12)]  # fmt: skip
+    ledger.write(rows)
+    want_avoided, want_embodied = sum(r.avoided_g for r in rows), sum(r.embodied_g for r in rows)
+    # whole days from the daily sums, the partial days at the ends from the rows
+    for start, end in [(None, None), (T0 + timedelta(hours=5), T0 + 3 * day + timedelta(hours=1))]:
+        page = ledger.usage_page("acme", start=start, end=end)
+        inside = [r for r in rows if (start is None or r.started_at >= utc_iso(start))
+                  and (end is None or r.started_at < utc_iso(end))]  # fmt: skip
+        assert page.totals["carbon_avoided_g"] == pytest.approx(sum(r.avoided_g for r in inside))
+        assert page.totals["embodied_g"] == pytest.approx(sum(r.embodied_g for r in inside))
+    inv = invoice(ledger, "acme", T0.strftime("%Y-%m"))
+    assert inv.carbon_avoided_g == pytest.approx(want_avoided)
+    assert inv.embodied_g == pytest.approx(want_embodied)

@@ -463,7 +463,7 @@ def test_a_stream_cut_by_its_client_is_billed_for_what_was_generated(
     first = next(iter(stream))
     stream.close()
     row = billed(server, first.id)
-    assert row.energy_source == "estimated" and row.tenant == "demo"
+    assert row.energy_source == "predicted" and row.tenant == "demo"
     assert 1 <= row.completion_tokens < 1000 and row.kwh_billed > 0
 
 
@@ -556,5 +556,5 @@ def test_live_a_stream_whose_upstream_dies_is_billed_and_ends_with_an_error(
         fault(server, None)
     assert got and got[0].choices[0].delta.content == "t0 "
     row = billed(server, got[0].id, timeout_s=40)
-    assert row.energy_source == "estimated" and 1 <= row.completion_tokens <= 2
+    assert row.energy_source == "predicted" and 1 <= row.completion_tokens <= 2
     assert row.prompt_tokens == len("Name one fruit.") // 4  # no usage came: the estimate

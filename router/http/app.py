@@ -131,6 +131,20 @@ def make_api() -> FastAPI:
         query = UsageQuery(utc_param(start, "start"), utc_param(end, "end"), limit, after)
         return JSONResponse(await service_of(request).usage(caller, tenant, query))
 
+    @api.get("/v1/receipts/head")
+    async def receipt_head(
+        request: Request, caller: Auth, tenant: str | None = None
+    ) -> JSONResponse:
+        """The caller's receipt chain head now and the latest signed one (keep these: they
+        show later that no receipt before them changed)."""
+        return JSONResponse(await service_of(request).receipt_head(caller, tenant))
+
+    @api.get("/v1/receipts/{request_id}")
+    async def receipt(request: Request, request_id: str, caller: Auth) -> JSONResponse:
+        """A billed request's receipt: every figure and where it came from, and its place in
+        the tenant's hash chain."""
+        return JSONResponse(await service_of(request).receipt(caller, request_id))
+
     @api.get("/v1/jobs/{job_id}")
     async def get_job(request: Request, job_id: str, caller: Auth) -> JSONResponse:
         return JSONResponse(service_of(request).deferral.get(caller, job_id).public())

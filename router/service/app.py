@@ -15,7 +15,7 @@ from typing import Any
 from forecasting.energy import EnergyPredictor
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, ConfigError, load_config
-from router.errors import Conflict, ModelNotFound, PermissionDenied, RequestError
+from router.errors import Conflict, ModelNotFound, NotFound, PermissionDenied, RequestError
 from router.jobs import JobStore
 from router.ledger import LedgerError
 from router.service.batches import Batches
@@ -127,6 +127,22 @@ class RouterService:
             "has_more": page["has_more"],
             "last_id": data[-1]["request_id"] if data else None,
         }
+
+    async def receipt(self, caller: Caller, request_id: str) -> dict[str, Any]:
+        """The receipt of one of the caller's requests (the admin: anyone's), once its bill
+        has reached the ledger; another tenant's request reads as unknown."""
+        tenant = None if caller.admin else caller.tenant
+        await self.settlement.wait_settled(tenant)
+        found = await self.ledger.receipt(tenant, request_id)
+        if found is None:
+            raise NotFound(f"no receipt for request {request_id!r}")
+        return found
+
+    async def receipt_head(self, caller: Caller, tenant: str | None) -> dict[str, Any]:
+        """The caller's chain head and latest signed head (the admin's: ``tenant``'s)."""
+        if tenant is not None and not caller.admin and tenant != caller.tenant:
+            raise PermissionDenied("a tenant key reads its own chain head only")
+        return await self.ledger.receipt_head(tenant if caller.admin and tenant else caller.tenant)
 
     def dead_letters(self, caller: Caller) -> dict[str, Any]:
         """Admin: the billed rows the ledger refused for good (set aside, not lost)."""

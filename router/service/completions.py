@@ -13,10 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from router.accounting import Routed
 from router.errors import ReplicaFailed
 from router.policy import Candidates, Decision
 from router.preference import Preference
@@ -56,6 +57,8 @@ class Started:
     answer: Answer | None = None
     first: StreamItem | None = None
     stream: AsyncIterator[StreamItem] | None = None
+    routed: Routed | None = None  # for its receipt
+    first_at: datetime | None = None  # when its first output reached the ingress
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,8 @@ class Completions:
             try:
                 if not parsed.stream:
                     answer = await replica.complete(request_id, parsed.completion)
-                    return Started(i, decision, hold, answer=answer)
+                    routed = Routed.of(decision, router.baseline(cands, pref, i))
+                    return Started(i, decision, hold, answer=answer, routed=routed)
                 stream = replica.stream(request_id, parsed.completion)
                 first: StreamItem | None = await anext(stream, None)
             except ReplicaFailed as e:
@@ -166,12 +170,16 @@ class Completions:
                 continue
             except asyncio.CancelledError:  # the client went away while the replica worked
                 st.active -= 1
-                self._bill_cut(request_id, tenant, i, parsed, began, None, hold)
+                routed = Routed.of(decision, router.baseline(cands, pref, i))
+                self._bill_cut(request_id, tenant, i, parsed, began, None, hold, routed)
                 raise
             except BaseException:
                 st.active -= 1
                 raise
-            return Started(i, decision, hold, first=first, stream=stream)
+            routed = Routed.of(decision, router.baseline(cands, pref, i))
+            first_at = datetime.now(UTC) if isinstance(first, Chunk) else None
+            return Started(i, decision, hold, first=first, stream=stream, routed=routed,
+                           first_at=first_at)  # fmt: skip
 
     def _bill_cut(
         self,
@@ -182,6 +190,8 @@ class Completions:
         began: datetime,
         produced: int | None,
         hold: Hold | None,
+        routed: Routed | None = None,
+        first_at: datetime | None = None,
     ) -> None:
         """Bill a request cut before its end, by prediction (``estimated``): its prompt, and
         the output it was sent (``produced``) or, not streamed, what its replica's rate makes
@@ -191,30 +201,32 @@ class Completions:
             per_s = self._live().router.states[index].replica.tokens_per_s
             elapsed_s = (now - began).total_seconds()
             produced = min(parsed.completion.max_tokens, int(elapsed_s * per_s))
-        cut = Final(parsed.prompt_estimate(), produced, began, now)
-        self._settle_soon(request_id, tenant, index, cut, parsed, hold)
+        cut = Final(parsed.prompt_estimate(), produced, began, now, first_token_at=first_at)
+        self._settle_soon(request_id, tenant, index, cut, parsed, hold, routed)
 
     async def _settle(
         self, request_id: str, tenant: str, index: int, final: Final | None,
-        parsed: ParsedRequest, hold: Hold | None,
+        parsed: ParsedRequest, hold: Hold | None, routed: Routed | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Settle here; if the caller is cancelled meanwhile, again on a task of its own, so
         the bill is not lost. Settling has no effect before its one await (the carbon
         reading), and its hold is released once whoever gets there first: a second settle of
         the same request bills it once (the ledger is idempotent by request id)."""
         try:
-            return await self.settlement.settle(request_id, tenant, index, final, parsed, hold)
+            return await self.settlement.settle(
+                request_id, tenant, index, final, parsed, hold, routed
+            )
         except asyncio.CancelledError:
-            self._settle_soon(request_id, tenant, index, final, parsed, hold)
+            self._settle_soon(request_id, tenant, index, final, parsed, hold, routed)
             raise
 
     def _settle_soon(
         self, request_id: str, tenant: str, index: int, final: Final | None,
-        parsed: ParsedRequest, hold: Hold | None,
+        parsed: ParsedRequest, hold: Hold | None, routed: Routed | None = None,
     ) -> asyncio.Task[dict[str, Any]]:  # fmt: skip
         """Settle on a task of its own: a cancelled caller cannot lose the bill."""
         task = asyncio.get_running_loop().create_task(
-            self.settlement.settle(request_id, tenant, index, final, parsed, hold)
+            self.settlement.settle(request_id, tenant, index, final, parsed, hold, routed)
         )
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -244,7 +256,11 @@ class Completions:
                     item = await anext(stream, None)
         finally:
             router.states[started.index].active -= 1
-        usage = await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
+        if final is not None and final.first_token_at is None and started.first_at is not None:
+            final = replace(final, first_token_at=started.first_at)
+        usage = await self._settle(
+            request_id, tenant, started.index, final, parsed, started.hold, started.routed
+        )
         return Collected("".join(text), finish or "stop", usage)
 
     async def abandon(
@@ -255,7 +271,8 @@ class Completions:
         self._live().router.states[started.index].active -= 1
         began = datetime.now(UTC)
         produced = 1 if isinstance(started.first, Chunk) else 0  # its first output was made
-        self._bill_cut(request_id, tenant, started.index, parsed, began, produced, started.hold)
+        self._bill_cut(request_id, tenant, started.index, parsed, began, produced, started.hold,
+                       started.routed, started.first_at)  # fmt: skip
         aclose = getattr(started.stream, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -282,17 +299,23 @@ class Completions:
         except ReplicaFailed as e:  # after the first byte: no failover; bill what was sent
             log.warning("replica %s failed mid-stream: %s", self.replicas[started.index].name, e)
             self._live().router.failed(started.index)
-            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold,
+                           started.routed, started.first_at)  # fmt: skip
             yield StreamFailed(e)
             return
         except (asyncio.CancelledError, GeneratorExit):
-            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold,
+                           started.routed, started.first_at)  # fmt: skip
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:  # stop the upstream: the replica stops generating
                 await aclose()
             raise
         finally:
             st.active -= 1
+        if final is not None and final.first_token_at is None and started.first_at is not None:
+            final = replace(final, first_token_at=started.first_at)
         yield Settled(
-            await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
+            await self._settle(
+                request_id, tenant, started.index, final, parsed, started.hold, started.routed
+            )
         )

@@ -25,10 +25,17 @@ from forecasting.replica_model import (
 )
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, Region, Replica
+from router.accounting import (
+    ATTRIBUTION_METHOD,
+    PREDICTION_METHOD,
+    Routed,
+    embodied_rate,
+    prefill_share_j,
+)
 from router.billing import PriceError, PriceSchedule, bill_line, tariff_for
 from router.errors import CarbonUnavailable
-from router.ledger import LedgerRow
-from router.policy import Candidates, Decision, Policy, make_policy
+from router.ledger import LedgerRow, utc_iso
+from router.policy import Candidates, Decision, Policy, carbon_agnostic_baseline, make_policy
 from router.preference import Preference, parse_preference
 from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 from router.service.carbon import CarbonView
@@ -185,6 +192,7 @@ class Router:
     _prefs: dict[str | None, Preference] = field(default_factory=dict)  # parsed headers
     _static: dict[str, Any] | None = None
     _models: frozenset[str] | None = None
+    _embodied: list[tuple[float, str]] = field(default_factory=list)  # per replica
 
     @classmethod
     def build(
@@ -210,6 +218,7 @@ class Router:
         router._book = SlotBook(
             np.array([s.replica.max_concurrency * 3600.0 for s in router.states])
         )
+        router._embodied = [embodied_rate(s.replica, config.audit.embodied) for s in router.states]
         return router
 
     @property
@@ -405,6 +414,12 @@ class Router:
     def failed(self, index: int) -> None:
         self.states[index].cooldown_until = self.clock() + self.cooldown_s
 
+    def baseline(self, c: Candidates, pref: Preference, chosen: int) -> tuple[str, float]:
+        """The carbon-agnostic choice for this request at this moment: power of two over the
+        replicas its preference allows that are up and have an intensity."""
+        ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.intensity_g_per_kwh)
+        return carbon_agnostic_baseline(c, ok, chosen)
+
     async def bill(
         self,
         *,
@@ -417,10 +432,29 @@ class Router:
         completion_tokens: int,
         energy_j: float,
         energy_source: str,
+        first_token_at: datetime | None = None,
+        prefill_j: float | None = None,
+        held_s: float | None = None,
+        routed: Routed | None = None,
     ) -> LedgerRow:
+        """The request's ledger row: its energy priced at its replica's price, PUE and
+        intensity now, with its receipt's figures. ``prefill_j`` and ``held_s`` come from the
+        meter's attribution; without them (a predicted figure) they are estimated by the same
+        work-share rule and the replica model."""
         st = self.states[index]
         carbon = await self.carbon.get(st.region)
-        return bill_line(
+        metered = energy_source != "predicted"  # attributed from the replica's meter
+        if prefill_j is None:
+            prefill_j = prefill_share_j(energy_j, prompt_tokens, completion_tokens)
+        if held_s is None:  # its share of the replica's time, in its energy's share
+            if st.model is not None:
+                batch = min(max(1, st.active), st.model.max_batch)  # queued ones wait: not drawing
+                held_s = energy_j / max(st.model.power_w(batch), 1e-9)
+            else:
+                held_s = (ended_at - started_at).total_seconds() / max(1, st.active + 1)
+        static_w = st.model.static_power_w if st.model is not None else 0.0
+        rate_g_per_s, basis = self._embodied[index]
+        row = bill_line(
             request_id=request_id,
             tenant=tenant,
             region=st.region.name,
@@ -438,4 +472,29 @@ class Router:
             carbon_stale=carbon.stale,
             price_usd_per_kwh=st.prices.at(started_at),
             tariff=tariff_for(self.config.billing),
+            receipt={
+                "zone": st.region.zone,
+                "first_token_at": None if first_token_at is None else utc_iso(first_token_at),
+                "prefill_j": min(max(prefill_j, 0.0), energy_j),
+                "static_j": min(static_w * held_s, energy_j),
+                "held_s": max(held_s, 0.0),
+                "meter": st.replica.meter if metered else "energy-predictor",
+                "method": ATTRIBUTION_METHOD if metered else PREDICTION_METHOD,
+                "intensity_at": "" if carbon.at is None else utc_iso(carbon.at),
+                "intensity_source": f"{carbon.source} ({st.region.zone})",
+                "intensity_kind": carbon.kind,
+                "embodied_g": rate_g_per_s * max(held_s, 0.0),
+                "embodied_basis": basis,
+                **(
+                    {
+                        "policy": routed.policy,
+                        "binding": routed.binding,
+                        "baseline_replica": routed.baseline_replica,
+                        "baseline_carbon_g": energy_j / 3.6e6 * routed.baseline_g_per_kwh,
+                    }
+                    if routed is not None
+                    else {}
+                ),
+            },
         )
+        return row

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from router.accounting import Routed
 from router.errors import LedgerBehind
 from router.ledger import LedgerRow
 from router.policy import Candidates
@@ -39,6 +40,8 @@ def usage_fields(row: LedgerRow) -> dict[str, Any]:
         "region": row.region,
         "replica": row.replica,
         "energy_source": row.energy_source,
+        "carbon_avoided_g": row.avoided_g,
+        "embodied_carbon_g": row.embodied_g,
     }
 
 
@@ -106,6 +109,7 @@ class Settlement:
         final: Final | None,
         parsed: ParsedRequest,
         hold: Hold | None = None,
+        routed: Routed | None = None,
     ) -> dict[str, Any]:
         """Bill what the request used, release what it held of its budget, and return its
         ``usage``: token counts and the bill."""
@@ -116,11 +120,12 @@ class Settlement:
         if final is None:  # the replica ended without its figures
             final = Final(0, 0, now, now)
         energy_j, source = final.energy_j, final.energy_source
+        prefill_j, held_s = final.prefill_j, final.held_s
         if energy_j is None:  # not metered in time: bill the prediction, say so
             energy_j = router.predictor.predict_j(
                 st.profile, final.prompt_tokens, final.completion_tokens
             )
-            source = "estimated"
+            source, prefill_j, held_s = "predicted", None, None
         try:
             row = await router.bill(
                 request_id=request_id,
@@ -132,6 +137,10 @@ class Settlement:
                 completion_tokens=final.completion_tokens,
                 energy_j=energy_j,
                 energy_source=source,
+                first_token_at=final.first_token_at,
+                prefill_j=prefill_j,
+                held_s=held_s,
+                routed=routed,
             )
         finally:  # billed or not, the request holds nothing any more
             live.budgets.release(hold)
