@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -122,12 +123,19 @@ def seed(ledger: Ledger, jobs: JobStore, now: datetime, n: int = 300) -> Seeded:
     return out
 
 
-def on_clock(service: RouterService, now: datetime, wait_s: float = 1.0) -> Dashboard:
-    """The service's dashboard with its clock fixed at ``now``."""
+def on_clock(
+    service: RouterService,
+    now: datetime,
+    wait_s: float = 0.25,
+    clock: Callable[[], float] = time.monotonic,
+) -> Dashboard:
+    """The service's dashboard with its wall clock fixed at ``now`` (and ``clock`` its
+    monotonic one)."""
     dash = service.dashboard
     service.dashboard = Dashboard(
-        service.current, dash._ledger, dash._jobs, service.fleet, wall=lambda: now, wait_s=wait_s
-    )
+        service.current, dash._ledger, dash._jobs, service.fleet, wall=lambda: now,
+        clock=clock, wait_s=wait_s,
+    )  # fmt: skip
     return service.dashboard
 
 

@@ -19,7 +19,7 @@ import pytest
 from forecasting.errors import CarbonSourceError
 from forecasting.sources.base import Forecast, Intensity
 from router.http.dashboard import PAGE
-from router.service.dashboard import MAX_HOURS, MAX_LIMIT
+from router.service.dashboard import FORECAST_RETRY_S, MAX_HOURS, MAX_LIMIT
 from router.service.fakes import FakeReplicaClient, StaticCarbonSource
 from tests.dashboard_kit import (
     HOSTILE_TENANT,
@@ -194,7 +194,7 @@ class SlowAndBrokenSource(StaticCarbonSource):
     def __init__(self) -> None:
         super().__init__(INTENSITY)
         self.release = asyncio.Event()
-        self.forecasts: dict[str, int] = {}
+        self.forecasts: dict[tuple[str, int], int] = {}  # (zone, hours) -> calls
 
     async def latest(self, zone: str) -> Intensity:
         if zone == "US-TEX-ERCO":
@@ -203,7 +203,7 @@ class SlowAndBrokenSource(StaticCarbonSource):
         return await super().latest(zone)
 
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
-        self.forecasts[zone] = self.forecasts.get(zone, 0) + 1
+        self.forecasts[zone, horizon_h] = self.forecasts.get((zone, horizon_h), 0) + 1
         if zone == "DE":
             await self.release.wait()
         if zone == "US-TEX-ERCO":
@@ -214,8 +214,9 @@ class SlowAndBrokenSource(StaticCarbonSource):
 
 async def test_a_slow_or_failing_source_does_not_hold_the_view_or_leak(tmp_path: Path) -> None:
     source = SlowAndBrokenSource()
+    clock = [0.0]
     async with service_kit(tmp_path, source=source) as kit:
-        on_clock(kit.service, datetime.now(UTC), wait_s=0.2)
+        on_clock(kit.service, datetime.now(UTC), wait_s=0.2, clock=lambda: clock[0])
         for _ in range(3):
             t0 = time.monotonic()
             r = await kit.client.get("/v1/dashboard/regions", headers=ADMIN)
@@ -228,11 +229,15 @@ async def test_a_slow_or_failing_source_does_not_hold_the_view_or_leak(tmp_path:
             "status": "unavailable", "reason": "carbon intensity unavailable"}  # fmt: skip
         assert regions["us-south"]["forecast"]["status"] == "unavailable"
         assert regions["eu-north"]["forecast"]["status"] == "ok"
-        assert source.forecasts["DE"] == 1  # one fetch, however many views waited for it
+        assert source.forecasts["DE", 24] == 1  # one fetch, however many views waited for it
+        assert source.forecasts["US-TEX-ERCO", 24] == 1  # a failure is not asked again at once
         source.release.set()
         await asyncio.sleep(0.05)
         r = await kit.client.get("/v1/dashboard/regions", headers=ADMIN)
         assert r.json()["data"][1]["forecast"]["status"] == "ok"
+        clock[0] += FORECAST_RETRY_S  # a minute on: the failed one is asked again
+        await kit.client.get("/v1/dashboard/regions", headers=ADMIN)
+        assert source.forecasts["US-TEX-ERCO", 24] == 2
 
 
 async def test_the_job_queue_counts_and_orders_and_never_shows_bodies(tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ Bounded: a period is the last ``hours`` whole UTC hours, the current one include
 :data:`MAX_HOURS`; lists are at most :data:`MAX_LIMIT` long. A region's carbon source or
 forecast that has not answered within ``wait_s`` is reported ``pending`` (the fetch goes on
 beside, once per region) and a failed one ``unavailable``, with a fixed reason: a source's own
-error text (its URL, credentials) goes to the log, never to a tenant.
+error text (its URL, credentials) goes to the log, never to a tenant. A failed forecast is not
+asked for again within :data:`FORECAST_RETRY_S`, however many pages are open (the intensity
+now has the carbon view's own back-off).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,6 +54,7 @@ DEFAULT_HOURS = 24
 MAX_LIMIT = 100  # tenants or jobs in one answer
 DEFAULT_LIMIT = 10
 FORECAST_HOURS = 24
+FORECAST_RETRY_S = 60.0  # a failed forecast is asked for again after this, however many views
 FIGURES = ("requests", "kwh", "carbon_g", "avoided_g", "embodied_g", "cost_usd")
 TENANT_FIGURES = ("requests", "kwh", "carbon_g", "avoided_g", "cost_usd")
 
@@ -117,8 +121,8 @@ def _viewer(caller: Caller) -> dict[str, Any]:
 
 class Dashboard:
     """The operator's view over the live router, the ledger and the job store (module doc).
-    ``wall`` is the UTC clock of periods and forecasts; the replicas' cooldowns and load
-    reports are on the router's own clock."""
+    ``wall`` is the UTC clock of periods and forecasts, ``clock`` the monotonic one of its
+    back-off; the replicas' cooldowns and load reports are on the router's own clock."""
 
     def __init__(
         self,
@@ -128,15 +132,18 @@ class Dashboard:
         fleet: FleetScaler,
         *,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
-        wait_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        wait_s: float = 0.25,
     ) -> None:
         self._live = live
         self._ledger = ledger
         self._jobs = jobs
         self._fleet = fleet
         self._wall = wall
+        self._clock = clock
         self.wait_s = wait_s
         self._pending: dict[tuple[str, str], asyncio.Task[Any]] = {}  # (what, region) -> fetch
+        self._failed: dict[str, float] = {}  # region -> when its forecast last failed
 
     # -- regions ------------------------------------------------------------------------------
     async def regions(self, caller: Caller) -> dict[str, Any]:
@@ -244,6 +251,9 @@ class Dashboard:
         }
 
     async def _forecast(self, live: Live, region: Region, wall: datetime) -> dict[str, Any]:
+        failed_at = self._failed.get(region.name)
+        if failed_at is not None and self._clock() - failed_at < FORECAST_RETRY_S:
+            return {"status": "unavailable", "reason": "forecast unavailable"}
         try:
             fc: Forecast = await self._within(
                 ("forecast", region.name), lambda: live.router._forecast(region, FORECAST_HOURS)
@@ -270,6 +280,7 @@ class Dashboard:
                 log.warning("dashboard: region %s: forecast unavailable: %s", region.name, e)
             else:
                 log.error("dashboard: region %s: forecast failed", region.name, exc_info=e)
+            self._failed[region.name] = self._clock()  # not asked again for a while
             return {"status": "unavailable", "reason": "forecast unavailable"}
         return {
             "status": "stale" if fc.stale else "ok",
