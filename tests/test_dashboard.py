@@ -161,8 +161,12 @@ async def test_regions_show_the_routers_live_state(tmp_path: Path) -> None:
     async with service_kit(tmp_path, replicas=fakes, profile=(1.0, 0.5)) as kit:
         running = asyncio.ensure_future(kit.client.post(
             "/v1/chat/completions", json=chat(), headers=DEMO))  # fmt: skip
-        while not any(s.active for s in kit.service.live.router.states):
-            await asyncio.sleep(0.01)
+
+        async def started() -> None:
+            while not any(s.active for s in kit.service.live.router.states):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(started(), 10)
         kit.service.live.router.failed(1)  # eu-central-0 cools down
         body = (await kit.client.get("/v1/dashboard/regions", headers=DEMO)).json()
         gate.set()
