@@ -285,14 +285,38 @@ class Scaling(_Strict):
 class Region(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     zone: str = Field(min_length=1, description="grid zone id, e.g. DE, US-CAL-CISO")
-    carbon_source: str
-    signal: Literal["average", "marginal"] = "average"
+    carbon_source: str = Field(
+        description="the source bills use: an average signal (GHG Protocol Scope 2, location-based)"
+    )
+    signal: Literal["average", "marginal"] = Field(
+        "average",
+        description="the billing source's signal: average only; a marginal signal is a "
+        "marginal_source",
+    )
+    marginal_source: str | None = Field(
+        None,
+        description="a marginal signal (WattTime) for routing decisions when "
+        "policy.decision_signal is marginal; recorded on receipts beside the billed average",
+    )
+    marginal_zone: str | None = Field(
+        None, min_length=1, description="the marginal source's zone id (default: zone)"
+    )
     pue: float = Field(1.2, ge=1.0, le=3.0)
     price: Price
     rtt_ms: float = Field(0.0, ge=0)
     residency: list[str] = Field(default_factory=list)
     replicas: list[Replica] = Field(default_factory=list)
     scaling: Scaling | None = None
+
+    @field_validator("signal")
+    @classmethod
+    def _bills_are_average(cls, v: str) -> str:
+        if v != "average":
+            raise ValueError(
+                "bills use location-based average intensity (GHG Protocol Scope 2); give a "
+                "marginal signal as marginal_source (it may drive decisions, never bills)"
+            )
+        return v
 
     @field_validator("scaling")
     @classmethod
@@ -368,6 +392,12 @@ class PolicyDefaults(_Strict):
         None, gt=0, description="first-token budget (ms) for requests whose header sets none"
     )
     tie_tolerance: float = Field(0.05, ge=0, le=1)
+    decision_signal: Literal["average", "marginal"] = Field(
+        "average",
+        description="the intensity routing and deferral compare: the grid's average, or a "
+        "marginal signal (every region then needs a marginal_source); bills use the average "
+        "either way",
+    )
     max_defer_s: float = Field(86400.0, ge=0)
     defer_min_gain: float = Field(0.05, ge=0, lt=1)
     cooldown_s: float = Field(
@@ -438,7 +468,7 @@ class Simulation(_Strict):
             "greenest+defer",
             "cleanest_hour",
             "oracle",
-        ]
+        ],
     )
     seed: int = 0
 
@@ -505,6 +535,9 @@ class Audit(_Strict):
     embodied: Embodied = Embodied()
 
 
+MARGINAL_KINDS = ("watttime",)  # carbon sources whose signal is marginal
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -527,10 +560,35 @@ class Config(_Strict):
         if dup:
             raise ValueError(f"duplicate replica names: {', '.join(sorted(dup))}")
         for r in self.regions:
-            if r.carbon_source not in self.carbon_sources:
+            for field_name in ("carbon_source", "marginal_source"):
+                name = getattr(r, field_name)
+                if name is not None and name not in self.carbon_sources:
+                    raise ValueError(
+                        f"region {r.name!r}: {field_name} {name!r} is not defined; "
+                        f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}"
+                    )
+            if self.carbon_sources[r.carbon_source].kind in MARGINAL_KINDS:
                 raise ValueError(
-                    f"region {r.name!r}: carbon_source {r.carbon_source!r} is not defined; "
-                    f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}"
+                    f"region {r.name!r}: carbon_source {r.carbon_source!r} is a marginal "
+                    "signal, and bills use location-based average intensity (GHG Protocol "
+                    "Scope 2): bill on an average source (Electricity Maps, UK CI, a file) and "
+                    f"give {r.carbon_source!r} as marginal_source for decisions"
+                )
+            if r.marginal_source is not None and (
+                self.carbon_sources[r.marginal_source].kind not in MARGINAL_KINDS
+            ):
+                raise ValueError(
+                    f"region {r.name!r}: marginal_source {r.marginal_source!r} is not a marginal "
+                    f"signal (those are: {', '.join(MARGINAL_KINDS)}); bills already use "
+                    "carbon_source's average"
+                )
+        if self.policy.decision_signal == "marginal":
+            lacking = [r.name for r in self.regions if r.marginal_source is None]
+            if lacking:
+                raise ValueError(
+                    f"policy.decision_signal marginal needs a marginal_source in every region, "
+                    f"these have none: {', '.join(lacking)} (comparing a marginal figure with "
+                    "an average one would mix the two signals)"
                 )
         hashes = [h for t in self.tenants for h in t.api_key_sha256]
         if len(hashes) != len(set(hashes)):

@@ -3,8 +3,9 @@ it for the same tenant, so that no row can be edited, inserted, reordered or del
 breaking every hash after it.
 
 A row's hash is SHA-256 over a domain tag, the previous row's hash and the row's canonical form:
-the JSON array (orjson) of its receipt fields in :data:`HASHED` order, each in one type (an
-integral REAL comes back from SQLite as a float, -0.0 as 0.0; both forms hash alike). The first
+the JSON array (orjson) of its receipt fields in :data:`HASHED` order, each in one type, the
+one SQLite gives back (an integral REAL comes back as a float, -0.0 as 0.0, a boolean as 0 or
+1), so that rows read from the ledger hash as they are, with no conversion. The first
 row of a tenant follows :data:`GENESIS`. The chain runs per tenant (``tenant_seq`` from 1) so
 that a tenant's receipts can be handed to an auditor and checked without anyone else's.
 
@@ -33,8 +34,8 @@ def _int(v: Any) -> int:
     return int(v)
 
 
-def _bool(v: Any) -> bool:
-    return bool(v)
+def _bool(v: Any) -> int:
+    return int(bool(v))  # 0 or 1, as SQLite stores it
 
 
 def _str(v: Any) -> str | None:

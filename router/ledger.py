@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from router.chain import GENESIS, HASHED_NAMES, canonical_values, link, row_hash
+from router.chain import GENESIS, HASHED, HASHED_NAMES, canonical, canonical_values, link
 from router.chain import VERSION as CHAIN_VERSION
 from router.errors import RouterError
 
@@ -159,10 +159,7 @@ class LedgerRow:
 COLUMNS = [f.name for f in fields(LedgerRow)]
 # a row's hashed fields are its columns and its place in the chain (router.chain)
 assert tuple(COLUMNS) == HASHED_NAMES[:-2], "router.chain.HASHED and LedgerRow differ"
-_INSERT = (
-    f"INSERT INTO requests ({', '.join(COLUMNS)}, tenant_seq, chained_at, prev_hash, row_hash, "
-    f"chain_version) VALUES ({', '.join('?' * (len(COLUMNS) + 5))})"
-)
+_INSERT = "INSERT INTO requests (receipt, prev_hash, row_hash, chain_version) VALUES (?, ?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -272,81 +269,65 @@ _V3_TO_V4 = (
 
 
 def _chain_existing(db: sqlite3.Connection) -> None:
-    """Chain the rows billed before v5, each tenant's in time order, as if written now."""
+    """Move the rows billed before v5 into the v5 table, chaining each tenant's in time order,
+    as if written now."""
     now = utc_iso(datetime.now(UTC))
     heads: dict[str, tuple[int, str]] = {}
-    cols = ", ".join(c for c in HASHED_NAMES if c not in ("tenant_seq", "chained_at"))
+    old = [c.strip() for c in _V4_COLUMNS.split(",")]
     rows = db.execute(
-        f"SELECT rowid, {cols} FROM requests ORDER BY tenant, started_at, request_id"
+        f"SELECT {_V4_COLUMNS} FROM requests ORDER BY tenant, started_at, request_id"
     ).fetchall()
-    names = [c for c in HASHED_NAMES if c not in ("tenant_seq", "chained_at")]
-    for rowid, *values in rows:
-        fields = dict(zip(names, values, strict=True))
-        seq, prev = heads.get(fields["tenant"], (0, GENESIS))
-        fields["tenant_seq"], fields["chained_at"] = seq + 1, now
-        h = row_hash(prev, fields)
-        db.execute(
-            "UPDATE requests SET tenant_seq = ?, chained_at = ?, prev_hash = ?, row_hash = ?, "
-            "chain_version = ? WHERE rowid = ?",
-            (seq + 1, now, prev, h, CHAIN_VERSION, rowid),
-        )
-        heads[fields["tenant"]] = (seq + 1, h)
+    defaults = {f.name: f.default for f in fields(LedgerRow) if f.name not in old}
+    for values in rows:
+        fields_ = {**defaults, **dict(zip(old, values, strict=True))}
+        seq, prev = heads.get(fields_["tenant"], (0, GENESIS))
+        fields_["tenant_seq"], fields_["chained_at"] = seq + 1, now
+        body = canonical(fields_)
+        h = link(prev, body)
+        db.execute(_INSERT.replace("INTO requests", "INTO requests_v5"),
+                   (body.decode(), prev, h, CHAIN_VERSION))  # fmt: skip
+        heads[fields_["tenant"]] = (seq + 1, h)
 
 
+def _column(k: int, name: str, conv: Callable[[Any], Any]) -> str:
+    """A v5 column: the receipt's field ``k``, generated from the hashed body (stored), so
+    that no figure can differ from what was hashed."""
+    sql_type = {"_float": "REAL", "_int": "INTEGER", "_bool": "INTEGER"}.get(conv.__name__, "TEXT")
+    nullable = name in ("first_token_at", "marginal_g_per_kwh")
+    check = _CHECKS.get(name, "")
+    return (
+        f"{name} {sql_type} GENERATED ALWAYS AS (json_extract(receipt, '$[{k}]')) STORED"
+        + ("" if nullable else " NOT NULL")
+        + (f" CHECK ({check})" if check else "")
+    )
+
+
+_CHECKS = {
+    "prompt_tokens": "prompt_tokens >= 0",
+    "completion_tokens": "completion_tokens >= 0",
+    "energy_j": "energy_j >= 0",
+    "energy_source": "energy_source IN ('measured', 'estimated', 'predicted')",
+    "pue": "pue >= 1",
+    "prefill_j": "prefill_j >= 0",
+    "static_j": "static_j >= 0",
+    "held_s": "held_s >= 0",
+    "intensity_kind": "intensity_kind IN ('actual', 'forecast', 'stale')",
+    "embodied_g": "embodied_g >= 0",
+    "tenant_seq": "tenant_seq >= 1",
+}
 # v5: the receipt (where each figure came from), the per-tenant hash chain and its signed
 # heads, rows made append-only, and sums per hour, region and deciding constraint for the
-# operator's view. Rows billed before v5 are chained on migration, in time order.
-_V5_TABLE = """
-CREATE TABLE requests_v5 (
-    request_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    region TEXT NOT NULL,
-    replica TEXT NOT NULL,
-    model TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    ended_at TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
-    completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
-    energy_j REAL NOT NULL CHECK (energy_j >= 0),
-    energy_source TEXT NOT NULL CHECK (energy_source IN ('measured', 'estimated', 'predicted')),
-    pue REAL NOT NULL CHECK (pue >= 1),
-    kwh_billed REAL NOT NULL,
-    intensity_g_per_kwh REAL NOT NULL,
-    signal TEXT NOT NULL,
-    carbon_stale INTEGER NOT NULL,
-    carbon_g REAL NOT NULL,
-    price_usd_per_kwh REAL NOT NULL,
-    tariff TEXT NOT NULL,
-    cost_usd REAL NOT NULL,
-    energy_cost_usd REAL NOT NULL,
-    token_cost_usd REAL NOT NULL,
-    status TEXT NOT NULL,
-    carbon_cost_usd REAL NOT NULL DEFAULT 0,
-    zone TEXT NOT NULL DEFAULT '',
-    first_token_at TEXT,
-    prefill_j REAL NOT NULL DEFAULT 0 CHECK (prefill_j >= 0),
-    static_j REAL NOT NULL DEFAULT 0 CHECK (static_j >= 0),
-    held_s REAL NOT NULL DEFAULT 0 CHECK (held_s >= 0),
-    meter TEXT NOT NULL DEFAULT '',
-    method TEXT NOT NULL DEFAULT '',
-    intensity_at TEXT NOT NULL DEFAULT '',
-    intensity_source TEXT NOT NULL DEFAULT '',
-    intensity_kind TEXT NOT NULL DEFAULT 'actual'
-        CHECK (intensity_kind IN ('actual', 'forecast', 'stale')),
-    marginal_g_per_kwh REAL,
-    embodied_g REAL NOT NULL DEFAULT 0 CHECK (embodied_g >= 0),
-    embodied_basis TEXT NOT NULL DEFAULT '',
-    policy TEXT NOT NULL DEFAULT '',
-    binding TEXT NOT NULL DEFAULT '',
-    baseline_replica TEXT NOT NULL DEFAULT '',
-    baseline_carbon_g REAL NOT NULL DEFAULT 0,
-    avoided_g REAL NOT NULL DEFAULT 0,
-    tenant_seq INTEGER,
-    chained_at TEXT,
-    prev_hash TEXT,
-    row_hash TEXT,
-    chain_version INTEGER
-)"""
+# operator's view. A row is its receipt: the canonical JSON that is hashed (router.chain),
+# stored once; every column is generated from it, so a column cannot be edited apart from
+# what was hashed, and checking the chain reads six columns, not fifty. Rows billed before
+# v5 are chained on migration, in time order.
+_V5_TABLE = (
+    "CREATE TABLE requests_v5 (\n    receipt TEXT NOT NULL,\n    prev_hash TEXT NOT NULL,\n"
+    "    row_hash TEXT NOT NULL,\n    chain_version INTEGER NOT NULL,\n    "
+    + ",\n    ".join(_column(k, n, c) for k, (n, c) in enumerate(HASHED))
+    + "\n)"
+)
+V5_REQUESTS_SQL = _V5_TABLE.replace("requests_v5", "requests")  # what verify expects to find
 _V4_COLUMNS = (
     "request_id, tenant, region, replica, model, started_at, ended_at, prompt_tokens, "
     "completion_tokens, energy_j, energy_source, pue, kwh_billed, intensity_g_per_kwh, signal, "
@@ -354,11 +335,12 @@ _V4_COLUMNS = (
     "token_cost_usd, status, carbon_cost_usd"
 )
 _V4_TO_V5 = (
-    # rebuilt, not altered: SQLite cannot change a CHECK, and energy_source gains 'predicted'
+    # rebuilt: the columns are generated from the hashed receipt now
     _V5_TABLE,
-    f"INSERT INTO requests_v5 ({_V4_COLUMNS}) SELECT {_V4_COLUMNS} FROM requests",
+    _chain_existing,
     "DROP TABLE requests",  # with its indexes and the daily sums' trigger, made again below
     "ALTER TABLE requests_v5 RENAME TO requests",
+    "CREATE UNIQUE INDEX requests_id ON requests (request_id)",
     "CREATE INDEX requests_tenant_time ON requests (tenant, started_at)",
     _V2_TO_V3,
     # the daily sums gain carbon avoided and embodied (0 for rows billed before: no baseline)
@@ -374,7 +356,6 @@ _V4_TO_V5 = (
             avoided_g = avoided_g + excluded.avoided_g,
             embodied_g = embodied_g + excluded.embodied_g;
     END""",
-    _chain_existing,
     "CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)",
     """CREATE TABLE chain_signatures (
         tenant TEXT NOT NULL,
@@ -570,9 +551,10 @@ class Ledger:
             at = max(now, prev_at)
             values: list[object] = [getattr(r, c) for c in COLUMNS]
             values += [seq + 1, at]
-            h = link(prev, canonical_values(values))
+            body = canonical_values(values)
+            h = link(prev, body)
             heads[r.tenant] = (seq + 1, h, at)
-            yield [*values, prev, h, CHAIN_VERSION]
+            yield [body.decode(), prev, h, CHAIN_VERSION]
 
     def write_readings(
         self, replica: str, readings: Iterable[tuple[float, str, float]], energy_source: str
@@ -616,29 +598,53 @@ class Ledger:
     def chain(
         self, tenant: str | None = None, *, first_seq: int = 1, last_seq: int | None = None,
         batch: int = 5000,
-    ) -> Iterator[tuple[Any, ...]]:  # fmt: skip
-        """The rows of ``tenant``'s chain (None: every tenant's, one after another) in chain
-        order, each as its hashed values (:data:`router.chain.HASHED`) then ``prev_hash`` and
-        ``row_hash``; read on a connection of its own, a batch at a time."""
-        cols = [*HASHED_NAMES, "prev_hash", "row_hash"]
-        where, params = ["tenant_seq >= ?"], [first_seq]
-        if tenant is not None:
-            where.append("tenant = ?")
-            params.append(tenant)  # type: ignore[arg-type]
+    ) -> Iterator[tuple[str, str, int, str, str, str, str]]:  # fmt: skip
+        """The rows of ``tenant``'s chain in chain order, each as (request_id, tenant,
+        tenant_seq, chained_at, prev_hash, row_hash, receipt): the receipt is the canonical
+        JSON its hash covers, and every column of the row is generated from it. Read on a
+        connection of its own, a batch at a time."""
+        where, params = ["tenant = ?", "tenant_seq >= ?"], [tenant, first_seq]
         if last_seq is not None:
             where.append("tenant_seq <= ?")
             params.append(last_seq)
+        yield from self._scan(
+            "SELECT request_id, tenant, tenant_seq, chained_at, prev_hash, row_hash, receipt "
+            f"FROM requests WHERE {' AND '.join(where)} ORDER BY tenant_seq",
+            params,
+            batch,
+        )
+
+    def stored(self, batch: int = 5000) -> Iterator[tuple[int, str, int, str, str, str, str]]:
+        """Every row as stored, in the order it was written (a plain scan, the fastest read):
+        (rowid, tenant, tenant_seq, chained_at, prev_hash, row_hash, receipt). Each tenant's
+        rows come in its chain's order unless the ledger was tampered with."""
+        yield from self._scan(
+            "SELECT rowid, tenant, tenant_seq, chained_at, prev_hash, row_hash, receipt "
+            "FROM requests ORDER BY rowid",
+            (),
+            batch,
+        )
+
+    def _scan(self, sql: str, params: Sequence[object], batch: int) -> Iterator[Any]:
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         try:
-            cur = db.execute(
-                f"SELECT {', '.join(cols)} FROM requests WHERE {' AND '.join(where)} "
-                "ORDER BY tenant, tenant_seq",
-                params,
-            )
+            cur = db.execute(sql, params)
             while chunk := cur.fetchmany(batch):
                 yield from chunk
         finally:
             db.close()
+
+    def request_at(self, rowid: int) -> str:
+        found = self._query("SELECT request_id FROM requests WHERE rowid = ?", (rowid,))
+        return str(found[0][0]) if found else f"rowid {rowid}"
+
+    def schema_sql(self) -> str:
+        """The requests table as SQLite has it (verify checks that its columns are still
+        generated from the hashed receipt)."""
+        found = self._query(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
+        )
+        return str(found[0][0]) if found else ""
 
     def seq_range(
         self, tenant: str, start: datetime | None, end: datetime | None

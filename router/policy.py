@@ -103,7 +103,11 @@ class Candidates:
     billed_kwh_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     # per replica, the figures that are stand-ins for a better source ("load", "prefill", ...)
     estimated: list[tuple[str, ...]] = field(default_factory=list)
+    # the grid's average intensity, what bills use, where decisions use a marginal signal
+    # (policy.decision_signal); None: intensity_g_per_kwh is the average
+    billed_intensity_g_per_kwh: np.ndarray | None = None
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+    _billed_kwh: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -138,8 +142,18 @@ class Candidates:
 
     @property
     def billed_kwh(self) -> np.ndarray:
-        """The energy each replica's bill for this request is expected to show."""
-        return self.kwh if self.billed_kwh_of is None else self.billed_kwh_of()
+        """The energy each replica's bill for this request is expected to show (computed
+        once: the budget hold, the deferral plan and the receipt's baseline all read it)."""
+        if self._billed_kwh is None:
+            self._billed_kwh = self.kwh if self.billed_kwh_of is None else self.billed_kwh_of()
+        return self._billed_kwh
+
+    @property
+    def billing_intensity(self) -> np.ndarray:
+        """Each replica's intensity as bills use it: the grid's average."""
+        if self.billed_intensity_g_per_kwh is None:
+            return self.intensity_g_per_kwh
+        return self.billed_intensity_g_per_kwh
 
     @property
     def carbon_g(self) -> np.ndarray:
@@ -188,14 +202,14 @@ def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) ->
     choices over the ``allowed`` replicas (two drawn at random, the less loaded taken),
     expected over its draws, so a receipt's figure does not depend on a coin. Returns its
     likeliest pick and its g CO2e per kWh of IT energy the request used on ``chosen`` (each
-    replica's predicted energy relative to the chosen one's, its PUE and intensity); the
-    receipt multiplies that by the energy measured.
+    replica's predicted energy relative to the chosen one's, its PUE and its average
+    intensity, the signal bills use); the receipt multiplies that by the energy measured.
 
     Among n allowed replicas the one of load rank r (0 the least loaded) is taken in
     n - 1 - r of the n(n - 1)/2 pairs; replicas of equal load share what they win. Plain
     Python: n is a handful and this runs on every request."""
     billed = c.billed_kwh.tolist()
-    pue, ci, load = c.pue.tolist(), c.intensity_g_per_kwh.tolist(), c.load.tolist()
+    pue, ci, load = c.pue.tolist(), c.billing_intensity.tolist(), c.load.tolist()
     idx = [k for k, ok in enumerate(allowed.tolist()) if ok]
     if not idx:
         return c.names[chosen], pue[chosen] * ci[chosen]

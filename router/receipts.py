@@ -7,8 +7,9 @@ inserted, reordered or deleted before a signed head breaks either a row's hash, 
 head's signature.
 
 ``router receipts export`` writes a tenant's rows chained in a period as JSON lines: a header
-(the tenant, the period, the hash the first row follows, the public key), one line per receipt
-with every hashed field and both hashes, and a trailer (count, last hash, the signed heads
+(the tenant, the period, the hash the first row follows, the public key, the names of a
+receipt's fields), one line per receipt (its values as hashed, in that order, and both
+hashes), and a trailer (count, last hash, the signed heads
 inside the run, and the export's own signature over all of that). ``router verify`` checks an
 export, or a whole ledger, and names every row that does not hold.
 
@@ -34,9 +35,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from router.chain import CHAIN_FIELDS, GENESIS, HASHED, HASHED_NAMES, canonical, link
+from router.chain import (
+    CHAIN_FIELDS,
+    GENESIS,
+    HASHED,
+    HASHED_NAMES,
+    link,
+)
 from router.errors import RouterError
-from router.ledger import Ledger, utc_iso
+from router.ledger import V5_REQUESTS_SQL, Ledger, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -272,17 +279,19 @@ def export(
         "anchor": ledger.link_before(tenant, span[0]) if span else None,
         "key_id": signer.key_id,
         "public_key": signer.public_key,
+        "fields": list(HASHED_NAMES),  # each receipt's values, in this order
         # the heads signed inside the run, each with its own signature (not the export's)
         "signed_heads": ledger.signatures(tenant, span[0], span[1]) if span is not None else [],
     }
     out.write(orjson.dumps(header) + b"\n")
     count, last_seq, head = 0, None, None
     if span is not None:
-        for values in ledger.chain(tenant, first_seq=span[0], last_seq=span[1]):
-            record = dict(zip((*HASHED_NAMES, "prev_hash", "row_hash"), values, strict=True))
-            record["carbon_stale"] = bool(record["carbon_stale"])
-            out.write(orjson.dumps(record) + b"\n")
-            count, last_seq, head = count + 1, record["tenant_seq"], record["row_hash"]
+        for *_, seq, _at, prev_hash, row_hash_, receipt in ledger.chain(
+            tenant, first_seq=span[0], last_seq=span[1]
+        ):  # the receipt as hashed, verbatim
+            out.write(b'{"receipt":%s,"prev_hash":"%s","row_hash":"%s"}\n'
+                      % (receipt.encode(), prev_hash.encode(), row_hash_.encode()))  # fmt: skip
+            count, last_seq, head = count + 1, seq, row_hash_
     trailer: dict[str, Any] = {
         "end": True,
         "count": count,
@@ -327,6 +336,9 @@ class Report:
         }  # fmt: skip
 
 
+_TENANT, _SEQ, _AT = (HASHED_NAMES.index(n) for n in ("tenant", "tenant_seq", "chained_at"))
+
+
 class _Chain:
     """One tenant's chain as it is read: checks each row's place, link and hash."""
 
@@ -336,40 +348,81 @@ class _Chain:
         self.hashes: dict[int, str] = {}  # seq -> hash, kept for the seqs that are signed
         self.keep: set[int] = set()
 
-    def add(self, where: str, fields: dict[str, Any]) -> None:
-        r = self.report
-        r.rows += 1
-        rid = fields.get("request_id")
-        at = f"{where} (request {rid}, seq {fields.get('tenant_seq')})"
-        try:
-            computed = link(fields["prev_hash"], canonical(fields))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            r.problem(f"{at}: malformed: {e!r}")
+    def add_line(self, where: str, line: dict[str, Any]) -> None:
+        """An export's line: ``receipt`` (the hashed values, in the header's ``fields``
+        order), ``prev_hash`` and ``row_hash``. The receipt's bytes are its JSON as written:
+        what the ledger hashed (orjson writes a value back as it read it)."""
+        receipt = line.get("receipt")
+        if (
+            set(line) != {"receipt", "prev_hash", "row_hash"}
+            or not isinstance(receipt, list)
+            or len(receipt) != len(HASHED_NAMES)
+        ):
+            self.report.rows += 1
+            self.report.problem(f"{where}: not a receipt line (receipt, prev_hash, row_hash)")
             self.seq += 1
             return
-        if fields["tenant"] != self.tenant:
-            r.problem(f"{at}: tenant {fields['tenant']!r} in {self.tenant!r}'s chain")
-        if fields["tenant_seq"] != self.seq + 1:
-            r.problem(
-                f"{at}: seq {fields['tenant_seq']} where {self.seq + 1} was due (a row "
-                "deleted, inserted or reordered)"
-            )
-        if fields["prev_hash"] != self.prev:
-            r.problem(
-                f"{at}: follows {str(fields['prev_hash'])[:12]}… but the row before it hashes "
-                f"to {self.prev[:12]}… (a row deleted, inserted, reordered or edited before it)"
-            )
-        if computed != fields["row_hash"]:
-            r.problem(f"{at}: its fields do not hash to its row_hash (edited)")
-        if str(fields["chained_at"]) < self.at:
-            r.problem(f"{at}: chained at {fields['chained_at']}, before the row it follows")
-        self.seq, self.prev, self.at = (
-            int(fields["tenant_seq"]),
-            computed,
-            str(fields["chained_at"]),
-        )
+        self.check(
+            where, receipt[0], receipt[_TENANT], receipt[_SEQ], receipt[_AT], line["prev_hash"],
+            line["row_hash"], orjson.dumps(receipt),
+        )  # fmt: skip
+
+    def fast(self, seq: int, prev_hash: str, stored: str, at: str, receipt: str) -> bool:
+        """The common case, checked with the least work: the row is the next one, follows
+        the last, and its receipt hashes to its hash. False: :meth:`check` it, with reasons
+        (and the request id, looked up only then)."""
+        if seq != self.seq + 1 or prev_hash != self.prev or at < self.at:
+            return False
+        if link(prev_hash, receipt.encode()) != stored:
+            return False
+        self.report.rows += 1
+        self.seq, self.prev, self.at = seq, stored, at
+        if seq in self.keep:
+            self.hashes[seq] = stored
+        return True
+
+    def check(
+        self, where: str, rid: Any, tenant: Any, seq: Any, at: Any, prev_hash: Any, stored: Any,
+        body: bytes,
+    ) -> None:  # fmt: skip
+        """A row: its request id, tenant, place, time joined, the hash it follows, its own
+        hash as stored, and the canonical bytes that hash must cover."""
+        self.report.rows += 1
+        computed = link(str(prev_hash), body)
+        if (
+            seq != self.seq + 1
+            or prev_hash != self.prev
+            or computed != stored
+            or tenant != self.tenant
+            or str(at) < self.at
+        ):
+            self._problems(f"{where} (request {rid}, seq {seq})", tenant, seq, at, prev_hash,
+                           stored, computed)  # fmt: skip
+        self.seq, self.prev, self.at = int(seq), computed, str(at)
         if self.seq in self.keep:
             self.hashes[self.seq] = computed
+
+    def _problems(
+        self, where: str, tenant: Any, seq: Any, at: Any, prev_hash: Any, stored: Any,
+        computed: str,
+    ) -> None:  # fmt: skip
+        r = self.report
+        if tenant != self.tenant:
+            r.problem(f"{where}: tenant {tenant!r} in {self.tenant!r}'s chain")
+        if seq != self.seq + 1:
+            r.problem(
+                f"{where}: seq {seq} where {self.seq + 1} was due (a row deleted, inserted or "
+                "reordered)"
+            )
+        if prev_hash != self.prev:
+            r.problem(
+                f"{where}: follows {str(prev_hash)[:12]}… but the row before it hashes to "
+                f"{self.prev[:12]}… (a row deleted, inserted, reordered or edited before it)"
+            )
+        if computed != stored:
+            r.problem(f"{where}: its fields do not hash to its row_hash (edited)")
+        if str(at) < self.at:
+            r.problem(f"{where}: chained at {at}, before the row it follows")
 
 
 def _check_heads(
@@ -392,37 +445,39 @@ def _check_heads(
 
 
 def verify_ledger(ledger: Ledger, trusted: Iterable[str] | None = None) -> Report:
-    """Check every tenant's chain in the ledger from its first row, and every signed head."""
+    """Check every tenant's chain in the ledger from its first row, every signed head, and
+    that the table's columns are still generated from the hashed receipts. Rows are read in
+    the order they were written (one plain scan); each tenant's must come in its chain's
+    order."""
     trusted_keys = None if trusted is None else set(trusted)
     report = Report()
+    expected = V5_REQUESTS_SQL.replace("CREATE TABLE requests", 'CREATE TABLE "requests"')
+    if ledger.schema_sql() not in (expected, V5_REQUESTS_SQL):
+        report.problem(
+            "the requests table is not the one carbon-router makes: its columns may no longer "
+            "be the hashed receipts' (the table was redefined)"
+        )
     signatures: dict[str, list[dict[str, Any]]] = {}
     for s in ledger.signatures():
         signatures.setdefault(s["tenant"], []).append(s)
-    names = (*HASHED_NAMES, "prev_hash", "row_hash")
-    chain: _Chain | None = None
-
-    def close(c: _Chain) -> None:
-        heads = signatures.pop(c.tenant, [])
-        _check_heads(report, c, heads, trusted_keys)
+    chains: dict[str, _Chain] = {}
+    for rowid, tenant, seq, at, prev_hash, stored, receipt in ledger.stored():
+        chain = chains.get(tenant)
+        if chain is None:
+            chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
+            chain.keep = {int(s["tenant_seq"]) for s in signatures.get(tenant, [])}
+        if not chain.fast(seq, prev_hash, stored, at, receipt):
+            rid = ledger.request_at(rowid)
+            chain.check("ledger", rid, tenant, seq, at, prev_hash, stored, receipt.encode())
+    report.tenants = len(chains)
+    for tenant in sorted(set(chains) | set(signatures)):
+        chain = chains.get(tenant) or _Chain(report, tenant, 1, GENESIS)
+        heads = signatures.get(tenant, [])
+        _check_heads(report, chain, heads, trusted_keys)
         last = max((int(s["tenant_seq"]) for s in heads), default=0)
-        if c.seq > last:
-            report.notes.append(
-                f"{c.tenant}: rows {last + 1}..{c.seq} are after its last signed head"
-            )
-
-    for values in ledger.chain():
-        fields = dict(zip(names, values, strict=True))
-        if chain is None or fields["tenant"] != chain.tenant:
-            if chain is not None:
-                close(chain)
-            chain = _Chain(report, fields["tenant"], 1, GENESIS)
-            chain.keep = {int(s["tenant_seq"]) for s in signatures.get(chain.tenant, [])}
-            report.tenants += 1
-        chain.add("ledger", fields)
-    if chain is not None:
-        close(chain)
-    for tenant, heads in signatures.items():  # signed, but no row of the tenant is left
-        _check_heads(report, _Chain(report, tenant, 1, GENESIS), heads, trusted_keys)
+        if chain.seq > last:
+            report.notes.append(f"{tenant}: rows {last + 1}..{chain.seq} are after its last "
+                                "signed head")  # fmt: skip
     return report
 
 
@@ -461,7 +516,11 @@ def verify_export(source: IO[bytes], trusted: Iterable[str] | None = None) -> Re
     elif header.get("public_key") not in trusted_keys:
         report.problem(f"the export is signed by key {header.get('key_id')}, not a trusted key")
     heads = header.get("signed_heads") or []
-    expected = {*HASHED_NAMES, "prev_hash", "row_hash"}
+    if header.get("fields") != list(HASHED_NAMES):
+        raise ReceiptError(
+            "the export's receipts have other fields than this carbon-router hashes "
+            f"({header.get('fields')!r}); verify it with the version that made it"
+        )
     chain: _Chain | None = None
     trailer: dict[str, Any] | None = None
     for n, record in lines:
@@ -476,10 +535,7 @@ def verify_export(source: IO[bytes], trusted: Iterable[str] | None = None) -> Re
             chain = _Chain(report, str(header.get("tenant")), int(first or 1),
                            str(header.get("anchor")))  # fmt: skip
             chain.keep = {int(s["tenant_seq"]) for s in heads}
-        if set(record) != expected:
-            missing, extra = expected - set(record), set(record) - expected
-            report.problem(f"line {n}: fields missing {sorted(missing)} or extra {sorted(extra)}")
-        chain.add(f"line {n}", record)
+        chain.add_line(f"line {n}", record)
     if trailer is None:
         report.problem("the export has no trailer: it was cut short")
         return report

@@ -94,11 +94,12 @@ async def service_kit(
     fleet_targets: Targets | None = None,
     predictor: EnergyPredictor | None = None,
     loads: Sequence[LoadSource | None] | None = None,
+    more_sources: dict[str, StaticCarbonSource] | None = None,
 ) -> AsyncIterator[Kit]:
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
     static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
     ``fleet_targets`` where its counts go; ``loads``: the replicas' load sources (polled when a
-    test calls ``service.loads``)."""
+    test calls ``service.loads``); ``more_sources``: carbon sources beside ``grid``, by name."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
@@ -113,7 +114,7 @@ async def service_kit(
         ledger=sink,
         jobs=JobStore(tmp / "jobs.sqlite"),
         wire=OpenAIWire(),
-        sources=lambda c, base: {"grid": source},
+        sources=lambda c, base: {"grid": source, **(more_sources or {})},
         clock=clock,
         fleet_targets=fleet_targets,
         predictor=predictor,

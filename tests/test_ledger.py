@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.ledger import COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
+from router.ledger import _INSERT, COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
 from tests.conftest import ROOT
 
 V4_COLUMNS = COLUMNS[: COLUMNS.index("zone")]  # a row's columns before the receipt (v5)
@@ -207,15 +207,7 @@ def test_usage_pages_and_totals_come_from_sql(tmp_path: Path) -> None:
 def test_reads_do_not_see_a_write_that_is_rolled_back(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     ledger._db.execute("BEGIN IMMEDIATE")  # a write in progress on the writer's connection
-    ledger._db.execute(
-        "INSERT INTO requests SELECT * FROM requests WHERE 0"  # (nothing, just a transaction)
-    )
-    good = row("pending")
-    cols = ", ".join(COLUMNS)
-    ledger._db.execute(
-        f"INSERT INTO requests ({cols}) VALUES ({', '.join('?' for _ in COLUMNS)})",
-        [getattr(good, c) for c in COLUMNS],
-    )
+    ledger._db.executemany(_INSERT, ledger._chained([row("pending")]))
     assert ledger.usage_page(None).rows == []  # not committed: not seen
     ledger._db.execute("ROLLBACK")
     assert ledger.usage_page(None).rows == []

@@ -94,7 +94,7 @@ def test_rows_are_append_only_in_the_ledger(tmp_path: Path) -> None:
         closing(sqlite3.connect(ledger.path)) as db,
         pytest.raises(sqlite3.IntegrityError, match="append-only"),
     ):
-        db.execute("UPDATE requests SET cost_usd = 0 WHERE request_id = 'a1'")
+        db.execute("UPDATE requests SET row_hash = '' WHERE request_id = 'a1'")
     with (
         closing(sqlite3.connect(ledger.path)) as db,
         pytest.raises(sqlite3.IntegrityError, match="append-only"),
@@ -134,6 +134,44 @@ def _other(value: Any, column: str = "") -> Any:
     return str(value) + "x"
 
 
+def _edit(field: str) -> str:
+    """SQL that sets ``field`` of request ? to ?: in the hashed receipt, which every column is
+    generated from, or the chain's own columns."""
+    if field in ("prev_hash", "row_hash"):
+        return f"UPDATE requests SET {field} = ? WHERE request_id = ?"
+    k = HASHED_NAMES.index(field)
+    return f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', ?) WHERE request_id = ?"
+
+
+def test_a_column_cannot_be_edited_apart_from_its_hashed_receipt(tmp_path: Path) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    bad = _tampered(tmp_path, ledger, _edit("cost_usd"), (0.0, "a2"))
+    assert bad.get("a2").cost_usd == 0.0  # type: ignore[union-attr]  # the column follows
+    with (
+        closing(sqlite3.connect(bad.path)) as db,
+        pytest.raises(sqlite3.OperationalError, match="generated column"),
+    ):
+        db.execute("UPDATE requests SET cost_usd = 0 WHERE request_id = 'a3'")
+    assert not verify_ledger(bad).ok
+
+
+def test_a_redefined_table_is_found(tmp_path: Path) -> None:
+    """An attacker who rebuilds the table with a column no longer generated from the receipt
+    (so it can show another figure than the one hashed) is found by its schema."""
+    ledger = filled(tmp_path / "l.sqlite")
+    ledger.close()
+    with closing(sqlite3.connect(ledger.path)) as db:
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'requests'").fetchone()[0]
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute(
+            "UPDATE sqlite_master SET sql = ? WHERE name = 'requests'",
+            (sql.replace("json_extract(receipt, '$[19]')", "json_extract(receipt, '$[20]')"),),
+        )
+        db.commit()
+    report = verify_ledger(Ledger(ledger.path))
+    assert not report.ok and "redefined" in report.problems[0]
+
+
 @pytest.mark.parametrize("column", [*HASHED_NAMES, "prev_hash", "row_hash"])
 def test_verify_finds_any_field_of_any_row_edited(
     tmp_path: Path, signer: Signer, column: str
@@ -142,33 +180,51 @@ def test_verify_finds_any_field_of_any_row_edited(
     sign_heads(ledger, signer)
     before = ledger.receipt("a2")
     assert before is not None
-    bad = _tampered(
-        tmp_path, ledger, f"UPDATE requests SET {column} = ? WHERE request_id = 'a2'",
-        (_other(before[column], column),),
-    )  # fmt: skip
+    bad = _tampered(tmp_path, ledger, _edit(column), (_other(before[column], column), "a2"))
     report = verify_ledger(bad, [signer.public_key])
     assert not report.ok
     assert any("a2" in p or "acme" in p for p in report.problems), report.problems
 
 
 @pytest.mark.parametrize(
-    "sql",
+    "sql,params",
     [
-        "DELETE FROM requests WHERE request_id = 'a2'",  # from the middle
-        "DELETE FROM requests WHERE request_id = 'a0'",  # the first
-        "DELETE FROM requests WHERE request_id = 'a5'",  # the last, under a signed head
-        "UPDATE requests SET tenant_seq = 99 WHERE request_id = 'a1'",  # moved
-        # two swapped (reordered)
-        "UPDATE requests SET tenant_seq = CASE request_id WHEN 'a1' THEN 1 ELSE 2 END "
-        "WHERE request_id IN ('a0', 'a1')",
-        "UPDATE requests SET tenant = 'bolt' WHERE request_id = 'a3'",  # moved to another chain
+        ("DELETE FROM requests WHERE request_id = ?", ("a2",)),  # from the middle
+        ("DELETE FROM requests WHERE request_id = ?", ("a0",)),  # the first
+        ("DELETE FROM requests WHERE request_id = ?", ("a5",)),  # the last, under a signed head
+        (_edit("tenant_seq"), (99, "a1")),  # moved
+        (_edit("tenant"), ("bolt", "a3")),  # moved to another chain
     ],
 )
-def test_verify_finds_rows_deleted_or_reordered(tmp_path: Path, signer: Signer, sql: str) -> None:
+def test_verify_finds_rows_deleted_or_moved(
+    tmp_path: Path, signer: Signer, sql: str, params: tuple[Any, ...]
+) -> None:
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
-    report = verify_ledger(_tampered(tmp_path, ledger, sql), [signer.public_key])
-    assert not report.ok, sql
+    assert not verify_ledger(_tampered(tmp_path, ledger, sql, params), [signer.public_key]).ok
+
+
+def test_verify_finds_two_rows_swapped(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    bad = _tampered(tmp_path, ledger, _edit("tenant_seq"), (1, "a1"))
+    with closing(sqlite3.connect(bad.path)) as db:
+        db.execute(_edit("tenant_seq"), (2, "a0"))
+        db.commit()
+    assert not verify_ledger(bad, [signer.public_key]).ok
+
+
+def _write_receipt(db: sqlite3.Connection, r: dict[str, Any], prev: str) -> str:
+    """Store ``r`` as a forger would: its receipt, its link and a hash that is right."""
+    from router.chain import canonical, link
+
+    body = canonical(r)
+    h = link(prev, body)
+    db.execute(
+        "INSERT INTO requests (receipt, prev_hash, row_hash, chain_version) VALUES (?, ?, ?, 1)",
+        (body.decode(), prev, h),
+    )
+    return h
 
 
 def test_verify_finds_an_inserted_row_even_with_its_own_hash_right(
@@ -178,15 +234,10 @@ def test_verify_finds_an_inserted_row_even_with_its_own_hash_right(
     sign_heads(ledger, signer)
     a1 = ledger.receipt("a1")
     assert a1 is not None
-    forged = {**a1, "request_id": "forged", "tenant_seq": 2}
-    forged["prev_hash"] = a1["row_hash"]
-    forged["row_hash"] = row_hash(a1["row_hash"], forged)
-    cols = list(forged)
-    bad = _tampered(
-        tmp_path, ledger,
-        f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-        tuple(forged[c] for c in cols),
-    )  # fmt: skip
+    bad = _tampered(tmp_path, ledger, "SELECT 1")
+    with closing(sqlite3.connect(bad.path)) as db:
+        _write_receipt(db, {**a1, "request_id": "forged", "tenant_seq": 2}, a1["row_hash"])
+        db.commit()
     assert not verify_ledger(bad, [signer.public_key]).ok
 
 
@@ -198,25 +249,16 @@ def test_history_rewritten_with_fresh_hashes_fails_on_the_signed_head(
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
     rows = [ledger.receipt(f"a{k}") for k in range(6)]
-    ledger.close()
-    copy = tmp_path / "rewritten.sqlite"
-    shutil.copy(ledger.path, copy)
-    with closing(sqlite3.connect(copy)) as db:
-        db.execute("DROP TRIGGER requests_append_only_update")
+    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE tenant = 'acme'")
+    with closing(sqlite3.connect(bad.path)) as db:
         prev = GENESIS
         for r in rows:
             assert r is not None
             if r["request_id"] == "a2":
                 r["cost_usd"] = 0.0
-            r["prev_hash"], r["row_hash"] = prev, row_hash(prev, r)
-            prev = r["row_hash"]
-            db.execute(
-                "UPDATE requests SET cost_usd = ?, prev_hash = ?, row_hash = ? "
-                "WHERE request_id = ?",
-                (r["cost_usd"], r["prev_hash"], r["row_hash"], r["request_id"]),
-            )
+            prev = _write_receipt(db, r, prev)
         db.commit()
-    report = verify_ledger(Ledger(copy), [signer.public_key])
+    report = verify_ledger(bad, [signer.public_key])
     assert not report.ok
     assert any("history rewritten" in p for p in report.problems), report.problems
 
@@ -249,8 +291,10 @@ def test_an_export_verifies_and_holds_only_its_tenant(tmp_path: Path, signer: Si
     report = _check(lines, signer)
     assert report.ok, report.problems
     assert report.rows == 6 and report.signatures == 1
-    receipts = [orjson.loads(x) for x in lines[1:-1]]
+    names = orjson.loads(lines[0])["fields"]
+    receipts = [dict(zip(names, orjson.loads(x)["receipt"], strict=True)) for x in lines[1:-1]]
     assert {r["tenant"] for r in receipts} == {"acme"}
+    assert [r["request_id"] for r in receipts] == [f"a{k}" for k in range(6)]
     # without a trusted key it still checks, and says whose key it used
     alone = verify_export(io.BytesIO(b"".join(lines)))
     assert alone.ok and signer.key_id in alone.notes[0]
@@ -260,7 +304,11 @@ def test_an_export_verifies_and_holds_only_its_tenant(tmp_path: Path, signer: Si
 def test_an_export_fails_on_any_field_edited(tmp_path: Path, signer: Signer, field: str) -> None:
     lines = _export(filled(tmp_path / "l.sqlite"), signer)
     rec = orjson.loads(lines[3])
-    rec[field] = _other(rec[field], field)
+    if field in ("prev_hash", "row_hash"):
+        rec[field] = _other(rec[field], field)
+    else:
+        k = HASHED_NAMES.index(field)
+        rec["receipt"][k] = _other(rec["receipt"][k], field)
     lines[3] = orjson.dumps(rec) + b"\n"
     assert not _check(lines, signer).ok
 
@@ -459,7 +507,7 @@ def test_an_auditor_verifies_a_month_exported_by_the_commands(tmp_path: Path) ->
     assert main(["verify", "--ledger", str(ledger.path), "--public-key", str(pub)]) == 0
     lines = out.read_bytes().splitlines(keepends=True)
     rec = orjson.loads(lines[2])
-    rec["cost_usd"] = 0.0
+    rec["receipt"][HASHED_NAMES.index("cost_usd")] = 0.0
     lines[2] = orjson.dumps(rec) + b"\n"
     out.write_bytes(b"".join(lines))
     assert main(["verify", str(out), "--public-key", str(pub)]) == 1
@@ -517,3 +565,40 @@ def test_usage_and_invoices_sum_the_carbon_avoided_and_embodied(tmp_path: Path) 
     inv = invoice(ledger, "acme", T0.strftime("%Y-%m"))
     assert inv.carbon_avoided_g == pytest.approx(want_avoided)
     assert inv.embodied_g == pytest.approx(want_embodied)
+
+
+def _marginal_config(decide_on: str) -> str:
+    from tests.service_kit import CONFIG
+
+    text = CONFIG.replace(
+        "carbon_sources:\n",
+        "carbon_sources:\n  wt: {kind: watttime, username: u, password: p}\n",
+    )
+    for zone in ("SE", "DE", "US-TEX-ERCO"):
+        text = text.replace(f"    zone: {zone}\n", f"    zone: {zone}\n    marginal_source: wt\n")
+    policy = f"policy: {{name: price_carbon, weight: 0.5, decision_signal: {decide_on}}}"
+    return text.replace("policy: {name: price_carbon, weight: 0.5}", policy)
+
+
+@pytest.mark.parametrize("decide_on", ["average", "marginal"])
+async def test_a_marginal_signal_drives_decisions_only_when_asked_and_bills_stay_average(
+    tmp_path: Path, decide_on: str
+) -> None:
+    from router.service.fakes import StaticCarbonSource
+    from tests.service_kit import DEMO, INTENSITY, chat, service_kit
+
+    marginal = {"SE": 900.0, "DE": 100.0, "US-TEX-ERCO": 500.0}
+    greenest = {**DEMO, "X-Carbon-Preference": "mode=carbon"}
+    async with service_kit(tmp_path, config=_marginal_config(decide_on),
+                           more_sources={"wt": StaticCarbonSource(marginal)}) as kit:  # fmt: skip
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=greenest)
+        assert r.status_code == 200, r.text
+        (row,) = kit.rows()
+        zone = "DE" if decide_on == "marginal" else "SE"  # the greenest by the signal asked
+        assert row.zone == zone
+        assert row.signal == "average" and row.intensity_g_per_kwh == INTENSITY[zone]
+        assert row.marginal_g_per_kwh == marginal[zone]  # recorded beside, never billed
+        assert row.carbon_g == pytest.approx(row.kwh_billed * INTENSITY[zone])
+        # the baseline is in the billed signal too: avoided compares average with average
+        per_kwh = 1.2 * sum(INTENSITY.values()) / 3
+        assert row.baseline_carbon_g == pytest.approx(row.energy_j / 3.6e6 * per_kwh)

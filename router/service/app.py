@@ -199,6 +199,8 @@ class RouterService:
             st_new.active_at_report = st_old.active_at_report
         live.router.lengths = old_live.router.lengths
         live.router.carbon.adopt(old_live.router.carbon)
+        if live.router.marginal is not None and old_live.router.marginal is not None:
+            live.router.marginal.adopt(old_live.router.marginal)
         self.live = live
         return {
             "reloaded": str(self.config_path),

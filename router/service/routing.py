@@ -193,6 +193,10 @@ class Router:
     _static: dict[str, Any] | None = None
     _models: frozenset[str] | None = None
     _embodied: list[tuple[float, str]] = field(default_factory=list)  # per replica
+    # a marginal signal per region that has one (Region.marginal_source), read through its own
+    # view: regions as that source names them
+    marginal: CarbonView | None = None
+    _marginal_regions: dict[str, Region] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -219,7 +223,31 @@ class Router:
             np.array([s.replica.max_concurrency * 3600.0 for s in router.states])
         )
         router._embodied = [embodied_rate(s.replica, config.audit.embodied) for s in router.states]
+        router._marginal_regions = {
+            r.name: r.model_copy(
+                update={"carbon_source": r.marginal_source, "zone": r.marginal_zone or r.zone}
+            )
+            for r in config.regions
+            if r.marginal_source is not None
+        }
+        if router._marginal_regions:
+            router.marginal = CarbonView(list(router._marginal_regions.values()), sources)
         return router
+
+    @property
+    def decides_on_marginal(self) -> bool:
+        return self.config.policy.decision_signal == "marginal"
+
+    async def marginal_g_per_kwh(self, region: Region) -> float | None:
+        """The region's marginal signal now, for its receipts; None without one, or when its
+        source fails (a receipt then records none: it is never made up)."""
+        found = self._marginal_regions.get(region.name)
+        if found is None or self.marginal is None:
+            return None
+        try:
+            return (await self.marginal.get(found)).g_per_kwh
+        except CarbonUnavailable:
+            return None
 
     @property
     def models(self) -> frozenset[str]:
@@ -264,13 +292,18 @@ class Router:
         actives: list[int] = []
         estimated: list[tuple[str, ...]] = []
         missing: dict[str, str] = {}  # a region without data is unavailable, not the service
+        billed = np.empty(n) if self.decides_on_marginal else intensity
         for i, st in enumerate(self.states):
             try:
-                intensity[i] = (await self.carbon.get(st.region)).g_per_kwh
+                billed[i] = (await self.carbon.get(st.region)).g_per_kwh
+                if self.decides_on_marginal:  # decided on the marginal signal, billed on both
+                    assert self.marginal is not None  # the config requires one per region
+                    marginal = self._marginal_regions[st.region.name]
+                    intensity[i] = (await self.marginal.get(marginal)).g_per_kwh
                 price[i] = st.prices.at(wall)
             except (CarbonUnavailable, PriceError) as e:
                 missing[st.region.name] = str(e)
-                intensity[i], price[i] = np.inf, np.inf
+                intensity[i], billed[i], price[i] = np.inf, np.inf, np.inf
         # loads are read after the last await, so requests admitted together each see those
         # started before them (a region's first carbon fetch holds them all up)
         seen = self.clock()
@@ -322,6 +355,7 @@ class Router:
             ),
             slowdown=slowdown,
             estimated=estimated,
+            billed_intensity_g_per_kwh=billed if self.decides_on_marginal else None,
         )
 
     def _predicted_j(self, st: ReplicaState, prompt: int, output: float, active: int) -> float:
@@ -347,6 +381,8 @@ class Router:
         hit = self._forecasts.get(key)
         if hit and self.clock() - hit[0] < 900:
             return hit[1]
+        if self.decides_on_marginal:  # the hours ahead in the signal the hour now is in
+            region = self._marginal_regions[region.name]
         fc = await self.carbon.sources[region.carbon_source].forecast(region.zone, hours)
         self._forecasts[key] = (self.clock(), fc)
         return fc
@@ -417,7 +453,7 @@ class Router:
     def baseline(self, c: Candidates, pref: Preference, chosen: int) -> tuple[str, float]:
         """The carbon-agnostic choice for this request at this moment: power of two over the
         replicas its preference allows that are up and have an intensity."""
-        ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.intensity_g_per_kwh)
+        ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.billing_intensity)
         return carbon_agnostic_baseline(c, ok, chosen)
 
     async def bill(
@@ -443,6 +479,7 @@ class Router:
         work-share rule and the replica model."""
         st = self.states[index]
         carbon = await self.carbon.get(st.region)
+        marginal = await self.marginal_g_per_kwh(st.region) if self.marginal else None
         metered = energy_source != "predicted"  # attributed from the replica's meter
         if prefill_j is None:
             prefill_j = prefill_share_j(energy_j, prompt_tokens, completion_tokens)
@@ -483,6 +520,7 @@ class Router:
                 "intensity_at": "" if carbon.at is None else utc_iso(carbon.at),
                 "intensity_source": f"{carbon.source} ({st.region.zone})",
                 "intensity_kind": carbon.kind,
+                "marginal_g_per_kwh": marginal,
                 "embodied_g": rate_g_per_s * max(held_s, 0.0),
                 "embodied_basis": basis,
                 **(

@@ -97,7 +97,7 @@ class Settlement:
         kwh = float(billed[i] * cands.pue[i])
         return (
             kwh,
-            kwh * float(cands.intensity_g_per_kwh[i]),
+            kwh * float(cands.billing_intensity[i]),
             kwh * float(cands.price_usd_per_kwh[i]),
         )
 
