@@ -24,6 +24,7 @@ from starlette.datastructures import Headers
 from carbonrouter.errors import CarbonRouterError
 from router.errors import BodyTooLarge, RequestError
 from router.http.completions import answer_completion
+from router.http.dashboard import router as dashboard_routes
 from router.http.errors import JSONResponse, error_response
 from router.http.wire import (
     MAX_BODY_BYTES,
@@ -244,6 +245,7 @@ def make_api() -> FastAPI:
         exposition = service_of(request).metrics.exposition()
         return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
+    api.include_router(dashboard_routes)  # GET /dashboard and /v1/dashboard/*
     return api
 
 

@@ -70,6 +70,16 @@ class ActorLedger:
         head: dict[str, Any] = await self.actor.receipt_head.remote(tenant)
         return head
 
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self.actor.hourly.remote(start, end, tenant)
+        return rows
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self.actor.top_tenants.remote(start, end, limit)
+        return rows
+
 
 def _sources(cfg: Config, base: Path) -> dict[str, Any]:
     return build_sources(cfg, base_dir=base)

@@ -93,3 +93,12 @@ class MeteringActor:
 
     async def receipt_head(self, tenant: str) -> dict[str, Any]:
         return await asyncio.to_thread(head_view, self.ledger, tenant)
+
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The operator's view's sums per hour, read in a worker thread like :meth:`usage`."""
+        return await asyncio.to_thread(self.ledger.hourly, start, end, tenant)
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.ledger.top_tenants, start, end, limit)

@@ -20,6 +20,7 @@ from router.jobs import JobStore
 from router.ledger import LedgerError
 from router.service.batches import Batches
 from router.service.completions import Completions
+from router.service.dashboard import Dashboard
 from router.service.deferral import Deferral
 from router.service.fleet import FleetScaler, Targets
 from router.service.live import Live
@@ -97,6 +98,7 @@ class RouterService:
         )
         self.deferral = Deferral(current, jobs, self.completions, wire)
         self.batches = Batches(current, jobs, self.deferral, wire)
+        self.dashboard = Dashboard(current, ledger, jobs, self.fleet)
 
     def current(self) -> Live:
         return self.live

@@ -209,3 +209,11 @@ class LedgerSink:
 
     async def receipt_head(self, tenant: str) -> dict[str, Any]:
         return head_view(self.ledger, tenant)
+
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self.ledger.hourly(start, end, tenant)
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        return self.ledger.top_tenants(start, end, limit)

@@ -163,6 +163,15 @@ class LedgerReader(Protocol):
         """``tenant``'s chain head and its latest signed head
         (:func:`router.receipts.head_view`)."""
 
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Sums per UTC hour, region and binding constraint of the rows started in the whole
+        hours ``[start, end)`` (``tenant``'s, None: everyone's): :meth:`Ledger.hourly`."""
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` tenants that used most kWh in those hours: :meth:`Ledger.top_tenants`."""
+
 
 @dataclass(frozen=True)
 class ParsedRequest:
