@@ -378,8 +378,8 @@ _V4_TO_V5 = (
         avoided_g REAL NOT NULL,
         embodied_g REAL NOT NULL,
         cost_usd REAL NOT NULL,
-        PRIMARY KEY (hour, tenant, region, binding)
-    )""",
+        PRIMARY KEY (hour, region, binding, tenant)
+    ) WITHOUT ROWID""",
     """INSERT INTO usage_hourly
         SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), SUM(kwh_billed),
                SUM(carbon_g), SUM(avoided_g), SUM(embodied_g), SUM(cost_usd)
@@ -388,7 +388,7 @@ _V4_TO_V5 = (
         INSERT INTO usage_hourly VALUES (substr(NEW.started_at, 1, 13), NEW.tenant, NEW.region,
             NEW.binding, 1, NEW.kwh_billed, NEW.carbon_g, NEW.avoided_g, NEW.embodied_g,
             NEW.cost_usd)
-        ON CONFLICT (hour, tenant, region, binding) DO UPDATE SET
+        ON CONFLICT (hour, region, binding, tenant) DO UPDATE SET
             requests = requests + 1, kwh = kwh + excluded.kwh,
             carbon_g = carbon_g + excluded.carbon_g, avoided_g = avoided_g + excluded.avoided_g,
             embodied_g = embodied_g + excluded.embodied_g,
@@ -723,9 +723,9 @@ class Ledger:
     def hourly(
         self, start: datetime, end: datetime, tenant: str | None = None
     ) -> list[dict[str, Any]]:
-        """Sums per UTC hour, region and deciding constraint of rows started in ``[start,
-        end)`` (whole hours: an hour is in if it starts in the period), ``tenant``'s only or
-        everyone's; read from the hourly sums, not the rows."""
+        """Sums per UTC hour, region and deciding constraint of rows started in the hours from
+        the one holding ``start`` up to, not including, the one holding ``end`` (whole hours),
+        ``tenant``'s only or everyone's; read from the hourly sums, not the rows."""
         where, params = ["hour >= ?", "hour < ?"], [utc_iso(start)[:13], utc_iso(end)[:13]]
         if tenant is not None:
             where.append("tenant = ?")
