@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from router.chain import GENESIS, HASHED, HASHED_NAMES, canonical, canonical_values, link
 from router.chain import VERSION as CHAIN_VERSION
 from router.errors import RouterError
@@ -189,9 +191,11 @@ def _period(
 
 
 def _row(r: Sequence[object]) -> LedgerRow:
-    d = dict(zip(COLUMNS, r, strict=True))
+    """A row from its receipt (the first column selected): the hashed JSON, parsed here, which
+    is faster than SQLite generating each column and is the figure that was hashed."""
+    d = dict(zip(COLUMNS, orjson.loads(r[0])[: len(COLUMNS)], strict=True))  # type: ignore[arg-type]
     d["carbon_stale"] = bool(d["carbon_stale"])
-    return LedgerRow(**d)  # type: ignore[arg-type]
+    return LedgerRow(**d)
 
 
 _V1 = """
@@ -290,13 +294,14 @@ def _chain_existing(db: sqlite3.Connection) -> None:
 
 
 def _column(k: int, name: str, conv: Callable[[Any], Any]) -> str:
-    """A v5 column: the receipt's field ``k``, generated from the hashed body (stored), so
+    """A v5 column: the receipt's field ``k``, generated from the hashed body whenever it is
+    read (virtual, never stored: a stored copy could be made to differ from the receipt), so
     that no figure can differ from what was hashed."""
     sql_type = {"_float": "REAL", "_int": "INTEGER", "_bool": "INTEGER"}.get(conv.__name__, "TEXT")
     nullable = name in ("first_token_at", "marginal_g_per_kwh")
     check = _CHECKS.get(name, "")
     return (
-        f"{name} {sql_type} GENERATED ALWAYS AS (json_extract(receipt, '$[{k}]')) STORED"
+        f"{name} {sql_type} GENERATED ALWAYS AS (json_extract(receipt, '$[{k}]')) VIRTUAL"
         + ("" if nullable else " NOT NULL")
         + (f" CHECK ({check})" if check else "")
     )
@@ -318,8 +323,8 @@ _CHECKS = {
 # v5: the receipt (where each figure came from), the per-tenant hash chain and its signed
 # heads, rows made append-only, and sums per hour, region and deciding constraint for the
 # operator's view. A row is its receipt: the canonical JSON that is hashed (router.chain),
-# stored once; every column is generated from it, so a column cannot be edited apart from
-# what was hashed, and checking the chain reads six columns, not fifty. Rows billed before
+# stored once; every column is generated from it when read, so a column cannot differ from
+# what was hashed, and checking the chain reads a few columns, not fifty. Rows billed before
 # v5 are chained on migration, in time order.
 _V5_TABLE = (
     "CREATE TABLE requests_v5 (\n    receipt TEXT NOT NULL,\n    prev_hash TEXT NOT NULL,\n"
@@ -584,15 +589,19 @@ class Ledger:
     def receipt(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """The row of ``request_id`` with its place in the chain, or None; with ``tenant``,
         only that tenant's (another tenant's id reads as unknown)."""
-        cols = [*COLUMNS, "tenant_seq", "chained_at", "prev_hash", "row_hash", "chain_version"]
         where, params = "request_id = ?", [request_id]
         if tenant is not None:
             where, params = where + " AND tenant = ?", [*params, tenant]
-        found = self._query(f"SELECT {', '.join(cols)} FROM requests WHERE {where}", params)
+        found = self._query(
+            f"SELECT receipt, prev_hash, row_hash, chain_version FROM requests WHERE {where}",
+            params,
+        )
         if not found:
             return None
-        d = dict(zip(cols, found[0], strict=True))
+        receipt, prev_hash, row_hash_, version = found[0]
+        d = dict(zip(HASHED_NAMES, orjson.loads(receipt), strict=True))
         d["carbon_stale"] = bool(d["carbon_stale"])
+        d.update(prev_hash=prev_hash, row_hash=row_hash_, chain_version=version)
         return d
 
     def chain(
@@ -753,7 +762,7 @@ class Ledger:
 
     def rows(self, *, where: str = "1", params: Sequence[object] = ()) -> list[LedgerRow]:
         cur = self._query(
-            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {where} "
+            f"SELECT receipt FROM requests WHERE {where} "
             "ORDER BY started_at, request_id",
             params,
         )
@@ -811,7 +820,7 @@ class Ledger:
             page_where += " AND (started_at, request_id) > (?, ?)"
             page_params += [found[0][0], after]
         cur = self._query(
-            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {page_where} "
+            f"SELECT receipt FROM requests WHERE {page_where} "
             "ORDER BY started_at, request_id LIMIT ?",
             [*page_params, limit + 1],
         )

@@ -42,11 +42,12 @@ def _sql(path: Path, *stmts: str) -> None:
 def test_review_stored_generated_column_edited_apart_from_receipt_verifies(
     tmp_path: Path, signer: Signer
 ) -> None:
-    """The columns are GENERATED ... STORED: SQLite keeps their values in the record and never
-    recomputes them on read. With writable_schema an attacker makes cost_usd's expression
+    """Were the columns GENERATED ... STORED, SQLite would keep their values in the record and
+    never recompute them on read: with writable_schema an attacker makes cost_usd's expression
     something else for one UPDATE (which recomputes it), then puts the exact original SQL
-    back. The receipt and every hash are untouched, the table's SQL is byte-identical, so
-    verify passes; but invoices, usage pages and GET /v1/receipts read the column."""
+    back, and invoices read $999 more while every hash and the table's SQL are untouched.
+    The columns are VIRTUAL and rows are read from their receipts: the trick changes
+    nothing."""
     from router.invoice import invoice
 
     ledger = filled(tmp_path / "l.sqlite")
@@ -79,9 +80,9 @@ def test_review_stored_generated_column_edited_apart_from_receipt_verifies(
     bad = Ledger(path)
     assert bad.integrity_ok()
     billed = invoice(bad, "acme", T0.strftime("%Y-%m")).billed_usd
-    assert billed == pytest.approx(honest + 999.0, rel=1e-6)  # the tenant is billed $999 more
-    report = verify_ledger(bad, [signer.public_key])
-    assert not report.ok, "verify passes a ledger whose billed column is not its hashed receipt"
+    assert billed == honest  # nothing stored apart from the receipt: nothing to change
+    assert bad.usage_page("acme").totals["cost_usd"] == pytest.approx(honest)
+    assert verify_ledger(bad, [signer.public_key]).ok
 
 
 def test_review_usage_sums_edited_verify_passes(tmp_path: Path, signer: Signer) -> None:
