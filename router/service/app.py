@@ -12,12 +12,15 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import TracerProvider
+
 from forecasting.energy import EnergyPredictor
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, ConfigError, load_config
 from router.errors import Conflict, ModelNotFound, NotFound, PermissionDenied, RequestError
 from router.jobs import JobStore
 from router.ledger import LedgerError
+from router.service import telemetry
 from router.service.batches import Batches
 from router.service.completions import Completions
 from router.service.dashboard import Dashboard
@@ -37,6 +40,7 @@ from router.service.ports import (
 from router.service.proxied import ProxiedMetering, SendTimelines
 from router.service.settlement import Settlement
 from router.service.tenants import Caller
+from router.service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class RouterService:
         fleet_targets: Targets | None = None,
         clock: Callable[[], float] = time.monotonic,
         loads: Sequence[LoadSource | None] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._sources = sources
@@ -87,16 +92,24 @@ class RouterService:
         self.ledger = ledger
         self.jobs = jobs
         self.proxied = proxied
+        # tracer_provider: where request spans go; by default the config's telemetry block
+        # asks for one, and without it tracing is off (read at start: a reload keeps it)
+        self._exporting: telemetry.SheddingProcessor | None = None
+        if tracer_provider is None and config.telemetry is not None:
+            tracer_provider, self._exporting = telemetry.tracer_provider(config.telemetry)
+        self.tracing = Tracing(tracer_provider)
         self.metrics = Metrics()
         current = self.current
         # fleet_targets: where the counts go (the Ray adapter scales its deployments by them);
         # clock: the fleet scaler's (tests advance it)
         self.fleet = FleetScaler(current, self.metrics, targets=fleet_targets, clock=clock)
-        self.settlement = Settlement(current, replicas, sink, ledger, proxied, self.metrics)
+        self.settlement = Settlement(
+            current, replicas, sink, ledger, proxied, self.metrics, self.tracing
+        )
         self.completions = Completions(
             current, replicas, self.settlement, arrived=self.fleet.arrived
         )
-        self.deferral = Deferral(current, jobs, self.completions, wire)
+        self.deferral = Deferral(current, jobs, self.completions, wire, self.tracing)
         self.batches = Batches(current, jobs, self.deferral, wire)
         self.dashboard = Dashboard(current, ledger, jobs, self.fleet)
 
