@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,7 @@ from router.http.app import make_api
 from router.service import telemetry
 from router.service.fakes import FakeReplicaClient, LedgerSink
 from router.service.proxied import ProxiedMetering, ProxiedReplica
+from router.service.tracing import Tracing
 from tests.fake_apis import fake_openai
 from tests.service_kit import ADMIN, CONFIG, DEMO, Kit, chat, service_kit
 
@@ -118,6 +120,22 @@ async def test_a_request_is_one_span_with_the_genai_attributes_and_its_bill(
     assert_clean(span)
 
 
+def test_a_bills_carbon_avoided_goes_on_its_span(
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exported = traced
+    span = Tracing(provider).request({}, chat=True)
+    assert span is not None
+    # a row as the receipts will bill it; before them a row has no avoided_g and the span none
+    row = SimpleNamespace(prompt_tokens=3, completion_tokens=4, kwh_billed=1e-6, carbon_g=4e-4,
+                          cost_usd=1e-7, intensity_g_per_kwh=400.0, carbon_stale=False,
+                          avoided_g=-2.5e-4)  # fmt: skip
+    span.billed(row)  # type: ignore[arg-type]
+    span.end()
+    (done,) = exported.get_finished_spans()
+    assert dict(done.attributes or {})["carbon_router.carbon_avoided_g"] == -2.5e-4
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 
@@ -147,6 +165,7 @@ async def test_a_failed_request_is_an_error_span_with_its_class_and_code_not_its
     async with service_kit(tmp_path, replicas=fakes, tracer_provider=provider) as kit:
         r = await post(kit, "/v1/chat/completions", body, headers)
         assert r.status_code == status, r.text
+        metrics = (await kit.client.get("/metrics")).text
     (span,) = exported.get_finished_spans()
     assert span.status.status_code == StatusCode.ERROR and span.status.description == code
     a = dict(span.attributes or {})
@@ -154,6 +173,7 @@ async def test_a_failed_request_is_an_error_span_with_its_class_and_code_not_its
     assert span.events == ()  # no exception event: its message may quote the request
     assert "sk-not-a-key" not in text(span) and "gpt-9" not in str(span.status.description)
     assert_clean(span)
+    assert f'router_requests_total{{region="none",status="{status}"}} 1.0' in metrics
 
 
 async def test_a_replica_failing_mid_stream_ends_the_span_in_error(

@@ -23,12 +23,14 @@ async def answer_completion(
     svc: RouterService, raw: bytes, headers: Mapping[str, str], *, chat: bool
 ) -> Response:
     """One completion request, from its body to its answer (202 when it is deferred). Its span
-    (when tracing is on) ends here, or with its stream."""
+    (when tracing is on) ends here, or with its stream; a refused request is counted by its
+    status."""
     span = svc.tracing.request(headers, chat=chat)  # None: tracing is off
     try:
         response = await _answer(svc, raw, headers, chat, span)
     except Exception as e:
         status, code = error_status(e)
+        svc.metrics.refused(status)
         if span is not None:
             span.failed(e, status, code)
             span.end()
