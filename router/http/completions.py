@@ -54,9 +54,10 @@ async def _answer(
 ) -> Response:
     t0 = time.perf_counter()
     caller = svc.authenticate(headers.get("authorization"))
-    parsed = parse_body(raw, chat=chat)
-    if span is not None:  # named after its model; its context goes upstream with the request
-        parsed = span.parsed(parsed)
+    # with the span's context, which goes upstream with the request
+    parsed = parse_body(raw, chat=chat, trace=span.context() if span is not None else None)
+    if span is not None:
+        span.parsed(parsed)
     svc.check_model(parsed.model)
     router = svc.live.router
     pref = router.preference(headers.get("x-carbon-preference"))

@@ -154,9 +154,10 @@ class Deferral:
         span = self.tracing.job(job.id, chat=job.chat)  # None: tracing is off
         try:
             router = self._live().router
-            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat)
+            trace = span.context() if span is not None else None
+            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat, trace=trace)
             if span is not None:
-                parsed = span.parsed(parsed)
+                span.parsed(parsed)
             expected = router.lengths.expected(
                 job.tenant, parsed.model, parsed.completion.max_tokens
             )

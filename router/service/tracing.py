@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -35,7 +34,6 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TracerProvider,
-    set_span_in_context,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -44,7 +42,7 @@ if TYPE_CHECKING:
 
     from router.ledger import LedgerRow
     from router.policy import Candidates, Decision
-    from router.service.ports import ParsedRequest
+    from router.service.ports import ParsedRequest, TraceContext
     from router.service.routing import ReplicaState
 
 OPERATION = {True: "chat", False: "text_completion"}  # the GenAI operation of each endpoint
@@ -128,9 +126,15 @@ class RequestSpan:
         self.finish: str | None = None  # the last finish reason a stream gave
         self._ended = False
 
-    def parsed(self, parsed: ParsedRequest) -> ParsedRequest:
-        """The request as parsed: the span is named after its model. Returns it with this
-        span's trace context, for the upstream."""
+    def context(self) -> TraceContext:
+        """This span's W3C ``(traceparent, tracestate)``, for the request to carry upstream
+        (written as the W3C propagator writes them, at a third of its cost)."""
+        ctx = self.span.get_span_context()
+        traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+        return traceparent, ctx.trace_state.to_header() or None
+
+    def parsed(self, parsed: ParsedRequest) -> None:
+        """The request as parsed (with :meth:`context`): the span is named after its model."""
         if self.recording:
             c = parsed.completion
             self.span.update_name(f"{self.operation} {parsed.model}")
@@ -144,14 +148,6 @@ class RequestSpan:
             if c.seed is not None:
                 attrs["gen_ai.request.seed"] = c.seed
             self.span.set_attributes(attrs)
-        carrier: dict[str, str] = {}
-        _W3C.inject(carrier, set_span_in_context(self.span))
-        completion = replace(
-            parsed.completion,
-            traceparent=carrier.get("traceparent"),
-            tracestate=carrier.get("tracestate"),
-        )
-        return replace(parsed, completion=completion)
 
     def routed(
         self,
