@@ -253,7 +253,7 @@ async def test_a_stream_cut_by_its_client_still_ends_its_span(
     a = dict(span.attributes or {})
     assert a["carbon_router.client_hung_up"] is True
     assert span.status.status_code == StatusCode.UNSET  # the client's doing, not an error
-    assert a["gen_ai.response.id"] == row.request_id and row.energy_source == "estimated"
+    assert a["gen_ai.response.id"] == row.request_id  # billed all the same, by prediction
     assert "carbon_router.energy_kwh" not in a  # billed after the span ended: see the ledger
 
 
