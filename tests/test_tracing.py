@@ -393,6 +393,19 @@ async def test_the_clients_traceparent_is_the_parent_and_the_span_goes_upstream(
     assert a["carbon_router.energy_source"] == usage_of(r.text, stream)["energy_source"]
 
 
+async def test_a_long_tracestate_goes_upstream_in_whole_entries_up_to_512_characters(
+    tmp_path: Path, traced: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, _ = traced
+    entries = [f"k{i}={'v' * 100}" for i in range(32)]  # 32 entries of 103 characters
+    async with proxied_kit(tmp_path, provider) as (kit, url):
+        headers = {**DEMO, "traceparent": TRACEPARENT, "tracestate": ",".join(entries)}
+        r = await post(kit, "/v1/chat/completions", chat(), headers)
+        assert r.status_code == 200, r.text
+        seen = await seen_upstream(url)
+    assert seen["tracestate"] == ",".join(entries[:4])  # 4 x 103 + 3 commas <= 512 < 5 x 104
+
+
 @pytest.mark.parametrize(
     "traceparent",
     [
@@ -510,3 +523,12 @@ def test_spans_past_the_queue_are_dropped_counted_and_logged_once(
     stuck.release.set()
     provider.shutdown()
     assert stuck.exported == 3 and processor.pending == 0
+
+
+def test_an_sdk_disabled_by_its_environment_sends_no_invalid_context_upstream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")  # the SDK then hands out no-op tracers
+    span = Tracing(TracerProvider(shutdown_on_exit=False)).request({}, chat=True)
+    assert span is not None and span.context() is None  # not "00-000...-000...-00"
+    span.end()

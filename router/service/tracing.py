@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from router.service.routing import ReplicaState
 
 OPERATION = {True: "chat", False: "text_completion"}  # the GenAI operation of each endpoint
+MAX_TRACESTATE = 512  # characters of a client's tracestate passed upstream
 MAX_OPEN = 65536  # spans a bill may still find by request id; past it the oldest are forgotten
 _W3C = TraceContextTextMapPropagator()  # traceparent and tracestate, never baggage
 
@@ -126,12 +127,20 @@ class RequestSpan:
         self.finish: str | None = None  # the last finish reason a stream gave
         self._ended = False
 
-    def context(self) -> TraceContext:
+    def context(self) -> TraceContext | None:
         """This span's W3C ``(traceparent, tracestate)``, for the request to carry upstream
-        (written as the W3C propagator writes them, at a third of its cost)."""
+        (written as the W3C propagator writes them, at a third of its cost); ``None`` when the
+        span has no valid context (the SDK disabled by ``OTEL_SDK_DISABLED``). A client's
+        ``tracestate`` goes on in whole entries up to 512 characters, as W3C allows: 32 long
+        entries would make a head some servers refuse."""
         ctx = self.span.get_span_context()
+        if not ctx.is_valid:
+            return None
         traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
-        return traceparent, ctx.trace_state.to_header() or None
+        state = ctx.trace_state.to_header()
+        if len(state) > MAX_TRACESTATE:
+            state = state[: max(state.rfind(",", 0, MAX_TRACESTATE + 1), 0)]
+        return traceparent, state or None
 
     def parsed(self, parsed: ParsedRequest) -> None:
         """The request as parsed (with :meth:`context`): the span is named after its model."""
