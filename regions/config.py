@@ -16,6 +16,7 @@ import re
 from datetime import time as dtime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -538,6 +539,55 @@ class Audit(_Strict):
 MARGINAL_KINDS = ("watttime",)  # carbon sources whose signal is marginal
 
 
+class Telemetry(_Strict):
+    """OpenTelemetry traces of the completion requests (README 'Traces and metrics'); off
+    without this block. Read when the router starts: a reload does not change it."""
+
+    otlp_endpoint: str = Field(
+        description="the collector's OTLP/HTTP URL, e.g. http://collector:4318 (the traces path "
+        "/v1/traces is added when the URL has no path) or a full .../v1/traces URL",
+    )
+    service_name: str = Field("carbon-router", min_length=1)
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of requests traced; a client's flag never forces it"
+    )
+    export_timeout_s: float = Field(
+        5.0, gt=0, le=60, allow_inf_nan=False, description="each export to the collector"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="sent with each export, e.g. the collector's API key"
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _an_http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        try:
+            parts.port  # noqa: B018  # a port that is no number raises
+        except ValueError:
+            parts = urlsplit("")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError(
+                f"must be an http:// or https:// URL with a host, e.g. http://collector:4318, "
+                f"got {v!r}"
+            )
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _safe_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            _header_safe(value)
+        return v
+
+    def traces_url(self) -> str:
+        """The endpoint with the traces path added when it has none."""
+        url = self.otlp_endpoint.rstrip("/")
+        return url if urlsplit(url).path else url + "/v1/traces"
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -548,6 +598,7 @@ class Config(_Strict):
     simulation: Simulation = Simulation()
     fleet: FleetScaling = FleetScaling()
     audit: Audit = Audit()
+    telemetry: Telemetry | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:

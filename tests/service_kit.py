@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from opentelemetry.trace import TracerProvider
 
 from forecasting.energy import EnergyPredictor
 from router.http.app import make_api
@@ -95,11 +96,14 @@ async def service_kit(
     predictor: EnergyPredictor | None = None,
     loads: Sequence[LoadSource | None] | None = None,
     more_sources: dict[str, StaticCarbonSource] | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[Kit]:
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
     static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
     ``fleet_targets`` where its counts go; ``loads``: the replicas' load sources (polled when a
-    test calls ``service.loads``); ``more_sources``: carbon sources beside ``grid``, by name."""
+    test calls ``service.loads``); ``more_sources``: carbon sources beside ``grid``, by name;
+    ``tracer_provider``: where request spans go (default: the config's telemetry block, none:
+    off)."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
@@ -119,6 +123,7 @@ async def service_kit(
         fleet_targets=fleet_targets,
         predictor=predictor,
         loads=loads,
+        tracer_provider=tracer_provider,
     )
     api = make_api()
     api.state.service = service

@@ -235,3 +235,39 @@ def test_bills_use_average_intensity_and_a_marginal_source_is_for_decisions_only
     assert "decision_signal marginal" in problem and "eu-north, eu-central" in problem
     (problem,) = errors_of(ok.replace("marginal_source: wt", "marginal_source: replay"))
     assert "marginal_source 'replay' is not a marginal signal" in problem
+
+
+def test_telemetry_is_off_without_its_block_and_defaults_within_it() -> None:
+    assert parse_config(LOCAL, env={}).telemetry is None
+    cfg = parse_config(LOCAL + "telemetry: {otlp_endpoint: 'http://collector:4318'}\n", env={})
+    assert cfg.telemetry is not None and cfg.telemetry.sample_ratio == 1.0
+    assert cfg.telemetry.service_name == "carbon-router"
+    assert cfg.telemetry.traces_url() == "http://collector:4318/v1/traces"  # the path added
+    full = parse_config(LOCAL + "telemetry: {otlp_endpoint: 'https://c.example/otlp/v1/traces'}\n",
+                        env={}).telemetry  # fmt: skip
+    assert full is not None and full.traces_url() == "https://c.example/otlp/v1/traces"
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("{}", "telemetry.otlp_endpoint: required field is missing"),
+        ("{otlp_endpoint: 'collector:4318'}",
+         "telemetry.otlp_endpoint: must be an http:// or https:// URL with a host"),
+        ("{otlp_endpoint: 'http://c:4318', sample_ratio: 1.5}",
+         "telemetry.sample_ratio: must be <= 1.0, got 1.5"),
+        ("{otlp_endpoint: 'http://c:4318', sample_rate: 0.5}",
+         "telemetry.sample_rate: unknown key"),
+        ("{otlp_endpoint: 'http://c:4318', export_timeout_s: 0}",
+         "telemetry.export_timeout_s: must be > 0.0, got 0"),
+        ("{otlp_endpoint: 'http://c:4318', headers: {'a b': x}}",
+         "telemetry.headers: 'a b' is not an HTTP header name"),
+        ("{otlp_endpoint: 'http://c:4318', headers: {key: \"x\\r\\nInjected: 1\"}}",
+         "telemetry.headers: must not contain control characters"),
+    ],
+)  # fmt: skip
+def test_invalid_telemetry_names_file_line_and_field(block: str, message: str) -> None:
+    text = LOCAL + f"telemetry: {block}\n"
+    line = len(text.splitlines())
+    (problem,) = errors_of(text)
+    assert problem.startswith(f"configs/x.yaml:{line} {message}")

@@ -109,6 +109,21 @@ class CarbonView:
 
         return done
 
+    def last(self, region: Region) -> CarbonReading | None:
+        """The region's last value as requests would use it now (marked stale once its
+        refresh is due), without fetching; ``None`` when there is none or it is too old."""
+        cached = self._values.get(region.name)
+        if cached is None:
+            return None
+        now = self._clock()
+        fetched_at, reading = cached
+        if now - fetched_at < self.ttl_s and region.name not in self._failed:
+            return reading
+        age_s = reading.age_s + now - fetched_at
+        if age_s > self.max_stale_s:
+            return None
+        return CarbonReading(reading.g_per_kwh, reading.signal, True, reading.source, age_s)
+
     def adopt(self, old: CarbonView) -> None:
         """Keep what ``old`` (the view before a reload) knew of each region whose zone is the
         same: its last value and its failure on record, so the reload waits for no API."""

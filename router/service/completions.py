@@ -22,6 +22,7 @@ from router.errors import ReplicaFailed
 from router.policy import Candidates, Decision
 from router.preference import Preference
 from router.service.live import Live
+from router.service.metrics import Metrics
 from router.service.ports import (
     Answer,
     Chunk,
@@ -91,11 +92,13 @@ class Completions:
         settlement: Settlement,
         *,
         arrived: Callable[[str, tuple[str, ...]], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._live = live
         self.replicas = replicas
         self.settlement = settlement
         self._arrived = arrived  # told of each request started, for the fleet's load
+        self._metrics = metrics  # counts the decisions
         self._settling: set[asyncio.Task[Any]] = set()  # bills no caller awaits any more
 
     async def admit(self, caller: Caller, parsed: ParsedRequest) -> Admitted:
@@ -145,14 +148,16 @@ class Completions:
         # only: a planned job's replica first, then others its preference allows
         while True:
             decision = router.decide(cands, pref, tried)
-            i = decision.index
+            i, binding = decision.index, decision.binding
             if (
                 only is not None
                 and only not in tried
                 and router.states[only].usable(time.monotonic())
             ):
-                i = only
+                i, binding = only, "planned"
             replica, st = self.replicas[i], router.states[i]
+            if self._metrics is not None:
+                self._metrics.decided(st.region.name, decision.policy, binding)
             st.active += 1  # in flight from now: seen by capacity and queue estimates
             began = datetime.now(UTC)
             try:

@@ -21,6 +21,7 @@ from router.service.completions import Completions
 from router.service.live import Live
 from router.service.ports import ParsedRequest, Wire
 from router.service.tenants import Caller
+from router.service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,18 @@ MAX_RUNNING = 32  # due jobs in flight at once per ingress; the replicas shed wh
 
 class Deferral:
     def __init__(
-        self, live: Callable[[], Live], jobs: JobStore, completions: Completions, wire: Wire
+        self,
+        live: Callable[[], Live],
+        jobs: JobStore,
+        completions: Completions,
+        wire: Wire,
+        tracing: Tracing | None = None,
     ) -> None:
         self._live = live
         self.jobs = jobs
         self.completions = completions
         self.wire = wire
+        self.tracing = tracing or Tracing()  # each job's run is a span of its own
         self._running: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()  # a running job finished: there may be room to claim more
 
@@ -144,9 +151,13 @@ class Deferral:
     async def run(self, job: Job) -> None:
         """Run ``job`` on its planned replica (another if that one is down) and store its
         answer, or why it failed."""
+        span = self.tracing.job(job.id, chat=job.chat)  # None: tracing is off
         try:
             router = self._live().router
-            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat)
+            trace = span.context() if span is not None else None
+            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat, trace=trace)
+            if span is not None:
+                span.parsed(parsed)
             expected = router.lengths.expected(
                 job.tenant, parsed.model, parsed.completion.max_tokens
             )
@@ -158,12 +169,20 @@ class Deferral:
             started = await self.completions.start(
                 job.id, job.tenant, parsed, cands, pref, only=index, hold=hold
             )
+            if span is not None:
+                st = router.states[started.index]
+                span.routed(job.id, started.index, started.decision, st, cands,
+                            planned=started.index == index)  # fmt: skip
             done = await self.completions.collect(started, job.id, job.tenant, parsed)
+            if span is not None:
+                span.answered(done.usage, done.finish_reason)
             body = self.wire.body(
                 job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())
             )
             self.jobs.finish(job.id, result=body, error=None)
         except AtCapacity as e:  # shed: it waits its turn, as a client told Retry-After would
+            if span is not None:
+                span.failed(e)
             later = datetime.now(UTC) + timedelta(seconds=e.retry_after_s)
             if later > datetime.fromisoformat(job.deadline):  # but not past its deadline
                 log.warning("job %s: replicas full until past its deadline", job.id)
@@ -178,4 +197,9 @@ class Deferral:
             raise
         except Exception as e:  # the job records why; the loop goes on
             log.exception("job %s failed", job.id)
+            if span is not None:
+                span.failed(e)
             self.jobs.finish(job.id, result=None, error=str(e))
+        finally:
+            if span is not None:
+                span.end()

@@ -190,9 +190,13 @@ class ParsedRequest:
         return chars // 4
 
 
+TraceContext = tuple[str, str | None]  # a span's W3C (traceparent, tracestate)
+
+
 class Wire(Protocol):
-    def parse(self, raw: bytes, *, chat: bool) -> ParsedRequest:
-        """A request body, validated; :class:`router.errors.RequestError` names the field."""
+    def parse(self, raw: bytes, *, chat: bool, trace: TraceContext | None = None) -> ParsedRequest:
+        """A request body, validated; :class:`router.errors.RequestError` names the field.
+        ``trace``: the context its replica is called with (regions.backends.CompletionRequest)."""
 
     def body(
         self, request_id: str, parsed: ParsedRequest, text: str, finish_reason: str,

@@ -29,6 +29,7 @@ from router.service.metrics import Metrics
 from router.service.ports import BillSink, Final, LedgerReader, ParsedRequest, ReplicaClient
 from router.service.proxied import ProxiedMetering
 from router.service.tenants import Hold, period_start
+from router.service.tracing import Tracing
 
 
 def usage_fields(row: LedgerRow) -> dict[str, Any]:
@@ -54,6 +55,7 @@ class Settlement:
         ledger: LedgerReader,
         proxied: ProxiedMetering | None,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._live = live
         self.replicas = replicas
@@ -61,6 +63,7 @@ class Settlement:
         self.ledger = ledger
         self.proxied = proxied
         self.metrics = metrics
+        self.tracing = tracing  # the bill's figures go on its request's span
 
     async def reserve(self, tenant: str, cands: Candidates) -> Hold | None:
         """Hold the request's predicted spend on its cheapest candidate, or refuse
@@ -153,6 +156,8 @@ class Settlement:
         live.budgets.add(row, now)
         router.lengths.observe(tenant, parsed.model, final.completion_tokens)
         self.metrics.billed(row)
+        if self.tracing is not None:
+            self.tracing.billed(row)
         prompt, completion = final.prompt_tokens, final.completion_tokens
         return {
             "prompt_tokens": prompt,
