@@ -31,8 +31,12 @@ class Routed:
     baseline_g_per_kwh: float  # per kWh of IT energy the request used where it ran
 
     @classmethod
-    def of(cls, decision: Decision, baseline: tuple[str, float]) -> Routed:
-        return cls(decision.policy, decision.binding, baseline[0], baseline[1])
+    def of(
+        cls, decision: Decision, baseline: tuple[str, float], binding: str | None = None
+    ) -> Routed:
+        """``binding``: what decided where the request ran, when not the decision (a planned
+        job on its plan's replica: ``planned``)."""
+        return cls(decision.policy, binding or decision.binding, baseline[0], baseline[1])
 
 
 def embodied_rate(replica: Replica, e: Embodied) -> tuple[float, str]:

@@ -257,12 +257,15 @@ def rebill(
     held_s: float | None = None,
     meter: str | None = None,
     method: str | None = None,
+    rates: dict[str, float] | None = None,
 ) -> LedgerRow:
     """``row`` priced again for ``energy_j`` (a prediction replaced by the measurement), at the
     row's own price, intensity and PUE. Its receipt follows: the split and time held the
     meter's attribution gives (else the row's, scaled with its energy), static power and
     embodied carbon at the row's own rates per second held, the baseline's carbon scaled with
-    the energy (it is per kWh of the energy used where the request ran)."""
+    the energy (it is per kWh of the energy used where the request ran). ``rates``: those
+    figures per unit, as the ingress had them (``static_w``, ``embodied_g_per_s``,
+    ``baseline_g_per_kwh``): a prediction of 0 J or 0 s has no rate to scale by."""
     from router.ledger import COLUMNS
 
     scale = energy_j / row.energy_j if row.energy_j > 0 else 0.0
@@ -278,6 +281,11 @@ def rebill(
         meter=row.meter if meter is None else meter,
         method=row.method if method is None else method,
     )
+    if rates is not None:
+        receipt["static_j"] = min(rates.get("static_w", 0.0) * held, energy_j)
+        receipt["embodied_g"] = rates.get("embodied_g_per_s", 0.0) * held
+        if "baseline_g_per_kwh" in rates and row.baseline_replica:
+            receipt["baseline_carbon_g"] = energy_j / J_PER_KWH * rates["baseline_g_per_kwh"]
     del receipt["avoided_g"]  # bill_line's: the baseline less the carbon billed now
     return bill_line(
         request_id=row.request_id,

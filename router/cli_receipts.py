@@ -131,7 +131,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.ledger:
         from router.cli import _open_ledger
 
-        return _print(verify_ledger(_open_ledger(args.ledger), trusted), args.json, args.ledger)
+        ledger = _open_ledger(args.ledger)
+        record_path = Path(args.signer_record or f"{args.ledger}.key.heads")
+        record = None
+        if record_path.is_file():
+            import orjson
+
+            try:
+                raw = orjson.loads(record_path.read_bytes())
+                record = {str(t): (int(v[0]), str(v[1])) for t, v in raw.items()}
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+                raise SystemExit(f"error: {record_path}: not a signer's record: {e}") from None
+        elif args.signer_record:
+            raise SystemExit(f"error: no signer's record at {record_path}")
+        report = verify_ledger(ledger, trusted, sums=not args.no_sums, record=record)
+        if record is not None:
+            report.notes.append(f"checked against the signer's record {record_path}")
+        return _print(report, args.json, args.ledger)
     if not Path(args.export).is_file():
         raise SystemExit(f"error: no export at {args.export}")
     try:
@@ -172,6 +188,17 @@ def register(sub: Any) -> None:
         action="append",
         help="a trusted public key (base64, PEM, or a file of either; repeatable); default: "
         "the key the export names, reported as such",
+    )
+    v.add_argument(
+        "--signer-record",
+        help="with --ledger: the heads the signer recorded it signed (its key's path + .heads; "
+        "default: the ledger's path + .key.heads when there); finds signatures removed from "
+        "the ledger",
+    )
+    v.add_argument(
+        "--no-sums",
+        action="store_true",
+        help="with --ledger: skip checking the kept hourly and daily sums against the rows",
     )
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)

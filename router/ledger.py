@@ -278,18 +278,21 @@ def _chain_existing(db: sqlite3.Connection) -> None:
     now = utc_iso(datetime.now(UTC))
     heads: dict[str, tuple[int, str]] = {}
     old = [c.strip() for c in _V4_COLUMNS.split(",")]
-    rows = db.execute(
+    rows = db.execute(  # a cursor, read as it goes: a ledger need not fit in memory
         f"SELECT {_V4_COLUMNS} FROM requests ORDER BY tenant, started_at, request_id"
-    ).fetchall()
+    )
     defaults = {f.name: f.default for f in fields(LedgerRow) if f.name not in old}
+    insert = db.cursor()
     for values in rows:
         fields_ = {**defaults, **dict(zip(old, values, strict=True))}
+        if fields_["carbon_stale"]:
+            fields_["intensity_kind"] = "stale"
         seq, prev = heads.get(fields_["tenant"], (0, GENESIS))
         fields_["tenant_seq"], fields_["chained_at"] = seq + 1, now
         body = canonical(fields_)
         h = link(prev, body)
-        db.execute(_INSERT.replace("INTO requests", "INTO requests_v5"),
-                   (body.decode(), prev, h, CHAIN_VERSION))  # fmt: skip
+        insert.execute(_INSERT.replace("INTO requests", "INTO requests_v5"),
+                       (body.decode(), prev, h, CHAIN_VERSION))  # fmt: skip
         heads[fields_["tenant"]] = (seq + 1, h)
 
 
@@ -333,6 +336,11 @@ _V5_TABLE = (
     + "\n)"
 )
 V5_REQUESTS_SQL = _V5_TABLE.replace("requests_v5", "requests")  # what verify expects to find
+# the indexes that make a request billed once and a tenant's seq one row (verify checks them)
+V5_INDEXES = {
+    "requests_id": "CREATE UNIQUE INDEX requests_id ON requests (request_id)",
+    "requests_chain": "CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)",
+}
 _V4_COLUMNS = (
     "request_id, tenant, region, replica, model, started_at, ended_at, prompt_tokens, "
     "completion_tokens, energy_j, energy_source, pue, kwh_billed, intensity_g_per_kwh, signal, "
@@ -345,7 +353,7 @@ _V4_TO_V5 = (
     _chain_existing,
     "DROP TABLE requests",  # with its indexes and the daily sums' trigger, made again below
     "ALTER TABLE requests_v5 RENAME TO requests",
-    "CREATE UNIQUE INDEX requests_id ON requests (request_id)",
+    V5_INDEXES["requests_id"],
     "CREATE INDEX requests_tenant_time ON requests (tenant, started_at)",
     _V2_TO_V3,
     # the daily sums gain carbon avoided and embodied (0 for rows billed before: no baseline)
@@ -361,7 +369,25 @@ _V4_TO_V5 = (
             avoided_g = avoided_g + excluded.avoided_g,
             embodied_g = embodied_g + excluded.embodied_g;
     END""",
-    "CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)",
+    V5_INDEXES["requests_chain"],
+    # each tenant's chain head, kept by the insert's trigger: the next row's link, and the
+    # heads to sign, read without a scan (verify recomputes heads from the rows)
+    """CREATE TABLE chain_heads (
+        tenant TEXT PRIMARY KEY,
+        tenant_seq INTEGER NOT NULL,
+        row_hash TEXT NOT NULL,
+        chained_at TEXT NOT NULL
+    )""",
+    """INSERT INTO chain_heads
+        SELECT tenant, tenant_seq, row_hash, chained_at FROM requests r
+        WHERE tenant_seq = (SELECT MAX(tenant_seq) FROM requests WHERE tenant = r.tenant)""",
+    """CREATE TRIGGER requests_head AFTER INSERT ON requests BEGIN
+        INSERT INTO chain_heads VALUES (NEW.tenant, NEW.tenant_seq, NEW.row_hash,
+                                        NEW.chained_at)
+        ON CONFLICT (tenant) DO UPDATE SET tenant_seq = excluded.tenant_seq,
+            row_hash = excluded.row_hash, chained_at = excluded.chained_at
+        WHERE excluded.tenant_seq > tenant_seq;
+    END""",
     """CREATE TABLE chain_signatures (
         tenant TEXT NOT NULL,
         tenant_seq INTEGER NOT NULL,
@@ -372,6 +398,14 @@ _V4_TO_V5 = (
         signature TEXT NOT NULL,
         PRIMARY KEY (tenant, tenant_seq, key_id)
     )""",
+    # a signed head is never changed or removed: the signer also keeps its own record
+    # (router.receipts.SignerState), and verify reports a chain whose signature is missing
+    """CREATE TRIGGER chain_signatures_kept_update BEFORE UPDATE ON chain_signatures BEGIN
+        SELECT RAISE(ABORT, 'signed chain heads are kept as signed');
+    END""",
+    """CREATE TRIGGER chain_signatures_kept_delete BEFORE DELETE ON chain_signatures BEGIN
+        SELECT RAISE(ABORT, 'signed chain heads are kept as signed');
+    END""",
     """CREATE TABLE usage_hourly (
         hour TEXT NOT NULL,
         tenant TEXT NOT NULL,
@@ -540,20 +574,20 @@ class Ledger:
 
     def _chained(self, rows: Sequence[LedgerRow]) -> Iterator[list[object]]:
         """Each row's values for :data:`_INSERT`: its fields, then its place in its tenant's
-        chain, the time it joined (never before the row it follows) and the hashes."""
+        chain, the time it joined (the clock's now: a clock stepped forward must not date every
+        later row in the future; the chain's order is its seq) and the hashes."""
         now = utc_iso(datetime.now(UTC))
         heads: dict[str, tuple[int, str, str]] = {}
         for r in rows:
             head = heads.get(r.tenant)
             if head is None:
                 last = self._db.execute(
-                    "SELECT tenant_seq, row_hash, chained_at FROM requests WHERE tenant = ? "
-                    "ORDER BY tenant_seq DESC LIMIT 1",
+                    "SELECT tenant_seq, row_hash, chained_at FROM chain_heads WHERE tenant = ?",
                     (r.tenant,),
                 ).fetchone()
                 head = (0, GENESIS, now) if last is None else (int(last[0]), last[1], last[2])
             seq, prev, prev_at = head
-            at = max(now, prev_at)
+            at = now
             values: list[object] = [getattr(r, c) for c in COLUMNS]
             values += [seq + 1, at]
             body = canonical_values(values)
@@ -686,11 +720,24 @@ class Ledger:
         """Each tenant's chain head: (its last ``tenant_seq``, that row's hash)."""
         return {
             t: (int(seq), h)
-            for t, seq, h in self._query(
-                "SELECT tenant, tenant_seq, row_hash FROM requests r WHERE tenant_seq = "
-                "(SELECT MAX(tenant_seq) FROM requests WHERE tenant = r.tenant)"
-            )
+            for t, seq, h in self._query("SELECT tenant, tenant_seq, row_hash FROM chain_heads")
         }
+
+    def head(self, tenant: str) -> tuple[int, str] | None:
+        found = self._query(
+            "SELECT tenant_seq, row_hash FROM chain_heads WHERE tenant = ?", (tenant,)
+        )
+        return (int(found[0][0]), str(found[0][1])) if found else None
+
+    def last_signed(self, key_id: str, tenant: str) -> tuple[int, str] | None:
+        """``tenant``'s latest head signed by ``key_id``: (seq, hash); read by the primary
+        key from its end, whatever the number of signatures."""
+        found = self._query(
+            "SELECT tenant_seq, row_hash FROM chain_signatures WHERE tenant = ? AND key_id = ? "
+            "ORDER BY tenant_seq DESC LIMIT 1",
+            (tenant, key_id),
+        )
+        return (int(found[0][0]), str(found[0][1])) if found else None
 
     def add_signatures(self, signed: Iterable[tuple[str, int, str, str, str, str, str]]) -> None:
         """Signed chain heads: (tenant, tenant_seq, row_hash, signed_at, key_id, public key,
@@ -724,6 +771,64 @@ class Ledger:
             params,
         )
         return [dict(zip(cols, r, strict=True)) for r in found]
+
+    def sums_check(self) -> list[str]:
+        """Where the kept sums (hourly and daily, which usage totals and budgets read)
+        differ from the rows' own figures: one SQL pass over the rows at the hourly grain,
+        the days summed from it. Empty when they agree (to a relative 1e-9)."""
+        names = ("requests", "kwh", "carbon_g", "cost_usd", "avoided_g", "embodied_g")
+        rows = self._query(
+            "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
+            "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
+            "FROM requests GROUP BY 1, 2, 3, 4"
+        )
+        hourly: dict[tuple[str, ...], tuple[float, ...]] = {}
+        daily: dict[tuple[str, ...], list[float]] = {}  # tuple() below
+        for hour, tenant, region, binding, *figures in rows:
+            hourly[(hour, tenant, region, binding)] = tuple(figures)
+            day = daily.setdefault((tenant, hour[:10]), [0.0] * 6)
+            for i, v in enumerate(figures):
+                day[i] += v
+        kept_hourly: dict[tuple[str, ...], tuple[float, ...]] = {
+            (h, t, r, b): tuple(f)
+            for h, t, r, b, *f in self._query(
+                "SELECT hour, tenant, region, binding, requests, kwh, carbon_g, cost_usd, "
+                "avoided_g, embodied_g FROM usage_hourly"
+            )
+        }
+        kept_daily: dict[tuple[str, ...], tuple[float, ...]] = {
+            (t, d): tuple(f)
+            for t, d, *f in self._query(
+                "SELECT tenant, day, requests, kwh, carbon_g, cost_usd, avoided_g, embodied_g "
+                "FROM usage_daily"
+            )
+        }
+        problems = []
+        days = {k: tuple(v) for k, v in daily.items()}
+        for what, want, kept in (("hourly", hourly, kept_hourly), ("daily", days, kept_daily)):
+            for key in sorted(set(want) | set(kept)):
+                a, b = want.get(key), kept.get(key)
+                if (
+                    a is None
+                    or b is None
+                    or any(
+                        not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+                        for x, y in zip(a, b, strict=True)
+                    )
+                ):
+                    diff = ("no rows" if a is None else "no sum" if b is None else ", ".join(
+                        f"{n} {y} (rows: {x})" for n, x, y in zip(names, a, b, strict=True)
+                        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)))  # fmt: skip
+                    problems.append(f"{what} sums {' '.join(map(str, key))}: {diff}")
+        return problems
+
+    def index_sql(self) -> dict[str, str]:
+        return {
+            n: str(sql)
+            for n, sql in self._query(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'"
+            )
+        }
 
     def last_signed_at(self) -> str | None:
         found = self._query("SELECT MAX(signed_at) FROM chain_signatures")
@@ -762,8 +867,7 @@ class Ledger:
 
     def rows(self, *, where: str = "1", params: Sequence[object] = ()) -> list[LedgerRow]:
         cur = self._query(
-            f"SELECT receipt FROM requests WHERE {where} "
-            "ORDER BY started_at, request_id",
+            f"SELECT receipt FROM requests WHERE {where} ORDER BY started_at, request_id",
             params,
         )
         return [_row(r) for r in cur]
@@ -814,7 +918,12 @@ class Ledger:
         n, kwh, g, usd, avoided, embodied = self._totals(tenant, start, end)
         page_where, page_params = where, list(params)
         if after is not None:
-            found = self._query("SELECT started_at FROM requests WHERE request_id = ?", (after,))
+            # the caller's own rows only: another tenant's id reads as unknown (no oracle)
+            found = self._query(
+                "SELECT started_at FROM requests WHERE request_id = ?"
+                + ("" if tenant is None else " AND tenant = ?"),
+                (after,) if tenant is None else (after, tenant),
+            )
             if not found:
                 raise LedgerError(f"no row {after} to page after")
             page_where += " AND (started_at, request_id) > (?, ?)"

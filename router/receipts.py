@@ -43,7 +43,7 @@ from router.chain import (
     link,
 )
 from router.errors import RouterError
-from router.ledger import V5_REQUESTS_SQL, Ledger, utc_iso
+from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,39 @@ def key_id(public_key_b64: str) -> str:
 class Signer:
     """An Ed25519 private key that signs chain heads and exports."""
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
+    def __init__(self, key: Ed25519PrivateKey, state_path: Path | None = None) -> None:
         self._key = key
         raw = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         self.public_key = _b64(raw)
         self.key_id = key_id(self.public_key)
+        # the heads this key signed, kept beside it (key path + .heads): signing refuses a
+        # head that does not extend them, whatever the ledger's own signatures table says
+        self.state_path = state_path
+
+    def signed_heads(self) -> dict[str, tuple[int, str]]:
+        if self.state_path is None or not self.state_path.exists():
+            return {}
+        try:
+            raw = orjson.loads(self.state_path.read_bytes())
+            return {str(t): (int(v[0]), str(v[1])) for t, v in raw.items()}
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, IndexError) as e:
+            raise ReceiptError(f"{self.state_path}: the signer's record is unreadable: {e}") from e
+
+    def record(self, heads: dict[str, tuple[int, str]]) -> None:
+        """Add ``heads`` to the record of heads this key signed (written whole, then renamed:
+        a crash leaves the old record or the new one)."""
+        if self.state_path is None:
+            return
+        merged = {**self.signed_heads(), **heads}
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps({t: list(v) for t, v in sorted(merged.items())}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
 
     @classmethod
     def load(cls, path: str | Path, *, create: bool = False) -> Signer:
@@ -102,7 +128,7 @@ class Signer:
                 path,
                 path,
             )
-            return cls(key)
+            return cls(key, Path(str(path) + ".heads"))
         try:
             loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError, OSError) as e:
@@ -111,7 +137,14 @@ class Signer:
             raise ReceiptError(
                 f"{path}: the signing key must be Ed25519, not {type(loaded).__name__}"
             )
-        return cls(loaded)
+        if path.stat().st_mode & 0o077:
+            log.warning(
+                "receipt signing key %s can be read by other users (mode %o): anyone who can "
+                "read it can sign heads as this ledger; chmod 600 it",
+                path,
+                path.stat().st_mode & 0o777,
+            )
+        return cls(loaded, Path(str(path) + ".heads"))
 
     def sign(self, message: bytes) -> str:
         return _b64(self._key.sign(message))
@@ -138,9 +171,11 @@ def public_key_from(text: str) -> str:
 
 
 def signature_ok(public_key_b64: str, message: bytes, signature_b64: str) -> bool:
+    """Whether ``signature_b64`` (strict base64: no other characters) is the key's
+    signature of ``message``."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64))
-        key.verify(base64.b64decode(signature_b64), message)
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
+        key.verify(base64.b64decode(signature_b64, validate=True), message)
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
@@ -151,20 +186,54 @@ def head_message(tenant: str, seq: int, row_hash: str, signed_at: str) -> bytes:
 
 
 def sign_heads(ledger: Ledger, signer: Signer, now: datetime | None = None) -> int:
-    """Sign every tenant's chain head not yet signed by this key; returns how many."""
+    """Sign every tenant's chain head not yet signed by this key; returns how many. A head is
+    signed only if the tenant's chain still holds the last head this key signed (in the
+    ledger or in the signer's own record, whichever is later) and every row since links to
+    it: a history changed under a signed head is reported, never signed over."""
     signed_at = utc_iso(now or datetime.now(UTC))
-    done = {
-        (s["tenant"], s["tenant_seq"]) for s in ledger.signatures() if s["key_id"] == signer.key_id
-    }
-    new = [
-        (t, seq, h, signed_at, signer.key_id, signer.public_key,
-         signer.sign(head_message(t, seq, h, signed_at)))
-        for t, (seq, h) in ledger.heads().items()
-        if (t, seq) not in done
-    ]  # fmt: skip
+    own = signer.signed_heads()
+    new, heads = [], {}
+    for t, (seq, h) in ledger.heads().items():
+        stored = ledger.last_signed(signer.key_id, t)
+        prior = max((x for x in (stored, own.get(t)) if x), default=None)
+        if prior == (seq, h):
+            continue
+        problem = _extends(ledger, t, prior, seq, h)
+        if problem is not None:
+            log.error("not signing the chain head of tenant %s: %s", t, problem)
+            continue
+        message = head_message(t, seq, h, signed_at)
+        new.append((t, seq, h, signed_at, signer.key_id, signer.public_key, signer.sign(message)))
+        heads[t] = (seq, h)
     if new:
+        signer.record(heads)  # first: a head recorded but not stored is signed again next time
         ledger.add_signatures(new)
     return len(new)
+
+
+def _extends(
+    ledger: Ledger, tenant: str, prior: tuple[int, str] | None, seq: int, head: str
+) -> str | None:
+    """Why ``tenant``'s chain up to ``(seq, head)`` does not extend the head signed before,
+    ``prior`` (None: from its first row), or None when it does."""
+    if prior is not None and prior[0] > seq:
+        return f"its chain ends at seq {seq}, before the head signed at seq {prior[0]}"
+    expected_seq, expected = (1, GENESIS) if prior is None else prior
+    start = expected_seq
+    for _, _, s, _, prev_hash, stored, receipt in ledger.chain(tenant, first_seq=start):
+        if link(prev_hash, receipt.encode()) != stored:
+            return f"row {s} does not hash to its row_hash"
+        if prior is not None and s == prior[0]:
+            if stored != prior[1]:
+                return f"row {s} is not the row signed there"
+            expected_seq, expected = s + 1, stored
+            continue
+        if s != expected_seq or prev_hash != expected:
+            return f"row {s} does not follow row {expected_seq - 1}"
+        expected_seq, expected = s + 1, stored
+    if (expected_seq - 1, expected) != (seq, head):
+        return f"its chain does not end at its head (seq {seq})"
+    return None
 
 
 def receipt_view(d: dict[str, Any]) -> dict[str, Any]:
@@ -249,13 +318,17 @@ def head_view(ledger: Ledger, tenant: str) -> dict[str, Any]:
 # ---- export ---------------------------------------------------------------------------------
 
 
+HEADER_KEYS = ("format", "tenant", "period_start", "period_end", "first_seq", "anchor",
+               "key_id", "public_key", "fields", "signed_heads")  # fmt: skip
+TRAILER_KEYS = ("end", "count", "last_seq", "head_hash", "exported_at", "signature")
+
+
 def _statement(header: dict[str, Any], trailer: dict[str, Any]) -> bytes:
-    """What an export's signature covers: its header and its trailer's figures."""
+    """What an export's signature covers: every key of its header (the signed heads it
+    carries included) and of its trailer but the signature."""
     return EXPORT_TAG + orjson.dumps(
-        [header[k] for k in ("format", "tenant", "period_start", "period_end", "first_seq",
-                             "anchor", "key_id", "public_key")]
-        + [trailer[k] for k in ("count", "last_seq", "head_hash", "exported_at")]
-    )  # fmt: skip
+        [header[k] for k in HEADER_KEYS] + [trailer[k] for k in TRAILER_KEYS[:-1]]
+    )
 
 
 def export(
@@ -430,7 +503,17 @@ def _check_heads(
 ) -> None:
     for s in heads:
         report.signatures += 1
+        try:
+            _check_head(report, chain, s, trusted)
+        except (KeyError, TypeError, ValueError) as e:
+            report.problem(f"a signed head is malformed: {e!r}")
+
+
+def _check_head(report: Report, chain: _Chain, s: dict[str, Any], trusted: set[str] | None) -> None:
+    if True:  # one signed head
         where = f"signed head of {s['tenant']} at seq {s['tenant_seq']} ({s['signed_at']})"
+        if s["tenant"] != chain.tenant:
+            report.problem(f"{where}: another tenant's head in {chain.tenant}'s chain")
         if trusted is not None and s["public_key"] not in trusted:
             report.problem(f"{where}: signed by key {s['key_id']}, not a trusted key")
         message = head_message(s["tenant"], s["tenant_seq"], s["row_hash"], s["signed_at"])
@@ -444,11 +527,20 @@ def _check_heads(
                            f"signed {str(s['row_hash'])[:12]}… (history rewritten)")  # fmt: skip
 
 
-def verify_ledger(ledger: Ledger, trusted: Iterable[str] | None = None) -> Report:
+def verify_ledger(
+    ledger: Ledger,
+    trusted: Iterable[str] | None = None,
+    *,
+    sums: bool = True,
+    record: dict[str, tuple[int, str]] | None = None,
+) -> Report:
     """Check every tenant's chain in the ledger from its first row, every signed head, and
     that the table's columns are still generated from the hashed receipts. Rows are read in
     the order they were written (one plain scan); each tenant's must come in its chain's
-    order."""
+    order. ``sums``: also check the kept hourly and daily sums (usage totals, budgets, the
+    operator's view) against the rows. ``record``: the heads the signer recorded it signed
+    (:meth:`Signer.signed_heads`, kept beside its key): each must still be in the chain and
+    among the ledger's signatures (signatures removed from the ledger are found by it)."""
     trusted_keys = None if trusted is None else set(trusted)
     report = Report()
     expected = V5_REQUESTS_SQL.replace("CREATE TABLE requests", 'CREATE TABLE "requests"')
@@ -457,15 +549,28 @@ def verify_ledger(ledger: Ledger, trusted: Iterable[str] | None = None) -> Repor
             "the requests table is not the one carbon-router makes: its columns may no longer "
             "be the hashed receipts' (the table was redefined)"
         )
+    indexes = ledger.index_sql()
+    for name, sql in V5_INDEXES.items():
+        if indexes.get(name) != sql:
+            report.problem(f"the index {name} ({sql}) is missing or changed: without it a "
+                           "request could be billed twice")  # fmt: skip
     signatures: dict[str, list[dict[str, Any]]] = {}
     for s in ledger.signatures():
         signatures.setdefault(s["tenant"], []).append(s)
+    if trusted_keys is None and signatures:
+        ids = sorted({s["key_id"] for ss in signatures.values() for s in ss})
+        report.notes.append(
+            f"signed heads checked with the keys they name ({', '.join(ids)}): compare them "
+            "with the operator's published key, or pass --public-key"
+        )
     chains: dict[str, _Chain] = {}
     for rowid, tenant, seq, at, prev_hash, stored, receipt in ledger.stored():
         chain = chains.get(tenant)
         if chain is None:
             chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
             chain.keep = {int(s["tenant_seq"]) for s in signatures.get(tenant, [])}
+            if record and tenant in record:
+                chain.keep.add(record[tenant][0])
         if not chain.fast(seq, prev_hash, stored, at, receipt):
             rid = ledger.request_at(rowid)
             chain.check("ledger", rid, tenant, seq, at, prev_hash, stored, receipt.encode())
@@ -478,10 +583,22 @@ def verify_ledger(ledger: Ledger, trusted: Iterable[str] | None = None) -> Repor
         if chain.seq > last:
             report.notes.append(f"{tenant}: rows {last + 1}..{chain.seq} are after its last "
                                 "signed head")  # fmt: skip
+    for tenant, (seq, h) in sorted((record or {}).items()):
+        where = f"the head of {tenant} at seq {seq} the signer recorded"
+        found = chains[tenant].hashes.get(seq) if tenant in chains else None
+        if found != h:
+            report.problem(f"{where}: the chain has {'no such row' if found is None else 'another'}"
+                           " there (history rewritten or rows deleted)")  # fmt: skip
+        if not any(int(s["tenant_seq"]) == seq and s["row_hash"] == h
+                   for s in signatures.get(tenant, [])):  # fmt: skip
+            report.problem(f"{where}: its signature is missing from the ledger")
+    if sums:  # the sums usage totals and budgets read, against the rows
+        for problem in ledger.sums_check():
+            report.problem(problem)
     return report
 
 
-def _lines(source: IO[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _lines(source: IO[bytes]) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
     for n, line in enumerate(source, 1):
         if not line.strip():
             continue
@@ -491,21 +608,37 @@ def _lines(source: IO[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
             raise ReceiptError(f"line {n}: not JSON: {e}") from e
         if not isinstance(value, dict):
             raise ReceiptError(f"line {n}: not a JSON object")
-        yield n, value
+        yield n, line.rstrip(b"\r\n"), value
+
+
+def _receipt_line(receipt: Any, prev_hash: Any, row_hash_: Any) -> bytes:
+    """A receipt's line exactly as an export writes it: the only form that verifies, so that
+    no other reading of the line (a duplicate key, an escape) can show other figures."""
+    return b'{"receipt":%s,"prev_hash":%s,"row_hash":%s}' % (
+        orjson.dumps(receipt), orjson.dumps(prev_hash), orjson.dumps(row_hash_),
+    )  # fmt: skip
 
 
 def verify_export(source: IO[bytes], trusted: Iterable[str] | None = None) -> Report:
-    """Check an export: its header, every receipt's place, link and hash, its signed heads,
-    and its own signature; ``trusted``: the public keys (base64) the auditor accepts (else
-    the export's own key is used, and the report says so)."""
+    """Check an export: its header, every receipt's place, link and hash (each line in the one
+    form an export writes), its signed heads, and its own signature over all of its header
+    and trailer; ``trusted``: the public keys (base64) the auditor accepts (else the export's
+    own key is used, and the report says so)."""
     report = Report(tenants=1)
     lines = _lines(source)
     try:
-        _, header = next(lines)
+        _, _, header = next(lines)
     except StopIteration:
         raise ReceiptError("the export is empty") from None
     if header.get("format") != EXPORT_FORMAT:
         raise ReceiptError(f"not a {EXPORT_FORMAT} export (format {header.get('format')!r})")
+    if header.get("fields") != list(HASHED_NAMES):
+        raise ReceiptError(
+            "the export's receipts have other fields than this carbon-router hashes "
+            f"({header.get('fields')!r}); verify it with the version that made it"
+        )
+    if set(header) != set(HEADER_KEYS):
+        report.problem(f"the header's keys are {sorted(header)}, not {sorted(HEADER_KEYS)}")
     trusted_keys = None if trusted is None else set(trusted)
     if trusted_keys is None:
         report.notes.append(
@@ -515,30 +648,36 @@ def verify_export(source: IO[bytes], trusted: Iterable[str] | None = None) -> Re
         trusted_keys = {str(header.get("public_key"))}
     elif header.get("public_key") not in trusted_keys:
         report.problem(f"the export is signed by key {header.get('key_id')}, not a trusted key")
-    heads = header.get("signed_heads") or []
-    if header.get("fields") != list(HASHED_NAMES):
-        raise ReceiptError(
-            "the export's receipts have other fields than this carbon-router hashes "
-            f"({header.get('fields')!r}); verify it with the version that made it"
-        )
+    heads = header.get("signed_heads")
+    if not isinstance(heads, list) or not all(isinstance(h, dict) for h in heads):
+        report.problem("the header's signed_heads is not a list of signed heads")
+        heads = []
     chain: _Chain | None = None
     trailer: dict[str, Any] | None = None
-    for n, record in lines:
+    for n, raw, record in lines:
         if trailer is not None:
             report.problem(f"line {n}: after the export's end")
             continue
         if record.get("end") is True:
             trailer = record
             continue
-        if chain is None:
-            first = header.get("first_seq")
-            chain = _Chain(report, str(header.get("tenant")), int(first or 1),
-                           str(header.get("anchor")))  # fmt: skip
-            chain.keep = {int(s["tenant_seq"]) for s in heads}
-        chain.add_line(f"line {n}", record)
+        try:
+            if chain is None:
+                first = int(header.get("first_seq") or 1)
+                chain = _Chain(report, str(header.get("tenant")), first, str(header.get("anchor")))
+                chain.keep = {int(h["tenant_seq"]) for h in heads if "tenant_seq" in h}
+            chain.add_line(f"line {n}", record)
+            if raw != _receipt_line(record.get("receipt"), record.get("prev_hash"),
+                                    record.get("row_hash")):  # fmt: skip
+                report.problem(f"line {n}: not written as an export writes it (a duplicate "
+                               "key, an escape or spacing changed)")  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            report.problem(f"line {n}: malformed: {e!r}")
     if trailer is None:
         report.problem("the export has no trailer: it was cut short")
         return report
+    if set(trailer) != set(TRAILER_KEYS):
+        report.problem(f"the trailer's keys are {sorted(trailer)}, not {sorted(TRAILER_KEYS)}")
     count = report.rows
     if trailer.get("count") != count:
         report.problem(

@@ -123,20 +123,27 @@ def _rewrite_acme(tmp_path: Path, ledger: Ledger) -> Ledger:
 def test_review_history_rewritten_and_its_signatures_deleted_is_resigned_and_verifies(
     tmp_path: Path, signer: Signer
 ) -> None:
-    """chain_signatures has no append-only trigger and verify cannot tell a signed head is
-    missing; the next sign_heads (the metering actor's hourly run) then signs the rewritten
-    head with the operator's own key. A history rewritten under a signed head verifies."""
+    """Were chain_signatures editable and signing blind, the next sign_heads (the metering
+    actor's hourly run) would sign a rewritten head with the operator's own key. Signed heads
+    are kept by a trigger, and with it dropped and the signatures deleted, the signer still
+    refuses to sign a head that does not extend the one it recorded signing, and verify with
+    that record finds the rewrite."""
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
     bad = _rewrite_acme(tmp_path, ledger)
     assert not verify_ledger(bad, [signer.public_key]).ok  # caught while the signature is there
     bad.close()
-    _sql(bad.path, "DELETE FROM chain_signatures WHERE tenant = 'acme'")
+    with pytest.raises(sqlite3.IntegrityError, match="kept as signed"):
+        _sql(bad.path, "DELETE FROM chain_signatures WHERE tenant = 'acme'")
+    _sql(bad.path, "DROP TRIGGER chain_signatures_kept_delete",
+         "DELETE FROM chain_signatures WHERE tenant = 'acme'")  # fmt: skip
     bad = Ledger(bad.path)
-    sign_heads(bad, signer)  # what MeteringActor.sign does every audit.sign_every_s
+    bad.write([receipt_row("later", "bolt", 9)])  # another tenant's head moves: that is signed
+    assert sign_heads(bad, signer) == 1  # acme's rewritten head is refused, bolt's signed
     assert bad.receipt("a2")["cost_usd"] == 0.0  # type: ignore[index]
-    report = verify_ledger(bad, [signer.public_key])
+    report = verify_ledger(bad, [signer.public_key], record=signer.signed_heads())
     assert not report.ok, f"rewritten history verifies with the operator's key: {report.notes}"
+    assert any("signature is missing" in p for p in report.problems)
 
 
 def test_review_verify_ledger_without_a_key_accepts_a_forgers_signatures_silently(
@@ -148,7 +155,7 @@ def test_review_verify_ledger_without_a_key_accepts_a_forgers_signatures_silentl
     sign_heads(ledger, signer)
     bad = _rewrite_acme(tmp_path, ledger)
     bad.close()
-    _sql(bad.path, "DELETE FROM chain_signatures")
+    _sql(bad.path, "DROP TRIGGER chain_signatures_kept_delete", "DELETE FROM chain_signatures")
     bad = Ledger(bad.path)
     forger = Signer.load(tmp_path / "forger.pem", create=True)
     sign_heads(bad, forger)
@@ -285,10 +292,12 @@ def test_review_rebill_of_a_row_held_zero_keeps_no_embodied_or_static(tmp_path: 
 
     old = receipt_row("p", energy_j=0.0, prefill_j=0.0, static_j=0.0, held_s=0.0, embodied_g=0.0,
                       baseline_carbon_g=0.0, kwh_billed=0.0)  # fmt: skip
+    rates = {"static_w": 100.0, "embodied_g_per_s": 0.002}  # what the ingress sends along
     new = rebill(old, 800.0, "measured", tariff_for(Billing(tariff="energy")), prefill_j=300.0,
-                 held_s=3.0)  # fmt: skip
+                 held_s=3.0, rates=rates)  # fmt: skip
     assert new.held_s == 3.0
-    assert new.embodied_g > 0, "embodied_g is not rate x held_s after a measurement"
+    assert new.embodied_g == pytest.approx(0.006), "embodied_g is not rate x held_s"
+    assert new.static_j == pytest.approx(300.0)
 
 
 def test_review_rebill_of_a_zero_energy_prediction_loses_the_baseline(tmp_path: Path) -> None:
@@ -300,8 +309,10 @@ def test_review_rebill_of_a_zero_energy_prediction_loses_the_baseline(tmp_path: 
 
     old = receipt_row("p", energy_j=0.0, prefill_j=0.0, static_j=0.0, held_s=0.0,
                       baseline_carbon_g=0.0, kwh_billed=0.0, carbon_g=0.0)  # fmt: skip
-    new = rebill(old, 800.0, "measured", tariff_for(Billing(tariff="energy")), held_s=1.0)
+    new = rebill(old, 800.0, "measured", tariff_for(Billing(tariff="energy")), held_s=1.0,
+                 rates={"baseline_g_per_kwh": 352.0})  # fmt: skip
     assert new.carbon_g > 0
+    assert new.baseline_carbon_g == pytest.approx(800.0 / 3.6e6 * 352.0)
     assert new.baseline_carbon_g > 0, (
         f"baseline 0 g, avoided {new.avoided_g} g: a made-up loss on the receipt"
     )
@@ -361,8 +372,9 @@ def test_review_one_forward_clock_jump_pins_a_tenants_chain_times_for_good(
 def test_review_deferred_job_receipt_names_a_decision_that_picked_another_replica(
     tmp_path: Path,
 ) -> None:
-    """A planned job runs on its planned replica (only=), but its receipt's policy/binding
-    come from router.decide, which (prices having moved since planning) picked another."""
+    """A planned job runs on its planned replica (only=); its receipt's binding came from
+    router.decide, which (prices having moved since planning) picked another: it says
+    'planned' now."""
     import asyncio
 
     from tests.service_kit import ADMIN, DEMO, chat, service_kit
@@ -390,7 +402,8 @@ def test_review_deferred_job_receipt_names_a_decision_that_picked_another_replic
             await asyncio.gather(*kit.service.deferral._running)
             (row,) = kit.rows()
             assert row.replica == planned.replica.name
-            assert seen and seen[-1].replica == row.replica, (
+            assert seen and seen[-1].replica != row.replica  # the decision picked another
+            assert row.binding == "planned", (  # the receipt says the plan put it there
                 f"receipt says policy {row.policy!r} binding {row.binding!r} decided "
                 f"{row.replica}, but that decision picked {seen[-1].replica}"
             )
@@ -456,7 +469,8 @@ async def test_review_bill_refuses_a_negative_held_s_it_means_to_clamp(tmp_path:
             ended_at=now, prompt_tokens=10, completion_tokens=10, energy_j=40.0,
             energy_source="measured", prefill_j=10.0, held_s=-0.5,
         )  # fmt: skip
-        assert isinstance(row, LedgerRow) and row.held_s == 0.0 and row.static_j >= 0
+        # billed: the meter's nonsense held_s is estimated like a prediction's, not kept
+        assert isinstance(row, LedgerRow) and row.held_s > 0 and 0 <= row.static_j <= 40.0
 
 
 async def test_review_a_streamed_answer_metered_nan_is_never_billed(tmp_path: Path) -> None:

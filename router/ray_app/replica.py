@@ -133,13 +133,14 @@ class RegionReplica:
                 log.warning("replica %s: no bill for %s", self.name, att.request_id)
                 continue
             billing = template.pop("billing")
+            rates = template.pop("rates", None)
             tariff = self._tariffs.get(billing)
             if tariff is None:
                 tariff = self._tariffs[billing] = tariff_for(Billing.model_validate_json(billing))
             row = rebill(
                 LedgerRow(**template), att.energy_j, source, tariff,
                 prefill_j=att.prefill_j, held_s=att.held_s, meter=self.meter_name,
-                method=ATTRIBUTION_METHOD,
+                method=ATTRIBUTION_METHOD, rates=rates,
             )  # fmt: skip
             self.outbox.add(row.__dict__)
 

@@ -163,7 +163,7 @@ class Completions:
             try:
                 if not parsed.stream:
                     answer = await replica.complete(request_id, parsed.completion)
-                    routed = Routed.of(decision, router.baseline(cands, pref, i))
+                    routed = Routed.of(decision, router.baseline(cands, pref, i), binding)
                     return Started(i, decision, hold, answer=answer, routed=routed)
                 stream = replica.stream(request_id, parsed.completion)
                 first: StreamItem | None = await anext(stream, None)
@@ -175,13 +175,13 @@ class Completions:
                 continue
             except asyncio.CancelledError:  # the client went away while the replica worked
                 st.active -= 1
-                routed = Routed.of(decision, router.baseline(cands, pref, i))
+                routed = Routed.of(decision, router.baseline(cands, pref, i), binding)
                 self._bill_cut(request_id, tenant, i, parsed, began, None, hold, routed)
                 raise
             except BaseException:
                 st.active -= 1
                 raise
-            routed = Routed.of(decision, router.baseline(cands, pref, i))
+            routed = Routed.of(decision, router.baseline(cands, pref, i), binding)
             first_at = datetime.now(UTC) if isinstance(first, Chunk) else None
             return Started(i, decision, hold, first=first, stream=stream, routed=routed,
                            first_at=first_at)  # fmt: skip

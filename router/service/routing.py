@@ -456,6 +456,19 @@ class Router:
         ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.billing_intensity)
         return carbon_agnostic_baseline(c, ok, chosen)
 
+    def receipt_rates(self, index: int, routed: Routed | None) -> dict[str, float]:
+        """The receipt's figures per unit on replica ``index``: static watts, embodied g per
+        second held, the baseline's g per kWh (for a measurement that replaces a prediction:
+        :func:`router.billing.rebill`)."""
+        st = self.states[index]
+        rates = {
+            "static_w": st.model.static_power_w if st.model is not None else 0.0,
+            "embodied_g_per_s": self._embodied[index][0],
+        }
+        if routed is not None:
+            rates["baseline_g_per_kwh"] = routed.baseline_g_per_kwh
+        return rates
+
     async def bill(
         self,
         *,
@@ -481,8 +494,10 @@ class Router:
         carbon = await self.carbon.get(st.region)
         marginal = await self.marginal_g_per_kwh(st.region) if self.marginal else None
         metered = energy_source != "predicted"  # attributed from the replica's meter
-        if prefill_j is None:
+        if prefill_j is None or not math.isfinite(prefill_j):
             prefill_j = prefill_share_j(energy_j, prompt_tokens, completion_tokens)
+        if held_s is not None and not (math.isfinite(held_s) and held_s >= 0):
+            held_s = None  # a meter's nonsense: estimated like a prediction's
         if held_s is None:  # its share of the replica's time, in its energy's share
             if st.model is not None:
                 batch = min(max(1, st.active), st.model.max_batch)  # queued ones wait: not drawing

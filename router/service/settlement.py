@@ -13,6 +13,8 @@ Three billing paths end here (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -30,6 +32,8 @@ from router.service.ports import BillSink, Final, LedgerReader, ParsedRequest, R
 from router.service.proxied import ProxiedMetering
 from router.service.tenants import Hold, period_start
 from router.service.tracing import Tracing
+
+log = logging.getLogger(__name__)
 
 
 def usage_fields(row: LedgerRow) -> dict[str, Any]:
@@ -124,6 +128,10 @@ class Settlement:
             final = Final(0, 0, now, now)
         energy_j, source = final.energy_j, final.energy_source
         prefill_j, held_s = final.prefill_j, final.held_s
+        if energy_j is not None and not (math.isfinite(energy_j) and energy_j >= 0):
+            log.warning("replica %s metered %r J for %s: billed by prediction instead",
+                        st.replica.name, energy_j, request_id)  # fmt: skip
+            energy_j = None  # a meter's nonsense never stops a bill, nor is billed
         if energy_j is None:  # not metered in time: bill the prediction, say so
             energy_j = router.predictor.predict_j(
                 st.profile, final.prompt_tokens, final.completion_tokens
@@ -150,7 +158,8 @@ class Settlement:
         extra = usage_fields(row)
         if self.replicas[index].bills_remotely and self.proxied is not None:
             extra["energy_source"] = "predicted"  # the replica bills the measurement
-            self.proxied.expect(index, row.__dict__, live.billing_json)
+            rates = router.receipt_rates(index, routed)
+            self.proxied.expect(index, row.__dict__, live.billing_json, rates)
         else:
             self.sink.add(row.__dict__)  # in the ledger within milliseconds; see Outbox
         live.budgets.add(row, now)
