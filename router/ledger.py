@@ -692,8 +692,9 @@ class Ledger:
     def seq_range(
         self, tenant: str, start: datetime | None, end: datetime | None
     ) -> tuple[int, int] | None:
-        """The first and last ``tenant_seq`` of ``tenant``'s rows chained in ``[start, end)``
-        (a contiguous run: the chain's times never go back), or None when there are none."""
+        """The first and last ``tenant_seq`` of ``tenant``'s rows chained in ``[start, end)``,
+        or None when there are none; an export takes the whole run between them (a row chained
+        in it while the clock was stepped is in the run too: the chain's order is its seq)."""
         where, params = ["tenant = ?"], [tenant]
         if start is not None:
             where.append("chained_at >= ?")

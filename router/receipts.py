@@ -444,7 +444,7 @@ class _Chain:
         """The common case, checked with the least work: the row is the next one, follows
         the last, and its receipt hashes to its hash. False: :meth:`check` it, with reasons
         (and the request id, looked up only then)."""
-        if seq != self.seq + 1 or prev_hash != self.prev or at < self.at:
+        if seq != self.seq + 1 or prev_hash != self.prev:
             return False
         if link(prev_hash, receipt.encode()) != stored:
             return False
@@ -467,7 +467,6 @@ class _Chain:
             or prev_hash != self.prev
             or computed != stored
             or tenant != self.tenant
-            or str(at) < self.at
         ):
             self._problems(f"{where} (request {rid}, seq {seq})", tenant, seq, at, prev_hash,
                            stored, computed)  # fmt: skip
@@ -494,8 +493,6 @@ class _Chain:
             )
         if computed != stored:
             r.problem(f"{where}: its fields do not hash to its row_hash (edited)")
-        if str(at) < self.at:
-            r.problem(f"{where}: chained at {at}, before the row it follows")
 
 
 def _check_heads(

@@ -602,3 +602,26 @@ async def test_a_marginal_signal_drives_decisions_only_when_asked_and_bills_stay
         # the baseline is in the billed signal too: avoided compares average with average
         per_kwh = 1.2 * sum(INTENSITY.values()) / 3
         assert row.baseline_carbon_g == pytest.approx(row.energy_j / 3.6e6 * per_kwh)
+
+
+def test_a_clock_stepped_back_is_no_problem_for_the_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chained_at is the clock's reading; the chain's order is its seq, so a clock stepped back
+    (NTP, a VM restored) between two writes leaves a chain that verifies."""
+    import router.ledger as ledger_mod
+
+    real = datetime
+
+    class Behind(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return real.now(tz) - timedelta(hours=2)
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([receipt_row("first", "acme", 0)])
+    monkeypatch.setattr(ledger_mod, "datetime", Behind)
+    ledger.write([receipt_row("second", "acme", 1)])
+    a, b = ledger.receipt("first"), ledger.receipt("second")
+    assert a is not None and b is not None and b["chained_at"] < a["chained_at"]
+    assert verify_ledger(ledger).ok
