@@ -37,9 +37,12 @@ check: lint typecheck test
 #   12 wrk figures x 3 runs x 8 s plus a 60 s soak: over 6 minutes; run it by hand;
 # - benchmarks/faults.py (about 4 minutes) and benchmarks/usage.py (a million-row ledger, twice
 #   with --baseline: about 8 minutes) start Ray Serve; run them by hand.
+# - benchmarks/dashboard.py builds a million-row ledger through Ledger.write (about 7 minutes
+#   here; --ledger PATH keeps it for the next run) and needs chromium; run it by hand.
 bench: $(BIN)/.installed-dev
 	$(BIN)/python benchmarks/forecast.py
 	$(BIN)/python benchmarks/ledger.py
+	$(BIN)/python benchmarks/receipts.py
 	$(BIN)/python benchmarks/attribution_local.py
 	$(BIN)/python benchmarks/simulate.py
 	$(BIN)/python benchmarks/http_client.py

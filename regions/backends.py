@@ -51,6 +51,10 @@ class CompletionRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # the W3C trace context of the router's span, sent to a remote server as its headers so
+    # the server's spans join the request's trace (None: not traced)
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import re
 from datetime import time as dtime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -207,6 +208,12 @@ class Replica(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     backend: BackendConfig
     gpu: Gpu = Gpu(type="cpu", count=1)
+    embodied_kg: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="kg CO2e to make the hardware this replica holds; default from the "
+        "audit.embodied figures: its GPUs and their share of a server (a CPU replica: one "
+        "GPU's share of a server)",
+    )  # fmt: skip
     meter: Literal["nvml", "rapl", "cpu"] = "cpu"
     gpu_indices: list[int] | None = None
     cpu_watts_per_core: float = Field(15.0, gt=0)
@@ -279,14 +286,38 @@ class Scaling(_Strict):
 class Region(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     zone: str = Field(min_length=1, description="grid zone id, e.g. DE, US-CAL-CISO")
-    carbon_source: str
-    signal: Literal["average", "marginal"] = "average"
+    carbon_source: str = Field(
+        description="the source bills use: an average signal (GHG Protocol Scope 2, location-based)"
+    )
+    signal: Literal["average", "marginal"] = Field(
+        "average",
+        description="the billing source's signal: average only; a marginal signal is a "
+        "marginal_source",
+    )
+    marginal_source: str | None = Field(
+        None,
+        description="a marginal signal (WattTime) for routing decisions when "
+        "policy.decision_signal is marginal; recorded on receipts beside the billed average",
+    )
+    marginal_zone: str | None = Field(
+        None, min_length=1, description="the marginal source's zone id (default: zone)"
+    )
     pue: float = Field(1.2, ge=1.0, le=3.0)
     price: Price
     rtt_ms: float = Field(0.0, ge=0)
     residency: list[str] = Field(default_factory=list)
     replicas: list[Replica] = Field(default_factory=list)
     scaling: Scaling | None = None
+
+    @field_validator("signal")
+    @classmethod
+    def _bills_are_average(cls, v: str) -> str:
+        if v != "average":
+            raise ValueError(
+                "bills use location-based average intensity (GHG Protocol Scope 2); give a "
+                "marginal signal as marginal_source (it may drive decisions, never bills)"
+            )
+        return v
 
     @field_validator("scaling")
     @classmethod
@@ -362,6 +393,12 @@ class PolicyDefaults(_Strict):
         None, gt=0, description="first-token budget (ms) for requests whose header sets none"
     )
     tie_tolerance: float = Field(0.05, ge=0, le=1)
+    decision_signal: Literal["average", "marginal"] = Field(
+        "average",
+        description="the intensity routing and deferral compare: the grid's average, or a "
+        "marginal signal (every region then needs a marginal_source); bills use the average "
+        "either way",
+    )
     max_defer_s: float = Field(86400.0, ge=0)
     defer_min_gain: float = Field(0.05, ge=0, lt=1)
     cooldown_s: float = Field(
@@ -432,7 +469,7 @@ class Simulation(_Strict):
             "greenest+defer",
             "cleanest_hour",
             "oracle",
-        ]
+        ],
     )
     seed: int = 0
 
@@ -465,6 +502,92 @@ class FleetScaling(_Strict):
     interval_s: float = Field(60.0, ge=5, le=3600, description="how often it decides")
 
 
+# Embodied (manufacturing) carbon defaults, from Luccioni, Viguier and Ligozat, "Estimating the
+# Carbon Footprint of BLOOM, a 176B Parameter Language Model", JMLR 24 (2023): 150 kg CO2e per
+# A100 GPU, 2,500 kg per 8-GPU server (an HPE Apollo 6500 LCA), six years of use at 85 %
+# utilization. Newer figures differ (Chien et al., HotCarbon 2023, put a whole A100 instance at
+# 318 kg per GPU); set your hardware's own.
+class Embodied(_Strict):
+    """Manufacturing carbon, amortized over a replica's useful life and charged to each request
+    by the replica time it held; shown apart from operational carbon, never added to it."""
+
+    gpu_kg: float = Field(150.0, ge=0, allow_inf_nan=False, description="kg CO2e per GPU")
+    server_kg: float = Field(
+        2500.0, ge=0, allow_inf_nan=False,
+        description="kg CO2e per server (chassis, CPUs, memory, storage) without its GPUs",
+    )  # fmt: skip
+    gpus_per_server: int = Field(8, ge=1, le=64)
+    lifetime_years: float = Field(6.0, gt=0, le=30, allow_inf_nan=False)
+    utilization: float = Field(
+        0.85, gt=0, le=1,
+        description="share of its life the hardware is busy: the time requests pay for",
+    )  # fmt: skip
+
+
+class Audit(_Strict):
+    """Receipts: the signing key of the ledger's chain heads, and how often they are signed."""
+
+    signing_key: str | None = Field(
+        None,
+        description="Ed25519 private key (PEM, PKCS#8), relative to the config's folder; "
+        "default: the ledger's path + '.key', made on first start",
+    )
+    sign_every_s: float = Field(3600.0, ge=60, le=86_400, allow_inf_nan=False)
+    embodied: Embodied = Embodied()
+
+
+MARGINAL_KINDS = ("watttime",)  # carbon sources whose signal is marginal
+
+
+class Telemetry(_Strict):
+    """OpenTelemetry traces of the completion requests (README 'Traces and metrics'); off
+    without this block. Read when the router starts: a reload does not change it."""
+
+    otlp_endpoint: str = Field(
+        description="the collector's OTLP/HTTP URL, e.g. http://collector:4318 (the traces path "
+        "/v1/traces is added when the URL has no path) or a full .../v1/traces URL",
+    )
+    service_name: str = Field("carbon-router", min_length=1)
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of requests traced; a client's flag never forces it"
+    )
+    export_timeout_s: float = Field(
+        5.0, gt=0, le=60, allow_inf_nan=False, description="each export to the collector"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="sent with each export, e.g. the collector's API key"
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _an_http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        try:
+            parts.port  # noqa: B018  # a port that is no number raises
+        except ValueError:
+            parts = urlsplit("")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError(
+                f"must be an http:// or https:// URL with a host, e.g. http://collector:4318, "
+                f"got {v!r}"
+            )
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _safe_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            _header_safe(value)
+        return v
+
+    def traces_url(self) -> str:
+        """The endpoint with the traces path added when it has none."""
+        url = self.otlp_endpoint.rstrip("/")
+        return url if urlsplit(url).path else url + "/v1/traces"
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -474,6 +597,8 @@ class Config(_Strict):
     ledger: str = "carbon-router.sqlite"
     simulation: Simulation = Simulation()
     fleet: FleetScaling = FleetScaling()
+    audit: Audit = Audit()
+    telemetry: Telemetry | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:
@@ -486,10 +611,35 @@ class Config(_Strict):
         if dup:
             raise ValueError(f"duplicate replica names: {', '.join(sorted(dup))}")
         for r in self.regions:
-            if r.carbon_source not in self.carbon_sources:
+            for field_name in ("carbon_source", "marginal_source"):
+                name = getattr(r, field_name)
+                if name is not None and name not in self.carbon_sources:
+                    raise ValueError(
+                        f"region {r.name!r}: {field_name} {name!r} is not defined; "
+                        f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}"
+                    )
+            if self.carbon_sources[r.carbon_source].kind in MARGINAL_KINDS:
                 raise ValueError(
-                    f"region {r.name!r}: carbon_source {r.carbon_source!r} is not defined; "
-                    f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}"
+                    f"region {r.name!r}: carbon_source {r.carbon_source!r} is a marginal "
+                    "signal, and bills use location-based average intensity (GHG Protocol "
+                    "Scope 2): bill on an average source (Electricity Maps, UK CI, a file) and "
+                    f"give {r.carbon_source!r} as marginal_source for decisions"
+                )
+            if r.marginal_source is not None and (
+                self.carbon_sources[r.marginal_source].kind not in MARGINAL_KINDS
+            ):
+                raise ValueError(
+                    f"region {r.name!r}: marginal_source {r.marginal_source!r} is not a marginal "
+                    f"signal (those are: {', '.join(MARGINAL_KINDS)}); bills already use "
+                    "carbon_source's average"
+                )
+        if self.policy.decision_signal == "marginal":
+            lacking = [r.name for r in self.regions if r.marginal_source is None]
+            if lacking:
+                raise ValueError(
+                    f"policy.decision_signal marginal needs a marginal_source in every region, "
+                    f"these have none: {', '.join(lacking)} (comparing a marginal figure with "
+                    "an average one would mix the two signals)"
                 )
         hashes = [h for t in self.tenants for h in t.api_key_sha256]
         if len(hashes) != len(set(hashes)):

@@ -11,7 +11,8 @@ M one of ``refuse`` (HTTP 400 as a server refusing a parameter), ``error`` (HTTP
 cut after 2 chunks, before any usage), ``refuse_stream_options`` (HTTP 400 for a request with
 ``stream_options``, as a server that does not know it), ``hang`` (no answer for 10 minutes),
 ``slow`` (an answer after 1 s; stream chunks 0.25 s apart), or ``null`` to behave again.
-``GET /_fault`` says the mode and how many completions were asked for.
+``GET /_fault`` says the mode, how many completions were asked for and the trace context
+(``traceparent``, ``tracestate``) the last one came with.
 
 ``GET /metrics`` answers vLLM's load gauges in Prometheus text: ``vllm:num_requests_running``
 (the completions it is answering now) and ``vllm:num_requests_waiting`` (0). ``POST /_metrics``
@@ -55,7 +56,9 @@ async def fault(request: web.Request) -> web.StreamResponse:
 
 async def fault_state(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    return web.json_response({"mode": state["fault"], "calls": state["calls"]})
+    return web.json_response({"mode": state["fault"], "calls": state["calls"],
+                              "traceparent": state["traceparent"],
+                              "tracestate": state["tracestate"]})  # fmt: skip
 
 
 METRICS_FAULTS = (None, "hang", "missing", "error")
@@ -115,6 +118,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     mode = request.app[STATE]["fault"]
     request.app[STATE]["calls"] += 1
+    request.app[STATE]["traceparent"] = request.headers.get("traceparent")
+    request.app[STATE]["tracestate"] = request.headers.get("tracestate")
     if mode == "hang":
         await asyncio.sleep(600)
     if mode == "slow" and not body.get("stream"):
@@ -162,6 +167,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 def make_app() -> web.Application:
     app = web.Application()
     app[STATE] = {"fault": None, "calls": 0, "inflight": 0, "metrics_fault": None,
+                  "traceparent": None, "tracestate": None,
                   "pinned_running": None, "pinned_waiting": None,
                   "metrics_released": asyncio.Event()}  # fmt: skip
     app.router.add_post("/v1/chat/completions", chat)

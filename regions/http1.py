@@ -261,6 +261,17 @@ class Response:
         self.close()
 
 
+def header_lines(headers: dict[str, str]) -> bytes:
+    """``headers`` as the lines of a request head. A value with a control character (CR, LF:
+    a header of its own smuggled in) or outside latin-1 is refused (``ValueError``)."""
+    out = []
+    for name, value in headers.items():
+        if any(ord(c) < 32 or ord(c) == 127 for c in name + value):
+            raise ValueError(f"header {name!r} has a control character")
+        out.append(f"{name}: {value}\r\n".encode("latin-1"))
+    return b"".join(out)
+
+
 class Http1Pool:
     """Keep-alive HTTP/1.1 connections to the origin of ``base_url``."""
 
@@ -304,9 +315,12 @@ class Http1Pool:
             + b"Content-Length: "
         )
 
-    async def request(self, head: bytes, body: bytes, *, timeout_s: float) -> Response:
-        """Send ``head`` (from :meth:`head`) with ``body``; returns once the response head is in."""
-        message = b"".join((head, str(len(body)).encode(), b"\r\n\r\n", body))
+    async def request(
+        self, head: bytes, body: bytes, *, timeout_s: float, headers: bytes = b""
+    ) -> Response:
+        """Send ``head`` (from :meth:`head`) with ``body`` and this request's own ``headers``
+        (from :func:`header_lines`); returns once the response head is in."""
+        message = b"".join((head, str(len(body)).encode(), b"\r\n", headers, b"\r\n", body))
         for attempt in (0, 1):
             conn = self._idle_conn()
             reused = conn is not None

@@ -25,7 +25,7 @@ from regions.backends import (
     CompletionRequest,
     TokenChunk,
 )
-from regions.http1 import Http1Pool, Response, UpstreamError
+from regions.http1 import Http1Pool, Response, UpstreamError, header_lines
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,23 @@ class OpenAIBackend(Backend):
             body["prompt"] = request.prompt
         return self._heads[chat, stream], body
 
-    async def _post(self, head: bytes, body: dict[str, Any]) -> Response:
-        """The response, its head in and its status checked; the caller reads and closes it."""
-        resp = await self._pool.request(head, orjson.dumps(body), timeout_s=self.timeout_s)
+    async def _post(
+        self, head: bytes, body: dict[str, Any], request: CompletionRequest
+    ) -> Response:
+        """The response, its head in and its status checked; the caller reads and closes it.
+        The request's trace context goes with it (``traceparent``, ``tracestate``)."""
+        trace = b""
+        if request.traceparent is not None:
+            context = {"traceparent": request.traceparent}
+            if request.tracestate:
+                context["tracestate"] = request.tracestate
+            try:
+                trace = header_lines(context)
+            except ValueError:  # not ours to send: the request goes without it
+                log.warning("%s: a trace context with control characters was not sent", self.url)
+        resp = await self._pool.request(
+            head, orjson.dumps(body), timeout_s=self.timeout_s, headers=trace
+        )
         if resp.status >= 500 or resp.status == 429:
             resp.close()
             raise BackendUnavailable(f"{self.url}: HTTP {resp.status}")
@@ -124,7 +138,7 @@ class OpenAIBackend(Backend):
         """The whole completion in one (non-streamed) call; token counts are the server's."""
         head, body = self._body(request, stream=False)
         try:
-            async with await self._post(head, body) as resp:
+            async with await self._post(head, body, request) as resp:
                 data = orjson.loads(await resp.read())
         except UpstreamError as e:
             raise BackendUnavailable(str(e)) from e
@@ -184,7 +198,7 @@ class OpenAIBackend(Backend):
         pending = b""
         usage: Any = None  # the last usage the server sent: its counts for the whole stream
         try:
-            async with await self._post(head, body) as resp:
+            async with await self._post(head, body, request) as resp:
                 async for data in resp.chunks():
                     *lines, pending = (pending + data).split(b"\n")
                     if len(pending) > MAX_EVENT_BYTES:

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -202,8 +202,11 @@ def bill_line(
     price_usd_per_kwh: float,
     tariff: Tariff,
     status: str = "ok",
+    receipt: dict[str, Any] | None = None,
 ) -> LedgerRow:
-    """Price one request's metered energy into a ledger row."""
+    """Price one request's metered energy into a ledger row; ``receipt``: the row's receipt
+    fields (:class:`router.ledger.LedgerRow`), ``avoided_g`` computed here from
+    ``baseline_carbon_g`` when a ``baseline_replica`` is given (else nothing was avoided)."""
     from router.ledger import LedgerRow, utc_iso
 
     usage = Usage(
@@ -235,12 +238,55 @@ def bill_line(
         token_cost_usd=charges.token_cost_usd,
         carbon_cost_usd=charges.carbon_cost_usd,
         status=status,  # type: ignore[arg-type]
+        **(receipt or {}),
+        **(
+            {"avoided_g": receipt["baseline_carbon_g"] - usage.carbon_g}
+            if receipt and receipt.get("baseline_replica")
+            else {}
+        ),
     )
 
 
-def rebill(row: LedgerRow, energy_j: float, energy_source: str, tariff: Tariff) -> LedgerRow:
+def rebill(
+    row: LedgerRow,
+    energy_j: float,
+    energy_source: str,
+    tariff: Tariff,
+    *,
+    prefill_j: float | None = None,
+    held_s: float | None = None,
+    meter: str | None = None,
+    method: str | None = None,
+    rates: dict[str, float] | None = None,
+) -> LedgerRow:
     """``row`` priced again for ``energy_j`` (a prediction replaced by the measurement), at the
-    row's own price, intensity and PUE."""
+    row's own price, intensity and PUE. Its receipt follows: the split and time held the
+    meter's attribution gives (else the row's, scaled with its energy), static power and
+    embodied carbon at the row's own rates per second held, the baseline's carbon scaled with
+    the energy (it is per kWh of the energy used where the request ran). ``rates``: those
+    figures per unit, as the ingress had them (``static_w``, ``embodied_g_per_s``,
+    ``baseline_g_per_kwh``): a prediction of 0 J or 0 s has no rate to scale by."""
+    from router.ledger import COLUMNS
+
+    scale = energy_j / row.energy_j if row.energy_j > 0 else 0.0
+    held = row.held_s * scale if held_s is None else held_s
+    per_held = 1.0 / row.held_s if row.held_s > 0 else 0.0
+    receipt = {c: getattr(row, c) for c in COLUMNS[COLUMNS.index("zone") :]}
+    receipt.update(
+        prefill_j=min(row.prefill_j * scale if prefill_j is None else prefill_j, energy_j),
+        held_s=held,
+        static_j=min(row.static_j * per_held * held, energy_j),
+        embodied_g=row.embodied_g * per_held * held if row.held_s > 0 else row.embodied_g,
+        baseline_carbon_g=row.baseline_carbon_g * scale,
+        meter=row.meter if meter is None else meter,
+        method=row.method if method is None else method,
+    )
+    if rates is not None:
+        receipt["static_j"] = min(rates.get("static_w", 0.0) * held, energy_j)
+        receipt["embodied_g"] = rates.get("embodied_g_per_s", 0.0) * held
+        if "baseline_g_per_kwh" in rates and row.baseline_replica:
+            receipt["baseline_carbon_g"] = energy_j / J_PER_KWH * rates["baseline_g_per_kwh"]
+    del receipt["avoided_g"]  # bill_line's: the baseline less the carbon billed now
     return bill_line(
         request_id=row.request_id,
         tenant=row.tenant,
@@ -260,4 +306,5 @@ def rebill(row: LedgerRow, energy_j: float, energy_source: str, tariff: Tariff) 
         price_usd_per_kwh=row.price_usd_per_kwh,
         tariff=tariff,
         status=row.status,
+        receipt=receipt,
     )

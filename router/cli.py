@@ -297,7 +297,11 @@ def cmd_bill(args: argparse.Namespace) -> int:
         f"{inv.first_request} .. {inv.last_request})"
     )
     console.print(f"  energy        {inv.energy_kwh:.6f} kWh  ({inv.measured_share:.0%} measured)")
-    console.print(f"  carbon        {inv.carbon_g:.3f} g CO2e")
+    console.print(
+        f"  carbon        {inv.carbon_g:.3f} g CO2e operational (location-based), "
+        f"{inv.embodied_g:.3f} g embodied"
+    )
+    console.print(f"  avoided       {inv.carbon_avoided_g:.3f} g CO2e against power-of-two routing")
     console.print(
         f"  billed        ${inv.billed_usd:.6f}  (energy tariff ${inv.energy_tariff_usd:.6f}"
         f", carbon price ${inv.carbon_cost_usd:.6f})"
@@ -637,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "on day N of the period (0 is the first), request by request")  # fmt: skip
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_simulate)
+
+    from router.cli_receipts import register as register_receipts
+
+    register_receipts(sub)
 
     sv = sub.add_parser("serve", help="run the OpenAI-compatible router on a config")
     sv.add_argument("--config", default="configs/local.yaml")

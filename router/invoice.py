@@ -21,7 +21,8 @@ from router.ledger import COLUMNS, Ledger, LedgerRow
 
 GroupBy = Literal["day", "region", "model", "replica"]
 SUMS = ["requests", "prompt_tokens", "completion_tokens", "energy_j", "kwh_billed", "carbon_g",
-        "cost_usd", "energy_cost_usd", "token_cost_usd", "carbon_cost_usd"]  # fmt: skip
+        "cost_usd", "energy_cost_usd", "token_cost_usd", "carbon_cost_usd", "avoided_g",
+        "embodied_g"]  # fmt: skip
 
 
 def frame(rows: list[LedgerRow]) -> pd.DataFrame:
@@ -61,6 +62,8 @@ class Invoice:
     requests: int
     energy_kwh: float
     carbon_g: float
+    carbon_avoided_g: float  # against power of two over the same replicas (receipts)
+    embodied_g: float  # amortized manufacturing carbon, apart from carbon_g
     billed_usd: float
     energy_tariff_usd: float
     token_tariff_usd: float
@@ -87,6 +90,8 @@ def invoice(ledger: Ledger, tenant: str, month: str) -> Invoice:
         requests=n,
         energy_kwh=float(df["kwh_billed"].sum()) if n else 0.0,
         carbon_g=float(df["carbon_g"].sum()) if n else 0.0,
+        carbon_avoided_g=float(df["avoided_g"].sum()) if n else 0.0,
+        embodied_g=float(df["embodied_g"].sum()) if n else 0.0,
         billed_usd=float(df["cost_usd"].sum()) if n else 0.0,
         energy_tariff_usd=float(df["energy_cost_usd"].sum()) if n else 0.0,
         token_tariff_usd=float(df["token_cost_usd"].sum()) if n else 0.0,

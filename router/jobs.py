@@ -264,6 +264,46 @@ class JobStore:
                 (now.astimezone(UTC).isoformat(), job_id),
             )
 
+    def queue(self, now: datetime, *, tenant: str | None = None, limit: int = 20) -> dict[str, Any]:
+        """The jobs waiting or running (``tenant``'s, or everyone's), for the operator's view:
+        ``counts`` per status and region (with how many are ``overdue``: scheduled, their start
+        time passed, not yet claimed) and ``next``, the running ones then the next scheduled to
+        start, ``limit`` in all, without their bodies or results. Read by the
+        ``(status, start_at)`` index: the cost is that of the queue, not of finished jobs."""
+        at = now.astimezone(UTC).isoformat()
+        where, params = "status = ?", []
+        if tenant is not None:
+            where, params = where + " AND tenant = ?", [tenant]
+        counts = [
+            {
+                "status": s,
+                "region": r,
+                "jobs": int(n),
+                "next_start_at": f,
+                "overdue": int(o or 0) if s == "scheduled" else 0,
+            }
+            for status in ("running", "scheduled")
+            for s, r, n, o, f in self._db.execute(
+                "SELECT status, region, COUNT(*), SUM(start_at <= ?), MIN(start_at) FROM jobs "
+                f"WHERE {where} GROUP BY region ORDER BY region",
+                [at, status, *params],
+            )
+        ]
+        cols = ("id", "tenant", "status", "region", "replica", "created_at", "start_at",
+                "deadline", "forecast_score")  # fmt: skip
+        upcoming: list[dict[str, Any]] = []
+        for status in ("running", "scheduled"):
+            if len(upcoming) >= limit:
+                break
+            upcoming += [
+                dict(zip(cols, r, strict=True))
+                for r in self._db.execute(
+                    f"SELECT {', '.join(cols)} FROM jobs WHERE {where} ORDER BY start_at LIMIT ?",
+                    [status, *params, limit - len(upcoming)],
+                )
+            ]
+        return {"counts": counts, "next": upcoming}
+
     # ---- files and batches (the OpenAI Batch API's storage) ----------------------------------
 
     def add_file(self, f: StoredFile) -> None:

@@ -103,7 +103,11 @@ class Candidates:
     billed_kwh_of: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     # per replica, the figures that are stand-ins for a better source ("load", "prefill", ...)
     estimated: list[tuple[str, ...]] = field(default_factory=list)
+    # the grid's average intensity, what bills use, where decisions use a marginal signal
+    # (policy.decision_signal); None: intensity_g_per_kwh is the average
+    billed_intensity_g_per_kwh: np.ndarray | None = None
     _allowed_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+    _billed_kwh: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -138,8 +142,18 @@ class Candidates:
 
     @property
     def billed_kwh(self) -> np.ndarray:
-        """The energy each replica's bill for this request is expected to show."""
-        return self.kwh if self.billed_kwh_of is None else self.billed_kwh_of()
+        """The energy each replica's bill for this request is expected to show (computed
+        once: the budget hold, the deferral plan and the receipt's baseline all read it)."""
+        if self._billed_kwh is None:
+            self._billed_kwh = self.kwh if self.billed_kwh_of is None else self.billed_kwh_of()
+        return self._billed_kwh
+
+    @property
+    def billing_intensity(self) -> np.ndarray:
+        """Each replica's intensity as bills use it: the grid's average."""
+        if self.billed_intensity_g_per_kwh is None:
+            return self.intensity_g_per_kwh
+        return self.billed_intensity_g_per_kwh
 
     @property
     def carbon_g(self) -> np.ndarray:
@@ -181,6 +195,43 @@ class Decision:
                 )
             },
         }
+
+
+def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) -> tuple[str, float]:
+    """What a carbon-agnostic choice would have emitted for this request: power of two
+    choices over the ``allowed`` replicas (two drawn at random, the less loaded taken),
+    expected over its draws, so a receipt's figure does not depend on a coin. Returns its
+    likeliest pick and its g CO2e per kWh of IT energy the request used on ``chosen`` (each
+    replica's predicted energy relative to the chosen one's, its PUE and its average
+    intensity, the signal bills use); the receipt multiplies that by the energy measured.
+
+    Among n allowed replicas the one of load rank r (0 the least loaded) is taken in
+    n - 1 - r of the n(n - 1)/2 pairs; replicas of equal load share what they win. Plain
+    Python: n is a handful and this runs on every request."""
+    billed = c.billed_kwh
+    chosen_kwh = float(billed[chosen])
+    # each replica's g CO2e for this request there, by its predicted energy (one pass)
+    emitted = (billed * c.pue * c.billing_intensity).tolist()
+    load = c.load.tolist()
+    idx = [k for k, ok in enumerate(allowed.tolist()) if ok]
+    if not idx:
+        return c.names[chosen], float(c.pue[chosen] * c.billing_intensity[chosen])
+    n = len(idx)
+    idx.sort(key=load.__getitem__)
+    pairs = n * (n - 1) / 2
+    g, a = 0.0, 0
+    while a < n:  # a run of equal loads (ranks a..b) shares the pairs its ranks win
+        b, level = a, load[idx[a]]
+        while b + 1 < n and load[idx[b + 1]] == level:
+            b += 1
+        m = b - a + 1
+        won = m * (n - 1) - (a + b) * m / 2  # sum of n - 1 - r over r = a..b
+        share = (won / pairs if pairs else 1.0) / m
+        g += share * (emitted[idx[a]] if m == 1 else sum([emitted[k] for k in idx[a : b + 1]]))
+        a = b + 1
+    if chosen_kwh > 0:
+        return c.names[idx[0]], g / chosen_kwh
+    return c.names[idx[0]], g / float(np.mean([billed[k] for k in idx]) or 1.0)
 
 
 # a request's bound -> (how a note names it, what the fallback picks)

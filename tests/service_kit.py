@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.trace import TracerProvider
 
 from forecasting.energy import EnergyPredictor
 from router.http.app import make_api
@@ -117,6 +118,8 @@ async def service_kit(
     fleet_targets: Targets | None = None,
     predictor: EnergyPredictor | None = None,
     loads: Sequence[LoadSource | None] | None = None,
+    more_sources: dict[str, StaticCarbonSource] | None = None,
+    tracer_provider: TracerProvider | None = None,
     sink: LedgerSink | None = None,
     proxied: ProxiedMetering | None = None,
     jobs: JobStore | None = None,
@@ -124,10 +127,12 @@ async def service_kit(
     """The service and an HTTP client on its ASGI app; ``profile`` shapes the forecast of the
     static carbon source (or ``source`` replaces it); ``clock`` is the fleet scaler's and
     ``fleet_targets`` where its counts go; ``loads``: the replicas' load sources (polled when a
-    test calls ``service.loads``); ``sink``: the ledger (made beside the config when not
-    given); ``proxied``: the metering of proxied replicas, which hands them their bills;
-    ``jobs``: the job store (``jobs.sqlite`` beside the config when not given). A second kit on
-    the same folder is a fresh service on the same ledger and job store."""
+    test calls ``service.loads``); ``more_sources``: carbon sources beside ``grid``, by name;
+    ``tracer_provider``: where request spans go (default: the config's telemetry block, none:
+    off); ``sink``: the ledger (made beside the config when not given); ``proxied``: the
+    metering of proxied replicas, which hands them their bills; ``jobs``: the job store
+    (``jobs.sqlite`` beside the config when not given). A second kit on the same folder is a
+    fresh service on the same ledger and job store."""
     cfg = tmp / "router.yaml"
     cfg.write_text(config)
     fakes = list(replicas or [FakeReplicaClient(n) for n in
@@ -142,11 +147,12 @@ async def service_kit(
         ledger=sink,
         jobs=jobs or JobStore(tmp / "jobs.sqlite"),
         wire=OpenAIWire(),
-        sources=lambda c, base: {"grid": source},
+        sources=lambda c, base: {"grid": source, **(more_sources or {})},
         clock=clock,
         fleet_targets=fleet_targets,
         predictor=predictor,
         loads=loads,
+        tracer_provider=tracer_provider,
         proxied=proxied,
     )
     api = make_api()

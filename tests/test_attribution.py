@@ -161,3 +161,32 @@ def test_one_prefill_weight_default_everywhere() -> None:
         "config": Replica.model_fields["prefill_weight"].default,
     }
     assert defaults == dict.fromkeys(defaults, PREFILL_WEIGHT)
+
+
+def test_a_receipt_splits_energy_into_prefill_and_decode_and_counts_time_held() -> None:
+    """The receipt's split: each interval's share of a request's energy that paid for its
+    prompt is its prefill work over its work; the time it held is the interval's busy time in
+    the same share."""
+    att = ReplicaAttributor(prefill_weight=1.0)
+    att.reading(R(0.0, 0.0))
+    att.start("a", 0.0, 10)
+    att.token("a", 1.0)  # its first token at 1 s: prefill over [0, 1]
+    assert att.reading(R(1.0, 100.0)) == []  # work in [0, 1]: 10 prefill + 1 decode
+    att.start("b", 1.0, 0)
+    att.token("a", 1.5)
+    att.token("b", 1.5)
+    att.token("a", 2.0)
+    att.token("b", 2.0)
+    att.end("a", 2.0)
+    att.end("b", 3.0)
+    done = {x.request_id: x for x in att.reading(R(2.0, 200.0))}
+    a = done["a"]
+    assert a.energy_j == pytest.approx(150.0)  # 100 + half of [1, 2]
+    assert a.prefill_j == pytest.approx(100.0 * 10 / 11)
+    assert a.held_s == pytest.approx(1.0 + 0.5)
+    assert a.first_token_s == 1.0
+    # b: half of [1, 2], and [2, 3] half covered (it ended at 3 but the interval runs to 4)
+    b = {x.request_id: x for x in att.reading(R(4.0, 300.0))}["b"]
+    assert b.energy_j == pytest.approx(50.0 + 50.0)
+    assert b.prefill_j == 0.0
+    assert b.held_s == pytest.approx(0.5 + 1.0)

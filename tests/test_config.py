@@ -205,3 +205,69 @@ def test_invalid_fleet_settings_are_named() -> None:
     line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("fleet:"))
     (problem,) = errors_of(text)
     assert problem == f"configs/x.yaml:{line} fleet.target_utilization: must be <= 1.0, got 1.5"
+
+
+WATTTIME = "  wt:\n    kind: watttime\n    username: u\n    password: p\n"
+
+
+def _with_watttime(text: str) -> str:
+    return text.replace("carbon_sources:\n", "carbon_sources:\n" + WATTTIME, 1)
+
+
+def test_bills_use_average_intensity_and_a_marginal_source_is_for_decisions_only() -> None:
+    """GHG Protocol Scope 2 (location-based): a bill's intensity is the grid's average. A
+    marginal signal (WattTime) may drive decisions, beside it, never instead of it."""
+    text = _with_watttime(LOCAL)
+    (problem,) = errors_of(text.replace("carbon_source: replay\n    pue: 1.30",
+                                        "carbon_source: wt\n    pue: 1.30"))  # fmt: skip
+    assert "'us-south'" in problem and "bills use location-based average intensity" in problem
+    assert "marginal_source" in problem
+    (problem,) = errors_of(text.replace("    pue: 1.30", "    signal: marginal\n    pue: 1.30"))
+    assert "regions[2].signal" in problem and "marginal_source" in problem
+    ok = text.replace("    pue: 1.30", "    marginal_source: wt\n    marginal_zone: ERCOT_NORTH\n"
+                      "    pue: 1.30")  # fmt: skip
+    cfg = parse_config(ok, path="configs/x.yaml", env={})
+    assert (cfg.regions[2].marginal_source, cfg.regions[2].marginal_zone) == ("wt", "ERCOT_NORTH")
+    # decisions on the marginal signal need it in every region: a mix would compare a
+    # marginal figure with an average one
+    mixed = ok.replace("policy:\n", "policy:\n  decision_signal: marginal\n", 1)
+    (problem,) = errors_of(mixed)
+    assert "decision_signal marginal" in problem and "eu-north, eu-central" in problem
+    (problem,) = errors_of(ok.replace("marginal_source: wt", "marginal_source: replay"))
+    assert "marginal_source 'replay' is not a marginal signal" in problem
+
+
+def test_telemetry_is_off_without_its_block_and_defaults_within_it() -> None:
+    assert parse_config(LOCAL, env={}).telemetry is None
+    cfg = parse_config(LOCAL + "telemetry: {otlp_endpoint: 'http://collector:4318'}\n", env={})
+    assert cfg.telemetry is not None and cfg.telemetry.sample_ratio == 1.0
+    assert cfg.telemetry.service_name == "carbon-router"
+    assert cfg.telemetry.traces_url() == "http://collector:4318/v1/traces"  # the path added
+    full = parse_config(LOCAL + "telemetry: {otlp_endpoint: 'https://c.example/otlp/v1/traces'}\n",
+                        env={}).telemetry  # fmt: skip
+    assert full is not None and full.traces_url() == "https://c.example/otlp/v1/traces"
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("{}", "telemetry.otlp_endpoint: required field is missing"),
+        ("{otlp_endpoint: 'collector:4318'}",
+         "telemetry.otlp_endpoint: must be an http:// or https:// URL with a host"),
+        ("{otlp_endpoint: 'http://c:4318', sample_ratio: 1.5}",
+         "telemetry.sample_ratio: must be <= 1.0, got 1.5"),
+        ("{otlp_endpoint: 'http://c:4318', sample_rate: 0.5}",
+         "telemetry.sample_rate: unknown key"),
+        ("{otlp_endpoint: 'http://c:4318', export_timeout_s: 0}",
+         "telemetry.export_timeout_s: must be > 0.0, got 0"),
+        ("{otlp_endpoint: 'http://c:4318', headers: {'a b': x}}",
+         "telemetry.headers: 'a b' is not an HTTP header name"),
+        ("{otlp_endpoint: 'http://c:4318', headers: {key: \"x\\r\\nInjected: 1\"}}",
+         "telemetry.headers: must not contain control characters"),
+    ],
+)  # fmt: skip
+def test_invalid_telemetry_names_file_line_and_field(block: str, message: str) -> None:
+    text = LOCAL + f"telemetry: {block}\n"
+    line = len(text.splitlines())
+    (problem,) = errors_of(text)
+    assert problem.startswith(f"configs/x.yaml:{line} {message}")

@@ -128,7 +128,7 @@ async def test_a_non_streaming_request_whose_client_hangs_up_is_billed(tmp_path:
             await call
         await until(lambda: bool(kit.rows()))
         (row,) = kit.rows()
-        assert row.energy_source == "estimated" and row.energy_j > 0
+        assert row.energy_source == "predicted" and row.energy_j > 0
         assert sum(st.active for st in kit.service.live.router.states) == 0
 
 
@@ -145,7 +145,7 @@ async def test_a_stream_whose_upstream_dies_mid_way_is_billed_and_ends_with_an_e
         assert error["code"] == "replica_failed" and "mid-stream" in error["message"]
         await until(lambda: bool(kit.rows()))  # the bill is settled on a task of its own
         (row,) = kit.rows()
-        assert row.completion_tokens == 1 and row.energy_source == "estimated"
+        assert row.completion_tokens == 1 and row.energy_source == "predicted"
         i = next(k for k, f in enumerate(fakes) if f.calls)
         assert kit.service.live.router.states[i].cooldown_until > time.monotonic()
         assert kit.service.live.router.states[i].active == 0

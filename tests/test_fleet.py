@@ -335,7 +335,10 @@ async def test_a_region_never_decided_publishes_no_count(tmp_path: Path) -> None
         assert us["held"].startswith("carbon intensity unavailable") and us["desired"] is None
         metrics = (await kit.client.get("/metrics")).text
         assert 'router_desired_replicas{region="eu-north"} 1.0' in metrics
-        assert 'region="us-south"' not in metrics
+        assert 'router_desired_replicas{region="us-south"}' not in metrics
+        # nor an intensity: a region without one has no sample, never a 0
+        assert 'router_carbon_intensity_g_per_kwh{region="us-south"}' not in metrics
+        assert 'router_carbon_intensity_g_per_kwh{region="eu-north"}' in metrics
 
 
 async def test_until_a_minute_is_counted_every_count_is_kept(tmp_path: Path) -> None:

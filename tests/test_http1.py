@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from regions.backends import BackendError, BackendRefused, BackendUnavailable, CompletionRequest
-from regions.http1 import HIGH_WATER, Http1Pool, UpstreamError
+from regions.http1 import HIGH_WATER, Http1Pool, UpstreamError, header_lines
 from regions.openai_backend import OpenAIBackend
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -491,3 +491,32 @@ async def test_an_sse_line_past_its_cap_is_an_error_not_a_memory_leak() -> None:
             async for _ in backend.stream(request):
                 pass
         await backend.aclose()
+
+
+async def test_a_requests_trace_context_goes_in_its_head_and_nothing_smuggled_does() -> None:
+    answer = b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}'
+    got: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        seen = Seen()
+        while (request := await read_request(reader, seen)) is not None:
+            got.append(request)
+            writer.write(ok(answer))
+
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    messages = [{"role": "user", "content": "hi"}]
+    async with server(handler) as seen:
+        backend = OpenAIBackend(f"http://127.0.0.1:{seen.port}/v1", "m")
+        traced = CompletionRequest(messages=messages, traceparent=traceparent, tracestate="a=b")
+        sneaky = CompletionRequest(messages=messages, traceparent=traceparent,
+                                   tracestate="a=b\r\nX-Injected: 1")  # fmt: skip
+        for request in (traced, CompletionRequest(messages=messages), sneaky):
+            assert (await backend.answer(request)).text == "ok"  # answered either way
+        await backend.aclose()
+    head, body = got[0].split(b"\r\n\r\n", 1)
+    assert f"\r\ntraceparent: {traceparent}\r\ntracestate: a=b".encode() in head
+    assert body.startswith(b"{") and b'"model":"m"' in body
+    assert b"traceparent" not in got[1]
+    assert b"traceparent" not in got[2] and b"X-Injected" not in got[2]  # not sent at all
+    with pytest.raises(ValueError, match="control character"):
+        header_lines({"traceparent": "00-x\r\nAuthorization: Bearer stolen"})

@@ -16,8 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.ledger import COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
+from router.ledger import _INSERT, COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
 from tests.conftest import ROOT
+
+V4_COLUMNS = COLUMNS[: COLUMNS.index("zone")]  # a row's columns before the receipt (v5)
 
 
 def row(rid: str, when: datetime | None = None, **kw: object) -> LedgerRow:
@@ -94,7 +96,7 @@ def test_v1_file_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "v1.sqlite"
     db = sqlite3.connect(path)
     db.executescript(MIGRATIONS[0])
-    cols = [c for c in row("old").__dataclass_fields__ if c != "carbon_cost_usd"]
+    cols = [c for c in V4_COLUMNS if c != "carbon_cost_usd"]
     r = row("old")
     db.execute(
         f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
@@ -205,15 +207,7 @@ def test_usage_pages_and_totals_come_from_sql(tmp_path: Path) -> None:
 def test_reads_do_not_see_a_write_that_is_rolled_back(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     ledger._db.execute("BEGIN IMMEDIATE")  # a write in progress on the writer's connection
-    ledger._db.execute(
-        "INSERT INTO requests SELECT * FROM requests WHERE 0"  # (nothing, just a transaction)
-    )
-    good = row("pending")
-    cols = ", ".join(COLUMNS)
-    ledger._db.execute(
-        f"INSERT INTO requests ({cols}) VALUES ({', '.join('?' for _ in COLUMNS)})",
-        [getattr(good, c) for c in COLUMNS],
-    )
+    ledger._db.executemany(_INSERT, ledger._chained([row("pending")]))
     assert ledger.usage_page(None).rows == []  # not committed: not seen
     ledger._db.execute("ROLLBACK")
     assert ledger.usage_page(None).rows == []
@@ -310,9 +304,9 @@ def test_a_v3_ledger_gets_its_daily_sums_when_migrated(tmp_path: Path) -> None:
     for v in range(3):
         db.executescript(MIGRATIONS[v])
     r = row("old")
-    marks = ", ".join("?" for _ in COLUMNS)
-    db.execute(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({marks})",
-               [getattr(r, c) for c in COLUMNS])  # fmt: skip
+    marks = ", ".join("?" for _ in V4_COLUMNS)
+    db.execute(f"INSERT INTO requests ({', '.join(V4_COLUMNS)}) VALUES ({marks})",
+               [getattr(r, c) for c in V4_COLUMNS])  # fmt: skip
     db.execute("PRAGMA user_version=3")
     db.commit()
     db.close()

@@ -131,7 +131,7 @@ async def test_in_process_a_stream_and_a_whole_answer_bill_alike(
         assert (a.prompt_tokens, a.completion_tokens) == (12, 6)  # the replica's counts
         assert_same_bill(a, b)
         assert_same_bill(a, c)
-        assert a.energy_source == ("measured" if energy_j else "estimated")
+        assert a.energy_source == ("measured" if energy_j else "predicted")
         assert_usage_is_the_row(whole.usage, a)
         assert_usage_is_the_row(streamed.usage, b)
         assert whole.usage["energy_source"] == streamed.usage["energy_source"] == a.energy_source  # type: ignore[index]
@@ -227,7 +227,7 @@ async def test_proxied_a_stream_and_a_whole_answer_bill_alike(
             expected = (9, len(PIECES))
         assert (a.prompt_tokens, a.completion_tokens) == expected
         assert_same_bill(a, b)
-        assert a.energy_source == "estimated"  # never measured here: billed as predicted
+        assert a.energy_source == "predicted"  # never measured here: billed as predicted
         for asked, row in ((whole, a), (streamed, b)):
             assert_usage_is_the_row(asked.usage, row)
             assert asked.usage["energy_source"] == "predicted"  # type: ignore[index]
@@ -311,7 +311,7 @@ async def test_in_process_a_cut_stream_is_billed_once_for_what_it_was_sent(
         assert b"Strawberries" in first and b"raspberries" not in first
         (row,) = await until_rows(kit, 1)
         await asyncio.sleep(0.1)  # nothing else comes: no second bill of the same request
-        assert row.request_id == "cmpl-cut" and row.energy_source == "estimated"
+        assert row.request_id == "cmpl-cut" and row.energy_source == "predicted"
         assert row.completion_tokens == 1  # the one chunk it was sent
         assert kit.replicas["eu-north-0"].closed == ["cmpl-cut"]  # generation stopped
         kit.assert_billed_once([row])
@@ -331,7 +331,7 @@ async def test_proxied_a_cut_stream_is_billed_once_for_what_it_was_sent(
             await asyncio.sleep(0.01)
         await px.deadline()
         (row,) = px.kit.rows()
-        assert row.request_id == "cmpl-cut" and row.energy_source == "estimated"
+        assert row.request_id == "cmpl-cut" and row.energy_source == "predicted"
         assert row.completion_tokens == 1  # the server's usage never came: one chunk sent
         assert row.prompt_tokens == len(QUESTION) // 4
         px.kit.assert_billed_once([row])
@@ -362,7 +362,7 @@ async def test_a_stream_that_ends_without_its_figures_is_billed_for_what_it_sent
         streamed = await ask(kit, chat=True, stream=True)
         assert streamed.text == "".join(PIECES)
         (row,) = await until_rows(kit, 1)
-        assert row.energy_source == "estimated"
+        assert row.energy_source == "predicted"
         assert (row.prompt_tokens, row.completion_tokens) == (len(QUESTION) // 4, len(PIECES))
         assert row.kwh_billed > 0 and row.cost_usd > 0
         assert_usage_is_the_row(streamed.usage, row)

@@ -278,3 +278,27 @@ def test_when_every_score_is_zero_carbon_and_price_still_decide() -> None:
     for _ in range(20):
         assert make_policy("greenest").rank(c, Preference()).replica == "eu-north-0"
         assert make_policy("price_carbon").rank(c, Preference()).replica == "eu-north-0"
+
+
+def test_the_carbon_agnostic_baseline_is_power_of_two_expected_over_its_draws() -> None:
+    """Power of two choices draws two allowed replicas and takes the less loaded: the replica
+    of load rank r (0 the least) among n is taken in n - 1 - r of the n(n-1)/2 pairs."""
+    from router.policy import carbon_agnostic_baseline
+
+    c = cands(load=np.array([0.5, 0.1, 0.9]), billed_kwh_of=lambda: np.array([1e-4, 2e-4, 1e-4]))
+    allowed = np.ones(3, bool)
+    name, g = carbon_agnostic_baseline(c, allowed, chosen=0)
+    assert name == "eu-central-0"  # the least loaded: its likeliest pick
+    # per kWh of IT energy on the chosen replica: eu-central uses twice the energy there
+    want = 2 / 3 * 2.0 * 1.25 * 350.0 + 1 / 3 * 1.0 * 1.1 * 40.0 + 0.0
+    assert g == pytest.approx(want)
+    # ties share the pairs they win
+    tied = cands(load=np.array([0.2, 0.2, 0.9]))
+    _, g = carbon_agnostic_baseline(tied, allowed, chosen=0)
+    assert g == pytest.approx(0.5 * 1.1 * 40.0 + 0.5 * 1.25 * 350.0)
+    # only the replicas the request allows; one alone is the baseline
+    name, g = carbon_agnostic_baseline(tied, np.array([False, False, True]), chosen=2)
+    assert (name, g) == ("us-south-0", pytest.approx(1.3 * 400.0))
+    # none allowed (cannot happen after a decision): the chosen one, nothing avoided
+    name, g = carbon_agnostic_baseline(tied, np.zeros(3, bool), chosen=1)
+    assert (name, g) == ("eu-central-0", pytest.approx(1.25 * 350.0))

@@ -179,6 +179,17 @@ def test_chat_completion_carries_energy_carbon_and_cost(server: dict[str, Any]) 
         and row.tenant == "demo"
         and row.completion_tokens == r.usage.completion_tokens
     )
+    # its receipt, from the replica's own attribution of its meter
+    status, _, receipt = api(server, "GET", f"/v1/receipts/{r.id}")
+    assert status == 200 and receipt["tenant"] == "demo"
+    energy = receipt["energy"]
+    assert (energy["meter"], energy["method"], energy["source"]) == ("cpu", "work-share/1",
+                                                                      "estimated")  # fmt: skip
+    assert 0 < energy["prefill_j"] < energy["it_j"] and energy["replica_seconds_held"] > 0
+    assert receipt["times"]["first_token_at"] and receipt["carbon"]["embodied_g"] > 0
+    assert (
+        receipt["decision"]["policy"] == "price_carbon" and receipt["avoided"]["baseline_replica"]
+    )
 
 
 def test_streaming_ends_with_usage(server: dict[str, Any]) -> None:
@@ -291,6 +302,23 @@ def test_metering_actor_restart_loses_nothing(server: dict[str, Any]) -> None:
     assert billed(server, before.id) is not None and billed(server, after.id) is not None
     ids = [r.request_id for r in Ledger(server["ledger"]).tenant_rows("demo")]
     assert len(ids) == len(set(ids))
+
+
+def test_the_ledger_verifies_with_the_heads_the_metering_actor_signed(
+    server: dict[str, Any],
+) -> None:
+    from router.receipts import verify_ledger
+
+    client(server).chat.completions.create(**ask())
+    _, _, head = api(server, "GET", "/v1/receipts/head")
+    assert head["tenant"] == "demo" and head["tenant_seq"] >= 1
+    assert head["signed"] is not None  # the first write after start signs every head
+    key = Path(str(server["ledger"]) + ".key")  # the default signing key, made at start
+    assert key.stat().st_mode & 0o077 == 0
+    from router.receipts import Signer
+
+    report = verify_ledger(Ledger(server["ledger"]), [Signer.load(key).public_key])
+    assert report.ok, report.problems
 
 
 def test_health_and_metrics(server: dict[str, Any]) -> None:
@@ -459,6 +487,11 @@ def test_a_proxied_replica_bills_its_measured_energy(server: dict[str, Any]) -> 
     assert row.energy_source == "estimated"  # this replica's meter is the CPU-time model
     assert row.kwh_billed != extra["energy_kwh"]  # the measurement, not the prediction
     assert row.completion_tokens == 1 and row.region == "proxy-pl"
+    # rebilled with the receipt the ingress made: the meter's attribution, the same baseline
+    assert (row.meter, row.method, row.zone) == ("cpu", "work-share/1", "PL")
+    assert row.baseline_replica and row.avoided_g == pytest.approx(
+        row.baseline_carbon_g - row.carbon_g
+    )
 
     chunks = list(
         client(server).chat.completions.create(
@@ -501,7 +534,7 @@ def test_a_stream_cut_by_its_client_is_billed_for_what_was_generated(
     first = next(iter(stream))
     stream.close()
     row = billed(server, first.id)
-    assert row.energy_source == "estimated" and row.tenant == "demo"
+    assert row.energy_source == "predicted" and row.tenant == "demo"
     assert 1 <= row.completion_tokens < 1000 and row.kwh_billed > 0
 
 
@@ -594,5 +627,5 @@ def test_live_a_stream_whose_upstream_dies_is_billed_and_ends_with_an_error(
         fault(server, None)
     assert got and got[0].choices[0].delta.content == "t0 "
     row = billed(server, got[0].id, timeout_s=40)
-    assert row.energy_source == "estimated" and 1 <= row.completion_tokens <= 2
+    assert row.energy_source == "predicted" and 1 <= row.completion_tokens <= 2
     assert row.prompt_tokens == len("Name one fruit.") // 4  # no usage came: the estimate

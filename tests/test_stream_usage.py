@@ -246,7 +246,7 @@ async def test_a_stream_cut_mid_way_is_billed_the_estimate(tmp_path: Path) -> No
     sent, row, _ = await proxied_stream(tmp_path, WORDS[:2], cut=True)
     assert text_of(sent) == "Paris is" and sent[-1]["error"]["code"] == "replica_failed"
     assert (row.prompt_tokens, row.completion_tokens) == (ESTIMATED_PROMPT, 2)
-    assert row.energy_source == "estimated"
+    assert row.energy_source == "predicted"
 
 
 async def test_a_usage_that_is_no_object_is_ignored_in_a_whole_answer_too() -> None:
@@ -266,8 +266,6 @@ async def test_a_usage_that_is_no_object_is_ignored_in_a_whole_answer_too() -> N
 
 
 # ---- the fake OpenAI-compatible server of the live tests does what real ones do ----------------
-
-
 
 
 async def fault(url: str, mode: str | None) -> None:

@@ -24,6 +24,7 @@ from starlette.datastructures import Headers
 from carbonrouter.errors import CarbonRouterError
 from router.errors import BodyTooLarge, RequestError
 from router.http.completions import answer_completion
+from router.http.dashboard import router as dashboard_routes
 from router.http.errors import JSONResponse, error_response
 from router.http.wire import (
     MAX_BODY_BYTES,
@@ -130,6 +131,20 @@ def make_api() -> FastAPI:
         query = UsageQuery(utc_param(start, "start"), utc_param(end, "end"), limit, after)
         return JSONResponse(await service_of(request).usage(caller, tenant, query))
 
+    @api.get("/v1/receipts/head")
+    async def receipt_head(
+        request: Request, caller: Auth, tenant: str | None = None
+    ) -> JSONResponse:
+        """The caller's receipt chain head now and the latest signed one (keep these: they
+        show later that no receipt before them changed)."""
+        return JSONResponse(await service_of(request).receipt_head(caller, tenant))
+
+    @api.get("/v1/receipts/{request_id}")
+    async def receipt(request: Request, request_id: str, caller: Auth) -> JSONResponse:
+        """A billed request's receipt: every figure and where it came from, and its place in
+        the tenant's hash chain."""
+        return JSONResponse(await service_of(request).receipt(caller, request_id))
+
     @api.get("/v1/jobs/{job_id}")
     async def get_job(request: Request, job_id: str, caller: Auth) -> JSONResponse:
         return JSONResponse(service_of(request).deferral.get(caller, job_id).public())
@@ -230,6 +245,7 @@ def make_api() -> FastAPI:
         exposition = service_of(request).metrics.exposition()
         return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
+    api.include_router(dashboard_routes)  # GET /dashboard and /v1/dashboard/*
     return api
 
 

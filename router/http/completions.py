@@ -11,20 +11,53 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from router.http.errors import JSONResponse, error_parts
+from router.http.errors import JSONResponse, error_parts, error_status
 from router.http.wire import SSE_DONE, EventStream, completion_body, parse_body, sse_event
 from router.service.app import RouterService
 from router.service.completions import Settled, StreamFailed
 from router.service.ports import Chunk, ParsedRequest
+from router.service.tracing import RequestSpan
 
 
 async def answer_completion(
     svc: RouterService, raw: bytes, headers: Mapping[str, str], *, chat: bool
 ) -> Response:
-    """One completion request, from its body to its answer (202 when it is deferred)."""
+    """One completion request, from its body to its answer (202 when it is deferred). Its span
+    (when tracing is on) ends here, or with its stream; a refused request is counted by its
+    status."""
+    span = svc.tracing.request(headers, chat=chat)  # None: tracing is off
+    try:
+        response = await _answer(svc, raw, headers, chat, span)
+    except Exception as e:
+        status, code = error_status(e)
+        svc.metrics.refused(status)
+        if span is not None:
+            span.failed(e, status, code)
+            span.end()
+        raise
+    except BaseException:  # cancelled: the client went away (its bill is on its way)
+        if span is not None:
+            span.hung_up()
+            span.end()
+        raise
+    if span is not None and not isinstance(response, EventStream):
+        span.end()  # a stream's span ends with the stream
+    return response
+
+
+async def _answer(
+    svc: RouterService,
+    raw: bytes,
+    headers: Mapping[str, str],
+    chat: bool,
+    span: RequestSpan | None,
+) -> Response:
     t0 = time.perf_counter()
     caller = svc.authenticate(headers.get("authorization"))
-    parsed = parse_body(raw, chat=chat)
+    # with the span's context, which goes upstream with the request
+    parsed = parse_body(raw, chat=chat, trace=span.context() if span is not None else None)
+    if span is not None:
+        span.parsed(parsed)
     svc.check_model(parsed.model)
     router = svc.live.router
     pref = router.preference(headers.get("x-carbon-preference"))
@@ -46,11 +79,15 @@ async def answer_completion(
             raise
         if job is not None:  # it holds its budget when it runs
             svc.settlement.release(hold)
+            if span is not None:
+                span.deferred(job.id, job.region, job.replica, job.start_at)
             location = {"Location": f"/v1/jobs/{job.id}"}
             return JSONResponse(job.public(), status_code=202, headers=location)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     started = await svc.completions.start(request_id, caller.tenant, parsed, cands, pref, hold=hold)
     st = router.states[started.index]
+    if span is not None:
+        span.routed(request_id, started.index, started.decision, st, cands)
     out = {
         "X-Carbon-Region": st.region.name,
         "X-Carbon-Replica": st.replica.name,
@@ -67,15 +104,23 @@ async def answer_completion(
         items = svc.completions.relay(started, request_id, caller.tenant, parsed)
 
         async def abandoned() -> None:  # the client was gone before the response began
-            await svc.completions.abandon(started, request_id, caller.tenant, parsed)
+            try:
+                await svc.completions.abandon(started, request_id, caller.tenant, parsed)
+            finally:
+                if span is not None:
+                    span.hung_up()
+                    span.end()
 
-        return EventStream(sse_events(items, request_id, parsed, created), out, abandoned)
+        events = sse_events(items, request_id, parsed, created, span=span)
+        return EventStream(events, out, abandoned)
     done = await svc.completions.collect(started, request_id, caller.tenant, parsed)
     body = completion_body(request_id, parsed, done.text, done.finish_reason, done.usage, created)
     usage = done.usage
     out["X-Energy-kWh"] = f"{usage['energy_kwh']:.6e}"
     out["X-Carbon-g"] = f"{usage['carbon_g']:.6e}"
     svc.metrics.latency.observe(time.perf_counter() - t0)
+    if span is not None:
+        span.answered(usage, done.finish_reason)
     return JSONResponse(body, headers=out)
 
 
@@ -84,19 +129,29 @@ async def sse_events(
     request_id: str,
     parsed: ParsedRequest,
     created: int,
+    *,
+    span: RequestSpan | None = None,
 ) -> AsyncIterator[bytes]:
     """A relayed stream as server-sent events. What arrived together leaves in one write, and
     a chunk the upstream ended the stream with leaves with the usage event and ``[DONE]``.
-    Closing this closes the relay (which bills a cut stream and stops its replica)."""
+    Closing this closes the relay (which bills a cut stream and stops its replica), and ends
+    the request's ``span``: a stream closed before its end was cut by its client."""
     obj = "chat.completion.chunk" if parsed.chat else "text_completion"
     held = b""  # the last chunk, sent with the end (which follows it without waiting)
+    ended = False
     try:
         async for item in items:
             if isinstance(item, StreamFailed):  # the replica failed after the first byte
                 _, body, _ = error_parts(item.error)
+                ended = True
+                if span is not None:  # answered 200 already: the code, not a status
+                    span.failed(item.error, code=error_status(item.error)[1])
                 yield held + b"data: " + orjson.dumps(body) + b"\n\n"
                 return
             if isinstance(item, Settled):
+                ended = True
+                if span is not None:
+                    span.answered(item.usage, span.finish)
                 end = SSE_DONE
                 if parsed.include_usage:
                     usage = sse_event(
@@ -107,6 +162,8 @@ async def sse_events(
                 return
             out = [held]
             for text, finish in item.pieces:
+                if finish is not None and span is not None:
+                    span.finish = finish
                 choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
                 if parsed.chat:
                     choice["delta"] = {"content": text}
@@ -118,4 +175,10 @@ async def sse_events(
                 yield held
                 held = b""
     finally:
-        await items.aclose()  # type: ignore[attr-defined]
+        try:
+            await items.aclose()  # type: ignore[attr-defined]
+        finally:
+            if span is not None:
+                if not ended:
+                    span.hung_up()
+                span.end()

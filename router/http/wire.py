@@ -11,15 +11,22 @@ from starlette.responses import Response
 
 from regions.backends import CompletionRequest
 from router.errors import BodyTooLarge, RequestError
-from router.service.ports import ParsedRequest
+from router.service.ports import ParsedRequest, TraceContext
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_CEILING = 1024
 
 
 def parse_body(
-    raw: bytes, *, chat: bool, max_tokens_ceiling: int = MAX_TOKENS_CEILING
+    raw: bytes,
+    *,
+    chat: bool,
+    max_tokens_ceiling: int = MAX_TOKENS_CEILING,
+    trace: TraceContext | None = None,
 ) -> ParsedRequest:
+    """A request body, validated (:class:`RequestError` names the field); ``trace``: the
+    request's span's W3C ``(traceparent, tracestate)``, to send upstream with it."""
+    traceparent, tracestate = trace if trace is not None else (None, None)
     if len(raw) > MAX_BODY_BYTES:
         raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
     try:
@@ -83,6 +90,8 @@ def parse_body(
             top_p=top_p,
             stop=stop,
             seed=seed,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
     else:
         prompt = field_("prompt", str, required=True)
@@ -93,6 +102,8 @@ def parse_body(
             top_p=top_p,
             stop=stop,
             seed=seed,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
     return ParsedRequest(model, stream, bool(opts.get("include_usage", True)), req, chat)
 
@@ -119,8 +130,8 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
 class OpenAIWire:
     """The :class:`router.service.ports.Wire` of OpenAI's API."""
 
-    def parse(self, raw: bytes, *, chat: bool) -> ParsedRequest:
-        return parse_body(raw, chat=chat)
+    def parse(self, raw: bytes, *, chat: bool, trace: TraceContext | None = None) -> ParsedRequest:
+        return parse_body(raw, chat=chat, trace=trace)
 
     def body(
         self, request_id: str, parsed: ParsedRequest, text: str, finish_reason: str,

@@ -42,6 +42,8 @@ class _Request:
     end_s: float | None = None
     pending_tokens: int = 0  # decode tokens since the last reading
     energy_j: float = 0.0
+    prefill_j: float = 0.0  # of energy_j, the share that paid for its prompt
+    held_s: float = 0.0  # the replica's busy time, in the share its energy had
     open_intervals: int = 0  # intervals it is active in that are not yet settled
 
 
@@ -64,6 +66,9 @@ class Attributed:
     end_s: float
     prefill_tokens: int
     decode_tokens: int
+    prefill_j: float = 0.0  # of energy_j, its prompt's share: prefill work over its work
+    held_s: float = 0.0  # seconds of the replica's busy time it held, in its energy's share
+    first_token_s: float | None = None
 
 
 @dataclass
@@ -146,14 +151,11 @@ class ReplicaAttributor:
 
     def _split(self, iv: _Interval) -> None:
         work: dict[str, float] = {}
+        prefill: dict[str, float] = {}  # of each one's work, the prompt's
         for r in iv.active:
-            work[r.id] = float(
-                request_work(
-                    iv.decode.get(r.id, 0),
-                    r.prefill_tokens * _prefill_share(r, iv.a_s, iv.b_s) if r.prefill_tokens else 0,
-                    self.prefill_weight,
-                )
-            )
+            prompt = r.prefill_tokens * _prefill_share(r, iv.a_s, iv.b_s) if r.prefill_tokens else 0
+            work[r.id] = float(request_work(iv.decode.get(r.id, 0), prompt, self.prefill_weight))
+            prefill[r.id] = float(self.prefill_weight * prompt)
         total_work = sum(work.values())
         covered = _covered_fraction([(r.start_s, r.end_s) for r in iv.active], iv.a_s, iv.b_s)
         if total_work > 0 and covered == 0.0:
@@ -169,9 +171,13 @@ class ReplicaAttributor:
                 t = {r.id: _overlap(r.start_s, r.end_s, iv.a_s, iv.b_s) for r in iv.active}
                 tt = sum(t.values()) or 1.0
                 shares = {k: (v / tt if sum(t.values()) else 1.0 / len(t)) for k, v in t.items()}
+            busy_s = (iv.b_s - iv.a_s) * covered
             for r in iv.active:
                 share = busy * shares[r.id]
                 r.energy_j += share
+                r.held_s += busy_s * shares[r.id]
+                if work[r.id] > 0:
+                    r.prefill_j += share * prefill[r.id] / work[r.id]
                 self.attributed_j += share
         for r in iv.active:
             r.open_intervals -= 1
@@ -192,6 +198,9 @@ class ReplicaAttributor:
                         end_s=r.end_s,
                         prefill_tokens=r.prefill_tokens,
                         decode_tokens=self._decoded.pop(r.id),
+                        prefill_j=min(r.prefill_j, r.energy_j),
+                        held_s=r.held_s,
+                        first_token_s=r.first_token_s,
                     )
                 )
                 del self._requests[r.id]

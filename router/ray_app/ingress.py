@@ -63,6 +63,24 @@ class ActorLedger:
         rows: list[tuple[int, int, float]] = await self.actor.refit_rows.remote(replica)
         return rows
 
+    async def receipt(self, tenant: str | None, request_id: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await self.actor.receipt.remote(tenant, request_id)
+        return found
+
+    async def receipt_head(self, tenant: str) -> dict[str, Any]:
+        head: dict[str, Any] = await self.actor.receipt_head.remote(tenant)
+        return head
+
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self.actor.hourly.remote(start, end, tenant)
+        return rows
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self.actor.top_tenants.remote(start, end, limit)
+        return rows
+
     async def bill(self, request_id: str) -> LedgerRow | None:
         row: LedgerRow | None = await self.actor.bill.remote(request_id)
         return row
@@ -86,9 +104,11 @@ class Ingress:
         cfg = load_config(config_path)
         base = Path(config_path).parent
         ledger = str((base / cfg.ledger) if not Path(cfg.ledger).is_absolute() else cfg.ledger)
+        key = cfg.audit.signing_key
+        key_path = None if key is None else str(key if Path(key).is_absolute() else base / key)
         self.metering = MeteringActor.options(  # type: ignore[attr-defined]
             name=METERING_ACTOR, get_if_exists=True, lifetime="detached", namespace=NAMESPACE
-        ).remote(ledger)
+        ).remote(ledger, key_path, cfg.audit.sign_every_s)
         # billed rows reach the ledger off the response path, spooled so a crash loses none
         self.outbox = Outbox(self._record, spool_dir=Path(ledger).with_suffix(".spool"))
         reps = [r for region in cfg.regions for r in region.replicas]

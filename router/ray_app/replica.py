@@ -32,6 +32,7 @@ from regions.backends import (
 from regions.config import Billing, Replica
 from regions.meters import open_meter
 from regions.openai_backend import OpenAIBackend
+from router.accounting import ATTRIBUTION_METHOD
 from router.billing import Tariff, rebill, tariff_for
 from router.errors import LoadUnavailable, ReplicaFailed, UpstreamRefused
 from router.ledger import LedgerRow
@@ -86,6 +87,7 @@ class RegionReplica:
             rep.meter, gpu_indices=rep.gpu_indices, watts_per_core=rep.cpu_watts_per_core
         )
         self.meter = meter
+        self.meter_name = rep.meter
         self.proxied = rep.backend.kind != "llama_cpp"
         self.metered: MeteredReplica | None = None
         if not self.proxied:
@@ -131,10 +133,15 @@ class RegionReplica:
                 log.warning("replica %s: no bill for %s", self.name, att.request_id)
                 continue
             billing = template.pop("billing")
+            rates = template.pop("rates", None)
             tariff = self._tariffs.get(billing)
             if tariff is None:
                 tariff = self._tariffs[billing] = tariff_for(Billing.model_validate_json(billing))
-            row = rebill(LedgerRow(**template), att.energy_j, source, tariff)
+            row = rebill(
+                LedgerRow(**template), att.energy_j, source, tariff,
+                prefill_j=att.prefill_j, held_s=att.held_s, meter=self.meter_name,
+                method=ATTRIBUTION_METHOD, rates=rates,
+            )  # fmt: skip
             self.outbox.add(row.__dict__)
 
     async def meter_events(self, batch: TimelineBatch) -> list[str]:
@@ -169,18 +176,23 @@ class RegionReplica:
             raise BackendError(f"replica {self.name}: its server is called by the ingress")
         prompt_tokens = await self.metered.backend.prompt_tokens(request)
         started = datetime.now(UTC)
-        completion = 0
+        completion, first_at = 0, None
         async for chunk in self.metered.run(request_id, request):
+            if chunk.n_tokens and first_at is None:
+                first_at = datetime.now(UTC)
             completion += chunk.n_tokens
             yield Chunk(((chunk.text, chunk.finish_reason),))
         ended = datetime.now(UTC)
-        energy_j: float | None
         try:
             att = await self.metered.energy(request_id, timeout_s=5.0)
-            energy_j, source = att.energy_j, str(self.meter.energy_source)
-        except TimeoutError:
-            energy_j, source = None, "predicted"  # the ingress bills the prediction
-        yield Final(prompt_tokens, completion, started, ended, energy_j, source)
+        except TimeoutError:  # the ingress bills the prediction
+            yield Final(prompt_tokens, completion, started, ended, None, "predicted",
+                        first_token_at=first_at)  # fmt: skip
+            return
+        yield Final(
+            prompt_tokens, completion, started, ended, att.energy_j,
+            str(self.meter.energy_source), att.prefill_j, att.held_s, first_at,
+        )  # fmt: skip
 
     async def complete(self, request_id: str, request: CompletionRequest) -> Answer:
         """The whole completion in one answer (one actor round trip instead of one per chunk)."""

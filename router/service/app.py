@@ -9,22 +9,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from opentelemetry.trace import TracerProvider
 
 from forecasting.energy import EnergyPredictor
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, ConfigError, load_config
-from router.errors import Conflict, ModelNotFound, PermissionDenied, RequestError
+from router.billing import PriceError
+from router.errors import Conflict, ModelNotFound, NotFound, PermissionDenied, RequestError
 from router.jobs import JobStore
 from router.ledger import LedgerError
+from router.service import telemetry
 from router.service.batches import Batches
 from router.service.completions import Completions
+from router.service.dashboard import Dashboard
 from router.service.deferral import Deferral
 from router.service.fleet import FleetScaler, Targets
 from router.service.live import Live
 from router.service.load import LoadPoller
-from router.service.metrics import Metrics
+from router.service.metrics import Metrics, RegionFigures
 from router.service.ports import (
     BillSink,
     LedgerReader,
@@ -36,6 +42,7 @@ from router.service.ports import (
 from router.service.proxied import ProxiedMetering, SendTimelines
 from router.service.settlement import Settlement
 from router.service.tenants import Caller
+from router.service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ class RouterService:
         fleet_targets: Targets | None = None,
         clock: Callable[[], float] = time.monotonic,
         loads: Sequence[LoadSource | None] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._sources = sources
@@ -86,20 +94,50 @@ class RouterService:
         self.ledger = ledger
         self.jobs = jobs
         self.proxied = proxied
-        self.metrics = Metrics()
+        # tracer_provider: where request spans go; by default the config's telemetry block
+        # asks for one, and without it tracing is off (read at start: a reload keeps it)
+        self._exporting: telemetry.SheddingProcessor | None = None
+        if tracer_provider is None and config.telemetry is not None:
+            tracer_provider, self._exporting = telemetry.tracer_provider(config.telemetry)
+        self.tracing = Tracing(tracer_provider)
+        self.metrics = Metrics(self.region_figures, self._spans_dropped)
         current = self.current
         # fleet_targets: where the counts go (the Ray adapter scales its deployments by them);
         # clock: the fleet scaler's (tests advance it)
         self.fleet = FleetScaler(current, self.metrics, targets=fleet_targets, clock=clock)
-        self.settlement = Settlement(current, replicas, sink, ledger, proxied, self.metrics)
-        self.completions = Completions(
-            current, replicas, self.settlement, arrived=self.fleet.arrived
+        self.settlement = Settlement(
+            current, replicas, sink, ledger, proxied, self.metrics, self.tracing
         )
-        self.deferral = Deferral(current, jobs, self.completions, wire)
+        self.completions = Completions(
+            current, replicas, self.settlement, arrived=self.fleet.arrived, metrics=self.metrics
+        )
+        self.deferral = Deferral(current, jobs, self.completions, wire, self.tracing)
         self.batches = Batches(current, jobs, self.deferral, wire)
+        self.dashboard = Dashboard(current, ledger, jobs, self.fleet)
 
     def current(self) -> Live:
         return self.live
+
+    def region_figures(self) -> list[RegionFigures]:
+        """Each region's intensity and price as the router knows them now (for /metrics): the
+        carbon view's last value, never a fetch; ``None`` for what it does not know."""
+        router = self.live.router
+        now = datetime.now(UTC)
+        figures: dict[str, RegionFigures] = {}
+        for st in router.states:
+            if st.region.name in figures:
+                continue
+            reading = router.carbon.last(st.region)
+            try:
+                price: float | None = st.prices.at(now)
+            except PriceError:
+                price = None
+            g = reading.g_per_kwh if reading is not None else None
+            figures[st.region.name] = RegionFigures(st.region.name, g, price)
+        return list(figures.values())
+
+    def _spans_dropped(self) -> int:
+        return self._exporting.dropped if self._exporting is not None else 0
 
     # -- small endpoints -----------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Caller:
@@ -125,6 +163,22 @@ class RouterService:
             "has_more": page["has_more"],
             "last_id": data[-1]["request_id"] if data else None,
         }
+
+    async def receipt(self, caller: Caller, request_id: str) -> dict[str, Any]:
+        """The receipt of one of the caller's requests (the admin: anyone's), once its bill
+        has reached the ledger; another tenant's request reads as unknown."""
+        tenant = None if caller.admin else caller.tenant
+        await self.settlement.wait_settled(tenant)
+        found = await self.ledger.receipt(tenant, request_id)
+        if found is None:
+            raise NotFound(f"no receipt for request {request_id!r}")
+        return found
+
+    async def receipt_head(self, caller: Caller, tenant: str | None) -> dict[str, Any]:
+        """The caller's chain head and latest signed head (the admin's: ``tenant``'s)."""
+        if tenant is not None and not caller.admin and tenant != caller.tenant:
+            raise PermissionDenied("a tenant key reads its own chain head only")
+        return await self.ledger.receipt_head(tenant if caller.admin and tenant else caller.tenant)
 
     def dead_letters(self, caller: Caller) -> dict[str, Any]:
         """Admin: the billed rows the ledger refused for good (set aside, not lost)."""
@@ -181,6 +235,8 @@ class RouterService:
             st_new.active_at_report = st_old.active_at_report
         live.router.lengths = old_live.router.lengths
         live.router.carbon.adopt(old_live.router.carbon)
+        if live.router.marginal is not None and old_live.router.marginal is not None:
+            live.router.marginal.adopt(old_live.router.marginal)
         self.live = live
         return {
             "reloaded": str(self.config_path),

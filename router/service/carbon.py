@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from forecasting.errors import CarbonSourceError
 from forecasting.sources.base import CarbonSource
@@ -23,6 +24,14 @@ class CarbonReading:
     stale: bool
     source: str
     age_s: float
+    at: datetime | None = None  # the period the value is for (UTC), when the source says
+    forecast: bool = False  # a forecast of the period, not a measurement of it
+
+    @property
+    def kind(self) -> str:
+        """What a receipt calls it: ``forecast`` (the source had no measurement), ``stale``
+        (the last measurement, kept while its source is down) or ``actual``."""
+        return "forecast" if self.forecast else "stale" if self.stale else "actual"
 
 
 class CarbonView:
@@ -100,6 +109,21 @@ class CarbonView:
 
         return done
 
+    def last(self, region: Region) -> CarbonReading | None:
+        """The region's last value as requests would use it now (marked stale once its
+        refresh is due), without fetching; ``None`` when there is none or it is too old."""
+        cached = self._values.get(region.name)
+        if cached is None:
+            return None
+        now = self._clock()
+        fetched_at, reading = cached
+        if now - fetched_at < self.ttl_s and region.name not in self._failed:
+            return reading
+        age_s = reading.age_s + now - fetched_at
+        if age_s > self.max_stale_s:
+            return None
+        return CarbonReading(reading.g_per_kwh, reading.signal, True, reading.source, age_s)
+
     def adopt(self, old: CarbonView) -> None:
         """Keep what ``old`` (the view before a reload) knew of each region whose zone is the
         same: its last value and its failure on record, so the reload waits for no API."""
@@ -137,8 +161,9 @@ class CarbonView:
                     self._failed[region.name] = (now, why)
                     raise why from e
                 reading = CarbonReading(
-                    float(fc.g_per_kwh.iloc[0]), fc.signal, True, f"{src.name} forecast", 0.0
-                )
+                    float(fc.g_per_kwh.iloc[0]), fc.signal, True, f"{src.name} forecast", 0.0,
+                    fc.g_per_kwh.index[0].to_pydatetime(), forecast=True,
+                )  # fmt: skip
                 self._values[region.name] = (now, reading)
                 return reading
             why = CarbonUnavailable(
@@ -150,7 +175,7 @@ class CarbonView:
                         self.max_stale_s)  # fmt: skip
             return self._stale_or(region, now, why)
         reading = CarbonReading(latest.g_per_kwh, latest.signal, latest.stale, src.name,
-                                latest.age_s)  # fmt: skip
+                                latest.age_s, latest.time)  # fmt: skip
         self._values[region.name] = (self._clock(), reading)
         self._failed.pop(region.name, None)
         return reading
@@ -164,4 +189,5 @@ class CarbonView:
         age_s = old.age_s + now - fetched_at
         if age_s > self.max_stale_s:
             raise why
-        return CarbonReading(old.g_per_kwh, old.signal, True, old.source, age_s)
+        return CarbonReading(old.g_per_kwh, old.signal, True, old.source, age_s, old.at,
+                             old.forecast)  # fmt: skip

@@ -13,15 +13,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from router.accounting import Routed
 from router.errors import ReplicaFailed
 from router.ledger import LedgerRow
 from router.policy import Candidates, Decision
 from router.preference import Preference
 from router.service.live import Live
+from router.service.metrics import Metrics
 from router.service.ports import (
     Answer,
     Chunk,
@@ -57,6 +59,8 @@ class Started:
     answer: Answer | None = None
     first: StreamItem | None = None
     stream: AsyncIterator[StreamItem] | None = None
+    routed: Routed | None = None  # for its receipt
+    first_at: datetime | None = None  # when its first output reached the ingress
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,13 @@ class Completions:
         settlement: Settlement,
         *,
         arrived: Callable[[str, tuple[str, ...]], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._live = live
         self.replicas = replicas
         self.settlement = settlement
         self._arrived = arrived  # told of each request started, for the fleet's load
+        self._metrics = metrics  # counts the decisions
         self._settling: set[asyncio.Task[Any]] = set()  # bills no caller awaits any more
 
     async def admit(self, caller: Caller, parsed: ParsedRequest) -> Admitted:
@@ -149,20 +155,23 @@ class Completions:
         # only: a planned job's replica first, then others its preference allows
         while True:
             decision = router.decide(cands, pref, tried)
-            i = decision.index
+            i, binding = decision.index, decision.binding
             if (
                 only is not None
                 and only not in tried
                 and router.states[only].usable(time.monotonic())
             ):
-                i = only
+                i, binding = only, "planned"
             replica, st = self.replicas[i], router.states[i]
+            if self._metrics is not None:
+                self._metrics.decided(st.region.name, decision.policy, binding)
             st.active += 1  # in flight from now: seen by capacity and queue estimates
             began = datetime.now(UTC)
             try:
                 if not parsed.stream:
                     answer = await replica.complete(request_id, parsed.completion)
-                    return Started(i, decision, hold, answer=answer)
+                    routed = Routed.of(decision, router.baseline(cands, pref, i), binding)
+                    return Started(i, decision, hold, answer=answer, routed=routed)
                 stream = replica.stream(request_id, parsed.completion)
                 first: StreamItem | None = await anext(stream, None)
             except ReplicaFailed as e:
@@ -174,12 +183,16 @@ class Completions:
             except asyncio.CancelledError:  # the client went away while the replica worked
                 st.active -= 1
                 if bill_if_cut:
-                    self._bill_cut(request_id, tenant, i, parsed, began, None, hold)
+                    routed = Routed.of(decision, router.baseline(cands, pref, i), binding)
+                    self._bill_cut(request_id, tenant, i, parsed, began, None, hold, routed)
                 raise
             except BaseException:
                 st.active -= 1
                 raise
-            return Started(i, decision, hold, first=first, stream=stream)
+            routed = Routed.of(decision, router.baseline(cands, pref, i), binding)
+            first_at = datetime.now(UTC) if isinstance(first, Chunk) else None
+            return Started(i, decision, hold, first=first, stream=stream, routed=routed,
+                           first_at=first_at)  # fmt: skip
 
     def _bill_cut(
         self,
@@ -190,6 +203,8 @@ class Completions:
         began: datetime,
         produced: int | None,
         hold: Hold | None,
+        routed: Routed | None = None,
+        first_at: datetime | None = None,
     ) -> None:
         """Bill a request cut before its end, by prediction (``estimated``): its prompt, and
         the output it was sent (``produced``) or, not streamed, what its replica's rate makes
@@ -199,30 +214,32 @@ class Completions:
             per_s = self._live().router.states[index].replica.tokens_per_s
             elapsed_s = (now - began).total_seconds()
             produced = min(parsed.completion.max_tokens, int(elapsed_s * per_s))
-        cut = Final(parsed.prompt_estimate(), produced, began, now)
-        self._settle_soon(request_id, tenant, index, cut, parsed, hold)
+        cut = Final(parsed.prompt_estimate(), produced, began, now, first_token_at=first_at)
+        self._settle_soon(request_id, tenant, index, cut, parsed, hold, routed)
 
     async def _settle(
         self, request_id: str, tenant: str, index: int, final: Final | None,
-        parsed: ParsedRequest, hold: Hold | None,
+        parsed: ParsedRequest, hold: Hold | None, routed: Routed | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Settle here; if the caller is cancelled meanwhile, again on a task of its own, so
         the bill is not lost. Settling has no effect before its one await (the carbon
         reading), and its hold is released once whoever gets there first: a second settle of
         the same request bills it once (the ledger is idempotent by request id)."""
         try:
-            return await self.settlement.settle(request_id, tenant, index, final, parsed, hold)
+            return await self.settlement.settle(
+                request_id, tenant, index, final, parsed, hold, routed
+            )
         except asyncio.CancelledError:
-            self._settle_soon(request_id, tenant, index, final, parsed, hold)
+            self._settle_soon(request_id, tenant, index, final, parsed, hold, routed)
             raise
 
     def _settle_soon(
         self, request_id: str, tenant: str, index: int, final: Final | None,
-        parsed: ParsedRequest, hold: Hold | None,
+        parsed: ParsedRequest, hold: Hold | None, routed: Routed | None = None,
     ) -> asyncio.Task[dict[str, Any]]:  # fmt: skip
         """Settle on a task of its own: a cancelled caller cannot lose the bill."""
         task = asyncio.get_running_loop().create_task(
-            self.settlement.settle(request_id, tenant, index, final, parsed, hold)
+            self.settlement.settle(request_id, tenant, index, final, parsed, hold, routed)
         )
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -266,7 +283,11 @@ class Completions:
             return Collected("".join(text), finish or "stop", usage_of(billed))
         if final is None:  # the stream ended without its figures: bill what it produced
             final = unfinished(parsed, began, sum(1 for t in text if t))
-        usage = await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
+        if final.first_token_at is None and started.first_at is not None:
+            final = replace(final, first_token_at=started.first_at)
+        usage = await self._settle(
+            request_id, tenant, started.index, final, parsed, started.hold, started.routed
+        )
         return Collected("".join(text), finish or "stop", usage)
 
     async def abandon(
@@ -277,7 +298,8 @@ class Completions:
         self._live().router.states[started.index].active -= 1
         began = datetime.now(UTC)
         produced = 1 if isinstance(started.first, Chunk) else 0  # its first output was made
-        self._bill_cut(request_id, tenant, started.index, parsed, began, produced, started.hold)
+        self._bill_cut(request_id, tenant, started.index, parsed, began, produced, started.hold,
+                       started.routed, started.first_at)  # fmt: skip
         aclose = getattr(started.stream, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -304,11 +326,13 @@ class Completions:
         except ReplicaFailed as e:  # after the first byte: no failover; bill what was sent
             log.warning("replica %s failed mid-stream: %s", self.replicas[started.index].name, e)
             self._live().router.failed(started.index)
-            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold,
+                           started.routed, started.first_at)  # fmt: skip
             yield StreamFailed(e)
             return
         except (asyncio.CancelledError, GeneratorExit):
-            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold)
+            self._bill_cut(request_id, tenant, started.index, parsed, begun, produced, started.hold,
+                           started.routed, started.first_at)  # fmt: skip
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:  # stop the upstream: the replica stops generating
                 await aclose()
@@ -317,8 +341,12 @@ class Completions:
             st.active -= 1
         if final is None:  # the stream ended without its figures: bill what was sent
             final = unfinished(parsed, begun, produced)
+        if final.first_token_at is None and started.first_at is not None:
+            final = replace(final, first_token_at=started.first_at)
         yield Settled(
-            await self._settle(request_id, tenant, started.index, final, parsed, started.hold)
+            await self._settle(
+                request_id, tenant, started.index, final, parsed, started.hold, started.routed
+            )
         )
 
 

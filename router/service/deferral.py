@@ -22,6 +22,7 @@ from router.service.completions import Completions
 from router.service.live import Live
 from router.service.ports import ParsedRequest, Wire
 from router.service.tenants import Caller
+from router.service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,18 @@ LEDGER_RETRY_S = 10.0  # a job that cannot learn whether it was billed waits thi
 
 class Deferral:
     def __init__(
-        self, live: Callable[[], Live], jobs: JobStore, completions: Completions, wire: Wire
+        self,
+        live: Callable[[], Live],
+        jobs: JobStore,
+        completions: Completions,
+        wire: Wire,
+        tracing: Tracing | None = None,
     ) -> None:
         self._live = live
         self.jobs = jobs
         self.completions = completions
         self.wire = wire
+        self.tracing = tracing or Tracing()  # each job's run is a span of its own
         self._running: set[asyncio.Task[None]] = set()
         self._claims: dict[str, str] = {}  # running job id -> its claim, renewed by the loop
         self._renewed_s = time.monotonic()
@@ -193,9 +200,13 @@ class Deferral:
         nothing (the job runs again); one whose answer cannot be stored after its bill leaves
         the job to run again."""
         claim = job.claim
+        span = self.tracing.job(job.id, chat=job.chat)  # None: tracing is off
         try:
             router = self._live().router
-            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat)
+            trace = span.context() if span is not None else None
+            parsed = self.wire.parse(json.dumps(job.body).encode(), chat=job.chat, trace=trace)
+            if span is not None:
+                span.parsed(parsed)
             expected = router.lengths.expected(
                 job.tenant, parsed.model, parsed.completion.max_tokens
             )
@@ -213,9 +224,15 @@ class Deferral:
             started = await self.completions.start(
                 job.id, job.tenant, parsed, cands, pref, only=index, hold=hold, bill_if_cut=False
             )
+            if span is not None:
+                st = router.states[started.index]
+                span.routed(job.id, started.index, started.decision, st, cands,
+                            planned=started.index == index)  # fmt: skip
             done = await self.completions.collect(
                 started, job.id, job.tenant, parsed, billed=billed
             )
+            if span is not None:
+                span.answered(done.usage, done.finish_reason)
             body = self.wire.body(
                 job.id, parsed, done.text, done.finish_reason, done.usage, int(time.time())
             )
@@ -229,10 +246,17 @@ class Deferral:
             if not stored:
                 log.warning("job %s: another runner claimed it; its answer is not stored", job.id)
         except AtCapacity as e:  # shed: it waits its turn, as a client told Retry-After would
+            if span is not None:
+                span.failed(e)
             self._later(job, e.retry_after_s, str(e))
         except asyncio.CancelledError:  # this ingress is stopping: the job runs again later
             self.jobs.retry_at(job.id, datetime.now(UTC), claim)
             raise
         except Exception as e:  # the job records why; the loop goes on
             log.exception("job %s failed", job.id)
+            if span is not None:
+                span.failed(e)
             self.jobs.finish(job.id, result=None, error=str(e), claim=claim)
+        finally:
+            if span is not None:
+                span.end()

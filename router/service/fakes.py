@@ -23,6 +23,7 @@ from forecasting.sources.base import CarbonSource, Forecast, Intensity
 from regions.backends import CompletionRequest
 from router.errors import LoadUnavailable, ReplicaFailed, UpstreamRefused
 from router.ledger import Ledger, LedgerRow
+from router.receipts import head_view
 from router.service.ports import (
     Answer,
     Chunk,
@@ -30,6 +31,7 @@ from router.service.ports import (
     LoadReport,
     StreamItem,
     UsageQuery,
+    receipt_answer,
     usage_answer,
 )
 
@@ -201,6 +203,20 @@ class LedgerSink:
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         return self.ledger.measured_rows(replica)
+
+    async def receipt(self, tenant: str | None, request_id: str) -> dict[str, Any] | None:
+        return receipt_answer(self.ledger, tenant, request_id)
+
+    async def receipt_head(self, tenant: str) -> dict[str, Any]:
+        return head_view(self.ledger, tenant)
+
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self.ledger.hourly(start, end, tenant)
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        return self.ledger.top_tenants(start, end, limit)
 
     async def bill(self, request_id: str) -> LedgerRow | None:
         return self.ledger.get(request_id)

@@ -60,6 +60,11 @@ class Final:
     ended_at: datetime
     energy_j: float | None = None
     energy_source: str = "predicted"
+    # from the meter's attribution with energy_j (router.metering.attribution.Attributed):
+    # the prompt's share of it, and the replica seconds the request held
+    prefill_j: float | None = None
+    held_s: float | None = None
+    first_token_at: datetime | None = None  # when the replica saw its first output token
 
 
 StreamItem = Chunk | Final
@@ -122,6 +127,14 @@ class UsageQuery:
     after: str | None = None
 
 
+def receipt_answer(ledger: Ledger, tenant: str | None, request_id: str) -> dict[str, Any] | None:
+    """A :class:`router.ledger.Ledger`'s receipt as :meth:`LedgerReader.receipt` returns it."""
+    from router.receipts import receipt_view
+
+    found = ledger.receipt(request_id, tenant)
+    return None if found is None else receipt_view(found)
+
+
 def usage_answer(ledger: Ledger, tenant: str | None, query: UsageQuery) -> dict[str, Any]:
     """A :class:`router.ledger.Ledger`'s page as :meth:`LedgerReader.usage` returns it."""
     page = ledger.usage_page(
@@ -141,6 +154,23 @@ class LedgerReader(Protocol):
 
     async def refit_rows(self, replica: str) -> list[tuple[int, int, float]]:
         """``(prompt tokens, completion tokens, measured J)`` of ``replica``'s metered rows."""
+
+    async def receipt(self, tenant: str | None, request_id: str) -> dict[str, Any] | None:
+        """The receipt of ``request_id`` (:func:`router.receipts.receipt_view`), ``tenant``'s
+        only (None: anyone's), or None."""
+
+    async def receipt_head(self, tenant: str) -> dict[str, Any]:
+        """``tenant``'s chain head and its latest signed head
+        (:func:`router.receipts.head_view`)."""
+
+    async def hourly(
+        self, start: datetime, end: datetime, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Sums per UTC hour, region and binding constraint of the rows started in the whole
+        hours ``[start, end)`` (``tenant``'s, None: everyone's): :meth:`Ledger.hourly`."""
+
+    async def top_tenants(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` tenants that used most kWh in those hours: :meth:`Ledger.top_tenants`."""
 
     async def bill(self, request_id: str) -> LedgerRow | None:
         """The ledger's row of ``request_id``, or None while it has none."""
@@ -163,9 +193,13 @@ class ParsedRequest:
         return chars // 4
 
 
+TraceContext = tuple[str, str | None]  # a span's W3C (traceparent, tracestate)
+
+
 class Wire(Protocol):
-    def parse(self, raw: bytes, *, chat: bool) -> ParsedRequest:
-        """A request body, validated; :class:`router.errors.RequestError` names the field."""
+    def parse(self, raw: bytes, *, chat: bool, trace: TraceContext | None = None) -> ParsedRequest:
+        """A request body, validated; :class:`router.errors.RequestError` names the field.
+        ``trace``: the context its replica is called with (regions.backends.CompletionRequest)."""
 
     def body(
         self, request_id: str, parsed: ParsedRequest, text: str, finish_reason: str,

@@ -85,11 +85,15 @@ class ProxiedMetering:
         """A request whose tokens were not seen one by one (a non-streamed answer)."""
         self._events[i] += timeline(request_id, start_s, end_s, prompt, completion)
 
-    def expect(self, i: int, row: dict[str, Any], billing_json: str) -> None:
+    def expect(
+        self, i: int, row: dict[str, Any], billing_json: str, rates: dict[str, float] | None = None
+    ) -> None:
         """Hand ``row`` (the predicted bill) to replica ``i`` to be priced from its measurement;
-        it is billed as it is if no measurement comes back in time."""
+        it is billed as it is if no measurement comes back in time. ``rates``: the receipt's
+        per-unit figures (:meth:`router.service.routing.Router.receipt_rates`) the measured
+        receipt is computed with."""
         self.awaiting.add(row)
-        self._bills[i][row["request_id"]] = {**row, "billing": billing_json}
+        self._bills[i][row["request_id"]] = {**row, "billing": billing_json, "rates": rates}
 
     def waiting(self, tenant: str | None) -> set[str]:
         """The answered requests (``tenant``'s) whose measured bill has not come yet."""

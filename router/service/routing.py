@@ -25,10 +25,17 @@ from forecasting.replica_model import (
 )
 from forecasting.sources.base import CarbonSource
 from regions.config import Config, Region, Replica
+from router.accounting import (
+    ATTRIBUTION_METHOD,
+    PREDICTION_METHOD,
+    Routed,
+    embodied_rate,
+    prefill_share_j,
+)
 from router.billing import PriceError, PriceSchedule, bill_line, tariff_for
 from router.errors import CarbonUnavailable
-from router.ledger import LedgerRow
-from router.policy import Candidates, Decision, Policy, make_policy
+from router.ledger import LedgerRow, utc_iso
+from router.policy import Candidates, Decision, Policy, carbon_agnostic_baseline, make_policy
 from router.preference import Preference, parse_preference
 from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 from router.service.carbon import CarbonView
@@ -185,6 +192,11 @@ class Router:
     _prefs: dict[str | None, Preference] = field(default_factory=dict)  # parsed headers
     _static: dict[str, Any] | None = None
     _models: frozenset[str] | None = None
+    _embodied: list[tuple[float, str]] = field(default_factory=list)  # per replica
+    # a marginal signal per region that has one (Region.marginal_source), read through its own
+    # view: regions as that source names them
+    marginal: CarbonView | None = None
+    _marginal_regions: dict[str, Region] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -210,7 +222,32 @@ class Router:
         router._book = SlotBook(
             np.array([s.replica.max_concurrency * 3600.0 for s in router.states])
         )
+        router._embodied = [embodied_rate(s.replica, config.audit.embodied) for s in router.states]
+        router._marginal_regions = {
+            r.name: r.model_copy(
+                update={"carbon_source": r.marginal_source, "zone": r.marginal_zone or r.zone}
+            )
+            for r in config.regions
+            if r.marginal_source is not None
+        }
+        if router._marginal_regions:
+            router.marginal = CarbonView(list(router._marginal_regions.values()), sources)
         return router
+
+    @property
+    def decides_on_marginal(self) -> bool:
+        return self.config.policy.decision_signal == "marginal"
+
+    async def marginal_g_per_kwh(self, region: Region) -> float | None:
+        """The region's marginal signal now, for its receipts; None without one, or when its
+        source fails (a receipt then records none: it is never made up)."""
+        found = self._marginal_regions.get(region.name)
+        if found is None or self.marginal is None:
+            return None
+        try:
+            return (await self.marginal.get(found)).g_per_kwh
+        except CarbonUnavailable:
+            return None
 
     @property
     def models(self) -> frozenset[str]:
@@ -255,13 +292,18 @@ class Router:
         actives: list[int] = []
         estimated: list[tuple[str, ...]] = []
         missing: dict[str, str] = {}  # a region without data is unavailable, not the service
+        billed = np.empty(n) if self.decides_on_marginal else intensity
         for i, st in enumerate(self.states):
             try:
-                intensity[i] = (await self.carbon.get(st.region)).g_per_kwh
+                billed[i] = (await self.carbon.get(st.region)).g_per_kwh
+                if self.decides_on_marginal:  # decided on the marginal signal, billed on both
+                    assert self.marginal is not None  # the config requires one per region
+                    marginal = self._marginal_regions[st.region.name]
+                    intensity[i] = (await self.marginal.get(marginal)).g_per_kwh
                 price[i] = st.prices.at(wall)
             except (CarbonUnavailable, PriceError) as e:
                 missing[st.region.name] = str(e)
-                intensity[i], price[i] = np.inf, np.inf
+                intensity[i], billed[i], price[i] = np.inf, np.inf, np.inf
         # loads are read after the last await, so requests admitted together each see those
         # started before them (a region's first carbon fetch holds them all up)
         seen = self.clock()
@@ -313,6 +355,7 @@ class Router:
             ),
             slowdown=slowdown,
             estimated=estimated,
+            billed_intensity_g_per_kwh=billed if self.decides_on_marginal else None,
         )
 
     def _predicted_j(self, st: ReplicaState, prompt: int, output: float, active: int) -> float:
@@ -338,6 +381,8 @@ class Router:
         hit = self._forecasts.get(key)
         if hit and self.clock() - hit[0] < 900:
             return hit[1]
+        if self.decides_on_marginal:  # the hours ahead in the signal the hour now is in
+            region = self._marginal_regions[region.name]
         fc = await self.carbon.sources[region.carbon_source].forecast(region.zone, hours)
         self._forecasts[key] = (self.clock(), fc)
         return fc
@@ -405,6 +450,25 @@ class Router:
     def failed(self, index: int) -> None:
         self.states[index].cooldown_until = self.clock() + self.cooldown_s
 
+    def baseline(self, c: Candidates, pref: Preference, chosen: int) -> tuple[str, float]:
+        """The carbon-agnostic choice for this request at this moment: power of two over the
+        replicas its preference allows that are up and have an intensity."""
+        ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.billing_intensity)
+        return carbon_agnostic_baseline(c, ok, chosen)
+
+    def receipt_rates(self, index: int, routed: Routed | None) -> dict[str, float]:
+        """The receipt's figures per unit on replica ``index``: static watts, embodied g per
+        second held, the baseline's g per kWh (for a measurement that replaces a prediction:
+        :func:`router.billing.rebill`)."""
+        st = self.states[index]
+        rates = {
+            "static_w": st.model.static_power_w if st.model is not None else 0.0,
+            "embodied_g_per_s": self._embodied[index][0],
+        }
+        if routed is not None:
+            rates["baseline_g_per_kwh"] = routed.baseline_g_per_kwh
+        return rates
+
     async def bill(
         self,
         *,
@@ -417,10 +481,32 @@ class Router:
         completion_tokens: int,
         energy_j: float,
         energy_source: str,
+        first_token_at: datetime | None = None,
+        prefill_j: float | None = None,
+        held_s: float | None = None,
+        routed: Routed | None = None,
     ) -> LedgerRow:
+        """The request's ledger row: its energy priced at its replica's price, PUE and
+        intensity now, with its receipt's figures. ``prefill_j`` and ``held_s`` come from the
+        meter's attribution; without them (a predicted figure) they are estimated by the same
+        work-share rule and the replica model."""
         st = self.states[index]
         carbon = await self.carbon.get(st.region)
-        return bill_line(
+        marginal = await self.marginal_g_per_kwh(st.region) if self.marginal else None
+        metered = energy_source != "predicted"  # attributed from the replica's meter
+        if prefill_j is None or not math.isfinite(prefill_j):
+            prefill_j = prefill_share_j(energy_j, prompt_tokens, completion_tokens)
+        if held_s is not None and not (math.isfinite(held_s) and held_s >= 0):
+            held_s = None  # a meter's nonsense: estimated like a prediction's
+        if held_s is None:  # its share of the replica's time, in its energy's share
+            if st.model is not None:
+                batch = min(max(1, st.active), st.model.max_batch)  # queued ones wait: not drawing
+                held_s = energy_j / max(st.model.power_w(batch), 1e-9)
+            else:
+                held_s = (ended_at - started_at).total_seconds() / max(1, st.active + 1)
+        static_w = st.model.static_power_w if st.model is not None else 0.0
+        rate_g_per_s, basis = self._embodied[index]
+        row = bill_line(
             request_id=request_id,
             tenant=tenant,
             region=st.region.name,
@@ -438,4 +524,30 @@ class Router:
             carbon_stale=carbon.stale,
             price_usd_per_kwh=st.prices.at(started_at),
             tariff=tariff_for(self.config.billing),
+            receipt={
+                "zone": st.region.zone,
+                "first_token_at": None if first_token_at is None else utc_iso(first_token_at),
+                "prefill_j": min(max(prefill_j, 0.0), energy_j),
+                "static_j": min(static_w * held_s, energy_j),
+                "held_s": max(held_s, 0.0),
+                "meter": st.replica.meter if metered else "energy-predictor",
+                "method": ATTRIBUTION_METHOD if metered else PREDICTION_METHOD,
+                "intensity_at": "" if carbon.at is None else utc_iso(carbon.at),
+                "intensity_source": f"{carbon.source} ({st.region.zone})",
+                "intensity_kind": carbon.kind,
+                "marginal_g_per_kwh": marginal,
+                "embodied_g": rate_g_per_s * max(held_s, 0.0),
+                "embodied_basis": basis,
+                **(
+                    {
+                        "policy": routed.policy,
+                        "binding": routed.binding,
+                        "baseline_replica": routed.baseline_replica,
+                        "baseline_carbon_g": energy_j / 3.6e6 * routed.baseline_g_per_kwh,
+                    }
+                    if routed is not None
+                    else {}
+                ),
+            },
         )
+        return row

@@ -13,6 +13,8 @@ Three billing paths end here (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from router.accounting import Routed
 from router.errors import LedgerBehind
 from router.ledger import LedgerRow
 from router.policy import Candidates
@@ -29,6 +32,9 @@ from router.service.metrics import Metrics
 from router.service.ports import BillSink, Final, LedgerReader, ParsedRequest, ReplicaClient
 from router.service.proxied import ProxiedMetering
 from router.service.tenants import Hold, period_start
+from router.service.tracing import Tracing
+
+log = logging.getLogger(__name__)
 
 REMEMBERED_BILLS = 10_000  # request ids billed lately, whose second bill is not charged again
 
@@ -42,6 +48,8 @@ def usage_fields(row: LedgerRow) -> dict[str, Any]:
         "region": row.region,
         "replica": row.replica,
         "energy_source": row.energy_source,
+        "carbon_avoided_g": row.avoided_g,
+        "embodied_carbon_g": row.embodied_g,
     }
 
 
@@ -54,6 +62,7 @@ class Settlement:
         ledger: LedgerReader,
         proxied: ProxiedMetering | None,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._live = live
         self.replicas = replicas
@@ -61,6 +70,7 @@ class Settlement:
         self.ledger = ledger
         self.proxied = proxied
         self.metrics = metrics
+        self.tracing = tracing  # the bill's figures go on its request's span
         self._billed: OrderedDict[str, dict[str, Any]] = OrderedDict()  # request id -> usage
 
     async def reserve(self, tenant: str, cands: Candidates) -> Hold | None:
@@ -98,7 +108,7 @@ class Settlement:
         kwh = float(billed[i] * cands.pue[i])
         return (
             kwh,
-            kwh * float(cands.intensity_g_per_kwh[i]),
+            kwh * float(cands.billing_intensity[i]),
             kwh * float(cands.price_usd_per_kwh[i]),
         )
 
@@ -110,6 +120,7 @@ class Settlement:
         final: Final | None,
         parsed: ParsedRequest,
         hold: Hold | None = None,
+        routed: Routed | None = None,
     ) -> dict[str, Any]:
         """Bill what the request used, release what it held of its budget, and return its
         ``usage``: token counts and the bill. A request id settled again (among the last
@@ -121,11 +132,16 @@ class Settlement:
         if final is None:  # the replica ended without its figures
             final = Final(0, 0, now, now)
         energy_j, source = final.energy_j, final.energy_source
+        prefill_j, held_s = final.prefill_j, final.held_s
+        if energy_j is not None and not (math.isfinite(energy_j) and energy_j >= 0):
+            log.warning("replica %s metered %r J for %s: billed by prediction instead",
+                        st.replica.name, energy_j, request_id)  # fmt: skip
+            energy_j = None  # a meter's nonsense never stops a bill, nor is billed
         if energy_j is None:  # not metered in time: bill the prediction, say so
             energy_j = router.predictor.predict_j(
                 st.profile, final.prompt_tokens, final.completion_tokens
             )
-            source = "estimated"
+            source, prefill_j, held_s = "predicted", None, None
         try:
             row = await router.bill(
                 request_id=request_id,
@@ -137,6 +153,10 @@ class Settlement:
                 completion_tokens=final.completion_tokens,
                 energy_j=energy_j,
                 energy_source=source,
+                first_token_at=final.first_token_at,
+                prefill_j=prefill_j,
+                held_s=held_s,
+                routed=routed,
             )
         finally:  # billed or not, the request holds nothing any more
             live.budgets.release(hold)
@@ -148,12 +168,15 @@ class Settlement:
         extra = usage_fields(row)
         if self.replicas[index].bills_remotely and self.proxied is not None:
             extra["energy_source"] = "predicted"  # the replica bills the measurement
-            self.proxied.expect(index, row.__dict__, live.billing_json)
+            rates = router.receipt_rates(index, routed)
+            self.proxied.expect(index, row.__dict__, live.billing_json, rates)
         else:
             self.sink.add(row.__dict__)  # in the ledger within milliseconds; see Outbox
         live.budgets.add(row, now)
         router.lengths.observe(tenant, parsed.model, final.completion_tokens)
         self.metrics.billed(row)
+        if self.tracing is not None:
+            self.tracing.billed(row)
         prompt, completion = final.prompt_tokens, final.completion_tokens
         usage = {
             "prompt_tokens": prompt,
