@@ -132,7 +132,11 @@ class LedgerRow:
                 "the sum of its figures",  # each finite, their sum past float: absurd too
             )
             raise LedgerError(f"request {self.request_id}: {bad} is not a finite number")
-        if min(getattr(self, n) for n in NON_NEGATIVE) < 0:
+        if (
+            self.energy_j < 0 or self.kwh_billed < 0 or self.carbon_g < 0 or self.cost_usd < 0
+            or self.prefill_j < 0 or self.static_j < 0 or self.held_s < 0
+            or self.embodied_g < 0 or self.baseline_carbon_g < 0
+        ):  # fmt: skip
             bad = next(n for n in NON_NEGATIVE if getattr(self, n) < 0)
             raise LedgerError(f"request {self.request_id}: negative energy, carbon or cost ({bad})")
         if self.prefill_j > self.energy_j or self.static_j > self.energy_j:
@@ -148,16 +152,19 @@ class LedgerRow:
                 ts = datetime.fromisoformat(value)
             except ValueError as e:
                 raise LedgerError(f"request {self.request_id}: {name} {value!r}: {e}") from e
-            if ts.utcoffset() is None or ts.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
+            if ts.utcoffset() != _ZERO:
                 raise LedgerError(f"request {self.request_id}: {name} must be UTC, got {value}")
             # stored in utc_iso's one form: periods are compared as strings and the daily sums
             # take the day from the first 10 characters ('Z', a space for 'T', no microseconds
-            # or the basic format would be summed in one period and listed in another)
-            canonical = ts.isoformat(timespec="microseconds")
-            if canonical != value:
-                object.__setattr__(self, name, canonical)
+            # or the basic format would be summed in one period and listed in another); the
+            # form utc_iso writes is recognized without formatting it again
+            if not (
+                len(value) == 32 and value[10] == "T" and value[19] == "." and value[26:] == "+00:00"
+            ):
+                object.__setattr__(self, name, ts.isoformat(timespec="microseconds"))
 
 
+_ZERO = timedelta(0)
 COLUMNS = [f.name for f in fields(LedgerRow)]
 # a row's hashed fields are its columns and its place in the chain (router.chain)
 assert tuple(COLUMNS) == HASHED_NAMES[:-2], "router.chain.HASHED and LedgerRow differ"
