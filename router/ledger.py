@@ -159,7 +159,10 @@ class LedgerRow:
             # or the basic format would be summed in one period and listed in another); the
             # form utc_iso writes is recognized without formatting it again
             if not (
-                len(value) == 32 and value[10] == "T" and value[19] == "." and value[26:] == "+00:00"
+                len(value) == 32
+                and value[10] == "T"
+                and value[19] == "."
+                and value[26:] == "+00:00"
             ):
                 object.__setattr__(self, name, ts.isoformat(timespec="microseconds"))
 
