@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import sqlite3
+from collections.abc import Iterable
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -248,16 +249,7 @@ def test_history_rewritten_with_fresh_hashes_fails_on_the_signed_head(
     the head signed before the edit no longer matches."""
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
-    rows = [ledger.receipt(f"a{k}") for k in range(6)]
-    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE tenant = 'acme'")
-    with closing(sqlite3.connect(bad.path)) as db:
-        prev = GENESIS
-        for r in rows:
-            assert r is not None
-            if r["request_id"] == "a2":
-                r["cost_usd"] = 0.0
-            prev = _write_receipt(db, r, prev)
-        db.commit()
+    bad = rewrite_acme(tmp_path, ledger)
     report = verify_ledger(bad, [signer.public_key])
     assert not report.ok
     assert any("history rewritten" in p for p in report.problems), report.problems
@@ -384,10 +376,10 @@ def test_not_an_export_is_a_clear_error(tmp_path: Path) -> None:
         verify_export(io.BytesIO(b""))
 
 
-def test_a_v4_ledger_is_chained_when_migrated(tmp_path: Path, signer: Signer) -> None:
+def v4_ledger(path: Path, rows: Iterable[LedgerRow]) -> Path:
+    """A schema-v4 ledger (before receipts) holding ``rows``' v4 columns."""
     from router.ledger import COLUMNS, MIGRATIONS
 
-    path = tmp_path / "v4.sqlite"
     v4 = COLUMNS[: COLUMNS.index("zone")]
     with closing(sqlite3.connect(path)) as db:
         for v in range(4):
@@ -396,15 +388,34 @@ def test_a_v4_ledger_is_chained_when_migrated(tmp_path: Path, signer: Signer) ->
                 assert isinstance(stmt, str)
                 if stmt.strip():
                     db.execute(stmt)
-        for k, tenant in enumerate(["acme", "bolt", "acme"]):
-            r = receipt_row(f"old{k}", tenant, k)
-            db.execute(
-                f"INSERT INTO requests ({', '.join(v4)}) VALUES ({', '.join('?' * len(v4))})",
-                [getattr(r, c) for c in v4],
-            )
+        db.executemany(
+            f"INSERT INTO requests ({', '.join(v4)}) VALUES ({', '.join('?' * len(v4))})",
+            ([getattr(r, c) for c in v4] for r in rows),
+        )
         db.execute("PRAGMA user_version=4")
         db.commit()
-    ledger = Ledger(path)
+    return path
+
+
+def rewrite_acme(tmp_path: Path, ledger: Ledger) -> Ledger:
+    """A copy of ``ledger`` with acme's chain rebuilt, a2 free, every hash recomputed (no
+    secret needed)."""
+    rows = [ledger.receipt(f"a{k}") for k in range(6)]
+    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE tenant = 'acme'")
+    with closing(sqlite3.connect(bad.path)) as db:
+        prev = GENESIS
+        for r in rows:
+            assert r is not None
+            if r["request_id"] == "a2":
+                r["cost_usd"] = 0.0
+            prev = _write_receipt(db, r, prev)
+        db.commit()
+    return bad
+
+
+def test_a_v4_ledger_is_chained_when_migrated(tmp_path: Path, signer: Signer) -> None:
+    old = [receipt_row(f"old{k}", t, k) for k, t in enumerate(["acme", "bolt", "acme"])]
+    ledger = Ledger(v4_ledger(tmp_path / "v4.sqlite", old))
     ledger.write([receipt_row("new", "acme", 9)])
     assert ledger.heads() == {"acme": (3, ledger.receipt("new")["row_hash"]),  # type: ignore[index]
                               "bolt": (1, ledger.receipt("old1")["row_hash"])}  # type: ignore[index]  # fmt: skip

@@ -18,10 +18,18 @@ from typing import Any
 import orjson
 import pytest
 
-from router.chain import GENESIS, HASHED_NAMES
+from router.chain import HASHED_NAMES
 from router.ledger import Ledger, LedgerRow
 from router.receipts import Signer, export, head_view, sign_heads, verify_export, verify_ledger
-from tests.test_receipts import T0, _tampered, _write_receipt, filled, receipt_row
+from tests.test_receipts import (
+    T0,
+    _tampered,
+    _write_receipt,
+    filled,
+    receipt_row,
+    rewrite_acme,
+    v4_ledger,
+)
 
 
 @pytest.fixture
@@ -105,21 +113,6 @@ def test_review_usage_sums_edited_verify_passes(tmp_path: Path, signer: Signer) 
 # ---- 2. signed heads do not pin history against anyone who can write the ledger ---------------
 
 
-def _rewrite_acme(tmp_path: Path, ledger: Ledger) -> Ledger:
-    """acme's chain rebuilt with a2 free, every hash recomputed (no secret needed)."""
-    rows = [ledger.receipt(f"a{k}") for k in range(6)]
-    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE tenant = 'acme'")
-    with closing(sqlite3.connect(bad.path)) as db:
-        prev = GENESIS
-        for r in rows:
-            assert r is not None
-            if r["request_id"] == "a2":
-                r["cost_usd"] = 0.0
-            prev = _write_receipt(db, r, prev)
-        db.commit()
-    return bad
-
-
 def test_review_history_rewritten_and_its_signatures_deleted_is_resigned_and_verifies(
     tmp_path: Path, signer: Signer
 ) -> None:
@@ -130,7 +123,7 @@ def test_review_history_rewritten_and_its_signatures_deleted_is_resigned_and_ver
     that record finds the rewrite."""
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
-    bad = _rewrite_acme(tmp_path, ledger)
+    bad = rewrite_acme(tmp_path, ledger)
     assert not verify_ledger(bad, [signer.public_key]).ok  # caught while the signature is there
     bad.close()
     with pytest.raises(sqlite3.IntegrityError, match="kept as signed"):
@@ -153,7 +146,7 @@ def test_review_verify_ledger_without_a_key_accepts_a_forgers_signatures_silentl
     ledger pass, with no note that the keys were not checked (an export says so)."""
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
-    bad = _rewrite_acme(tmp_path, ledger)
+    bad = rewrite_acme(tmp_path, ledger)
     bad.close()
     _sql(bad.path, "DROP TRIGGER chain_signatures_kept_delete", "DELETE FROM chain_signatures")
     bad = Ledger(bad.path)
@@ -321,22 +314,7 @@ def test_review_rebill_of_a_zero_energy_prediction_loses_the_baseline(tmp_path: 
 def test_review_a_migrated_stale_row_is_labelled_actual(tmp_path: Path) -> None:
     """v4 rows billed on a stale intensity (carbon_stale = 1) get intensity_kind 'actual' from
     the v5 default on migration: the receipt asserts a fresh measurement nobody knows of."""
-    from router.ledger import COLUMNS, MIGRATIONS
-
-    path = tmp_path / "v4.sqlite"
-    v4 = COLUMNS[: COLUMNS.index("zone")]
-    with closing(sqlite3.connect(path)) as db:
-        for v in range(4):
-            step = MIGRATIONS[v]
-            for stmt in step.split(";") if isinstance(step, str) else step:
-                assert isinstance(stmt, str)
-                if stmt.strip():
-                    db.execute(stmt)
-        r = receipt_row("old", "acme", 0, carbon_stale=True)
-        db.execute(f"INSERT INTO requests ({', '.join(v4)}) VALUES ({', '.join('?' * len(v4))})",
-                   [getattr(r, c) for c in v4])  # fmt: skip
-        db.execute("PRAGMA user_version=4")
-        db.commit()
+    path = v4_ledger(tmp_path / "v4.sqlite", [receipt_row("old", "acme", 0, carbon_stale=True)])
     row = Ledger(path).get("old")
     assert row is not None and row.carbon_stale
     assert row.intensity_kind != "actual", "a stale v4 intensity is labelled actual"
@@ -496,24 +474,8 @@ def test_review_v4_migration_holds_the_whole_ledger_in_memory(tmp_path: Path) ->
     10-million-row ledger needs ~10 GB to migrate."""
     import tracemalloc
 
-    from router.ledger import COLUMNS, MIGRATIONS
-
     def v4(path: Path, n: int) -> None:
-        cols = COLUMNS[: COLUMNS.index("zone")]
-        vals = [getattr(receipt_row("x", "acme", 0), c) for c in cols]
-        with closing(sqlite3.connect(path)) as db:
-            for v in range(4):
-                step = MIGRATIONS[v]
-                for stmt in step.split(";") if isinstance(step, str) else step:
-                    assert isinstance(stmt, str)
-                    if stmt.strip():
-                        db.execute(stmt)
-            db.executemany(
-                f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                ([f"r{k}", f"t{k % 5}", *vals[2:]] for k in range(n)),
-            )
-            db.execute("PRAGMA user_version=4")
-            db.commit()
+        v4_ledger(path, (receipt_row(f"r{k}", f"t{k % 5}", 0) for k in range(n)))
 
     peaks = []
     for n in (1000, 8000):

@@ -13,16 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 
 from carbonrouter.errors import CarbonRouterError
 from router.errors import BodyTooLarge, RequestError
+from router.http.auth import Auth, service_of
 from router.http.completions import answer_completion
 from router.http.dashboard import router as dashboard_routes
 from router.http.errors import JSONResponse, error_response
@@ -30,24 +31,11 @@ from router.http.wire import (
     MAX_BODY_BYTES,
     read_capped,
 )
-from router.service.app import RouterService
 from router.service.batches import MAX_FILE_BYTES
 from router.service.ports import UsageQuery
-from router.service.tenants import Caller
 
 log = logging.getLogger(__name__)
 
-
-def service_of(request: Request) -> RouterService:
-    svc: RouterService = request.app.state.service
-    return svc
-
-
-async def authenticated(request: Request) -> Caller:
-    return service_of(request).authenticate(request.headers.get("authorization"))
-
-
-Auth = Annotated[Caller, Depends(authenticated)]
 
 
 class CompletionHandler(Protocol):

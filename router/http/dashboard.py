@@ -29,14 +29,12 @@ import base64
 import hashlib
 import re
 from importlib import resources
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from router.http.auth import Auth, service_of
 from router.http.errors import JSONResponse
-from router.service.app import RouterService
-from router.service.tenants import Caller
 
 PAGE = resources.files("router.http").joinpath("dashboard.html").read_bytes()
 
@@ -64,16 +62,7 @@ PAGE_HEADERS = {
 NO_STORE = {"Cache-Control": "no-store"}  # a tenant's figures stay out of shared caches
 
 
-def _service(request: Request) -> RouterService:
-    svc: RouterService = request.app.state.service
-    return svc
-
-
-async def _caller(request: Request) -> Caller:
-    return _service(request).authenticate(request.headers.get("authorization"))
-
-
-Viewer = Annotated[Caller, Depends(_caller)]
+Viewer = Auth
 
 router = APIRouter()
 
@@ -88,7 +77,7 @@ async def dashboard_regions(request: Request, caller: Viewer) -> JSONResponse:
     """Per region: carbon intensity now (``carbon``: ``ok``, ``stale``, ``pending`` or
     ``unavailable``) and its forecast for the next 24 hours, price now (USD/kWh), the fleet's
     replica counts and the load in flight against the replicas' capacity."""
-    return JSONResponse(await _service(request).dashboard.regions(caller), headers=NO_STORE)
+    return JSONResponse(await service_of(request).dashboard.regions(caller), headers=NO_STORE)
 
 
 @router.get("/v1/dashboard/hourly")
@@ -99,7 +88,7 @@ async def dashboard_hourly(
     requests, kWh, g CO2e, g CO2e avoided, embodied g and USD per hour (``by_hour``), per region
     (``by_region``), per binding constraint (``by_binding``), per all three (``data``) and in
     all (``totals``). ``tenant``: the admin's filter; a tenant key reads its own figures only."""
-    body = await _service(request).dashboard.hourly(caller, hours, tenant)
+    body = await service_of(request).dashboard.hourly(caller, hours, tenant)
     return JSONResponse(body, headers=NO_STORE)
 
 
@@ -109,7 +98,7 @@ async def dashboard_tenants(
 ) -> JSONResponse:
     """The admin: the ``limit`` (1-100, default 10) tenants that used most kWh in the last
     ``hours`` (1-168, default 24) hours; a tenant key: its own line only."""
-    body = await _service(request).dashboard.tenants(caller, hours, limit)
+    body = await service_of(request).dashboard.tenants(caller, hours, limit)
     return JSONResponse(body, headers=NO_STORE)
 
 
@@ -120,4 +109,4 @@ async def dashboard_jobs(
     """Deferred jobs waiting or running (a tenant key: its own): counts per status and region
     (``overdue``: past their start time, not yet claimed) and the next ``limit`` (1-100,
     default 10) to run, without their bodies or answers."""
-    return JSONResponse(_service(request).dashboard.jobs(caller, limit), headers=NO_STORE)
+    return JSONResponse(service_of(request).dashboard.jobs(caller, limit), headers=NO_STORE)
