@@ -35,6 +35,7 @@ class MeteringActor:
         # receipts: each tenant's chain head is signed at least every sign_every_s
         self.signer = Signer.load(signing_key or ledger_path + ".key", create=True)
         self.sign_every_s = sign_every_s
+        self._signing: asyncio.Task[int] | None = None
         last = self.ledger.last_signed_at()
         self._signed_at = (
             datetime.fromisoformat(last).timestamp() if last else 0.0
@@ -62,8 +63,10 @@ class MeteringActor:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(written)
-        if time.time() - self._signed_at >= self.sign_every_s:
-            await self.sign()
+        if time.time() - self._signed_at >= self.sign_every_s and (
+            self._signing is None or self._signing.done()
+        ):  # beside the writes: a first signing checks whole chains and must hold up no bill
+            self._signing = asyncio.get_running_loop().create_task(self.sign())
 
     async def sign(self) -> int:
         """Sign every tenant's chain head not yet signed; returns how many."""
