@@ -465,6 +465,7 @@ async def test_with_tracing_off_nothing_is_traced_or_sent_upstream(tmp_path: Pat
 # ---- a collector that is down ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out an export's 5 s timeout, twice
 async def test_a_collector_that_never_answers_holds_up_no_request(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
