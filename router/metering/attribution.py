@@ -12,6 +12,31 @@ The live replica calls :meth:`ReplicaAttributor.start`, ``token``, ``end`` and `
 things happen (readings at every start and end and periodically); an interval is settled once
 every request active in it knows where its prefill ended, so a request's energy is final shortly
 after its end. :func:`attribute` runs the same code over recorded timelines.
+
+Equal times. A bill depends on the timestamps only, never on which of two things stamped with
+one time arrived first, so the live path and the replay agree
+(``tests/test_attribution_live_replay.py`` checks 1,000 random timelines):
+
+- Readings with one timestamp are one reading: the energy read between them belongs to the
+  interval that starts at that time (so it is charged to the requests running after it, as a
+  meter with a finer clock would have charged it, and never to a request already final); read
+  at the latest time, it is measured with the next reading.
+- An interval (a, b] holds the lifetime of a request by its measure (overlap in seconds), so a
+  start or an end exactly at a reading time puts nothing in the interval it only touches.
+- A token belongs to the interval that ends at its time, unless it is stamped with its
+  request's start: then it belongs to the interval that starts there, and so does a prompt
+  prefilled at an instant (first token at the start, or a request of zero length). What a
+  request does as it starts cannot have used energy read before it started.
+- A request with work but no length in an interval (zero length, inside it) is the interval's
+  busy time if no other request covers it: the whole interval was that work.
+- The live path takes events and readings in time order. At one instant anything may come in
+  any order but one: a token of a request that started earlier, stamped with a reading's time,
+  is fed before that reading (a replica reads the meter after the token it just stamped; fed
+  after it, it is booked as if stamped just after the reading). An event stamped before the last
+  reading is refused (:class:`AttributionError`); the proxied path reorders late events first
+  (:class:`router.metering.remote.RemoteAttribution`).
+- A request is final at the first reading at or after its end, or, with work at its own start
+  on that reading's time (a zero-length request on a reading), at the first reading after it.
 """
 
 from __future__ import annotations
@@ -90,6 +115,7 @@ class ReplicaAttributor:
             raise AttributionError(f"request {request_id} started twice")
         if prefill_tokens < 0:
             raise AttributionError(f"request {request_id}: negative prefill tokens")
+        self._in_order(request_id, "starts", t_s)
         self._requests[request_id] = _Request(request_id, t_s, prefill_tokens)
         self._decoded[request_id] = 0
 
@@ -97,6 +123,7 @@ class ReplicaAttributor:
         r = self._get(request_id)
         if r.end_s is not None:
             raise AttributionError(f"request {request_id}: token after its end")
+        self._in_order(request_id, "has a token", t_s)
         if r.first_token_s is None:
             r.first_token_s = max(t_s, r.start_s)
         r.pending_tokens += n
@@ -108,12 +135,23 @@ class ReplicaAttributor:
             raise AttributionError(f"request {request_id} ended twice")
         if t_s < r.start_s:
             raise AttributionError(f"request {request_id} ends before it starts")
+        self._in_order(request_id, "ends", t_s)
         r.end_s = t_s
         if r.first_token_s is None:  # no output: its whole life was prefill
             r.first_token_s = t_s
 
+    def _in_order(self, request_id: str, what: str, t_s: float) -> None:
+        if self._last is not None and t_s < self._last.t_s:
+            raise AttributionError(
+                f"request {request_id} {what} at {t_s}, before the last reading "
+                f"({self._last.t_s}); feed events and readings in time order"
+            )
+
     def reading(self, reading: MeterReading) -> list[Attributed]:
-        """Close the interval since the previous reading; return requests whose energy is final."""
+        """Close the interval since the previous reading; return requests whose energy is final.
+
+        A reading with the previous one's time closes nothing: its energy joins the next
+        interval (the module docstring's rule for equal times)."""
         last = self._last
         self._last = reading
         if last is None:
@@ -126,14 +164,23 @@ class ReplicaAttributor:
                 f"meter energy went back from {last.energy_j} J to {reading.energy_j} J; "
                 "meters must be monotonic (counter resets are absorbed by the meter)"
             )
+        if reading.t_s == last.t_s:
+            self._last = last  # the interval from `last` carries this energy
+            return self._drain()
         self.measured_j += energy
         a, b = last.t_s, reading.t_s
+        # a request that starts at b does its work at b in the next interval (its tokens at b
+        # stay pending); one with work at an instant in [a, b) is active though it has no length
         active = [
             r
             for r in self._requests.values()
-            if r.start_s <= b
+            if r.start_s < b
             and (r.end_s is None or r.end_s >= a)
-            and (r.pending_tokens or _overlap(r.start_s, r.end_s, a, b) > 0)
+            and (
+                r.pending_tokens
+                or _overlap(r.start_s, r.end_s, a, b) > 0
+                or (r.prefill_tokens and r.first_token_s == r.start_s and r.start_s >= a)
+            )
         ]
         decode = {r.id: r.pending_tokens for r in active if r.pending_tokens}
         for r in active:
@@ -188,7 +235,8 @@ class ReplicaAttributor:
                 r.end_s is not None
                 and r.open_intervals == 0
                 and self._last is not None
-                and (self._last.t_s >= r.end_s)
+                and self._last.t_s >= r.end_s
+                and not (self._last.t_s == r.start_s and _works_at_start(r))
             ):
                 self._done.append(
                     Attributed(
@@ -238,15 +286,18 @@ def _overlap(s: float, e: float | None, a: float, b: float) -> float:
 def _prefill_share(r: _Request, a: float, b: float) -> float:
     assert r.first_token_s is not None
     span = r.first_token_s - r.start_s
-    if span <= 0:
-        return 1.0 if a < r.first_token_s <= b or (a == b == r.first_token_s) else 0.0
+    if span <= 0:  # prefilled at its start: in the interval that starts there or holds it
+        return 1.0 if a <= r.start_s < b else 0.0
     return _overlap(r.start_s, r.first_token_s, a, b) / span
 
 
+def _works_at_start(r: _Request) -> bool:
+    """Work stamped with the request's start time not booked yet: tokens, or a whole prompt."""
+    return bool(r.pending_tokens or (r.prefill_tokens and r.first_token_s == r.start_s))
+
+
 def _covered_fraction(lifetimes: Sequence[tuple[float, float | None]], a: float, b: float) -> float:
-    """Fraction of (a, b] covered by the union of request lifetimes."""
-    if b <= a:
-        return 1.0 if lifetimes else 0.0
+    """Fraction of (a, b] covered by the union of request lifetimes (a < b)."""
     spans = sorted((max(a, s), min(b, e if e is not None else b)) for s, e in lifetimes)
     covered, cur_s, cur_e = 0.0, None, None
     for s, e in spans:
@@ -282,6 +333,7 @@ class Attribution:
     energy_j: dict[str, float]
     idle_j: float
     measured_j: float
+    attributed: dict[str, Attributed] = field(default_factory=dict)  # the receipts' split too
 
 
 def attribute(
@@ -292,7 +344,8 @@ def attribute(
 ) -> Attribution:
     """Attribute recorded readings to recorded request timelines (the live code path, replayed).
 
-    Readings must cover every request (one at or before each start, one at or after each end).
+    Readings must cover every request (one at or before each start, one at or after each end,
+    and one after a request's start when it has work at that instant).
     """
     # At equal times a reading closes the interval that ends then: tokens and ends at that time
     # belong to it (order 0, 1), starts to the next one (3); a request's own events keep their
@@ -307,11 +360,10 @@ def attribute(
     events.extend((r.t_s, 2, r) for r in readings)
     events.sort(key=lambda e: (e[0], e[1]))
     att = ReplicaAttributor(prefill_weight=prefill_weight)
-    out: dict[str, float] = {}
+    out: dict[str, Attributed] = {}
     for t, _, ev in events:
         if isinstance(ev, MeterReading):
-            for done in att.reading(ev):
-                out[done.request_id] = done.energy_j
+            out.update((done.request_id, done) for done in att.reading(ev))
             continue
         kind, tl = ev
         if kind == "start":
@@ -323,6 +375,11 @@ def attribute(
     if att.open_requests:
         raise AttributionError(
             f"no reading after the end of {', '.join(att.open_requests)}; "
-            "take a reading at or after every request's end"
+            "take a reading at or after every request's end (after it, for work at its start)"
         )
-    return Attribution(energy_j=out, idle_j=att.idle_j, measured_j=att.measured_j)
+    return Attribution(
+        energy_j={k: a.energy_j for k, a in out.items()},
+        idle_j=att.idle_j,
+        measured_j=att.measured_j,
+        attributed=out,
+    )
