@@ -1,9 +1,10 @@
 """Prices, tariffs and bill lines.
 
 - :class:`PriceSchedule` answers $/kWh for a region at a time: flat, time-of-use (local time,
-  optional weekdays) or a CSV series ``time,usd_per_kwh`` (each value holds until the next row;
-  a time past the last row by more than ``max_gap_s``, or inside such a gap, is an error, never
-  a guess).
+  optional weekdays; a period lasts until the next one starts, past midnight into the next
+  day) or a CSV series ``time,usd_per_kwh`` (each value holds until the next row, from the
+  row's own time on; a time past the last row by more than ``max_gap_s``, or inside such a
+  gap, is an error, never a guess).
 - ``Tariff`` turns a request's metered energy and tokens into dollars: :class:`EnergyTariff`
   (kWh x PUE x price x (1 + markup), at least the minimum charge), :class:`HybridTariff`
   (a token fee plus the energy charge) and :class:`TokenTariff` ($ per 1k tokens, what the
@@ -24,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import pandas as pd
 
-from regions.config import Billing, Price
+from regions.config import Billing, Price, TouPeriod
 from router.errors import RouterError
 
 if TYPE_CHECKING:
@@ -86,14 +87,22 @@ class PriceSchedule:
         local = when.astimezone(self.tz)
         hhmm = local.time()
         day = DAYS[local.weekday()]
-        applicable = [p for p in self.tou if p.days is None or day in p.days]
-        if not applicable:
+        if not self._periods(day):
             raise PriceError(f"no time-of-use period covers {day}")
-        current = applicable[-1]  # before the first start of the day: the last period goes on
-        for p in applicable:
-            if p.start <= hhmm:
-                current = p
-        return current.usd_per_kwh
+        started = [p for p in self._periods(day) if p.start <= hhmm]
+        if started:
+            return started[-1].usd_per_kwh
+        # before the day's first start, the last period of the latest day with periods goes on
+        # past midnight (Friday's 22:00 rate on Saturday at 03:00, a day's own with none before)
+        for back in range(1, 8):
+            before = self._periods(DAYS[(local.weekday() - back) % 7])
+            if before:
+                return before[-1].usd_per_kwh
+        raise AssertionError("unreachable: the day itself has periods")  # pragma: no cover
+
+    def _periods(self, day: str) -> list[TouPeriod]:
+        """The time-of-use periods of a weekday, by start."""
+        return [p for p in self.tou if p.days is None or day in p.days]
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,18 @@ def test_unknown_tenant_is_named(tmp_path: Path) -> None:
     fill(Ledger(path))
     with pytest.raises(SystemExit, match="tenant 'nobody' has no rows .*tenants: acme, other"):
         main(["usage", "--ledger", str(path), "--tenant", "nobody"])
+
+
+def test_time_of_use_before_the_day_s_first_period_is_the_previous_day_s_last() -> None:
+    # weekdays 07:00 peak, 22:00 night; weekends from 08:00 cheap. Saturday 03:00 is still
+    # Friday's night rate (it runs to Saturday's first period), not Saturday's 08:00 rate
+    p = PriceSchedule(Price(time_of_use=[
+        TouPeriod(start="07:00", usd_per_kwh=0.30, days=["mon", "tue", "wed", "thu", "fri"]),
+        TouPeriod(start="22:00", usd_per_kwh=0.10, days=["mon", "tue", "wed", "thu", "fri"]),
+        TouPeriod(start="08:00", usd_per_kwh=0.05, days=["sat", "sun"]),
+    ]))  # fmt: skip
+    assert p.at(datetime(2026, 11, 28, 3, tzinfo=UTC)) == 0.10  # Saturday 03:00: Friday's 22:00
+    assert p.at(datetime(2026, 11, 28, 9, tzinfo=UTC)) == 0.05  # Saturday 09:00
+    assert p.at(datetime(2026, 11, 30, 3, tzinfo=UTC)) == 0.05  # Monday 03:00: Sunday's 08:00
+    assert p.at(datetime(2026, 11, 30, 7, tzinfo=UTC)) == 0.30  # Monday 07:00
+    assert p.at(datetime(2026, 12, 1, 3, tzinfo=UTC)) == 0.10  # Tuesday 03:00: Monday's 22:00
