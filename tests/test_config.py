@@ -271,3 +271,36 @@ def test_invalid_telemetry_names_file_line_and_field(block: str, message: str) -
     line = len(text.splitlines())
     (problem,) = errors_of(text)
     assert problem.startswith(f"configs/x.yaml:{line} {message}")
+
+
+def test_config_messages_are_exact() -> None:
+    """An operator reads these word for word: file, line, field, and how to fix it."""
+    text = LOCAL.replace("rtt_ms: 110", "rtt_msec: 110")
+    line = text.splitlines().index("    rtt_msec: 110") + 1
+    assert errors_of(text) == [
+        f"configs/x.yaml:{line} regions[2].rtt_msec: unknown key; check the spelling "
+        "(see README 'Config reference')"
+    ]
+    text = LOCAL.replace("kind: replay", "kind: replayy")
+    line = text.splitlines().index("  replay:") + 1  # the source the message names
+    assert errors_of(text) == [
+        f"configs/x.yaml:{line} carbon_sources.replay: unknown kind 'replayy'; allowed: "
+        "'file', 'replay', 'electricitymaps', 'watttime', 'ukci'"
+    ]
+    text = LOCAL.replace(
+        "price: {flat_usd_per_kwh: 0.07}", "price: {flat_usd_per_kwh: 0.07, csv: p.csv}"
+    )
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "csv: p.csv" in t)
+    assert errors_of(text) == [
+        f"configs/x.yaml:{line} regions[0].price: give exactly one of flat_usd_per_kwh, "
+        "time_of_use or csv (got flat_usd_per_kwh, csv)"
+    ]
+    text = LOCAL.replace(
+        "4ff444b1a79536cc47732956cf5bc6256abf64bc1b8adff6843fac08bbb6be9f", "sk-local-demo"
+    )
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "[sk-local-demo]" in t)
+    assert errors_of(text) == [
+        f"configs/x.yaml:{line} tenants[0].api_key_sha256: must be sha256 hex digests (64 "
+        "lowercase hex chars), never a key in clear; make one with: "
+        'printf %s "$KEY" | router hash-key'
+    ]

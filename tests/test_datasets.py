@@ -113,3 +113,39 @@ def test_offline_says_what_to_do(isolated_cache: Path) -> None:
 def test_unknown_file(isolated_cache: Path) -> None:
     with pytest.raises(DatasetError, match="not in the dataset registry"):
         dataset_path("carbon/nowhere/XX.csv")
+
+
+def test_dataset_messages_are_exact(
+    isolated_cache: Path, server: tuple[str, dict[str, bytes]]
+) -> None:
+    """What a user reads when a data file is missing says what to run, word for word."""
+    with pytest.raises(DatasetError) as info:
+        dataset_path("carbon/nowhere/XX.csv")
+    assert str(info.value) == (
+        f"carbon/nowhere/XX.csv is not in the dataset registry and not found at "
+        f"{isolated_cache}/carbon/nowhere/XX.csv; known files: see `router datasets list`"
+    )
+    with pytest.raises(DatasetError) as info:
+        dataset_path(NAME, download=False)
+    assert str(info.value) == (
+        f"{NAME} is not cached at {isolated_cache}/{NAME}; run `router datasets fetch {NAME}`"
+    )
+    base, payloads = server
+    entry = registry()[NAME]
+    url = f"{base}/{entry.repo}/{entry.commit}/{entry.path}"
+    how = (
+        f"Copy the file to {isolated_cache}/{NAME}, or set CARBON_ROUTER_DATA to a folder that "
+        f"holds {NAME}, or CARBON_ROUTER_DATA_URL to a mirror of the pinned files (laid out "
+        "<repo>/<commit>/<path>)"
+    )
+    with pytest.raises(DatasetError) as info:
+        dataset_path(NAME, base_url=base)
+    assert str(info.value) == f"downloading {NAME} from {url} failed: HTTP 404 Not Found. {how}"
+    payloads[f"/{entry.repo}/{entry.commit}/{entry.path}"] = b"not the file"
+    with pytest.raises(DatasetError) as info:
+        dataset_path(NAME, base_url=base)
+    assert str(info.value) == (
+        f"{NAME} from {url} has sha256 {hashlib.sha256(b'not the file').hexdigest()}, expected "
+        f"{entry.sha256}; the download is corrupt or the source changed. Nothing was cached; "
+        "retry later"
+    )

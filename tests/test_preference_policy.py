@@ -302,3 +302,35 @@ def test_the_carbon_agnostic_baseline_is_power_of_two_expected_over_its_draws() 
     # none allowed (cannot happen after a decision): the chosen one, nothing avoided
     name, g = carbon_agnostic_baseline(tied, np.zeros(3, bool), chosen=1)
     assert (name, g) == ("eu-central-0", pytest.approx(1.25 * 350.0))
+
+
+ALLOWED_TEXT = (
+    "allowed keys: mode (balanced|carbon|cost), weight (0.0-1.0), max-latency-ms (> 0), "
+    'max-tpot-ms (> 0), regions (inner list of names or globs, e.g. ("eu-*")), '
+    "defer (seconds >= 0), max-carbon-g (> 0)"
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ("colour=green", "unknown key 'colour'"),
+        ("mode=green", "mode must be one of balanced, carbon, cost, got 'green'"),
+        ("mode=carbon, weight=0.2", "give mode or weight, not both"),
+        ("weight=1.5", "weight must be >= 0 and <= 1, got 1.5"),
+        ("max-latency-ms=0", "max-latency-ms must be > 0, got 0"),
+        ("max-tpot-ms=fast", "max-tpot-ms must be a number, got 'fast'"),
+        ("defer=-1", "defer must be >= 0 and <= 604800, got -1"),
+        ("defer=700000", "defer must be >= 0 and <= 604800, got 700000"),
+        ("max-carbon-g=0", "max-carbon-g must be > 0, got 0"),
+        ("regions=()", "regions must not be empty"),
+        ("regions=(1 2)", "regions must hold strings or tokens, got 1"),
+        ("weight=é", "must be ASCII (RFC 8941)"),
+    ],
+)
+def test_the_message_a_client_reads_is_exact(header: str, problem: str) -> None:
+    """The 400's message is a contract: clients and their logs read it word for word."""
+    with pytest.raises(PreferenceError) as info:
+        parse_preference(header)
+    assert str(info.value) == f"invalid X-Carbon-Preference: {problem}; {ALLOWED_TEXT}"
+    assert info.value.problem == problem
