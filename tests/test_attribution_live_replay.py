@@ -212,3 +212,20 @@ def test_an_event_stamped_before_the_last_reading_is_refused() -> None:
         r"feed events and readings in time order$",
     ):
         att.start("a", 0.5, 1)
+
+
+def test_a_token_fed_after_a_reading_with_its_time_is_booked_after_that_reading() -> None:
+    # the one order at an instant the live path cannot tell from the stamps: a's token stamped
+    # 1.0 arrives after the reading at 1.0, so it counts in (1, 2] beside b's token at 1.5
+    att = ReplicaAttributor()
+    att.reading(R(0.0, 0.0))
+    att.start("a", 0.0, 0)
+    att.start("b", 0.0, 0)
+    att.token("b", 0.5)
+    att.reading(R(1.0, 10.0))  # (0, 1]: b's token only, so b's 10 J
+    att.token("a", 1.0)
+    att.token("b", 1.5)
+    att.end("a", 2.0)
+    att.end("b", 2.0)
+    done = {x.request_id: x.energy_j for x in att.reading(R(2.0, 30.0))}
+    assert done == {"a": pytest.approx(10.0, **TOL), "b": pytest.approx(10.0 + 10.0, **TOL)}

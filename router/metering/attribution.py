@@ -35,8 +35,9 @@ one time arrived first, so the live path and the replay agree
   after it, it is booked as if stamped just after the reading). An event stamped before the last
   reading is refused (:class:`AttributionError`); the proxied path reorders late events first
   (:class:`router.metering.remote.RemoteAttribution`).
-- A request is final at the first reading at or after its end, or, with work at its own start
-  on that reading's time (a zero-length request on a reading), at the first reading after it.
+- A request is final at the first reading fed after its end and stamped at or after it, or,
+  with work at its own start on that reading's time (a zero-length request on a reading), at
+  the first reading stamped after it.
 """
 
 from __future__ import annotations
