@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,12 @@ from router.metering.attribution import (
     attribute,
 )
 
-TOL = {"rel": 1e-9, "abs": 1e-9}
+
+def close(x: float) -> Any:
+    """Equal to 1e-9, relative or absolute."""
+    return pytest.approx(x, rel=1e-9, abs=1e-9)
+
+
 GRID_S = 0.25
 
 
@@ -69,10 +75,10 @@ def live_order(case: Case, rng: random.Random) -> list[tuple[str, float, object]
     by_time: dict[float, list[tuple[str, float, object, int]]] = {}
     seq = 0
     for tl in case.timelines:
-        items = [("start", tl.start_s, tl)] + [("token", t, tl) for t in tl.token_times_s]
-        items.append(("end", tl.end_s, tl))
-        for kind, t, obj in items:
-            by_time.setdefault(t, []).append((kind, t, obj, seq))
+        items = [("start", tl.start_s)] + [("token", t) for t in tl.token_times_s]
+        items.append(("end", tl.end_s))
+        for kind, t in items:
+            by_time.setdefault(t, []).append((kind, t, tl, seq))
             seq += 1
     for r in case.readings:
         by_time.setdefault(r.t_s, []).append(("reading", r.t_s, r, seq))
@@ -127,9 +133,9 @@ def run_live(case: Case, rng: random.Random) -> tuple[dict[str, Attributed], Rep
 
 
 def assert_same(live: Attributed, replay: Attributed) -> None:
-    assert live.energy_j == pytest.approx(replay.energy_j, **TOL)
-    assert live.prefill_j == pytest.approx(replay.prefill_j, **TOL)
-    assert live.held_s == pytest.approx(replay.held_s, **TOL)
+    assert live.energy_j == close(replay.energy_j)
+    assert live.prefill_j == close(replay.prefill_j)
+    assert live.held_s == close(replay.held_s)
     assert live.first_token_s == replay.first_token_s
     assert (live.start_s, live.end_s) == (replay.start_s, replay.end_s)
     assert live.prefill_tokens == replay.prefill_tokens
@@ -146,14 +152,14 @@ def test_live_and_replay_agree_on_1000_random_timelines() -> None:
         for rid, a in live.items():
             assert_same(a, replay.attributed[rid])
             assert replay.energy_j[rid] == replay.attributed[rid].energy_j
-        assert att.idle_j == pytest.approx(replay.idle_j, **TOL), n
+        assert att.idle_j == close(replay.idle_j), n
         # energy read again at the last reading's time joins the interval after it: not yet
         last = next(r for r in case.readings if r.t_s == case.readings[-1].t_s)
         measured = last.energy_j - case.readings[0].energy_j
-        assert att.measured_j == pytest.approx(measured, **TOL), n
-        assert replay.measured_j == pytest.approx(measured, **TOL), n
+        assert att.measured_j == close(measured), n
+        assert replay.measured_j == close(measured), n
         for idle, parts in ((att.idle_j, live.values()), (replay.idle_j, live.values())):
-            assert idle + sum(a.energy_j for a in parts) == pytest.approx(measured, **TOL), n
+            assert idle + sum(a.energy_j for a in parts) == close(measured), n
 
 
 # ---- the defects the generator found, one small case each --------------------------------------
@@ -165,8 +171,8 @@ def test_energy_read_twice_at_one_time_is_charged_to_the_request_running_through
     tl = Timeline("a", 0.0, 0, (0.5, 1.5), 2.0)
     readings = [R(0, 0), R(1, 10), R(1, 14), R(2, 24)]
     out = attribute(readings, [tl])
-    assert out.energy_j == {"a": pytest.approx(24.0, **TOL)}
-    assert out.idle_j == pytest.approx(0.0, **TOL)
+    assert out.energy_j == {"a": close(24.0)}
+    assert out.idle_j == close(0.0)
     # live, with a's token at the second reading's time fed between the two readings
     att = ReplicaAttributor()
     att.reading(R(0, 0))
@@ -177,8 +183,8 @@ def test_energy_read_twice_at_one_time_is_charged_to_the_request_running_through
     att.token("a", 1.5)
     att.end("a", 2.0)
     (a,) = att.reading(R(2, 24))
-    assert a.energy_j == pytest.approx(24.0, **TOL)
-    assert att.idle_j == pytest.approx(0.0, **TOL)
+    assert a.energy_j == close(24.0)
+    assert att.idle_j == close(0.0)
 
 
 def test_a_prompt_prefilled_at_an_instant_on_a_reading_is_billed() -> None:
@@ -188,18 +194,18 @@ def test_a_prompt_prefilled_at_an_instant_on_a_reading_is_billed() -> None:
     a = Timeline("a", 1.0, 10, (1.0, 1.5), 2.0)
     b = Timeline("b", 0.0, 0, (0.5, 1.5), 2.0)
     out = attribute([R(0, 0), R(1, 10), R(2, 30)], [a, b], prefill_weight=1.0)
-    assert out.energy_j["a"] == pytest.approx(20.0 * 12 / 13, **TOL)
-    assert out.energy_j["b"] == pytest.approx(10.0 + 20.0 * 1 / 13, **TOL)
-    assert out.attributed["a"].prefill_j == pytest.approx(20.0 * 10 / 13, **TOL)
+    assert out.energy_j["a"] == close(20.0 * 12 / 13)
+    assert out.energy_j["b"] == close(10.0 + 20.0 * 1 / 13)
+    assert out.attributed["a"].prefill_j == close(20.0 * 10 / 13)
 
 
 def test_a_zero_length_request_with_a_prompt_and_no_output_is_billed_its_work() -> None:
     # a request that starts and ends at t = 0.5 with a 10-token prompt and no output did work
     # at an instant: alone in (0, 1], it is charged the interval (as one with a token would be)
     out = attribute([R(0, 0), R(1, 10)], [Timeline("z", 0.5, 10, (), 0.5)], prefill_weight=1.0)
-    assert out.energy_j == {"z": pytest.approx(10.0, **TOL)}
-    assert out.attributed["z"].prefill_j == pytest.approx(10.0, **TOL)
-    assert out.idle_j == pytest.approx(0.0, **TOL)
+    assert out.energy_j == {"z": close(10.0)}
+    assert out.attributed["z"].prefill_j == close(10.0)
+    assert out.idle_j == close(0.0)
 
 
 def test_an_event_stamped_before_the_last_reading_is_refused() -> None:
@@ -228,4 +234,4 @@ def test_a_token_fed_after_a_reading_with_its_time_is_booked_after_that_reading(
     att.end("a", 2.0)
     att.end("b", 2.0)
     done = {x.request_id: x.energy_j for x in att.reading(R(2.0, 30.0))}
-    assert done == {"a": pytest.approx(10.0, **TOL), "b": pytest.approx(10.0 + 10.0, **TOL)}
+    assert done == {"a": close(10.0), "b": close(10.0 + 10.0)}

@@ -25,6 +25,7 @@ from regions.meters import MeterReading
 from router.billing import PriceSchedule, bill_line, tariff_for
 from router.ledger import Ledger, utc_iso
 from router.metering.attribution import Timeline, attribute
+from router.receipts import receipt_view
 from router.service.settlement import usage_fields
 
 
@@ -58,7 +59,7 @@ class Golden:
     intensity_by_hour: dict[int, float]  # the grid's average intensity, g/kWh, by UTC hour
     idle_j: float
     measured_j: float
-    attributed: dict[str, dict[str, float | int | None]]  # request -> Attributed's figures
+    attributed: dict[str, dict[str, Any]]  # request -> its Attributed figures
     bills: dict[str, dict[str, float]]  # request -> the ledger row's money and carbon
     receipt: dict[str, Any] = field(default_factory=dict)  # the service's own receipt fields
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)  # request -> usage block
@@ -367,12 +368,25 @@ def test_golden_bill(case: Golden, tmp_path: Path) -> None:
         )
         for name, value in want.items():
             assert getattr(row, name) == approx(value), (rid, name)
-        assert row.energy_j == approx(case.attributed[rid]["energy_j"])  # type: ignore[arg-type]
-        assert row.prefill_j == approx(case.attributed[rid]["prefill_j"])  # type: ignore[arg-type]
-        assert row.held_s == approx(case.attributed[rid]["held_s"])  # type: ignore[arg-type]
+        assert row.energy_j == approx(case.attributed[rid]["energy_j"])
+        assert row.prefill_j == approx(case.attributed[rid]["prefill_j"])
+        assert row.held_s == approx(case.attributed[rid]["held_s"])
         assert row.tariff == case.billing.tariff
         ledger.write([row])
         assert ledger.get(rid) == row  # stored as billed, every figure exact
+        stored = ledger.receipt(rid)
+        assert stored is not None
+        receipt = receipt_view(stored)  # what GET /v1/receipts/{id} answers
+        energy = case.attributed[rid]["energy_j"]
+        prefill = case.attributed[rid]["prefill_j"]
+        assert receipt["energy"]["it_j"] == approx(energy)
+        assert receipt["energy"]["prefill_j"] == approx(prefill)
+        assert receipt["energy"]["decode_j"] == approx(energy - prefill)
+        assert receipt["energy"]["replica_seconds_held"] == approx(case.attributed[rid]["held_s"])
+        assert receipt["energy"]["billed_kwh"] == approx(want["kwh_billed"])
+        assert receipt["times"]["first_token_at"] == utc_iso(
+            case.t0 + timedelta(seconds=case.attributed[rid]["first_token_s"])
+        )
 
         usage = usage_fields(row)
         expected_usage = {
