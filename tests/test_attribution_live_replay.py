@@ -11,12 +11,14 @@ replica idles between them.
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from regions.meters import MeterReading
+from regions.backends import Backend, CompletionRequest, TokenChunk
+from regions.meters import FakeMeter, MeterReading
 from router.metering.attribution import (
     Attributed,
     AttributionError,
@@ -24,6 +26,7 @@ from router.metering.attribution import (
     Timeline,
     attribute,
 )
+from router.metering.replica import MeteredReplica
 
 
 def close(x: float) -> Any:
@@ -235,3 +238,44 @@ def test_a_token_fed_after_a_reading_with_its_time_is_booked_after_that_reading(
     att.end("b", 2.0)
     done = {x.request_id: x.energy_j for x in att.reading(R(2.0, 30.0))}
     assert done == {"a": close(10.0), "b": close(10.0 + 10.0)}
+
+
+class InstantBackend(Backend):
+    """A 4-token prompt answered with one token at once."""
+
+    model = "instant"
+
+    async def prompt_tokens(self, request: CompletionRequest) -> int:
+        return 4
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[TokenChunk]:
+        yield TokenChunk("ok", 1, "stop")
+
+
+class CoarseClock:
+    def __init__(self) -> None:
+        self.t_s = 10.0
+
+    def __call__(self) -> float:
+        return self.t_s
+
+
+async def test_a_request_inside_one_tick_of_a_coarse_clock_is_billed_when_the_clock_moves() -> None:
+    # start, token, end and the readings around them all read 10.0: its prompt and its token
+    # are work at its own start, which belongs to the interval after 10.0, so the replica
+    # keeps reading the meter until the clock moves and the request's energy is final
+    clock = CoarseClock()
+    meter = FakeMeter(100.0, clock=clock)
+    replica = MeteredReplica("r", InstantBackend(), meter, period_s=0.005, clock=clock)
+    async for _ in replica.run("a", CompletionRequest(prompt="x", max_tokens=1)):
+        pass
+    meter.add(2.0)  # used within the tick
+    clock.t_s = 10.1
+    try:
+        done = await replica.energy("a", timeout_s=2.0)
+    finally:
+        await replica.aclose()
+    # alone, work at an instant in (10.0, 10.1]: all of it, 100 W x 0.1 s + 2 J
+    assert done.energy_j == close(12.0)
+    assert done.prefill_j == close(12.0 * (0.42 * 4) / (1 + 0.42 * 4))
+    assert done.held_s == close(0.1)

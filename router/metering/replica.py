@@ -1,10 +1,11 @@
 """A backend with a power meter and an attributor: every request it runs is metered.
 
 :class:`MeteredReplica` reads the meter at each request's start and end and every
-``period_s`` while any request is active, feeds the request's timeline (start, prompt tokens,
-each output token, end) to a :class:`ReplicaAttributor`, and resolves each request's
-:class:`Attributed` energy once its intervals are settled. It keeps every reading, so a bill can
-be recomputed from raw readings. Plain asyncio: the Ray replica deployment wraps it.
+``period_s`` while any request is active or its energy is not final yet, feeds the request's
+timeline (start, prompt tokens, each output token, end) to a :class:`ReplicaAttributor`, and
+resolves each request's :class:`Attributed` energy once its intervals are settled. It keeps
+every reading, so a bill can be recomputed from raw readings. Plain asyncio: the Ray replica
+deployment wraps it.
 """
 
 from __future__ import annotations
@@ -95,12 +96,15 @@ class MeteredReplica:
                 del self._futures[rid]
 
     async def _tick(self) -> None:
+        # reads while requests run, and after, until every request's energy is final (work
+        # stamped with a reading's time at a request's start waits for a later reading: on a
+        # coarse clock, one whole request can fall within one tick)
         while True:
-            if self._active == 0:
+            if self._active == 0 and not self.attributor.open_requests:
                 self._wake.clear()
                 await self._wake.wait()
             await asyncio.sleep(self.period_s)
-            if self._active:
+            if self._active or self.attributor.open_requests:
                 self._read()
 
     def _ensure_ticker(self) -> None:
