@@ -13,20 +13,21 @@ things happen (readings at every start and end and periodically); an interval is
 every request active in it knows where its prefill ended, so a request's energy is final shortly
 after its end. :func:`attribute` runs the same code over recorded timelines.
 
-Equal times. A bill depends on the timestamps only, never on which of two things stamped with
-one time arrived first, so the live path and the replay agree
+Equal times. A bill depends on the timestamps, not on the order in which things stamped with one
+time arrive (one exception, below), so the live path and the replay agree
 (``tests/test_attribution_live_replay.py`` checks 1,000 random timelines):
 
 - Readings with one timestamp are one reading: the energy read between them belongs to the
-  interval that starts at that time (so it is charged to the requests running after it, as a
-  meter with a finer clock would have charged it, and never to a request already final); read
-  at the latest time, it is measured with the next reading.
+  interval that starts at that time: it is charged to the requests running after it, never to
+  one already final (the live path cannot reopen an interval it has split); read at the latest
+  time, it is measured with the next reading.
 - An interval (a, b] holds the lifetime of a request by its measure (overlap in seconds), so a
   start or an end exactly at a reading time puts nothing in the interval it only touches.
-- A token belongs to the interval that ends at its time, unless it is stamped with its
-  request's start: then it belongs to the interval that starts there, and so does a prompt
-  prefilled at an instant (first token at the start, or a request of zero length). What a
-  request does as it starts cannot have used energy read before it started.
+- A token belongs to the interval that ends at its time (it is the product of work done before
+  it), unless it is stamped with its request's start: then it belongs to the interval that
+  starts there, and so does a prompt prefilled at an instant (first token at the start, or a
+  request of zero length). What a request does as it starts cannot have used energy read
+  before it started.
 - A request with work but no length in an interval (zero length, inside it) is the interval's
   busy time if no other request covers it: the whole interval was that work.
 - The live path takes events and readings in time order. At one instant anything may come in
