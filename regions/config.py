@@ -588,6 +588,14 @@ class Telemetry(_Strict):
         return url if urlsplit(url).path else url + "/v1/traces"
 
 
+class _At(ValueError):
+    """A problem found across fields, reported at the line of the field it is about."""
+
+    def __init__(self, loc: tuple[int | str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 class Config(_Strict):
     carbon_sources: dict[str, CarbonSourceConfig]
     regions: list[Region] = Field(min_length=1)
@@ -610,28 +618,31 @@ class Config(_Strict):
         dup = {n for n in replicas if replicas.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate replica names: {', '.join(sorted(dup))}")
-        for r in self.regions:
+        for i, r in enumerate(self.regions):
             for field_name in ("carbon_source", "marginal_source"):
                 name = getattr(r, field_name)
                 if name is not None and name not in self.carbon_sources:
-                    raise ValueError(
+                    raise _At(
+                        ("regions", i, field_name),
                         f"region {r.name!r}: {field_name} {name!r} is not defined; "
-                        f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}"
+                        f"defined: {', '.join(sorted(self.carbon_sources)) or 'none'}",
                     )
             if self.carbon_sources[r.carbon_source].kind in MARGINAL_KINDS:
-                raise ValueError(
+                raise _At(
+                    ("regions", i, "carbon_source"),
                     f"region {r.name!r}: carbon_source {r.carbon_source!r} is a marginal "
                     "signal, and bills use location-based average intensity (GHG Protocol "
                     "Scope 2): bill on an average source (Electricity Maps, UK CI, a file) and "
-                    f"give {r.carbon_source!r} as marginal_source for decisions"
+                    f"give {r.carbon_source!r} as marginal_source for decisions",
                 )
             if r.marginal_source is not None and (
                 self.carbon_sources[r.marginal_source].kind not in MARGINAL_KINDS
             ):
-                raise ValueError(
+                raise _At(
+                    ("regions", i, "marginal_source"),
                     f"region {r.name!r}: marginal_source {r.marginal_source!r} is not a marginal "
                     f"signal (those are: {', '.join(MARGINAL_KINDS)}); bills already use "
-                    "carbon_source's average"
+                    "carbon_source's average",
                 )
         if self.policy.decision_signal == "marginal":
             lacking = [r.name for r in self.regions if r.marginal_source is None]
@@ -789,7 +800,10 @@ def parse_config(text: str, *, path: str = "<string>", env: dict[str, str] | Non
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            line, loc = _resolve(root, tuple(err["loc"]))
+            cause = (err.get("ctx") or {}).get("error")
+            line, loc = _resolve(
+                root, tuple(err["loc"]) + (cause.loc if isinstance(cause, _At) else ())
+            )
             where = f"{path}:{line}" if line is not None else path
             problems.append(f"{where} {_field(loc)}: {_describe(err)}")
         raise ConfigError(path, problems) from e

@@ -304,3 +304,15 @@ def test_config_messages_are_exact() -> None:
         "lowercase hex chars), never a key in clear; make one with: "
         'printf %s "$KEY" | router hash-key'
     ]
+
+
+def test_a_bad_reference_is_reported_at_its_own_line() -> None:
+    # it was reported at the file's first mapping line as "(top level)"
+    text = LOCAL.replace(
+        "carbon_source: replay\n    pue: 1.30", "carbon_source: wattime\n    pue: 1.30"
+    )
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "carbon_source: wattime" in t)
+    assert errors_of(text) == [
+        f"configs/x.yaml:{line} regions[2].carbon_source: region 'us-south': carbon_source "
+        "'wattime' is not defined; defined: replay"
+    ]
