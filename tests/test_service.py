@@ -577,3 +577,23 @@ async def test_a_hanging_or_failing_load_source_never_holds_up_a_request(
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+
+
+async def test_a_bad_preference_is_answered_word_for_word(tmp_path: Path) -> None:
+    # the 400 a client reads: the problem, then what is allowed, in OpenAI's error format
+    async with service_kit(tmp_path) as kit:
+        bad = {**DEMO, "X-Carbon-Preference": "mode=fast"}
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=bad)
+        assert r.status_code == 400
+        assert r.json() == {
+            "error": {
+                "message": "invalid X-Carbon-Preference: mode must be one of balanced, carbon, "
+                "cost, got 'fast'; allowed keys: mode (balanced|carbon|cost), weight (0.0-1.0), "
+                'max-latency-ms (> 0), max-tpot-ms (> 0), regions (inner list of names or globs, '
+                'e.g. ("eu-*")), defer (seconds >= 0), max-carbon-g (> 0)',
+                "type": "invalid_request_error",
+                "param": "X-Carbon-Preference",
+                "code": None,
+            }
+        }
+        assert kit.rows() == []
