@@ -197,7 +197,9 @@ class Decision:
         }
 
 
-def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) -> tuple[str, float]:
+def carbon_agnostic_baseline(
+    c: Candidates, allowed: np.ndarray | list[bool], chosen: int
+) -> tuple[str, float]:
     """What a carbon-agnostic choice would have emitted for this request: power of two
     choices over the ``allowed`` replicas (two drawn at random, the less loaded taken),
     expected over its draws, so a receipt's figure does not depend on a coin. Returns its
@@ -207,17 +209,16 @@ def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) ->
 
     Among n allowed replicas the one of load rank r (0 the least loaded) is taken in
     n - 1 - r of the n(n - 1)/2 pairs; replicas of equal load share what they win. Plain
-    Python: n is a handful and this runs on every request."""
-    billed = c.billed_kwh
-    chosen_kwh = float(billed[chosen])
-    # each replica's g CO2e for this request there, by its predicted energy (one pass)
-    emitted = (billed * c.pue * c.billing_intensity).tolist()
-    load = c.load.tolist()
-    idx = [k for k, ok in enumerate(allowed.tolist()) if ok]
+    Python over lists: n is a handful and this runs on every request."""
+    billed = c.billed_kwh.tolist()
+    pue, ci, load = c.pue.tolist(), c.billing_intensity.tolist(), c.load.tolist()
+    ok = allowed.tolist() if isinstance(allowed, np.ndarray) else allowed
+    idx = [k for k in range(len(ok)) if ok[k]]
     if not idx:
-        return c.names[chosen], float(c.pue[chosen] * c.billing_intensity[chosen])
+        return c.names[chosen], pue[chosen] * ci[chosen]
     n = len(idx)
-    idx.sort(key=load.__getitem__)
+    if n > 1:
+        idx.sort(key=load.__getitem__)
     pairs = n * (n - 1) / 2
     g, a = 0.0, 0
     while a < n:  # a run of equal loads (ranks a..b) shares the pairs its ranks win
@@ -227,11 +228,13 @@ def carbon_agnostic_baseline(c: Candidates, allowed: np.ndarray, chosen: int) ->
         m = b - a + 1
         won = m * (n - 1) - (a + b) * m / 2  # sum of n - 1 - r over r = a..b
         share = (won / pairs if pairs else 1.0) / m
-        g += share * (emitted[idx[a]] if m == 1 else sum([emitted[k] for k in idx[a : b + 1]]))
+        for k in idx[a : b + 1]:
+            g += share * billed[k] * pue[k] * ci[k]
         a = b + 1
-    if chosen_kwh > 0:
-        return c.names[idx[0]], g / chosen_kwh
-    return c.names[idx[0]], g / float(np.mean([billed[k] for k in idx]) or 1.0)
+    chosen_kwh = billed[chosen]
+    if chosen_kwh <= 0:  # no energy predicted where it ran: per kWh of the allowed ones' mean
+        chosen_kwh = sum(billed[k] for k in idx) / n or 1.0
+    return c.names[idx[0]], g / chosen_kwh
 
 
 # a request's bound -> (how a note names it, what the fallback picks)

@@ -453,7 +453,9 @@ class Router:
     def baseline(self, c: Candidates, pref: Preference, chosen: int) -> tuple[str, float]:
         """The carbon-agnostic choice for this request at this moment: power of two over the
         replicas its preference allows that are up and have an intensity."""
-        ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.billing_intensity)
+        healthy, allowed = c.healthy.tolist(), c.allowed(pref.regions).tolist()
+        ci = c.billing_intensity.tolist()
+        ok = [h and a and math.isfinite(g) for h, a, g in zip(healthy, allowed, ci, strict=True)]
         return carbon_agnostic_baseline(c, ok, chosen)
 
     def receipt_rates(self, index: int, routed: Routed | None) -> dict[str, float]:
