@@ -257,7 +257,7 @@ def print_report(r: Report) -> None:
         tag = "" if s.status == "survived" else f" [{s.status}]"
         mutant = s.name.rpartition(".")[2]
         print(f"  {r.module}:{s.line}{tag}  {s.before}  ->  {s.after}    ({mutant})")
-    for s, reason in r.equivalents:
+    for s, reason in sorted(r.equivalents, key=lambda e: (e[0].line, e[0].name)):
         print(f"  equivalent {r.module}:{s.line}  {s.before}  ->  {s.after}: {reason}")
     seen = {(r.module, s.function, s.after) for s, _ in r.equivalents}
     for key in load_equivalents():
