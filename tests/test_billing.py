@@ -20,7 +20,7 @@ from router.billing import (
 )
 from router.cli import main
 from router.invoice import ARTICLE_KWH, invoice, seed_table
-from router.ledger import Ledger
+from router.ledger import Ledger, LedgerRow
 
 U = Usage(energy_j=3.6e6, pue=1.5, price_usd_per_kwh=0.2, intensity_g_per_kwh=400.0,
           prompt_tokens=1000, completion_tokens=1000)  # fmt: skip
@@ -37,8 +37,34 @@ def test_minimum_charge_and_carbon_price() -> None:
     tiny = Usage(1.0, 1.1, 0.1, 300.0, 1, 1)
     assert EnergyTariff(Billing(min_charge_usd=0.01)).charge(tiny).cost_usd == 0.01
     c = EnergyTariff(Billing(carbon_price_usd_per_tco2e=100.0)).charge(U)
-    assert c.carbon_cost_usd == pytest.approx(600 / 1e6 * 100)
+    # money: equal to float rounding, not approx's default 1 ppm (a 1e6 + 1 g tonne passes that)
+    assert c.carbon_cost_usd == pytest.approx(600 / 1e6 * 100, rel=1e-12)
     assert c.cost_usd == pytest.approx(1.5 * 0.2 + 0.06)
+
+
+def _line(**over: object) -> LedgerRow:
+    args: dict[str, object] = dict(
+        request_id="r1", tenant="acme", region="eu-north", replica="eu-north-0", model="m",
+        started_at=datetime(2026, 11, 2, tzinfo=UTC),
+        ended_at=datetime(2026, 11, 2, 0, 0, 3, tzinfo=UTC),
+        prompt_tokens=100, completion_tokens=200, energy_j=3600.0, energy_source="measured",
+        pue=1.5, intensity_g_per_kwh=400.0, signal="average", carbon_stale=True,
+        price_usd_per_kwh=0.2, tariff=EnergyTariff(Billing()),
+    )  # fmt: skip
+    args.update(over)
+    return bill_line(**args)  # type: ignore[arg-type]
+
+
+def test_a_bill_line_carries_its_status_staleness_and_avoided_carbon() -> None:
+    plain = _line()
+    assert (plain.status, plain.carbon_stale, plain.avoided_g) == ("ok", True, 0.0)
+    assert plain.carbon_g == pytest.approx(0.6)  # 1.5 Wh x 400 g/kWh
+    assert _line(status="error").status == "error"
+    chosen = _line(receipt={"baseline_replica": "us-south-0", "baseline_carbon_g": 2.0})
+    assert chosen.baseline_carbon_g == 2.0
+    assert chosen.avoided_g == pytest.approx(2.0 - 0.6)
+    # without a baseline replica nothing was avoided, whatever the receipt says
+    assert _line(receipt={"baseline_carbon_g": 2.0}).avoided_g == 0.0
 
 
 def test_hybrid_and_token_tariffs() -> None:
