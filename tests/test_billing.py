@@ -113,6 +113,41 @@ def test_csv_price_series_and_its_gaps(tmp_path: Path) -> None:
         PriceSchedule(Price(csv=str(bad)))
 
 
+def test_a_price_series_edges(tmp_path: Path) -> None:
+    """The gap limit is inclusive, a relative path is the config's, offsets are UTC, zero is a
+    price, and each error names what to fix."""
+    (tmp_path / "p.csv").write_text(
+        "time,usd_per_kwh\n2026-11-01T01:00+01:00,0.10\n2026-11-01T02:00Z,0\n"
+        "2026-11-01T04:00:01Z,0.3\n"
+    )
+    p = PriceSchedule(Price(csv="p.csv"), base_dir=tmp_path)
+    assert p.at(datetime(2026, 11, 1, 0, 0, tzinfo=UTC)) == 0.10  # 01:00+01:00 is 00:00Z
+    assert p.at(datetime(2026, 11, 1, 1, 59, tzinfo=UTC)) == 0.10  # a step of exactly 7200 s
+    with pytest.raises(PriceError, match=r"gap at 2026-11-01 02:00.*raise max_gap_s"):
+        p.at(datetime(2026, 11, 1, 3, tzinfo=UTC))  # a step of 7201 s
+    with pytest.raises(PriceError, match=r"starts 2026-11-01 00:00:00\+00:00"):
+        p.at(datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+    with pytest.raises(PriceError, match="cannot read the price series"):
+        PriceSchedule(Price(csv="missing.csv"), base_dir=tmp_path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,usd_per_kwh\n2026-11-01T00:00Z,0.1\n2026-11-01T01:00Z,0\n2026-11-01T02:00Z,\n")
+    with pytest.raises(PriceError, match="bad.csv:4: price must be a number >= 0"):
+        PriceSchedule(Price(csv=str(bad)))
+    assert PriceSchedule(Price(flat_usd_per_kwh=0.15)).at(datetime(2026, 11, 1, tzinfo=UTC)) == 0.15
+
+
+def test_time_of_use_before_the_first_start_continues_the_last_period() -> None:
+    p = PriceSchedule(Price(time_of_use=[
+        TouPeriod(start="07:00", usd_per_kwh=0.3),
+        TouPeriod(start="22:00", usd_per_kwh=0.1),
+    ]))  # fmt: skip
+    assert p.at(datetime(2026, 11, 2, 3, tzinfo=UTC)) == 0.1
+    weekdays = PriceSchedule(Price(time_of_use=[TouPeriod(start="00:00", usd_per_kwh=0.2,
+                                                          days=["mon"])]))  # fmt: skip
+    with pytest.raises(PriceError, match="no time-of-use period covers sun"):
+        weekdays.at(datetime(2026, 11, 1, 12, tzinfo=UTC))
+
+
 def fill(ledger: Ledger) -> None:
     tariff = EnergyTariff(Billing(markup=0.1, token_price_usd_per_1k=0.002))
     t0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
