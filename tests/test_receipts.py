@@ -533,6 +533,20 @@ def test_a_rebill_scales_what_the_meter_did_not_give_and_uses_the_ingress_rates(
                        embodied_g=0.3, baseline_carbon_g=0.0, avoided_g=0.0)  # fmt: skip
     z = rebill(zero, 360.0, "measured", tariff)
     assert (z.prefill_j, z.held_s, z.static_j, z.embodied_g) == (0.0, 0.0, 0.0, 0.3)
+    untimed = receipt_row("u", energy_j=0.0, kwh_billed=0.0, prefill_j=0.0, static_j=0.0,
+                          held_s=1.0, embodied_g=0.3)  # fmt: skip
+    assert rebill(untimed, 360.0, "measured", tariff).held_s == 0.0  # 0 J: no scale, not 1
+    stopped = receipt_row("s", static_j=50.0, held_s=0.0, embodied_g=0.3)
+    s = rebill(stopped, 360.0, "measured", tariff, held_s=3.0)
+    assert (s.static_j, s.embodied_g) == (0.0, 0.3)  # 0 s held: no static rate to apply
+    # small figures scale like large ones (a 0.5 J, 0.5 s prediction measured at 1 J)
+    small = receipt_row("m", energy_j=0.5, kwh_billed=0.5 / 3.6e6 * 1.2, prefill_j=0.1,
+                        static_j=0.25, held_s=0.5, embodied_g=0.01)  # fmt: skip
+    m = rebill(small, 1.0, "estimated", tariff)
+    assert m.held_s == pytest.approx(1.0) and m.static_j == pytest.approx(0.5)
+    assert m.embodied_g == pytest.approx(0.02) and m.energy_source == "estimated"
+    no_static = rebill(old, 800.0, "measured", tariff, held_s=3.0, rates={"embodied_g_per_s": 0.25})
+    assert no_static.static_j == 0.0 and no_static.embodied_g == pytest.approx(0.75)
 
 
 # ---- the commands an operator and an auditor run ---------------------------------------------
