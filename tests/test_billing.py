@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -121,6 +122,9 @@ def test_a_price_series_edges(tmp_path: Path) -> None:
         "2026-11-01T04:00:01Z,0.3\n"
     )
     p = PriceSchedule(Price(csv="p.csv"), base_dir=tmp_path)
+    # without a config folder a relative path is the working directory's
+    here = PriceSchedule(Price(csv=os.path.relpath(tmp_path / "p.csv")))
+    assert here.at(datetime(2026, 11, 1, 0, 0, tzinfo=UTC)) == 0.10
     assert p.at(datetime(2026, 11, 1, 0, 0, tzinfo=UTC)) == 0.10  # 01:00+01:00 is 00:00Z
     assert p.at(datetime(2026, 11, 1, 1, 59, tzinfo=UTC)) == 0.10  # a step of exactly 7200 s
     with pytest.raises(PriceError, match=r"gap at 2026-11-01 02:00.*raise max_gap_s"):
