@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from router.billing import (
 )
 from router.cli import main
 from router.invoice import ARTICLE_KWH, invoice, seed_table
-from router.ledger import Ledger
+from router.ledger import Ledger, LedgerRow
 
 U = Usage(energy_j=3.6e6, pue=1.5, price_usd_per_kwh=0.2, intensity_g_per_kwh=400.0,
           prompt_tokens=1000, completion_tokens=1000)  # fmt: skip
@@ -37,8 +38,34 @@ def test_minimum_charge_and_carbon_price() -> None:
     tiny = Usage(1.0, 1.1, 0.1, 300.0, 1, 1)
     assert EnergyTariff(Billing(min_charge_usd=0.01)).charge(tiny).cost_usd == 0.01
     c = EnergyTariff(Billing(carbon_price_usd_per_tco2e=100.0)).charge(U)
-    assert c.carbon_cost_usd == pytest.approx(600 / 1e6 * 100)
+    # money: equal to float rounding, not approx's default 1 ppm (a 1e6 + 1 g tonne passes that)
+    assert c.carbon_cost_usd == pytest.approx(600 / 1e6 * 100, rel=1e-12)
     assert c.cost_usd == pytest.approx(1.5 * 0.2 + 0.06)
+
+
+def _line(**over: object) -> LedgerRow:
+    args: dict[str, object] = dict(
+        request_id="r1", tenant="acme", region="eu-north", replica="eu-north-0", model="m",
+        started_at=datetime(2026, 11, 2, tzinfo=UTC),
+        ended_at=datetime(2026, 11, 2, 0, 0, 3, tzinfo=UTC),
+        prompt_tokens=100, completion_tokens=200, energy_j=3600.0, energy_source="measured",
+        pue=1.5, intensity_g_per_kwh=400.0, signal="average", carbon_stale=True,
+        price_usd_per_kwh=0.2, tariff=EnergyTariff(Billing()),
+    )  # fmt: skip
+    args.update(over)
+    return bill_line(**args)  # type: ignore[arg-type]
+
+
+def test_a_bill_line_carries_its_status_staleness_and_avoided_carbon() -> None:
+    plain = _line()
+    assert (plain.status, plain.carbon_stale, plain.avoided_g) == ("ok", True, 0.0)
+    assert plain.carbon_g == pytest.approx(0.6)  # 1.5 Wh x 400 g/kWh
+    assert _line(status="error").status == "error"
+    chosen = _line(receipt={"baseline_replica": "us-south-0", "baseline_carbon_g": 2.0})
+    assert chosen.baseline_carbon_g == 2.0
+    assert chosen.avoided_g == pytest.approx(2.0 - 0.6)
+    # without a baseline replica nothing was avoided, whatever the receipt says
+    assert _line(receipt={"baseline_carbon_g": 2.0}).avoided_g == 0.0
 
 
 def test_hybrid_and_token_tariffs() -> None:
@@ -85,6 +112,44 @@ def test_csv_price_series_and_its_gaps(tmp_path: Path) -> None:
     bad.write_text("time,usd_per_kwh\n2026-11-01T00:00Z,-1\n")
     with pytest.raises(PriceError, match="bad.csv:2: price must be a number >= 0"):
         PriceSchedule(Price(csv=str(bad)))
+
+
+def test_a_price_series_edges(tmp_path: Path) -> None:
+    """The gap limit is inclusive, a relative path is the config's, offsets are UTC, zero is a
+    price, and each error names what to fix."""
+    (tmp_path / "p.csv").write_text(
+        "time,usd_per_kwh\n2026-11-01T01:00+01:00,0.10\n2026-11-01T02:00Z,0\n"
+        "2026-11-01T04:00:01Z,0.3\n"
+    )
+    p = PriceSchedule(Price(csv="p.csv"), base_dir=tmp_path)
+    # without a config folder a relative path is the working directory's
+    here = PriceSchedule(Price(csv=os.path.relpath(tmp_path / "p.csv")))
+    assert here.at(datetime(2026, 11, 1, 0, 0, tzinfo=UTC)) == 0.10
+    assert p.at(datetime(2026, 11, 1, 0, 0, tzinfo=UTC)) == 0.10  # 01:00+01:00 is 00:00Z
+    assert p.at(datetime(2026, 11, 1, 1, 59, tzinfo=UTC)) == 0.10  # a step of exactly 7200 s
+    with pytest.raises(PriceError, match=r"gap at 2026-11-01 02:00.*raise max_gap_s"):
+        p.at(datetime(2026, 11, 1, 3, tzinfo=UTC))  # a step of 7201 s
+    with pytest.raises(PriceError, match=r"starts 2026-11-01 00:00:00\+00:00"):
+        p.at(datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+    with pytest.raises(PriceError, match="cannot read the price series"):
+        PriceSchedule(Price(csv="missing.csv"), base_dir=tmp_path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,usd_per_kwh\n2026-11-01T00:00Z,0.1\n2026-11-01T01:00Z,0\n2026-11-01T02:00Z,\n")
+    with pytest.raises(PriceError, match="bad.csv:4: price must be a number >= 0"):
+        PriceSchedule(Price(csv=str(bad)))
+    assert PriceSchedule(Price(flat_usd_per_kwh=0.15)).at(datetime(2026, 11, 1, tzinfo=UTC)) == 0.15
+
+
+def test_time_of_use_before_the_first_start_continues_the_last_period() -> None:
+    p = PriceSchedule(Price(time_of_use=[
+        TouPeriod(start="07:00", usd_per_kwh=0.3),
+        TouPeriod(start="22:00", usd_per_kwh=0.1),
+    ]))  # fmt: skip
+    assert p.at(datetime(2026, 11, 2, 3, tzinfo=UTC)) == 0.1
+    weekdays = PriceSchedule(Price(time_of_use=[TouPeriod(start="00:00", usd_per_kwh=0.2,
+                                                          days=["mon"])]))  # fmt: skip
+    with pytest.raises(PriceError, match="no time-of-use period covers sun"):
+        weekdays.at(datetime(2026, 11, 1, 12, tzinfo=UTC))
 
 
 def fill(ledger: Ledger) -> None:

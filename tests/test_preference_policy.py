@@ -45,15 +45,48 @@ def test_all_keys() -> None:
         ("max-tpot-ms=fast", "max-tpot-ms must be a number"),
         ("regions=()", "regions must not be empty"),
         ("regions=(1 2)", "regions must hold strings or tokens"),
-        ("mode=((", "not a structured-field dictionary"),
-        ("weight=é", "must be ASCII"),
+        ('regions=("")', "regions must hold strings or tokens, got ''"),
+        ("mode=((", "not a structured-field dictionary (malformed)"),
+        ("weight=é", "must be ASCII (RFC 8941)"),
+        ("weight=-0.1", "weight must be >= 0 and <= 1, got -0.1"),
+        ("defer=604801", "defer must be >= 0 and <= 604800, got 604801"),
+        ("max-carbon-g=0", "max-carbon-g must be > 0, got 0"),
+        ("max-latency-ms=-1", "max-latency-ms must be > 0, got -1"),
     ],
 )
 def test_bad_values_say_what_is_allowed(header: str, problem: str) -> None:
     with pytest.raises(PreferenceError) as info:
         parse_preference(header)
-    assert problem in str(info.value)
+    assert info.value.problem.startswith(problem)
+    assert str(info.value).startswith(f"invalid X-Carbon-Preference: {problem}")
     assert "allowed keys: mode (balanced|carbon|cost), weight (0.0-1.0)" in str(info.value)
+    assert info.value.param == "X-Carbon-Preference"  # the 400's param names the header
+
+
+@pytest.mark.parametrize(
+    ("header", "field", "value"),
+    [
+        ("weight=0", "weight", 0.0),
+        ("weight=1", "weight", 1.0),
+        ("defer=0", "defer_s", 0.0),
+        ("defer=604800", "defer_s", 604800.0),  # seven days, the longest wait
+        ("max-carbon-g=0.001", "max_carbon_g", 0.001),
+    ],
+)
+def test_inclusive_bounds(header: str, field: str, value: float) -> None:
+    assert getattr(parse_preference(header), field) == value
+
+
+@pytest.mark.parametrize("header", [None, "", "   "])
+def test_no_header_gives_the_operator_defaults_and_no_mode(header: str | None) -> None:
+    p = parse_preference(header, default_weight=0.7, default_max_latency_ms=800.0)
+    assert p == Preference(weight=0.7, mode=None, max_latency_ms=800.0)
+
+
+def test_the_operator_latency_budget_holds_unless_the_header_gives_one() -> None:
+    assert parse_preference("weight=0.2", default_max_latency_ms=800.0).max_latency_ms == 800.0
+    p = parse_preference("max-latency-ms=300", default_max_latency_ms=800.0)
+    assert p.max_latency_ms == 300.0
 
 
 @settings(max_examples=2000, deadline=None)

@@ -494,6 +494,61 @@ def test_a_measurement_rebills_the_receipt_at_its_own_rates() -> None:
                                                              "price_carbon")  # fmt: skip
 
 
+def test_a_rebill_scales_what_the_meter_did_not_give_and_uses_the_ingress_rates() -> None:
+    """Without the meter's split, time or labels the row's own are scaled with the energy and
+    carried; with the ingress's rates per second held and per kWh, those decide."""
+    from regions.config import Billing
+    from router.billing import rebill, tariff_for
+
+    tariff = tariff_for(Billing(tariff="energy"))
+    old = receipt_row("p", k=3, energy_j=400.0, prefill_j=100.0, static_j=100.0, held_s=2.0,
+                      embodied_g=0.2, baseline_carbon_g=1.0, meter="energy-predictor",
+                      method="predicted-work-share/1", carbon_stale=True,
+                      status="cancelled")  # fmt: skip
+    new = rebill(old, 800.0, "measured", tariff)
+    assert (new.energy_j, new.prefill_j, new.held_s) == (800.0, 200.0, 4.0)
+    assert new.static_j == pytest.approx(200.0) and new.embodied_g == pytest.approx(0.4)
+    assert new.baseline_carbon_g == pytest.approx(2.0)
+    assert (new.meter, new.method) == ("energy-predictor", "predicted-work-share/1")
+    same = ("request_id", "tenant", "region", "replica", "model", "started_at", "ended_at",
+            "prompt_tokens", "completion_tokens", "pue", "intensity_g_per_kwh", "signal",
+            "carbon_stale", "price_usd_per_kwh", "status", "zone", "policy")  # fmt: skip
+    assert [getattr(new, c) for c in same] == [getattr(old, c) for c in same]
+    assert new.carbon_g == pytest.approx(800.0 / 3.6e6 * 1.2 * 50.0)
+
+    rates = {"static_w": 50.0, "embodied_g_per_s": 0.25, "baseline_g_per_kwh": 900.0}
+    rated = rebill(old, 800.0, "measured", tariff, held_s=3.0, rates=rates)
+    assert rated.static_j == pytest.approx(150.0) and rated.embodied_g == pytest.approx(0.75)
+    assert rated.baseline_carbon_g == pytest.approx(800.0 / 3.6e6 * 900.0)
+    assert rated.avoided_g == pytest.approx(rated.baseline_carbon_g - rated.carbon_g)
+    capped = rebill(old, 800.0, "measured", tariff, held_s=100.0, rates={"static_w": 50.0})
+    assert capped.static_j == 800.0  # static power cannot exceed the energy measured
+    assert capped.embodied_g == 0.0 and capped.baseline_carbon_g == pytest.approx(2.0)
+    # no baseline replica: no baseline carbon from the rates either
+    lone = receipt_row("q", baseline_replica="", baseline_carbon_g=0.0, avoided_g=0.0)
+    alone = rebill(lone, 720.0, "measured", tariff, rates={"baseline_g_per_kwh": 900.0})
+    assert alone.baseline_carbon_g == 0.0
+    # a prediction of 0 J or 0 s has nothing to scale
+    zero = receipt_row("z", energy_j=0.0, kwh_billed=0.0, prefill_j=0.0, static_j=0.0, held_s=0.0,
+                       embodied_g=0.3, baseline_carbon_g=0.0, avoided_g=0.0)  # fmt: skip
+    z = rebill(zero, 360.0, "measured", tariff)
+    assert (z.prefill_j, z.held_s, z.static_j, z.embodied_g) == (0.0, 0.0, 0.0, 0.3)
+    untimed = receipt_row("u", energy_j=0.0, kwh_billed=0.0, prefill_j=0.0, static_j=0.0,
+                          held_s=1.0, embodied_g=0.3)  # fmt: skip
+    assert rebill(untimed, 360.0, "measured", tariff).held_s == 0.0  # 0 J: no scale, not 1
+    stopped = receipt_row("s", static_j=50.0, held_s=0.0, embodied_g=0.3)
+    s = rebill(stopped, 360.0, "measured", tariff, held_s=3.0)
+    assert (s.static_j, s.embodied_g) == (0.0, 0.3)  # 0 s held: no static rate to apply
+    # small figures scale like large ones (a 0.5 J, 0.5 s prediction measured at 1 J)
+    small = receipt_row("m", energy_j=0.5, kwh_billed=0.5 / 3.6e6 * 1.2, prefill_j=0.1,
+                        static_j=0.25, held_s=0.5, embodied_g=0.01)  # fmt: skip
+    m = rebill(small, 1.0, "estimated", tariff)
+    assert m.held_s == pytest.approx(1.0) and m.static_j == pytest.approx(0.5)
+    assert m.embodied_g == pytest.approx(0.02) and m.energy_source == "estimated"
+    no_static = rebill(old, 800.0, "measured", tariff, held_s=3.0, rates={"embodied_g_per_s": 0.25})
+    assert no_static.static_j == 0.0 and no_static.embodied_g == pytest.approx(0.75)
+
+
 # ---- the commands an operator and an auditor run ---------------------------------------------
 
 
