@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             ledger.close()
         console.print(f"run {r + 1} done", style="dim")
     for step, ts in times.items():
-        n = exported if "export" in step else args.rows if "sign" not in step else 20
+        n = exported if "export" in step else 20 if step.startswith("first signing") else args.rows
         med = statistics.median(ts)
         audit.add_row(step, f"{med:.2f}", f"{n / med:,.0f}")
     console.print(audit)
