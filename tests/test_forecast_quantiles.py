@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from forecasting.errors import SourceDataError
 from forecasting.forecaster import QUANTILES, CarbonForecaster
 from forecasting.sources import FileSource, ReplaySource, ZoneFile
 from forecasting.sources.base import Forecast
+from router.cli import main
 from tests.conftest import FakeClock
 
 START = pd.Timestamp("2024-01-01", tz="UTC")
@@ -169,3 +171,22 @@ async def test_file_and_replay_forecasts_carry_the_band(data_dir: Path) -> None:
     assert played.quantiles is not None
     assert list(played.quantiles.index) == list(played.g_per_kwh.index)
     assert played.quantiles.index[0] == pd.Timestamp("2026-06-01 12:00", tz="UTC")
+
+
+@pytest.mark.slow
+def test_forecast_show_prints_the_band_and_the_recent_error(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["forecast", "show", "--zone", "SE", "--hours", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "80 % band (q10-q90)" in out
+    assert "recent error (day-ahead forecasts, last 7 days): MAPE" in out
+    rows = [line for line in out.splitlines() if line.endswith(("█", "cleanest"))]
+    assert len(rows) == 4
+    for line in rows:  # point, q10 - q90, bar
+        parts = line.split()
+        point, q10, q90 = float(parts[2]), float(parts[3]), float(parts[5])
+        assert q10 <= q90 and q10 * 0.8 <= point <= q90 * 1.25
+    assert main(["forecast", "show", "--zone", "SE", "--hours", "4", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["quantiles"]) == 4 and set(shown["recent_error"]) >= {"mape", "coverage_80"}
