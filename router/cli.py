@@ -491,6 +491,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "by_region": _finite(result.by_region.to_dict(orient="records")),
             "fleet_capacity_rps": result.world.fleet_capacity_rps,
             "deferral_capture": deferral_capture(result.summary),
+            "defer_quantile": result.world.gate_quantile,
+            "forecast_gate_coverage": result.world.gate_coverage,
             "forecast_mape": result.world.forecast_mape,
             "seconds": result.seconds,
             "outputs": [str(p) for p in written],
@@ -505,7 +507,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     capture = deferral_capture(result.summary)
     if capture is not None:
-        print(f"forecast-driven deferral captured {capture:.0%} of the oracle's deferral saving")
+        regret = result.summary.set_index("policy").loc["greenest+defer", "deferral_regret"]
+        print(f"forecast-driven deferral captured {capture:.0%} of the oracle's deferral saving; "
+              f"{regret:.1%} of the requests it deferred ran in a dirtier hour than they "
+              f"arrived in (regret; waiting for gains that hold at the forecast's "
+              f"{result.world.gate_quantile:.0%} quantile)")  # fmt: skip
     if written:
         print(f"wrote {len(written)} files to {args.out}")
     return 0
