@@ -145,11 +145,11 @@ class ForecastView:
 
 def recent_error_of(source: CarbonSource, zone: str, days: int = 7) -> dict[str, float] | None:
     """The forecaster's error over the last ``days`` for a file or replay source (the
-    forecasts it would have issued each hour, against what happened); ``None`` for an API's
-    forecast, whose past issues the router does not keep. Seconds of CPU: run it in a thread."""
+    forecasts it would have issued each hour, against what happened), reusing the model of
+    its latest forecast; ``None`` for an API's forecast, whose past issues the router does not
+    keep. Seconds of CPU: run it in a thread."""
     import pandas as pd
 
-    from forecasting.backtest import recent_error
     from forecasting.sources.files import FileSource
     from forecasting.sources.replay import ReplaySource
 
@@ -160,5 +160,5 @@ def recent_error_of(source: CarbonSource, zone: str, days: int = 7) -> dict[str,
         files, now = source, source._now()
     else:
         return None
-    got = recent_error(files.frame(zone), now, days)
+    got = files.recent_error(zone, now.floor("h"), days)
     return {k: float(got[k]) for k in ("mape", "naive_mape", "coverage_80", "pinball_loss")}
