@@ -126,6 +126,28 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def prepare(work: Path, module: str, tests: list[str]) -> None:
+    """The scratch copy in work and its mutmut configuration, mutating module against tests.
+
+    mutmut copies only source_paths (the one module) and also_copy into work/mutants/, puts that
+    first on sys.path and takes the working directory off it. Without the rest of the packages
+    there, `router` is a namespace package holding the one module: a module in a subpackage
+    cannot import its siblings (router.metering.remote), and the editable install answers for
+    the others from the tree it was installed from (another worktree's code). So every
+    top-level package of the copy goes into also_copy, and all imports come from work/mutants/.
+    """
+    copy_tree(work)
+    packages = sorted(p.parent.name for p in work.glob("*/__init__.py"))
+    (work / "setup.cfg").write_text(
+        "[mutmut]\n"
+        f"source_paths={module}\n"
+        "also_copy=\n  " + "\n  ".join(packages) + "\n"
+        "pytest_add_cli_args_test_selection=\n  " + "\n  ".join(tests) + "\n"
+        "pytest_add_cli_args=\n  -p\n  no:cacheprovider\n",
+        "utf-8",
+    )
+
+
 def function_spans(source: str) -> dict[str, tuple[int, int]]:
     """'func' or 'Class.method' -> (first line incl. decorators, last line)."""
     spans: dict[str, tuple[int, int]] = {}
@@ -182,14 +204,7 @@ def run_module(module: str, tests: list[str], timeout_s: float) -> Report:
     if not tests:
         raise MutationError(f"{module}: none of its test files exist; fix MODULES in {__file__}")
     work = WORK / module.replace("/", "__").removesuffix(".py")
-    copy_tree(work)
-    (work / "setup.cfg").write_text(
-        "[mutmut]\n"
-        f"source_paths={module}\n"
-        "pytest_add_cli_args_test_selection=\n  " + "\n  ".join(tests) + "\n"
-        "pytest_add_cli_args=\n  -p\n  no:cacheprovider\n",
-        "utf-8",
-    )
+    prepare(work, module, tests)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first; the tree must not shadow it
     mutmut = Path(sys.executable).with_name("mutmut")
