@@ -36,7 +36,7 @@ for name in sys.argv[1:]:
 
 
 @pytest.mark.slow
-def test_a_module_in_a_subpackage_imports_its_siblings_from_the_scratch_copy(
+def test_the_scratch_copy_is_the_whole_tree_so_a_subpackage_module_finds_its_siblings(
     tmp_path: Path,
 ) -> None:
     tool = _tool()
@@ -67,3 +67,8 @@ def test_a_module_in_a_subpackage_imports_its_siblings_from_the_scratch_copy(
     # install points at, which may be another worktree
     for name, file in zip(names, files, strict=True):
         assert Path(file).is_relative_to(work / "mutants"), (name, file)
+    # and the tests find the files they read beside the code (ROOT is mutants/ there)
+    tree = {p.relative_to(work) for p in work.rglob("*") if p.is_file()}
+    mirrored = {p.relative_to(work / "mutants") for p in (work / "mutants").rglob("*")}
+    assert Path("configs/multiregion.yaml") in tree
+    assert {p for p in tree if p.parts[0] != "mutants"} <= mirrored

@@ -149,6 +149,7 @@ def test_an_unmeasured_size_lies_between_its_neighbours(calibration: ReplicaCali
     assert "A100-80GB as A100-40GB with its datasheet" in sizes[0].basis
 
 
+@pytest.mark.slow
 def test_evaluation_meets_its_targets() -> None:
     """An accuracy property of the shipped model: leave-one-batch-size-out median error <= 5 %
     for power and throughput, leave-one-model-out median error of J/token <= 15 %."""
@@ -261,6 +262,7 @@ def test_the_model_needs_no_data_folder_and_downloads_nothing(
     assert not isolated_cache.exists() or not any(isolated_cache.rglob("*"))
 
 
+@pytest.mark.slow
 def test_router_replica_evaluate_on_a_fresh_machine(tmp_path: Path) -> None:
     """The command as a user runs it: no data folder, an empty cache, a mirror that is not
     there; it prints the table as JSON."""

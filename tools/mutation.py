@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutation"
 EQUIVALENTS = ROOT / "mutation" / "equivalents.txt"
 
-# Each module and the fast tests that own it; nothing that starts Ray or a browser.
+# Each module and the fast tests that own it; nothing that starts Ray, a browser or a server.
+# Tests marked slow in these files do not run (see prepare).
 MODULES: dict[str, list[str]] = {
     "router/preference.py": ["tests/test_preference_policy.py"],
     "router/policy.py": ["tests/test_preference_policy.py"],
@@ -130,20 +131,24 @@ def prepare(work: Path, module: str, tests: list[str]) -> None:
     """The scratch copy in work and its mutmut configuration, mutating module against tests.
 
     mutmut copies only source_paths (the one module) and also_copy into work/mutants/, puts that
-    first on sys.path and takes the working directory off it. Without the rest of the packages
-    there, `router` is a namespace package holding the one module: a module in a subpackage
-    cannot import its siblings (router.metering.remote), and the editable install answers for
-    the others from the tree it was installed from (another worktree's code). So every
-    top-level package of the copy goes into also_copy, and all imports come from work/mutants/.
+    first on sys.path and takes the working directory off it; the tests run from there too
+    (their ROOT is work/mutants/). Without the rest of the tree there, `router` is a namespace
+    package holding the one module: a module in a subpackage cannot import its siblings
+    (router.metering.remote), the editable install answers for the other modules from the tree
+    it was installed from (another worktree's code), and tests miss the files they read
+    (configs/). So every top-level entry of the copy goes into also_copy: work/mutants/ is the
+    whole tree with the one module mutated.
     """
     copy_tree(work)
-    packages = sorted(p.parent.name for p in work.glob("*/__init__.py"))
+    entries = sorted(p.name for p in work.iterdir())
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         f"source_paths={module}\n"
-        "also_copy=\n  " + "\n  ".join(packages) + "\n"
+        "also_copy=\n  " + "\n  ".join(entries) + "\n"
         "pytest_add_cli_args_test_selection=\n  " + "\n  ".join(tests) + "\n"
-        "pytest_add_cli_args=\n  -p\n  no:cacheprovider\n",
+        # tests marked slow (a CLI in a subprocess, a whole evaluation) would run again for
+        # every mutant of the functions they reach: left to `make test`
+        "pytest_add_cli_args=\n  -p\n  no:cacheprovider\n  -m\n  not slow\n",
         "utf-8",
     )
 
