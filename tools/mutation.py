@@ -43,7 +43,7 @@ EQUIVALENTS = ROOT / "mutation" / "equivalents.txt"
 # Tests marked slow in these files do not run (see prepare).
 MODULES: dict[str, list[str]] = {
     "router/preference.py": ["tests/test_preference_policy.py"],
-    "router/policy.py": ["tests/test_preference_policy.py"],
+    "router/policy.py": ["tests/test_policy.py", "tests/test_preference_policy.py"],
     "router/scheduler.py": ["tests/test_scheduler.py", "tests/test_jobs.py"],
     # rebill (a bill settled again on metered energy) is tested with the receipts it rewrites
     "router/billing.py": [
