@@ -189,6 +189,17 @@ def test_a_zero_length_request_without_work_is_final_at_its_reading() -> None:
     assert (done.request_id, done.energy_j) == ("z", 0.0)
 
 
+def test_a_request_without_work_or_length_is_final_though_an_interval_waits() -> None:
+    # (0, 1] waits for p's first token; z, of no length and no work, is not in it: final at 1
+    att = started(R(0.0, 0.0))
+    att.start("p", 0.0, 5)
+    att.start("z", 0.5, 0)
+    att.end("z", 0.5)
+    (done,) = att.reading(R(1.0, 10.0))
+    assert (done.request_id, done.energy_j, done.held_s) == ("z", 0.0, 0.0)
+    assert att.open_requests == ["p"]
+
+
 def test_work_at_an_instant_without_weight_is_idle() -> None:
     att = started(R(0.0, 0.0), prefill_weight=0.0)
     att.start("z", 0.5, 5)  # a prompt prefilled at an instant, weighing nothing

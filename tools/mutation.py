@@ -51,7 +51,10 @@ MODULES: dict[str, list[str]] = {
         "tests/test_golden_bills.py",
         "tests/test_receipts.py",
     ],
-    "router/metering/attribution.py": ["tests/test_attribution.py"],
+    "router/metering/attribution.py": [
+        "tests/test_attribution_rules.py",
+        "tests/test_attribution.py",
+    ],
     "router/ledger.py": ["tests/test_ledger.py"],
     "forecasting/replica_model.py": ["tests/test_replica_model.py"],
     "router/receipts.py": ["tests/test_receipts.py"],
