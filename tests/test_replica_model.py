@@ -18,6 +18,7 @@ from forecasting.replica_calibration import ReplicaCalibration, load_chat_measur
 from forecasting.replica_eval import evaluate
 from forecasting.replica_model import (
     PREFILL_MFU,
+    Architecture,
     BatchCurve,
     CpuReplicaModel,
     ReplicaModel,
@@ -92,7 +93,12 @@ def test_monotone_in_the_batch_across_the_data(calibration: ReplicaCalibration) 
         spec = ReplicaSpec(runs["model"].iloc[0], gpu, int(count), max_num_seqs=4096, layout=layout)
         _assert_monotone(calibration.model(spec))
     for gpu in GPUS:
-        for params, arch in ((3.0, "dense"), (20.0, "dense"), (120.0, "moe")):
+        sizes: tuple[tuple[float, Architecture], ...] = (
+            (3.0, "dense"),
+            (20.0, "dense"),
+            (120.0, "moe"),
+        )
+        for params, arch in sizes:
             active = params / 10 if arch == "moe" else params
             spec = ReplicaSpec(
                 "acme/unmeasured",

@@ -56,7 +56,10 @@ MODULES: dict[str, list[str]] = {
         "tests/test_attribution.py",
     ],
     "router/ledger.py": ["tests/test_ledger.py"],
-    "forecasting/replica_model.py": ["tests/test_replica_model.py"],
+    "forecasting/replica_model.py": [
+        "tests/test_replica_model_rules.py",
+        "tests/test_replica_model.py",
+    ],
     "router/receipts.py": ["tests/test_receipts.py"],
     "router/chain.py": ["tests/test_receipts.py"],
     # accounting has no test file of its own: receipts carry its figures
