@@ -10,7 +10,6 @@ deferred-job store (SQLite), not here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import numpy as np
 
@@ -63,7 +62,7 @@ def worth_waiting(
         raise ValueError(f"gate has shape {np.shape(gate)}, the scores {s.shape}")
     now_best = int(np.argmin(s[0]))
     bar = s[0, now_best] * (1 - min_gain)
-    held = s[1:] if gate is None else np.asarray(gate, dtype=float)[1:]
+    held = s[1:] if gate is None else np.asarray(gate)[1:]
     s[1:] = np.where(held < bar, s[1:], np.inf)
     s[0] = np.where(np.arange(s.shape[1]) == now_best, s[0], np.inf)
     return s
@@ -85,8 +84,8 @@ def deferral_regret(carbon_g: np.ndarray, booked: np.ndarray, now_g: float) -> R
     ``now_g`` a request's actual carbon had it run at arrival where the router would have put
     it then. A request that ran later and dirtier than ``now_g`` is a regret; requests that ran
     at arrival are not deferred."""
-    later = np.asarray(booked, dtype=float)[1:]
-    diff = np.asarray(carbon_g, dtype=float)[1:] - now_g
+    later = np.asarray(booked)[1:]
+    diff = np.asarray(carbon_g)[1:] - now_g
     worse = diff > 0
     return Regret(
         deferred=float(later.sum()),
@@ -118,9 +117,3 @@ def plan(
             book.book(first_hour + k, r, work_s)
             return first_hour + k, r, float(s[k, r])
     raise PlanError(f"no replica has {work_s:.1f} s of room in the next {k_n} h; run it now")
-
-
-def deadline_of(arrival: datetime, defer_s: float) -> datetime:
-    from datetime import timedelta
-
-    return arrival + timedelta(seconds=defer_s)

@@ -5,13 +5,11 @@ Tiny explicit tables, values worked out by hand.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import numpy as np
 import pytest
 
 from router.errors import RouterError
-from router.scheduler import PlanError, SlotBook, deadline_of, plan, slot_scores, worth_waiting
+from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 
 INF = np.inf
 
@@ -106,10 +104,3 @@ def test_plan_never_books_a_slot_that_the_rule_ruled_out() -> None:
     assert str(e.value) == "no replica has 20.0 s of room in the next 2 h; run it now"
     assert isinstance(e.value, RouterError)
     assert book.booked == {}
-
-
-def test_a_deadline_is_the_arrival_plus_the_deferral() -> None:
-    t = datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
-    assert deadline_of(t, 5400.0) == datetime(2026, 3, 29, 2, 0, tzinfo=UTC)
-    assert deadline_of(t, 0.0) == t
-    assert deadline_of(t, 1.5) - t == timedelta(seconds=1.5)

@@ -44,7 +44,11 @@ EQUIVALENTS = ROOT / "mutation" / "equivalents.txt"
 MODULES: dict[str, list[str]] = {
     "router/preference.py": ["tests/test_preference_policy.py"],
     "router/policy.py": ["tests/test_policy.py", "tests/test_preference_policy.py"],
-    "router/scheduler.py": ["tests/test_scheduler.py", "tests/test_jobs.py"],
+    "router/scheduler.py": [
+        "tests/test_scheduler.py",
+        "tests/test_jobs.py",
+        "tests/test_deferral_distribution.py",
+    ],
     # rebill (a bill settled again on metered energy) is tested with the receipts it rewrites
     "router/billing.py": [
         "tests/test_billing.py",
