@@ -20,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from forecasting.errors import ForecastingError
 from forecasting.sources.base import CarbonSource, Forecast, require_utc
 from regions.config import Region
@@ -141,6 +144,37 @@ class ForecastView:
         """Until the refreshes under way have finished (for tests and an orderly stop)."""
         while self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+
+def forecast_rows(
+    fc: Forecast, hours: list[Any], q: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(point, bound)`` [len(hours)]: the forecast for the period containing each hour, and
+    the forecast at quantile ``q`` there, read between the band's columns (above its highest
+    column, the highest: the strictest it has). An hour the forecast (or its band) does not
+    cover, before its first period or after its last, and a value that is not finite, are
+    ``inf``: no target. Without a band, or at ``q`` 0.5, the bound is the point forecast (an
+    API's forecast is taken at its word)."""
+    t = pd.DatetimeIndex(hours)
+
+    def rows(index: pd.Index, values: np.ndarray) -> np.ndarray:
+        if len(index) == 0 or len(t) == 0:
+            return np.full(len(t), np.inf)
+        pos = index.searchsorted(t, side="right") - 1
+        covered = (pos >= 0) & (t <= index[-1])
+        got = np.where(covered, values[np.clip(pos, 0, None)], np.inf)
+        return np.where(np.isfinite(got), got, np.inf)
+
+    point = rows(fc.g_per_kwh.index, fc.g_per_kwh.to_numpy(dtype=float))
+    band = fc.quantiles
+    if q <= 0.5 or band is None or band.empty:
+        return point, point.copy()
+    levels = np.array([float(c) for c in band.columns])
+    order = np.argsort(levels)
+    table = band.to_numpy(dtype=float)[:, order]
+    at_q = np.array([np.interp(q, levels[order], row) for row in table])
+    bound = rows(band.index, at_q)
+    return point, np.where(np.isfinite(point), bound, np.inf)
 
 
 def recent_error_of(source: CarbonSource, zone: str, days: int = 7) -> dict[str, float] | None:
