@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 
+from forecasting.errors import CarbonSourceError
 from forecasting.sources.base import Forecast
 from router.service.fakes import StaticCarbonSource
+from router.service.forecasts import ForecastView
 from tests.service_kit import CONFIG, DEMO, chat, service_kit
+from tests.test_faults import FakeMonotonic, load_config_text
 
 VALUES = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
 
@@ -82,3 +85,39 @@ async def test_a_band_that_does_not_cover_the_hours_is_no_500(tmp_path: Path) ->
     source = Shifted(VALUES, profile=(1.0, 0.5), upper=(1.0, 0.6), band_lead_h=3)
     async with service_kit(tmp_path, source=source) as kit:
         assert await post_deferrable(kit) in (200, 202)
+
+
+class Failing(StaticCarbonSource):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.calls = 0
+        self.down = False
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        self.calls += 1
+        if self.down:
+            raise CarbonSourceError("HTTP 503", source=self.name, zone=zone)
+        return await super().forecast(zone, horizon_h)
+
+
+async def test_a_failing_source_is_not_asked_again_by_every_request() -> None:
+    # once a forecast is stale and its source fails, each request started another refit (an
+    # HTTP call or seconds of CPU for a model fit), back to back, for as long as it failed
+    clock = FakeMonotonic()
+    source = Failing({"SE": 30.0})
+    region = load_config_text(CONFIG).regions[0]
+    view = ForecastView([region], {"grid": source}, max_age_s=3600, clock=clock)
+    fc = await view.get(region)
+    source.down = True
+    clock.t += 3600
+    for _ in range(20):
+        assert (await view.get(region)) is fc  # the last forecast serves
+        await view.idle()
+        clock.t += 1
+    assert source.calls <= 2  # one retry, not one per request
+    # ... and the loop's refresh, or a later request, tries again
+    source.down = False
+    clock.t += 3600
+    assert (await view.get(region)) is fc
+    await view.idle()
+    assert (await view.get(region)) is not fc

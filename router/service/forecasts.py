@@ -48,27 +48,35 @@ class ForecastView:
         sources: dict[str, CarbonSource],
         *,
         max_age_s: float = 3600.0,
+        retry_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         error_of: Callable[[CarbonSource, str], Any] | None = None,
     ) -> None:
         self.regions = {r.name: r for r in regions}
         self.sources = sources
         self.max_age_s = max_age_s
+        self.retry_s = retry_s  # after a failure, requests start no refresh for this long
         self._clock = clock
         self._error_of = error_of
         self._state: dict[str, ForecastState] = {}
         self._inflight: dict[str, asyncio.Task[ForecastState]] = {}
+        self._failed: dict[str, float] = {}  # when a region's last refresh failed
         self.refits = 0
         self.failures = 0
 
     async def get(self, region: Region) -> Forecast:
         """The region's forecast: the last one made, refreshed beside the request once it is
         ``max_age_s`` old; the first is awaited. Raises :class:`ForecastingError` when the
-        region has none (its source failed and nothing was made before)."""
+        region has none (its source failed and nothing was made before). Once a stale
+        forecast's refresh failed, requests start none for ``retry_s`` (a failing source, or a
+        fit that cannot be made, is not asked again by every request); the background loop's
+        refresh always tries."""
         state = self._state.get(region.name)
         if state is None:
             return (await asyncio.shield(self._start(region))).forecast
-        if self._clock() - state.made_at >= self.max_age_s:
+        failed_at = self._failed.get(region.name)
+        recent = failed_at is not None and self._clock() - failed_at < self.retry_s
+        if self._clock() - state.made_at >= self.max_age_s and not recent:
             self._start(region)
         return state.forecast
 
@@ -123,9 +131,14 @@ class ForecastView:
         src = self.sources[region.carbon_source]
         try:
             fc = await src.forecast(region.zone, HORIZON_H)
+        except Exception:
+            self.failures += 1
+            self._failed[region.name] = self._clock()
+            raise
         except BaseException:
             self.failures += 1
             raise
+        self._failed.pop(region.name, None)
         before = self._state.get(region.name)
         error = None
         if before is not None and before.forecast.issued_at == fc.issued_at:
@@ -146,9 +159,7 @@ class ForecastView:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
 
-def forecast_rows(
-    fc: Forecast, hours: list[Any], q: float
-) -> tuple[np.ndarray, np.ndarray]:
+def forecast_rows(fc: Forecast, hours: list[Any], q: float) -> tuple[np.ndarray, np.ndarray]:
     """``(point, bound)`` [len(hours)]: the forecast for the period containing each hour, and
     the forecast at quantile ``q`` there, read between the band's columns (above its highest
     column, the highest: the strictest it has). An hour the forecast (or its band) does not
