@@ -121,3 +121,23 @@ async def test_a_failing_source_is_not_asked_again_by_every_request() -> None:
     assert (await view.get(region)) is fc
     await view.idle()
     assert (await view.get(region)) is not fc
+
+
+async def test_a_reload_keeps_the_marginal_forecasts_too(tmp_path: Path) -> None:
+    # a router deciding on the marginal signal defers on its forecasts (an API's: an HTTP call
+    # each); a reload kept the average forecasts of unchanged regions but dropped these, so the
+    # next deferrable request waited for a fetch on its path
+    from tests.service_kit import ADMIN
+    from tests.test_receipts import _marginal_config
+
+    marginal = StaticCarbonSource({"SE": 900.0, "DE": 100.0, "US-TEX-ERCO": 500.0})
+    async with service_kit(tmp_path, config=_marginal_config("marginal"),
+                           more_sources={"wt": marginal}) as kit:  # fmt: skip
+        before = kit.service.live.router
+        assert before.marginal_forecasts is not None
+        await before.marginal_forecasts.refresh_all()
+        r = await kit.client.post("/v1/admin/reload", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        after = kit.service.live.router
+        assert after is not before and after.marginal_forecasts is not None
+        assert after.marginal_forecasts.age_s("eu-north") is not None

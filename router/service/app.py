@@ -244,6 +244,9 @@ class RouterService:
         live.router.carbon.adopt(old_live.router.carbon)
         if live.router.forecasts is not None and old_live.router.forecasts is not None:
             live.router.forecasts.adopt(old_live.router.forecasts)
+        new_mf, old_mf = live.router.marginal_forecasts, old_live.router.marginal_forecasts
+        if new_mf is not None and old_mf is not None:
+            new_mf.adopt(old_mf)
         if live.router.marginal is not None and old_live.router.marginal is not None:
             live.router.marginal.adopt(old_live.router.marginal)
         self.live = live
