@@ -141,3 +141,27 @@ async def test_a_reload_keeps_the_marginal_forecasts_too(tmp_path: Path) -> None
         after = kit.service.live.router
         assert after is not before and after.marginal_forecasts is not None
         assert after.marginal_forecasts.age_s("eu-north") is not None
+
+
+async def test_a_reload_while_a_refresh_is_in_flight_shares_it() -> None:
+    # the background loop's refit is seconds per region, so a reload often lands during one:
+    # its forecast landed in the old view only, and the new view fetched (fitted) it again
+    import asyncio
+
+    from tests.test_forecast_view import SlowForecasts
+
+    region = load_config_text(CONFIG).regions[0]
+    source = SlowForecasts({"SE": 30.0})
+    source.gate = asyncio.Event()
+    old = ForecastView([region], {"grid": source})
+    first = asyncio.create_task(old.get(region))
+    await asyncio.sleep(0.01)
+    new = ForecastView([region], {"grid": source})
+    new.adopt(old)
+    second = asyncio.create_task(new.get(region))
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert (await first) is (await second)
+    assert source.calls == 1
+    await new.idle()
+    assert new.age_s("eu-north") is not None

@@ -102,14 +102,39 @@ class ForecastView:
 
     def adopt(self, old: ForecastView) -> None:
         """Keep the forecasts of ``old`` (the view before a reload) for each region whose zone
-        and carbon source are the same, so a reload fits nothing on a request's path."""
+        and carbon source are the same, so a reload fits nothing on a request's path; a
+        refresh of ``old`` in flight is shared, its forecast landing here too."""
         for name, region in self.regions.items():
             before = old.regions.get(name)
-            state = old._state.get(name)
-            if before is None or state is None:
+            if before is None:
                 continue
-            if (before.zone, before.carbon_source) == (region.zone, region.carbon_source):
+            if (before.zone, before.carbon_source) != (region.zone, region.carbon_source):
+                continue
+            state = old._state.get(name)
+            if state is not None:
                 self._state[name] = state
+            if name in old._failed:
+                self._failed[name] = old._failed[name]
+            task = old._inflight.get(name)
+            if task is not None and name not in self._inflight:
+                self._inflight[name] = task
+                task.add_done_callback(self._landed(name))
+
+    def _landed(self, name: str) -> Callable[[asyncio.Task[ForecastState]], None]:
+        """A shared refresh of the view before a reload: its forecast is this view's too."""
+
+        def done(task: asyncio.Task[ForecastState]) -> None:
+            if self._inflight.get(name) is task:
+                self._inflight.pop(name)
+            if task.cancelled():
+                return
+            if task.exception() is not None:
+                self._failed[name] = self._clock()
+                return
+            self._failed.pop(name, None)
+            self._state[name] = task.result()
+
+        return done
 
     def _start(self, region: Region) -> asyncio.Task[ForecastState]:
         task = self._inflight.get(region.name)
