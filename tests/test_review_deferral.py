@@ -165,3 +165,40 @@ async def test_a_reload_while_a_refresh_is_in_flight_shares_it() -> None:
     assert source.calls == 1
     await new.idle()
     assert new.age_s("eu-north") is not None
+
+
+class Counting(StaticCarbonSource):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.forecasts = 0
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        self.forecasts += 1
+        return await super().forecast(zone, horizon_h)
+
+
+@pytest.mark.parametrize(("decide_on", "fetched"), [("average", 0), ("marginal", 3)])
+async def test_the_marginal_forecasts_are_fetched_only_when_decisions_use_them(
+    tmp_path: Path, decide_on: str, fetched: int
+) -> None:
+    # a marginal source (WattTime: a metered API) beside the average one, decisions on the
+    # average: the background loop fetched its forecast for every region every
+    # forecast_refit_s, though nothing plans with it
+    import asyncio
+
+    from tests.test_receipts import _marginal_config
+
+    marginal = Counting({"SE": 900.0, "DE": 100.0, "US-TEX-ERCO": 500.0})
+    async with service_kit(tmp_path, config=_marginal_config(decide_on),
+                           more_sources={"wt": marginal}) as kit:  # fmt: skip
+        loop = asyncio.create_task(kit.service.forecast_loop())
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                view = kit.service.live.router.forecasts
+                if view is not None and view.age_s("us-south") is not None and not view._inflight:
+                    break
+            await asyncio.sleep(0.05)
+        finally:
+            loop.cancel()
+        assert marginal.forecasts == fetched

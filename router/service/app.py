@@ -276,7 +276,9 @@ class RouterService:
             router = self.live.router
             if router.forecasts is not None:
                 await router.forecasts.refresh_all()
-            if router.marginal_forecasts is not None:
+            # the marginal source's forecasts (a metered API's) only where deferral plans on
+            # them: decisions on the marginal signal
+            if router.marginal_forecasts is not None and router.decides_on_marginal:
                 await router.marginal_forecasts.refresh_all()
             await asyncio.sleep(router.config.policy.forecast_refit_s)
 
