@@ -202,3 +202,24 @@ async def test_the_marginal_forecasts_are_fetched_only_when_decisions_use_them(
         finally:
             loop.cancel()
         assert marginal.forecasts == fetched
+
+
+async def test_a_region_without_a_forecast_still_competes_now(tmp_path: Path) -> None:
+    # eu-north (30 g/kWh, cheap) has no forecast; eu-central (400 g, dear) is forecast at 200 g
+    # next hour. eu-north was left out of the hour now too, so the "best now" was eu-central's
+    # 400 g and the request waited for 200 g in eu-central rather than run at 30 g now
+    from forecasting.errors import ForecastError
+
+    class NoForecastForSE(StaticCarbonSource):
+        async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+            if zone == "SE":
+                raise ForecastError("not enough history to fit: 3 days, need 14")
+            return await super().forecast(zone, horizon_h)
+
+    source = NoForecastForSE(VALUES, profile=(1.0, 0.5))
+    pref = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north" "eu-central")'}
+    async with service_kit(tmp_path, source=source) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 200, r.text
+        (row,) = kit.rows()
+        assert row.zone == "SE"

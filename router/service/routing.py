@@ -410,6 +410,10 @@ class Router:
         for i, st in enumerate(self.states):
             if not ok[i]:
                 continue
+            # now is known, forecast or not: a region without a forecast is no later target
+            # but still runs the request now (else the best now is a dirtier region's)
+            intensity[0, i] = upper[0, i] = c.intensity_g_per_kwh[i]
+            price[:, i] = [st.prices.at(h) for h in hours]
             try:
                 fc = await self._forecast(st.region)
                 # hours the forecast does not cover (past its end, before its start) are no
@@ -422,11 +426,8 @@ class Router:
                     "no forecast for %s (%s): it is not a deferral target", st.region.name, e
                 )
                 continue
-            intensity[0, i] = c.intensity_g_per_kwh[i]  # now is known
             intensity[1:, i] = ahead
-            upper[0, i] = intensity[0, i]
             upper[1:, i] = bound
-            price[:, i] = [st.prices.at(h) for h in hours]
         # the batch a request joins hours from now is not today's: the predictor's figure
         # (an average over the batch), not the marginal energy at the load now
         s = slot_scores(c.billed_kwh, c.pue, price, intensity, pref.weight)
