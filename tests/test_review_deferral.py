@@ -223,3 +223,32 @@ async def test_a_region_without_a_forecast_still_competes_now(tmp_path: Path) ->
         assert r.status_code == 200, r.text
         (row,) = kit.rows()
         assert row.zone == "SE"
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+def test_the_simulated_deferral_waits_only_for_gains_that_hold_at_the_gate(spatial: bool) -> None:
+    # router simulate's cleanest_hour+defer (spatial off) chose its hour on the point forecast
+    # alone: the gate (defer_quantile) was applied to the spatial planner only
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from router.simulate import _plan_deferred
+
+    h_n, w = 4, 3
+    intensity = np.full((h_n, 1), 100.0)
+    point = np.full((h_n, w, 1), 50.0)  # the median: half as dirty in every later hour
+    bound = np.full((h_n, w, 1), 120.0)  # its 90 % bound: dirtier
+    world = SimpleNamespace(replica_region=np.array([0]), forecast=point, intensity=intensity,
+                            price=np.ones((h_n, 1)), j_per_request=np.array([3600.0]),
+                            pue=np.ones(1), forecast_gate=bound)  # fmt: skip
+    up = np.ones((h_n, 1), dtype=bool)
+    room = np.full((h_n, 1), 100.0)
+    demand = np.array([10.0, 0.0, 0.0, 0.0])
+    out, delay, _ = _plan_deferred(world, demand, np.zeros((h_n, 1)), room, up, 1.0,  # type: ignore[arg-type]
+                                   oracle=False, spatial=spatial, min_gain=0.05)  # fmt: skip
+    assert delay == 0.0 and out[0, 0] == pytest.approx(10.0)
+    world.forecast_gate = np.full((h_n, w, 1), 80.0)  # the gain holds at the bound: it waits
+    out, delay, _ = _plan_deferred(world, demand, np.zeros((h_n, 1)), room, up, 1.0,  # type: ignore[arg-type]
+                                   oracle=False, spatial=spatial, min_gain=0.05)  # fmt: skip
+    assert delay > 0.0 and out[0, 0] == 0.0
