@@ -252,3 +252,14 @@ def test_the_simulated_deferral_waits_only_for_gains_that_hold_at_the_gate(spati
     out, delay, _ = _plan_deferred(world, demand, np.zeros((h_n, 1)), room, up, 1.0,  # type: ignore[arg-type]
                                    oracle=False, spatial=spatial, min_gain=0.05)  # fmt: skip
     assert delay > 0.0 and out[0, 0] == 0.0
+
+
+@pytest.mark.parametrize("later", [-0.5, float("nan"), float("inf")])
+async def test_a_forecast_value_that_is_no_intensity_is_no_target(
+    tmp_path: Path, later: float
+) -> None:
+    # the fleet scaler and the dashboard refuse a forecast value that is not a number >= 0;
+    # the deferral planner took a negative one as the cleanest hour there is and waited for it
+    source = StaticCarbonSource(VALUES, profile=(1.0, later), upper=(1.0, later))
+    async with service_kit(tmp_path, source=source) as kit:
+        assert await post_deferrable(kit) == 200

@@ -188,7 +188,7 @@ def forecast_rows(fc: Forecast, hours: list[Any], q: float) -> tuple[np.ndarray,
     """``(point, bound)`` [len(hours)]: the forecast for the period containing each hour, and
     the forecast at quantile ``q`` there, read between the band's columns (above its highest
     column, the highest: the strictest it has). An hour the forecast (or its band) does not
-    cover, before its first period or after its last, and a value that is not finite, are
+    cover, before its first period or after its last, and a value that is not a number >= 0, are
     ``inf``: no target. Without a band, or at ``q`` 0.5, the bound is the point forecast (an
     API's forecast is taken at its word)."""
     t = pd.DatetimeIndex(hours)
@@ -199,7 +199,9 @@ def forecast_rows(fc: Forecast, hours: list[Any], q: float) -> tuple[np.ndarray,
         pos = index.searchsorted(t, side="right") - 1
         covered = (pos >= 0) & (t <= index[-1])
         got = np.where(covered, values[np.clip(pos, 0, None)], np.inf)
-        return np.where(np.isfinite(got), got, np.inf)
+        with np.errstate(invalid="ignore"):
+            usable = np.isfinite(got) & (got >= 0)  # as the fleet scaler and the dashboard
+        return np.where(usable, got, np.inf)
 
     point = rows(fc.g_per_kwh.index, fc.g_per_kwh.to_numpy(dtype=float))
     band = fc.quantiles
