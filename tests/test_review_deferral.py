@@ -263,3 +263,15 @@ async def test_a_forecast_value_that_is_no_intensity_is_no_target(
     source = StaticCarbonSource(VALUES, profile=(1.0, later), upper=(1.0, later))
     async with service_kit(tmp_path, source=source) as kit:
         assert await post_deferrable(kit) == 200
+
+
+def test_an_endless_forecast_refit_period_is_a_config_error() -> None:
+    # forecast_refit_s .inf passed: the background loop refreshed once and slept forever
+    from regions.config import ConfigError
+
+    text = CONFIG.replace(
+        "policy: {name: price_carbon, weight: 0.5}",
+        "policy: {name: price_carbon, weight: 0.5, forecast_refit_s: .inf}",
+    )
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+ policy\.forecast_refit_s"):
+        load_config_text(text)
