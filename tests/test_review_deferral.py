@@ -275,3 +275,39 @@ def test_an_endless_forecast_refit_period_is_a_config_error() -> None:
     )
     with pytest.raises(ConfigError, match=r"c\.yaml:\d+ policy\.forecast_refit_s"):
         load_config_text(text)
+
+
+async def test_a_deferred_job_starts_before_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # defer=3600 at 10:01: the deadline is 11:01, the cleaner hour 11:00, and the planner's
+    # jitter (up to 10 min, so that jobs do not all start on the hour) put the start up to
+    # 11:10, past the deadline the tenant set
+    from datetime import UTC, datetime
+
+    import router.service.deferral as deferral_mod
+    import router.service.routing as routing_mod
+
+    real = datetime
+    fixed = real.now(UTC).replace(minute=1, second=0, microsecond=0)
+
+    class At(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return fixed
+
+    monkeypatch.setattr(routing_mod, "datetime", At)
+    monkeypatch.setattr(deferral_mod, "datetime", At)
+
+    class MaxJitter:
+        def uniform(self, lo: float, hi: float) -> float:
+            return hi
+
+    source = StaticCarbonSource(VALUES, profile=(1.0, 0.5))
+    pref = {**DEMO, "X-Carbon-Preference": 'defer=3600, regions=("eu-north")'}
+    async with service_kit(tmp_path, source=source) as kit:
+        kit.service.live.router._rng = MaxJitter()  # type: ignore[assignment]
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert real.fromisoformat(job["start_at"]) <= real.fromisoformat(job["deadline"])

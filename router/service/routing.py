@@ -444,7 +444,10 @@ class Router:
             return None
         if k == 0:
             return None
-        start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, 600)))
+        # spread over the hour's first 10 minutes, never past the request's deadline
+        latest = now + timedelta(seconds=min(pref.defer_s, self.config.policy.max_defer_s))
+        spread_s = min(600.0, max(0.0, (latest - hours[k]).total_seconds()))
+        start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, spread_s)))
         return start, r, best, float(np.nanmin(s[0]))
 
     def _book_for(self, hour0: datetime) -> SlotBook:
