@@ -311,3 +311,38 @@ async def test_a_deferred_job_starts_before_its_deadline(
         assert r.status_code == 202, r.text
         job = r.json()
         assert real.fromisoformat(job["start_at"]) <= real.fromisoformat(job["deadline"])
+
+
+class Cancels(StaticCarbonSource):
+    """Lets a CancelledError out of its next forecast(), as a source's HTTP library may."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.cancel_next = True
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        import asyncio
+
+        if self.cancel_next:
+            self.cancel_next = False
+            raise asyncio.CancelledError()
+        return await super().forecast(zone, horizon_h)
+
+
+async def test_a_source_that_raises_cancelled_does_not_end_the_refresh_loop() -> None:
+    # the CancelledError cancelled the shared refresh; refresh_all, which catches Exception
+    # only, passed it on and the service's forecast loop ended for good
+    import asyncio
+
+    source = Cancels(VALUES)
+    view = ForecastView(list(load_config_text(CONFIG).regions), {"grid": source})
+    await view.refresh_all()  # eu-north's refresh was cancelled; the others go on
+    assert view.age_s("eu-north") is None and view.age_s("us-south") is not None
+    await view.refresh_all()
+    assert view.age_s("eu-north") is not None
+    # the loop's own cancellation (the service stopping) still ends it
+    task = asyncio.create_task(view.refresh_all())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -99,6 +99,12 @@ class ForecastView:
                 log.warning("no forecast for %s: %s; keeping the last one", region.name, e)
             except Exception:  # noqa: BLE001  # a source's bug: logged, the loop goes on
                 log.exception("forecast refresh for %s failed", region.name)
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # the loop itself is stopped
+                # the refresh was cancelled from inside (a source's library): a failure
+                log.error("forecast refresh for %s was cancelled; the loop goes on", region.name)
 
     def adopt(self, old: ForecastView) -> None:
         """Keep the forecasts of ``old`` (the view before a reload) for each region whose zone
