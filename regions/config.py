@@ -411,6 +411,7 @@ class PolicyDefaults(_Strict):
     forecast_refit_s: float = Field(
         600.0,
         ge=10,
+        allow_inf_nan=False,
         description="how often each region's carbon forecast (and its recent error) is "
         "refreshed in the background; a forecast is refitted at most once per hour",
     )

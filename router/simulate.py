@@ -748,7 +748,12 @@ def _plan_deferred(
         else:
             fleet = (seen[:, g_of] * free).sum(axis=1) / np.maximum(free.sum(axis=1), 1e-12)
             fleet = np.where(free.sum(axis=1) > 0, fleet, np.inf)
-            fleet[1:] = np.where(fleet[1:] < fleet[0] * (1 - min_gain), fleet[1:], np.inf)
+            held = fleet
+            if gate_fc is not None:  # the gain must hold at the gate's quantile too
+                held = (gate_fc[h, :k_n][:, g_of] * free).sum(axis=1) / np.maximum(
+                    free.sum(axis=1), 1e-12
+                )
+            fleet[1:] = np.where(held[1:] < fleet[0] * (1 - min_gain), fleet[1:], np.inf)
             for k in np.argsort(fleet, kind="stable"):
                 if left <= 1e-9 or not np.isfinite(fleet[k]):
                     break

@@ -244,6 +244,9 @@ class RouterService:
         live.router.carbon.adopt(old_live.router.carbon)
         if live.router.forecasts is not None and old_live.router.forecasts is not None:
             live.router.forecasts.adopt(old_live.router.forecasts)
+        new_mf, old_mf = live.router.marginal_forecasts, old_live.router.marginal_forecasts
+        if new_mf is not None and old_mf is not None:
+            new_mf.adopt(old_mf)
         if live.router.marginal is not None and old_live.router.marginal is not None:
             live.router.marginal.adopt(old_live.router.marginal)
         self.live = live
@@ -273,7 +276,9 @@ class RouterService:
             router = self.live.router
             if router.forecasts is not None:
                 await router.forecasts.refresh_all()
-            if router.marginal_forecasts is not None:
+            # the marginal source's forecasts (a metered API's) only where deferral plans on
+            # them: decisions on the marginal signal
+            if router.marginal_forecasts is not None and router.decides_on_marginal:
                 await router.marginal_forecasts.refresh_all()
             await asyncio.sleep(router.config.policy.forecast_refit_s)
 

@@ -39,7 +39,7 @@ from router.policy import Candidates, Decision, Policy, carbon_agnostic_baseline
 from router.preference import Preference, parse_preference
 from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 from router.service.carbon import CarbonView
-from router.service.forecasts import ForecastView, recent_error_of
+from router.service.forecasts import ForecastView, forecast_rows, recent_error_of
 from router.service.ports import LoadReport
 
 log = logging.getLogger(__name__)
@@ -410,27 +410,24 @@ class Router:
         for i, st in enumerate(self.states):
             if not ok[i]:
                 continue
+            # now is known, forecast or not: a region without a forecast is no later target
+            # but still runs the request now (else the best now is a dirtier region's)
+            intensity[0, i] = upper[0, i] = c.intensity_g_per_kwh[i]
+            price[:, i] = [st.prices.at(h) for h in hours]
             try:
                 fc = await self._forecast(st.region)
+                # hours the forecast does not cover (past its end, before its start) are no
+                # targets; the gain must hold at the stated quantile, read between the band's
+                # columns (a source without a band, an API's point forecast, is taken at its
+                # word)
+                ahead, bound = forecast_rows(fc, hours[1:], q)
             except ForecastingError as e:  # unavailable, or no model can be made
                 log.warning(
                     "no forecast for %s (%s): it is not a deferral target", st.region.name, e
                 )
                 continue
-            intensity[0, i] = c.intensity_g_per_kwh[i]  # now is known
-            # hours past the forecast's end (it was issued an hour or so ago) are no targets
-            ahead = [h for h in hours[1:] if h <= fc.g_per_kwh.index[-1]]
-            k_n = 1 + len(ahead)
-            intensity[1:k_n, i] = [fc.at(h) for h in ahead]
-            # the gain must hold at the stated quantile; a source without a band (an API's
-            # point forecast) is taken at its word
-            upper[0, i] = intensity[0, i]
-            upper[1:k_n, i] = (
-                [fc.quantile_at(h, q) for h in ahead]
-                if q > 0.5 and fc.quantiles is not None and q in fc.quantiles.columns
-                else intensity[1:k_n, i]
-            )
-            price[:, i] = [st.prices.at(h) for h in hours]
+            intensity[1:, i] = ahead
+            upper[1:, i] = bound
         # the batch a request joins hours from now is not today's: the predictor's figure
         # (an average over the batch), not the marginal energy at the load now
         s = slot_scores(c.billed_kwh, c.pue, price, intensity, pref.weight)
@@ -447,7 +444,10 @@ class Router:
             return None
         if k == 0:
             return None
-        start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, 600)))
+        # spread over the hour's first 10 minutes, never past the request's deadline
+        latest = now + timedelta(seconds=min(pref.defer_s, self.config.policy.max_defer_s))
+        spread_s = min(600.0, max(0.0, (latest - hours[k]).total_seconds()))
+        start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, spread_s)))
         return start, r, best, float(np.nanmin(s[0]))
 
     def _book_for(self, hour0: datetime) -> SlotBook:
