@@ -6,6 +6,7 @@ import sqlite3
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -265,3 +266,207 @@ def test_a_utc_time_in_any_iso_form_is_summed_and_paged_alike(tmp_path: Path, fo
                                                              else 0), (s, e)  # fmt: skip
     stored = ledger.get("odd")
     assert stored is not None and stored.started_at == "2026-11-01T23:00:00.000000+00:00"
+
+
+# ---- the chain, its signatures and the kept sums, read back exactly ---------------------------
+
+H = datetime(2026, 11, 3, 12, tzinfo=UTC)
+# binary fractions: sums of them are exact, so the expected sums below are too
+FIGS: dict[str, object] = dict(kwh_billed=0.5, carbon_g=2.0, cost_usd=0.25, avoided_g=-1.0,
+                               embodied_g=0.125, binding="score")  # fmt: skip
+
+
+def chained(path: Path) -> Ledger:
+    """acme's a1..a3 and bolt's b1, written in that order over two writes."""
+    ledger = Ledger(path)
+    ledger.write([row("a1", H, **FIGS), row("b1", H, tenant="bolt", **FIGS)])
+    ledger.write([row("a2", H + timedelta(minutes=1), **FIGS),
+                  row("a3", H + timedelta(minutes=2), **FIGS)])  # fmt: skip
+    return ledger
+
+
+def test_each_tenants_chain_reads_back_in_order_and_links(tmp_path: Path) -> None:
+    from router.chain import GENESIS, canonical, link
+
+    ledger = chained(tmp_path / "l.sqlite")
+    rows = list(ledger.chain("acme", batch=1))
+    assert [(r[0], r[1], r[2]) for r in rows] == [("a1", "acme", 1), ("a2", "acme", 2),
+                                                  ("a3", "acme", 3)]  # fmt: skip
+    prev = GENESIS
+    for rid, _, seq, at, prev_hash, h, receipt in rows:
+        assert prev_hash == prev
+        want = canonical({**ledger.receipt(rid), "tenant_seq": seq, "chained_at": at})  # type: ignore[dict-item]
+        assert receipt.encode() == want and h == link(prev, want)
+        prev = h
+    b1 = ledger.receipt("b1")
+    assert b1 is not None and ledger.heads() == {
+        "acme": (3, rows[2][5]),
+        "bolt": (1, b1["row_hash"]),
+    }
+    assert ledger.head("acme") == (3, rows[2][5]) and ledger.head("nobody") is None
+    assert list(ledger.chain("acme", first_seq=2, last_seq=2)) == [rows[1]]
+    assert list(ledger.chain("acme", first_seq=3)) == [rows[2]]
+    assert list(ledger.chain("nobody")) == []
+    assert ledger.link_before("acme", 2) == rows[0][5]
+    with pytest.raises(LedgerError, match="tenant acme has no row 4 in its chain"):
+        ledger.link_before("acme", 4)
+    # every row as stored, in the order written
+    stored = list(ledger.stored(batch=1))
+    assert [(s[0], s[1], s[2]) for s in stored] == [(1, "acme", 1), (2, "bolt", 1),
+                                                    (3, "acme", 2), (4, "acme", 3)]  # fmt: skip
+    assert [s[3:] for s in stored if s[1] == "acme"] == [r[3:] for r in rows]
+    assert ledger.request_at(2) == "b1" and ledger.request_at(99) == "rowid 99"
+    assert (ledger.tenants(), ledger.count(), ledger.integrity_ok()) == (["acme", "bolt"], 4, True)
+
+
+def test_a_receipt_is_its_row_and_its_place_in_the_chain(tmp_path: Path) -> None:
+    ledger = chained(tmp_path / "l.sqlite")
+    (a2,) = [r for r in ledger.chain("acme") if r[0] == "a2"]
+    got = ledger.receipt("a2")
+    assert got is not None
+    want = {**{c: getattr(row("a2", H + timedelta(minutes=1), **FIGS), c) for c in COLUMNS},
+            "tenant_seq": 2, "chained_at": a2[3], "prev_hash": a2[4], "row_hash": a2[5],
+            "chain_version": 1}  # fmt: skip
+    assert got == want and got["carbon_stale"] is False
+    assert ledger.receipt("a2", tenant="acme") == want
+    assert ledger.receipt("a2", tenant="bolt") is None  # another tenant's id reads as unknown
+    assert ledger.receipt("nope") is None
+    stale = Ledger(tmp_path / "s.sqlite")
+    stale.write([row("s", carbon_stale=True)])
+    assert stale.receipt("s")["carbon_stale"] is True  # type: ignore[index]
+
+
+def test_a_period_of_the_chain_is_the_seqs_chained_in_it(tmp_path: Path) -> None:
+    ledger = chained(tmp_path / "l.sqlite")
+    ats = [datetime.fromisoformat(r[3]) for r in ledger.chain("acme")]
+    first, last = ats[0], ats[-1]
+    assert ledger.seq_range("acme", None, None) == (1, 3)
+    assert ledger.seq_range("acme", first, None) == (1, 3)  # from: inclusive
+    assert ledger.seq_range("acme", None, first) is None  # to: exclusive
+    assert ledger.seq_range("acme", last + timedelta(microseconds=1), None) is None
+    assert ledger.seq_range("acme", None, last + timedelta(microseconds=1)) == (1, 3)
+    assert ledger.seq_range("bolt", first, None) == (1, 1)
+    assert ledger.seq_range("nobody", None, None) is None
+
+
+def test_signed_heads_are_kept_and_read_back_by_tenant_seq_and_key(tmp_path: Path) -> None:
+    ledger = chained(tmp_path / "l.sqlite")
+    assert ledger.signatures() == [] and ledger.last_signed_at() is None
+    assert ledger.last_signed("k1", "acme") is None
+    sig = [("acme", 2, "h2", "2026-11-03T13:00:00", "k1", "pub1", "s1"),
+           ("acme", 1, "h1", "2026-11-03T12:00:00", "k1", "pub1", "s0"),
+           ("acme", 3, "h3", "2026-11-03T11:00:00", "k2", "pub2", "s2"),
+           ("bolt", 1, "hb", "2026-11-03T14:00:00", "k1", "pub1", "s3")]  # fmt: skip
+    ledger.add_signatures(sig)
+    ledger.add_signatures(sig[:1])  # the same head again: kept once
+    cols = ("tenant", "tenant_seq", "row_hash", "signed_at", "key_id", "public_key", "signature")
+    as_dicts = [dict(zip(cols, s, strict=True)) for s in sig]
+    assert ledger.signatures() == [as_dicts[i] for i in (1, 0, 2, 3)]
+    assert ledger.signatures("acme") == [as_dicts[i] for i in (1, 0, 2)]
+    assert ledger.signatures("acme", 2) == [as_dicts[i] for i in (0, 2)]
+    assert ledger.signatures("acme", 1, 2) == [as_dicts[i] for i in (1, 0)]
+    assert ledger.signatures(None, 1, 1) == [as_dicts[i] for i in (1, 3)]
+    assert ledger.last_signed("k1", "acme") == (2, "h2")
+    assert ledger.last_signed("k2", "acme") == (3, "h3")
+    assert ledger.last_signed("k2", "bolt") is None
+    assert ledger.last_signed_at() == "2026-11-03T14:00:00"
+    with pytest.raises(sqlite3.IntegrityError, match="kept as signed"):
+        ledger._db.execute("DELETE FROM chain_signatures")
+    # a batch that fails is kept whole or not at all, and leaves no transaction open
+    with pytest.raises(sqlite3.Error):
+        ledger.add_signatures([("bolt", 2, "h", "t", "k1", "p", "s"), ("bolt", 3)])  # type: ignore[list-item]
+    assert not ledger._db.in_transaction
+    assert len(ledger.signatures("bolt")) == 1
+
+
+def test_the_schema_is_the_one_verify_expects(tmp_path: Path) -> None:
+    from router.ledger import V5_INDEXES, V5_REQUESTS_SQL
+
+    ledger = chained(tmp_path / "l.sqlite")
+    # SQLite quotes the name it renamed the migrated table to
+    assert ledger.schema_sql() == V5_REQUESTS_SQL.replace("requests", '"requests"', 1)
+    assert ledger.index_sql() == {
+        **V5_INDEXES,
+        "requests_tenant_time": "CREATE INDEX requests_tenant_time ON requests "
+        "(tenant, started_at)",
+        "requests_time": "CREATE INDEX requests_time ON requests (started_at, request_id)",
+    }
+    ledger._db.execute("DROP TABLE requests")
+    assert ledger.schema_sql() == "" and ledger.index_sql() == {}
+
+
+def hour_row(rid: str, minutes: int, **kw: object) -> LedgerRow:
+    return row(rid, H + timedelta(minutes=minutes), **{**FIGS, **kw})
+
+
+def sums(n: int, k: float = 1.0) -> dict[str, Any]:
+    """``n`` rows' sums of FIGS, kWh times ``k``."""
+    return {"requests": n, "kwh": 0.5 * n * k, "carbon_g": 2.0 * n, "avoided_g": -1.0 * n,
+            "embodied_g": 0.125 * n, "cost_usd": 0.25 * n}  # fmt: skip
+
+
+def test_hourly_sums_by_region_and_deciding_constraint(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([
+        hour_row("before", -1),  # 11:59, outside
+        hour_row("a", 0), hour_row("b", 30), hour_row("c", 10, tenant="bolt"),
+        hour_row("d", 65, region="us-east", binding="latency"),
+        hour_row("e", 70, binding="latency"),
+        hour_row("end", 120),  # 14:00, the hour holding the end: outside
+    ])  # fmt: skip
+    # the hours from the one holding the start (12:20 is in 12) up to the end's hour
+    got = ledger.hourly(H + timedelta(minutes=20), H + timedelta(hours=2))
+    assert got == [
+        {"hour": "2026-11-03T12", "region": "eu-north", "binding": "score", **sums(3)},
+        {"hour": "2026-11-03T13", "region": "eu-north", "binding": "latency", **sums(1)},
+        {"hour": "2026-11-03T13", "region": "us-east", "binding": "latency", **sums(1)},
+    ]
+    assert ledger.hourly(H, H + timedelta(hours=1), tenant="bolt") == [
+        {"hour": "2026-11-03T12", "region": "eu-north", "binding": "score", **sums(1)}
+    ]
+    assert ledger.hourly(H, H) == []
+
+
+def test_top_tenants_by_kwh_then_name(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([
+        hour_row("a1", 0), hour_row("a2", 61), hour_row("a3", 121),  # 14:01: outside
+        hour_row("z", 5, tenant="zed"), hour_row("b", 5, tenant="bolt"),
+        hour_row("big", -1, tenant="big", kwh_billed=9.0),  # 11:59: outside
+    ])  # fmt: skip
+    top = ledger.top_tenants(H, H + timedelta(hours=2))
+
+    def t(name: str, n: int) -> dict[str, Any]:
+        s = sums(n)
+        return {"tenant": name, "requests": n, "kwh": s["kwh"], "carbon_g": s["carbon_g"],
+                "avoided_g": s["avoided_g"], "cost_usd": s["cost_usd"]}  # fmt: skip
+
+    assert top == [t("acme", 2), t("bolt", 1), t("zed", 1)]
+    assert ledger.top_tenants(H, H + timedelta(hours=2), limit=2) == [t("acme", 2), t("bolt", 1)]
+
+
+def test_the_kept_sums_are_checked_against_the_rows(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([hour_row("a", 0), hour_row("b", 30), hour_row("c", 60 * 25),
+                  hour_row("d", 10, tenant="bolt")])  # fmt: skip
+    assert ledger.sums_check() == []
+    db = ledger._db
+    # within the tolerance (a relative 1e-9): float sums in another order, not an edit
+    db.execute("UPDATE usage_hourly SET kwh = kwh * (1 + 1e-10) WHERE tenant = 'bolt'")
+    db.execute("UPDATE usage_daily SET kwh = kwh + 1e-13 WHERE tenant = 'bolt'")
+    assert ledger.sums_check() == []
+    db.execute("UPDATE usage_hourly SET kwh = 2.0, cost_usd = 0.75 WHERE hour = '2026-11-03T12' "
+               "AND tenant = 'acme'")  # fmt: skip
+    db.execute("DELETE FROM usage_hourly WHERE tenant = 'acme' AND hour = '2026-11-04T13'")
+    db.execute("UPDATE usage_daily SET requests = 3, embodied_g = 0.0 WHERE tenant = 'acme' "
+               "AND day = '2026-11-03'")  # fmt: skip
+    db.execute("INSERT INTO usage_daily VALUES ('acme', '2026-11-05', 1, 1, 1, 1, 1, 1)")
+    db.execute("UPDATE usage_daily SET avoided_g = -1.0 * (1 + 1e-8) WHERE tenant = 'bolt'")
+    assert ledger.sums_check() == [
+        "hourly sums 2026-11-03T12 acme eu-north score: kwh 2.0 (rows: 1.0), "
+        "cost_usd 0.75 (rows: 0.5)",
+        "hourly sums 2026-11-04T13 acme eu-north score: no sum",
+        "daily sums acme 2026-11-03: requests 3 (rows: 2), embodied_g 0.0 (rows: 0.25)",
+        "daily sums acme 2026-11-05: no rows",
+        "daily sums bolt 2026-11-03: avoided_g -1.00000001 (rows: -1.0)",
+    ]
