@@ -524,6 +524,15 @@ def _check_head(report: Report, chain: _Chain, s: dict[str, Any], trusted: set[s
                            f"signed {str(s['row_hash'])[:12]}… (history rewritten)")  # fmt: skip
 
 
+def _seq_of(head: dict[str, Any]) -> int | None:
+    """A signed head's seq, or None when it has none that is a number (the head is reported
+    as malformed by :func:`_check_heads`; the rest of the ledger is still checked)."""
+    try:
+        return int(head["tenant_seq"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def verify_ledger(
     ledger: Ledger,
     trusted: Iterable[str] | None = None,
@@ -565,7 +574,7 @@ def verify_ledger(
         chain = chains.get(tenant)
         if chain is None:
             chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
-            chain.keep = {int(s["tenant_seq"]) for s in signatures.get(tenant, [])}
+            chain.keep = {q for s in signatures.get(tenant, []) if (q := _seq_of(s)) is not None}
             if record and tenant in record:
                 chain.keep.add(record[tenant][0])
         if not chain.fast(seq, prev_hash, stored, at, receipt):
@@ -576,7 +585,7 @@ def verify_ledger(
         chain = chains.get(tenant) or _Chain(report, tenant, 1, GENESIS)
         heads = signatures.get(tenant, [])
         _check_heads(report, chain, heads, trusted_keys)
-        last = max((int(s["tenant_seq"]) for s in heads), default=0)
+        last = max((q for s in heads if (q := _seq_of(s)) is not None), default=0)
         if chain.seq > last:
             report.notes.append(f"{tenant}: rows {last + 1}..{chain.seq} are after its last "
                                 "signed head")  # fmt: skip
@@ -586,7 +595,7 @@ def verify_ledger(
         if found != h:
             report.problem(f"{where}: the chain has {'no such row' if found is None else 'another'}"
                            " there (history rewritten or rows deleted)")  # fmt: skip
-        if not any(int(s["tenant_seq"]) == seq and s["row_hash"] == h
+        if not any(_seq_of(s) == seq and s["row_hash"] == h
                    for s in signatures.get(tenant, [])):  # fmt: skip
             report.problem(f"{where}: its signature is missing from the ledger")
     if sums:  # the sums usage totals and budgets read, against the rows
