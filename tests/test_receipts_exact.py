@@ -1,0 +1,550 @@
+"""Receipts, word for word: the keys and their errors, the signed-head message, the receipt an
+API caller reads, and what signing and verification say about each kind of tampering, each
+problem as the auditor reads it. Fast (ledgers of a few rows): `make mutation` runs these with
+tests/test_receipts.py against every mutant of router/receipts.py."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import sqlite3
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from router.chain import CHAIN_FIELDS, GENESIS, HASHED_NAMES
+from router.ledger import Ledger
+from router.receipts import (
+    HEAD_TAG,
+    MAX_PROBLEMS,
+    ReceiptError,
+    Report,
+    Signer,
+    head_message,
+    head_view,
+    key_id,
+    public_key_from,
+    receipt_view,
+    sign_heads,
+    signature_ok,
+    verify_ledger,
+)
+from tests.test_receipts import _tampered, _write_receipt, filled, receipt_row
+
+NOW = datetime(2026, 11, 4, 9, 30, tzinfo=UTC)
+NOW_ISO = "2026-11-04T09:30:00.000000+00:00"
+ZERO_KEY = base64.b64encode(bytes(32)).decode()
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> Signer:
+    return Signer.load(tmp_path / "key.pem", create=True)
+
+
+def raw_public(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+# ---- keys -----------------------------------------------------------------------------------
+
+
+def test_a_key_is_named_by_the_first_16_hex_digits_of_its_sha256() -> None:
+    assert key_id(ZERO_KEY) == hashlib.sha256(bytes(32)).hexdigest()[:16] == "66687aadf862bd77"
+
+
+def test_a_new_key_is_made_private_and_loads_back_the_same(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "k.pem"
+    with pytest.raises(ReceiptError) as e:
+        Signer.load(path)
+    assert str(e.value) == f"{path}: no signing key; make one with `router receipts keygen {path}`"
+    with caplog.at_level(logging.WARNING, logger="router.receipts"):
+        made = Signer.load(str(path), create=True)
+    assert caplog.messages == [
+        f"made a new receipt signing key at {path}: back it up, and publish its public key "
+        f"(router receipts public-key {path}) to those who verify receipts"
+    ]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
+    assert made.state_path == tmp_path / "k.pem.heads"
+    assert made.key_id == key_id(made.public_key)
+    assert len(base64.b64decode(made.public_key)) == 32
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="router.receipts"):
+        again = Signer.load(path, create=True)  # there already: loaded, not made again
+    assert caplog.messages == []
+    assert (again.public_key, again.state_path) == (made.public_key, made.state_path)
+    message = b"m"
+    assert signature_ok(made.public_key, message, again.sign(message))
+
+
+def test_a_key_readable_by_others_is_loaded_with_a_warning(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "key.pem"
+    os.chmod(path, 0o640)
+    with caplog.at_level(logging.WARNING, logger="router.receipts"):
+        loaded = Signer.load(path)
+    assert loaded.public_key == signer.public_key
+    assert caplog.messages == [
+        f"receipt signing key {path} can be read by other users (mode 640): anyone who can "
+        "read it can sign heads as this ledger; chmod 600 it"
+    ]
+    os.chmod(path, 0o604)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="router.receipts"):
+        Signer.load(path)
+    assert len(caplog.messages) == 1 and "(mode 604)" in caplog.messages[0]
+
+
+def test_a_key_that_is_not_an_ed25519_pem_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(b"not a key")
+    with pytest.raises(ReceiptError, match=r"bad\.pem: not an unencrypted PEM private key: "):
+        Signer.load(bad)
+    ec = tmp_path / "ec.pem"
+    ec.write_bytes(
+        generate_private_key(SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(ec, 0o600)
+    with pytest.raises(ReceiptError) as e:
+        Signer.load(ec)
+    name = type(serialization.load_pem_private_key(ec.read_bytes(), None)).__name__
+    assert str(e.value) == f"{ec}: the signing key must be Ed25519, not {name}"
+
+
+def test_the_signers_record_of_heads_merges_and_survives(tmp_path: Path, signer: Signer) -> None:
+    assert signer.signed_heads() == {}
+    signer.record({"bolt": (2, "hb"), "acme": (1, "ha")})
+    signer.record({"acme": (3, "hc")})
+    assert signer.signed_heads() == {"acme": (3, "hc"), "bolt": (2, "hb")}
+    assert signer.state_path is not None
+    assert signer.state_path.read_bytes() == b'{"acme":[3,"hc"],"bolt":[2,"hb"]}'
+    assert not signer.state_path.with_name("key.pem.heads.tmp").exists()
+    assert signer.state_path.stat().st_mode & 0o777 == 0o600
+    for junk in (b"[1]", b'{"acme": 5}', b'{"acme": ["x", "h"]}', b'{"acme": []}', b"{"):
+        signer.state_path.write_bytes(junk)
+        with pytest.raises(ReceiptError, match="key.pem.heads: the signer's record is unreadable"):
+            signer.signed_heads()
+    alone = Signer(Ed25519PrivateKey.generate())
+    alone.record({"acme": (1, "h")})  # no record kept: nothing to write, no error
+    assert alone.signed_heads() == {} and alone.state_path is None
+
+
+def test_a_public_key_is_read_as_base64_or_pem() -> None:
+    key = Ed25519PrivateKey.generate()
+    raw = raw_public(key)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert public_key_from(pem.decode()) == raw
+    assert public_key_from(f"  {raw}\n") == raw
+    with pytest.raises(ReceiptError, match="^not a PEM public key: "):
+        public_key_from("-----BEGIN PUBLIC KEY-----\nxx\n-----END PUBLIC KEY-----")
+    ec = generate_private_key(SECP256R1()).public_key()
+    ec_pem = ec.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(ReceiptError) as e:
+        public_key_from(ec_pem.decode())
+    assert str(e.value) == f"the public key must be Ed25519, not {type(ec).__name__}"
+    with pytest.raises(ReceiptError, match="^not a base64 public key: "):
+        public_key_from("not*base64")
+    with pytest.raises(ReceiptError, match="^an Ed25519 public key is 32 bytes, this is 31$"):
+        public_key_from(base64.b64encode(bytes(31)).decode())
+
+
+def test_a_signature_verifies_only_as_strict_base64_of_the_right_key() -> None:
+    key = Ed25519PrivateKey.generate()
+    sig = base64.b64encode(key.sign(b"m")).decode()
+    assert signature_ok(raw_public(key), b"m", sig)
+    assert not signature_ok(raw_public(key), b"n", sig)
+    assert not signature_ok(raw_public(Ed25519PrivateKey.generate()), b"m", sig)
+    assert not signature_ok(raw_public(key), b"m", sig[:-2] + "*=")  # not strict base64
+    assert not signature_ok(raw_public(key) + "*", b"m", sig)
+    assert not signature_ok(base64.b64encode(bytes(5)).decode(), b"m", sig)  # not a key
+
+
+def test_a_signed_head_message_is_its_tag_and_json() -> None:
+    assert HEAD_TAG == b"carbon-router/chain-head/v1\n"
+    assert head_message("acme", 3, "ab", "t") == b'carbon-router/chain-head/v1\n["acme",3,"ab","t"]'
+
+
+# ---- reports ---------------------------------------------------------------------------------
+
+
+def test_a_report_names_fifty_problems_then_counts_the_rest() -> None:
+    r = Report()
+    assert r.ok and MAX_PROBLEMS == 50
+    for k in range(52):
+        r.problem(f"p{k}")
+    assert r.problems == [f"p{k}" for k in range(50)] and r.more_problems == 2 and not r.ok
+    r = Report(rows=3, tenants=1, signatures=2, notes=["n"])
+    r.problem("x")
+    assert r.as_dict() == {"ok": False, "rows": 3, "tenants": 1, "signatures": 2,
+                           "problems": ["x"], "more_problems": 0, "notes": ["n"]}  # fmt: skip
+
+
+# ---- what a caller reads ---------------------------------------------------------------------
+
+
+def test_a_receipt_view_groups_each_figure_beside_where_it_came_from(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([receipt_row("r", energy_j=400.0, prefill_j=100.0, static_j=150.0)])
+    d = ledger.receipt("r")
+    assert d is not None
+    v = receipt_view(d)
+    assert {k: v[k] for k in ("object", "id", "tenant", "model", "status")} == {
+        "object": "receipt", "id": "r", "tenant": "acme", "model": "m", "status": "ok"}  # fmt: skip
+    assert v["placement"] == {"region": "eu-north", "replica": "eu-north-0", "zone": "SE-SE1"}
+    assert v["times"] == {"started_at": d["started_at"], "first_token_at": d["first_token_at"],
+                          "ended_at": d["ended_at"]}  # fmt: skip
+    assert v["tokens"] == {"prompt": 100, "completion": 50}
+    assert v["energy"] == {
+        "it_j": 400.0, "prefill_j": 100.0, "decode_j": 300.0, "active_j": 250.0,
+        "static_j": 150.0, "replica_seconds_held": 0.5, "source": "measured",
+        "meter": "nvml-energy", "method": "work-share/1", "pue": 1.2,
+        "billed_kwh": d["kwh_billed"],
+    }  # fmt: skip
+    assert v["carbon"] == {
+        "operational_g": 0.006, "intensity_g_per_kwh": 50.0, "signal": "average",
+        "accounting": "location-based (GHG Protocol Scope 2)",
+        "intensity_source": "electricitymaps", "intensity_at": d["intensity_at"],
+        "intensity_kind": "actual", "marginal_g_per_kwh": None, "embodied_g": 0.0021,
+        "embodied_basis": "",
+    }  # fmt: skip
+    assert v["avoided"] == {
+        "baseline": "power of two choices over the same allowed replicas, expected over its "
+        "draws, at the moment of the decision",
+        "baseline_replica": "us-east-0", "baseline_carbon_g": 0.05, "carbon_avoided_g": 0.044,
+    }  # fmt: skip
+    assert v["decision"] == {"policy": "price_carbon", "binding": "score"}
+    assert v["price"] == {"usd_per_kwh": 0.1, "tariff": "energy", "cost_usd": 1.2e-5,
+                          "energy_cost_usd": 1.2e-5, "token_cost_usd": 0.0,
+                          "carbon_cost_usd": 0.0}  # fmt: skip
+    assert v["chain"] == {k: d[k] for k in CHAIN_FIELDS} and v["chain"]["tenant_seq"] == 1
+    assert v["record"] == {k: d[k] for k in (*HASHED_NAMES, "prev_hash", "row_hash")}
+    assert len(v) == 15
+    marginal = receipt_view({**d, "signal": "marginal"})
+    assert marginal["carbon"]["accounting"] == "marginal signal"
+
+
+def test_a_chain_head_view_names_the_latest_signed_head(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    assert head_view(ledger, "nobody") == {"object": "receipt_chain_head", "tenant": "nobody",
+                                           "tenant_seq": 0, "row_hash": GENESIS,
+                                           "signed": None}  # fmt: skip
+    head = ledger.head("acme")
+    assert head is not None
+    view = head_view(ledger, "acme")
+    assert (view["tenant_seq"], view["row_hash"], view["signed"]) == (2, head[1], None)
+    ledger.add_signatures([("acme", 1, "h1", "2026-11-04T10", "k", "p", "s1"),
+                           ("acme", 2, "h2", "2026-11-04T08", "k", "p", "s2"),
+                           ("acme", 2, "h2", "2026-11-04T09", "k2", "p", "s3"),
+                           ("acme", 1, "h1", "2026-11-04T11", "k2", "p", "s4")])  # fmt: skip
+    assert head_view(ledger, "acme")["signed"] == {
+        "tenant": "acme", "tenant_seq": 2, "row_hash": "h2", "signed_at": "2026-11-04T09",
+        "key_id": "k2", "public_key": "p", "signature": "s3"}  # fmt: skip
+
+
+# ---- signing heads ---------------------------------------------------------------------------
+
+
+def signed_rows(ledger: Ledger) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(ledger.path)) as db:
+        return db.execute(
+            "SELECT tenant, tenant_seq, row_hash, signed_at, key_id, public_key, signature "
+            "FROM chain_signatures ORDER BY tenant, tenant_seq"
+        ).fetchall()
+
+
+def test_each_new_head_is_signed_once_at_the_time_given(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    heads = ledger.heads()
+    assert sign_heads(ledger, signer, NOW) == 2
+    got = signed_rows(ledger)
+    assert [g[:6] for g in got] == [
+        (t, heads[t][0], heads[t][1], NOW_ISO, signer.key_id, signer.public_key)
+        for t in ("acme", "bolt")
+    ]
+    for t, seq, h, at, _, pub, sig in got:
+        assert signature_ok(pub, head_message(t, seq, h, at), sig)
+    assert signer.signed_heads() == heads
+    assert sign_heads(ledger, signer, NOW) == 0  # nothing new: nothing signed
+    ledger.write([receipt_row("a9", "acme", 9)])
+    assert sign_heads(ledger, signer) == 1  # only the head that moved, at the clock's now
+    assert signed_rows(ledger)[-2][3] > NOW_ISO  # acme's new one, today
+
+
+def _signing_log(ledger: Ledger, signer: Signer, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What signing logs; it signs bolt's head (or nothing, when signed already), not acme's."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="router.receipts"):
+        sign_heads(ledger, signer, NOW)
+    assert "acme" not in {r[0] for r in signed_rows(ledger)}
+    return caplog.messages
+
+
+def test_a_head_is_not_signed_over_a_changed_history(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    acme = ledger.head("acme")
+    assert acme is not None
+    assert signer.state_path is not None
+    # the signer's own record says it signed further than the chain now goes
+    signer.record({"acme": (9, "h9")})
+    ledger.write([receipt_row("x", "acme", 9)])
+    assert _signing_log(ledger, signer, caplog)[0] == (
+        "not signing the chain head of tenant acme: its chain ends at seq 4, before the head "
+        "signed at seq 9"
+    )
+    signer.state_path.unlink()
+    signer.record({"acme": (2, "not-it")})
+    assert _signing_log(ledger, signer, caplog)[0] == (
+        "not signing the chain head of tenant acme: row 2 is not the row signed there"
+    )
+
+
+def test_signing_checks_every_row_since_the_last_signed_head(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    a2 = ledger.receipt("a2")
+    assert a2 is not None
+    k = HASHED_NAMES.index("cost_usd")
+    edited = _tampered(tmp_path, ledger,
+                       f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', 0.0) "
+                       "WHERE request_id = 'a2'")  # fmt: skip
+    msg = "not signing the chain head of tenant acme: row 3 does not hash to its row_hash"
+    assert _signing_log(edited, signer, caplog) == [msg]
+    assert len(signed_rows(edited)) == 1  # bolt's is signed
+    # a row whose own hash is right but that follows another row than the one before it
+    forged = _tampered(tmp_path, filled(tmp_path / "m.sqlite", 3), "SELECT 1")
+    with closing(sqlite3.connect(forged.path)) as db:
+        _write_receipt(db, {**a2, "request_id": "f", "tenant_seq": 4}, GENESIS)
+        db.commit()
+    assert _signing_log(forged, Signer(Ed25519PrivateKey.generate()), caplog) == [
+        "not signing the chain head of tenant acme: row 4 does not follow row 3"
+    ]
+
+
+def test_signing_finds_a_head_that_is_not_the_chains_end(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute("UPDATE chain_heads SET row_hash = 'elsewhere' WHERE tenant = 'acme'")
+        db.commit()
+    assert _signing_log(ledger, signer, caplog) == [
+        "not signing the chain head of tenant acme: its chain does not end at its head (seq 3)"
+    ]
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute("UPDATE chain_heads SET row_hash = ?, tenant_seq = 2 WHERE tenant = 'acme'",
+                   (ledger.receipt("a1")["row_hash"],))  # type: ignore[index]  # fmt: skip
+        db.commit()
+    # the chain goes on past the head: the head is not its end either
+    assert _signing_log(ledger, signer, caplog) == [
+        "not signing the chain head of tenant acme: its chain does not end at its head (seq 2)"
+    ]
+
+
+# ---- verifying a ledger ----------------------------------------------------------------------
+
+CHAIN_INDEX = "CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)"
+NO_CHAIN_INDEX = (f"the index requests_chain ({CHAIN_INDEX}) is missing or changed: without it a "
+                  "request could be billed twice")  # fmt: skip
+
+
+def h(ledger: Ledger, rid: str) -> str:
+    r = ledger.receipt(rid)
+    assert r is not None
+    return str(r["row_hash"])
+
+
+def test_a_clean_ledger_reports_what_it_checked(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    report = verify_ledger(ledger)
+    notes = [f"{t}: rows 1..3 are after its last signed head" for t in ("acme", "bolt")]
+    assert report.as_dict() == {"ok": True, "rows": 6, "tenants": 2, "signatures": 0,
+                                "problems": [], "more_problems": 0, "notes": notes}  # fmt: skip
+    sign_heads(ledger, signer, NOW)
+    ledger.write([receipt_row("a9", "acme", 9)])
+    other = Signer(Ed25519PrivateKey.generate())
+    sign_heads(ledger, other, NOW)
+    ids = ", ".join(sorted([signer.key_id, other.key_id]))
+    report = verify_ledger(ledger)
+    assert report.problems == [] and (report.rows, report.signatures) == (7, 4)
+    assert report.notes == [
+        f"signed heads checked with the keys they name ({ids}): compare them with the "
+        "operator's published key, or pass --public-key"
+    ]
+    trusted = verify_ledger(ledger, [signer.public_key])
+    assert trusted.problems == [
+        f"signed head of acme at seq 4 ({NOW_ISO}): signed by key {other.key_id}, not a trusted "
+        "key",
+        f"signed head of bolt at seq 3 ({NOW_ISO}): signed by key {other.key_id}, not a trusted "
+        "key",
+    ]
+    assert trusted.notes == []  # every head is a signed one
+
+
+def test_an_edited_row_is_named_and_so_is_the_link_after_it(tmp_path: Path) -> None:
+    from router.chain import link
+
+    ledger = filled(tmp_path / "l.sqlite", 4)
+    a0, a1 = h(ledger, "a0"), h(ledger, "a1")
+    k = HASHED_NAMES.index("model")
+    bad = _tampered(tmp_path, ledger,
+                    f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', 'x') "
+                    "WHERE request_id = 'a1'")  # fmt: skip
+    edited = next(r[6] for r in bad.chain("acme") if r[0] == "a1")
+    computed = link(a0, edited.encode())
+    report = verify_ledger(bad)
+    assert (report.rows, report.tenants) == (8, 2)
+    assert report.problems == [
+        NO_CHAIN_INDEX,
+        "ledger (request a1, seq 2): its fields do not hash to its row_hash (edited)",
+        f"ledger (request a2, seq 3): follows {a1[:12]}… but the row before it hashes to "
+        f"{computed[:12]}… (a row deleted, inserted, reordered or edited before it)",
+    ]
+
+
+def test_a_deleted_row_is_named_by_its_seq_and_its_link(tmp_path: Path) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 4)
+    a0, a1 = h(ledger, "a0"), h(ledger, "a1")
+    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a1'")
+    report = verify_ledger(bad, sums=False)
+    assert report.problems == [
+        NO_CHAIN_INDEX,
+        "ledger (request a2, seq 3): seq 3 where 2 was due (a row deleted, inserted or reordered)",
+        f"ledger (request a2, seq 3): follows {a1[:12]}… but the row before it hashes to "
+        f"{a0[:12]}… (a row deleted, inserted, reordered or edited before it)",
+    ]
+    assert report.rows == 7
+    # the kept sums still count the deleted row, and say so
+    sums = bad.sums_check()
+    assert len(sums) == 2 and verify_ledger(bad).problems == [*report.problems, *sums]
+
+
+def _sign_sql(ledger: Ledger, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """Change the ledger's signed heads as one who dropped their triggers would."""
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute("DROP TRIGGER IF EXISTS chain_signatures_kept_update")
+        db.execute("DROP TRIGGER IF EXISTS chain_signatures_kept_delete")
+        db.execute(sql, params)
+        db.commit()
+
+
+def test_each_signed_head_is_checked_against_the_chain(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    sign_heads(ledger, signer, NOW)
+    a2 = h(ledger, "a2")
+    where = f"signed head of acme at seq 3 ({NOW_ISO})"
+    # history rewritten: a2 edited, every hash after it made again
+    k = HASHED_NAMES.index("model")
+    bad = _tampered(tmp_path, ledger,
+                    f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', 'x'), "
+                    "row_hash = 'r' WHERE request_id = 'a2'")  # fmt: skip
+    got = verify_ledger(bad, [signer.public_key], sums=False)
+    computed = next(p for p in got.problems if "history rewritten" in p)
+    assert computed.startswith(f"{where}: the chain's row there hashes to ")
+    assert computed.endswith(f"…, not the signed {a2[:12]}… (history rewritten)")
+    # the last rows cut: the signed head names a row that is not there
+    cut = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a2'")
+    assert verify_ledger(cut, [signer.public_key], sums=False).problems == [
+        NO_CHAIN_INDEX, f"{where}: the chain has no row 3 (rows deleted)"]  # fmt: skip
+    # a signature changed, and one that is not base64
+    forged = _tampered(tmp_path, ledger, "SELECT 1")
+    _sign_sql(forged, "UPDATE chain_signatures SET signed_at = 'then' WHERE tenant = 'acme'")
+    _sign_sql(forged, "UPDATE chain_signatures SET signature = '*' WHERE tenant = 'bolt'")
+    assert verify_ledger(forged, [signer.public_key], sums=False).problems == [
+        NO_CHAIN_INDEX,
+        "signed head of acme at seq 3 (then): the signature does not verify",
+        f"signed head of bolt at seq 3 ({NOW_ISO}): the signature does not verify",
+    ]
+
+
+def test_a_signed_head_without_rows_or_malformed_is_named(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    sign_heads(ledger, signer, NOW)
+    bad = _tampered(tmp_path, ledger, "SELECT 1")
+    _sign_sql(bad, "INSERT INTO chain_signatures VALUES ('zed', 1, 'h', 't', 'k', ?, 's')",
+              (signer.public_key,))  # fmt: skip
+    _sign_sql(bad, "UPDATE chain_signatures SET tenant_seq = 'two' WHERE tenant = 'bolt'")
+    report = verify_ledger(bad, sums=False)
+    assert report.problems == [
+        NO_CHAIN_INDEX,
+        f"signed head of bolt at seq two ({NOW_ISO}): the signature does not verify",
+        "a signed head is malformed: ValueError(\"invalid literal for int() with base 10: 'two'\")",
+        "signed head of zed at seq 1 (t): the signature does not verify",
+        "signed head of zed at seq 1 (t): the chain has no row 1 (rows deleted)",
+    ]
+    assert (report.tenants, report.signatures) == (2, 3)
+    # the malformed head is no signed head: bolt's rows are all after its last one
+    assert report.notes[1:] == ["bolt: rows 1..2 are after its last signed head"]
+
+
+def test_the_signers_record_finds_a_signature_removed_from_the_ledger(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    sign_heads(ledger, signer, NOW)
+    record = signer.signed_heads()
+    assert verify_ledger(ledger, [signer.public_key], record=record).problems == []
+    a1, b0 = h(ledger, "a1"), h(ledger, "b0")
+    assert record["acme"] == (2, a1)
+    gone = _tampered(tmp_path, ledger, "SELECT 1")
+    _sign_sql(gone, "DELETE FROM chain_signatures WHERE tenant = 'acme'")
+    assert verify_ledger(gone, [signer.public_key], record=record, sums=False).problems == [
+        NO_CHAIN_INDEX,
+        "the head of acme at seq 2 the signer recorded: its signature is missing from the ledger",
+    ]
+    wrong = {"acme": (2, "other"), "bolt": (1, b0), "zed": (1, "z")}
+    assert verify_ledger(Ledger(ledger.path), [signer.public_key], record=wrong).problems == [
+        "the head of acme at seq 2 the signer recorded: the chain has another there (history "
+        "rewritten or rows deleted)",
+        "the head of acme at seq 2 the signer recorded: its signature is missing from the ledger",
+        "the head of bolt at seq 1 the signer recorded: its signature is missing from the ledger",
+        "the head of zed at seq 1 the signer recorded: the chain has no such row there (history "
+        "rewritten or rows deleted)",
+        "the head of zed at seq 1 the signer recorded: its signature is missing from the ledger",
+    ]
+
+
+def test_a_table_or_index_changed_is_named(tmp_path: Path) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 1)
+    bad = _tampered(tmp_path, ledger, "CREATE UNIQUE INDEX requests_chain ON requests (tenant)")
+    assert verify_ledger(bad).problems == [NO_CHAIN_INDEX]
+    gone = _tampered(tmp_path, ledger, "DROP INDEX requests_id")
+    assert verify_ledger(gone).problems == [
+        "the index requests_id (CREATE UNIQUE INDEX requests_id ON requests (request_id)) is "
+        "missing or changed: without it a request could be billed twice",
+        NO_CHAIN_INDEX,
+    ]
+    ledger.close()
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute("UPDATE sqlite_master SET sql = replace(sql, '$[19]', '$[20]') "
+                   "WHERE name = 'requests'")  # fmt: skip
+        db.commit()
+    assert verify_ledger(Ledger(ledger.path), sums=False).problems == [
+        "the requests table is not the one carbon-router makes: its columns may no longer be "
+        "the hashed receipts' (the table was redefined)"
+    ]
+    fresh = Ledger(tmp_path / "new.sqlite")  # made by this version: the name unquoted
+    assert verify_ledger(fresh).as_dict()["problems"] == []
