@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import os
 import sqlite3
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
@@ -23,11 +25,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from router.chain import CHAIN_FIELDS, GENESIS, HASHED_NAMES
 from router.ledger import Ledger
 from router.receipts import (
+    EXPORT_TAG,
     HEAD_TAG,
+    HEADER_KEYS,
     MAX_PROBLEMS,
+    TRAILER_KEYS,
     ReceiptError,
     Report,
     Signer,
+    export,
     head_message,
     head_view,
     key_id,
@@ -35,6 +41,8 @@ from router.receipts import (
     receipt_view,
     sign_heads,
     signature_ok,
+    verify_export,
+    verify_export_file,
     verify_ledger,
 )
 from tests.test_receipts import _tampered, _write_receipt, filled, receipt_row
@@ -548,3 +556,248 @@ def test_a_table_or_index_changed_is_named(tmp_path: Path) -> None:
     ]
     fresh = Ledger(tmp_path / "new.sqlite")  # made by this version: the name unquoted
     assert verify_ledger(fresh).as_dict()["problems"] == []
+
+
+# ---- exports ---------------------------------------------------------------------------------
+
+
+def exported(ledger: Ledger, signer: Signer, tenant: str = "acme", **kw: Any) -> list[bytes]:
+    out = io.BytesIO()
+    export(ledger, tenant, kw.get("start"), kw.get("end"), signer, out, now=NOW)
+    return out.getvalue().splitlines(keepends=True)
+
+
+def problems(lines: list[bytes], signer: Signer, resign: bool = False) -> list[str]:
+    """What verifying ``lines`` says; ``resign``: the trailer signed again first (a forger
+    with the key), so that only the receipts' own checks speak."""
+    if resign:
+        header, trailer = orjson.loads(lines[0]), orjson.loads(lines[-1])
+        from router.receipts import _statement
+
+        trailer["signature"] = signer.sign(_statement(header, trailer))
+        lines = [*lines[:-1], orjson.dumps(trailer) + b"\n"]
+    return verify_export(io.BytesIO(b"".join(lines)), [signer.public_key]).problems
+
+
+def test_an_export_is_a_header_its_receipts_as_hashed_and_a_signed_trailer(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    sign_heads(ledger, signer, NOW)
+    rows = list(ledger.chain("acme"))
+    lines = exported(ledger, signer)
+    header, trailer = orjson.loads(lines[0]), orjson.loads(lines[-1])
+    assert header == {
+        "format": "carbon-router-receipts/1", "tenant": "acme", "period_start": None,
+        "period_end": None, "first_seq": 1, "anchor": GENESIS, "key_id": signer.key_id,
+        "public_key": signer.public_key, "fields": list(HASHED_NAMES),
+        "signed_heads": ledger.signatures("acme"),
+    }  # fmt: skip
+    assert list(header) == list(HEADER_KEYS)
+    assert lines[1:-1] == [
+        b'{"receipt":%s,"prev_hash":"%s","row_hash":"%s"}\n'
+        % (r[6].encode(), r[4].encode(), r[5].encode())
+        for r in rows
+    ]
+    assert list(trailer) == list(TRAILER_KEYS)
+    assert {k: trailer[k] for k in TRAILER_KEYS[:-1]} == {"end": True, "count": 3, "last_seq": 3,
+                                                        "head_hash": rows[2][5],
+                                                        "exported_at": NOW_ISO}  # fmt: skip
+    statement = EXPORT_TAG + orjson.dumps(
+        [header[k] for k in HEADER_KEYS] + [trailer[k] for k in TRAILER_KEYS[:-1]]
+    )
+    assert EXPORT_TAG == b"carbon-router/export/v1\n"
+    assert signature_ok(signer.public_key, statement, trailer["signature"])
+    report = verify_export(io.BytesIO(b"".join(lines)), [signer.public_key])
+    assert report.as_dict() == {"ok": True, "rows": 3, "tenants": 1, "signatures": 1,
+                                "problems": [], "more_problems": 0, "notes": []}  # fmt: skip
+    # blank lines are not lines of the export
+    assert problems([lines[0], b"\n", *lines[1:], b"  \r\n"], signer) == []
+    path = tmp_path / "acme.jsonl"
+    path.write_bytes(b"".join(lines))
+    assert verify_export_file(path, [signer.public_key]).ok
+    assert verify_export_file(str(path)).notes == [
+        f"checked with the key in the export ({signer.key_id}): compare it with the "
+        "operator's published key, or pass --public-key"
+    ]
+
+
+def test_an_export_of_a_period_starts_after_the_row_before_it(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    for k in range(3):  # one write each: each chained at its own time
+        ledger.write([receipt_row(f"a{k}", "acme", k)])
+    rows = list(ledger.chain("acme"))
+    assert rows[0][3] < rows[1][3]
+    start = datetime.fromisoformat(rows[1][3])
+    lines = exported(ledger, signer, start=start, end=NOW.replace(year=2100))
+    header = orjson.loads(lines[0])
+    assert (header["period_start"], header["period_end"]) == (
+        rows[1][3], "2100-11-04T09:30:00.000000+00:00")  # fmt: skip
+    assert (header["first_seq"], header["anchor"]) == (2, rows[0][5])
+    assert len(lines) == 4 and problems(lines, signer) == []
+    assert orjson.loads(lines[-1])["count"] == 2
+    # nothing in the period: an empty run, still signed
+    empty = exported(ledger, signer, end=datetime(2000, 1, 1, tzinfo=UTC))
+    head, trailer = orjson.loads(empty[0]), orjson.loads(empty[-1])
+    assert (head["first_seq"], head["anchor"], head["signed_heads"]) == (None, None, [])
+    assert (trailer["count"], trailer["last_seq"], trailer["head_hash"]) == (0, None, None)
+    assert len(empty) == 2 and problems(empty, signer) == []
+
+
+def edit(lines: list[bytes], i: int, **kw: Any) -> list[bytes]:
+    i %= len(lines)
+    rec = orjson.loads(lines[i])
+    rec.update(kw)
+    return [*lines[:i], orjson.dumps(rec) + b"\n", *lines[i + 1 :]]
+
+
+def test_each_receipt_line_is_checked_for_its_place_link_and_hash(
+    tmp_path: Path, signer: Signer
+) -> None:
+    from router.chain import link
+
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    rows = list(ledger.chain("acme"))
+    lines = exported(ledger, signer)
+    receipt = orjson.loads(lines[2])["receipt"]
+    k = HASHED_NAMES.index("model")
+    edited = edit(lines, 2, receipt=[*receipt[:k], "x", *receipt[k + 1 :]])
+    computed = link(rows[0][5], orjson.dumps(orjson.loads(edited[2])["receipt"]))
+    assert problems(edited, signer) == [
+        "line 3 (request a1, seq 2): its fields do not hash to its row_hash (edited)",
+        f"line 4 (request a2, seq 3): follows {rows[1][5][:12]}… but the row before it hashes "
+        f"to {computed[:12]}… (a row deleted, inserted, reordered or edited before it)",
+    ]
+    moved = [*receipt]
+    moved[HASHED_NAMES.index("tenant")] = "bolt"
+    moved[HASHED_NAMES.index("tenant_seq")] = 5
+    got = problems(edit(lines, 2, receipt=moved), signer)
+    assert got[:2] == [
+        "line 3 (request a1, seq 5): tenant 'bolt' in 'acme''s chain",
+        "line 3 (request a1, seq 5): seq 5 where 2 was due (a row deleted, inserted or reordered)",
+    ]
+    assert got[2] == "line 3 (request a1, seq 5): its fields do not hash to its row_hash (edited)"
+    assert got[3].startswith("line 4 (request a2, seq 3): seq 3 where 6 was due")
+    assert problems([lines[0], lines[2], lines[3], lines[4]], signer, resign=True) == [
+        "line 2 (request a1, seq 2): seq 2 where 1 was due (a row deleted, inserted or reordered)",
+        f"line 2 (request a1, seq 2): follows {rows[0][5][:12]}… but the row before it hashes "
+        f"to {GENESIS[:12]}… (a row deleted, inserted, reordered or edited before it)",
+        "the trailer counts 3 receipts, the export has 2",
+    ]
+
+
+def test_a_line_that_is_not_a_receipt_as_written_is_named(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    lines = exported(ledger, signer)
+    assert problems([lines[0], b'{"x": 1}\n', *lines[2:]], signer) == [
+        "line 2: not a receipt line (receipt, prev_hash, row_hash)",
+        "line 2: not written as an export writes it (a duplicate key, an escape or spacing "
+        "changed)",
+        "line 3 (request a1, seq 2): follows "
+        f"{orjson.loads(lines[2])['prev_hash'][:12]}… but the row before it hashes to "
+        f"{GENESIS[:12]}… (a row deleted, inserted, reordered or edited before it)",
+    ]
+    rec = orjson.loads(lines[1])
+    for bad in ({**rec, "x": 1}, {**rec, "receipt": "x"}, {**rec, "receipt": rec["receipt"][1:]}):
+        assert problems([lines[0], orjson.dumps(bad) + b"\n", *lines[2:]], signer)[0] == (
+            "line 2: not a receipt line (receipt, prev_hash, row_hash)"
+        )
+    spaced = lines[1].replace(b'","', b'", "', 1)
+    assert problems([lines[0], spaced, *lines[2:]], signer) == [
+        "line 2: not written as an export writes it (a duplicate key, an escape or spacing changed)"
+    ]
+    twice = lines[1].replace(b'{"receipt"', b'{"prev_hash":"x","receipt"', 1)
+    assert problems([lines[0], twice, *lines[2:]], signer) == [
+        "line 2: not written as an export writes it (a duplicate key, an escape or spacing changed)"
+    ]
+    seq = [*rec["receipt"]]
+    seq[HASHED_NAMES.index("tenant_seq")] = "one"
+    got = problems([lines[0], orjson.dumps({**rec, "receipt": seq}) + b"\n", *lines[2:]], signer)
+    assert (
+        "line 2: malformed: ValueError(\"invalid literal for int() with base 10: 'one'\")"
+    ) in got
+    with pytest.raises(ReceiptError, match="^line 2: not a JSON object$"):
+        verify_export(io.BytesIO(lines[0] + b"[1]\n"))
+    with pytest.raises(ReceiptError, match="^line 2: not JSON: "):
+        verify_export(io.BytesIO(lines[0] + b"{\n"))
+
+
+def test_the_header_and_trailer_are_checked_and_signed(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    sign_heads(ledger, signer, NOW)
+    lines = exported(ledger, signer)
+    trailer = orjson.loads(lines[-1])
+    unsigned = (
+        "the export's signature does not verify: its header or trailer was changed, or it was "
+        "not signed by the key it names"
+    )
+    assert problems(lines[:-1], signer) == ["the export has no trailer: it was cut short"]
+    assert problems([*lines, lines[1]], signer) == ["line 5: after the export's end"]
+    assert problems(edit(lines, -1, count=3), signer) == [
+        "the trailer counts 3 receipts, the export has 2", unsigned]  # fmt: skip
+    cut_or_added = "the last receipt is not the head the trailer names (rows cut or added)"
+    assert problems(edit(lines, -1, head_hash="h"), signer) == [cut_or_added, unsigned]
+    assert problems(edit(lines, -1, last_seq=9), signer) == [
+        "the trailer's last seq 9 is not the last receipt's 2", unsigned]  # fmt: skip
+    assert problems(edit(lines, -1, exported_at="then"), signer) == [unsigned]
+    assert problems(edit(lines, -1, signature="*"), signer) == [unsigned]
+    keys = sorted(TRAILER_KEYS)
+    assert problems(edit(lines, -1, extra=1), signer) == [
+        f"the trailer's keys are {sorted([*keys, 'extra'])}, not {keys}"]  # fmt: skip
+    del trailer["exported_at"]
+    cut = [*lines[:-1], orjson.dumps(trailer) + b"\n"]
+    assert problems(cut, signer) == [
+        f"the trailer's keys are {sorted(set(keys) - {'exported_at'})}, not {keys}",
+        "the header or trailer lacks 'exported_at'",
+    ]
+    hkeys = sorted(HEADER_KEYS)
+    assert problems(edit(lines, 0, extra=1), signer) == [
+        f"the header's keys are {sorted([*hkeys, 'extra'])}, not {hkeys}"]  # fmt: skip
+    assert problems(edit(lines, 0, tenant="bolt"), signer)[0] == (
+        "line 2 (request a0, seq 1): tenant 'acme' in 'bolt''s chain"
+    )
+    assert problems(edit(lines, 0, signed_heads="x"), signer) == [
+        "the header's signed_heads is not a list of signed heads", unsigned]  # fmt: skip
+    assert problems(edit(lines, 0, signed_heads=[1]), signer) == [
+        "the header's signed_heads is not a list of signed heads", unsigned]  # fmt: skip
+
+
+def test_an_export_is_read_only_as_what_this_version_hashes(tmp_path: Path, signer: Signer) -> None:
+    lines = exported(filled(tmp_path / "l.sqlite", 1), signer)
+    with pytest.raises(ReceiptError) as e:
+        verify_export(io.BytesIO(b"".join(edit(lines, 0, format="other/1"))))
+    assert str(e.value) == "not a carbon-router-receipts/1 export (format 'other/1')"
+    with pytest.raises(ReceiptError) as e:
+        verify_export(io.BytesIO(b"".join(edit(lines, 0, fields=["a"]))))
+    assert str(e.value) == (
+        "the export's receipts have other fields than this carbon-router hashes (['a']); "
+        "verify it with the version that made it"
+    )
+    with pytest.raises(ReceiptError, match="^the export is empty$"):
+        verify_export(io.BytesIO(b"\n\n"))
+
+
+def test_the_exports_signed_heads_and_key_are_checked(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    sign_heads(ledger, signer, NOW)
+    lines = exported(ledger, signer)
+    other = Signer(Ed25519PrivateKey.generate())
+    report = verify_export(io.BytesIO(b"".join(lines)), [other.public_key])
+    assert report.problems == [
+        f"the export is signed by key {signer.key_id}, not a trusted key",
+        f"signed head of acme at seq 2 ({NOW_ISO}): signed by key {signer.key_id}, not a "
+        "trusted key",
+    ]
+    (head,) = orjson.loads(lines[0])["signed_heads"]
+    bolts = {**head, "tenant": "bolt"}
+    assert problems(edit(lines, 0, signed_heads=[bolts]), signer, resign=True) == [
+        f"signed head of bolt at seq 2 ({NOW_ISO}): another tenant's head in acme's chain",
+        f"signed head of bolt at seq 2 ({NOW_ISO}): the signature does not verify",
+    ]
+    assert problems(edit(lines, 0, signed_heads=[{"tenant_seq": 1}]), signer, resign=True) == [
+        "a signed head is malformed: KeyError('tenant')"]  # fmt: skip
+    empty = exported(ledger, signer, end=datetime(2000, 1, 1, tzinfo=UTC))
+    assert problems(edit(empty, 0, signed_heads=[head]), signer, resign=True) == [
+        "the export names signed heads but holds no receipt"]  # fmt: skip
