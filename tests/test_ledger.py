@@ -470,3 +470,128 @@ def test_the_kept_sums_are_checked_against_the_rows(tmp_path: Path) -> None:
         "daily sums acme 2026-11-05: no rows",
         "daily sums bolt 2026-11-03: avoided_g -1.00000001 (rows: -1.0)",
     ]
+
+
+# ---- a row is refused where it is made, and says why -------------------------------------------
+
+ZERO: dict[str, object] = dict(energy_j=0.0, kwh_billed=0.0, carbon_g=0.0, cost_usd=0.0,
+                               prefill_j=0.0, static_j=0.0, held_s=0.0, embodied_g=0.0,
+                               baseline_carbon_g=0.0)  # fmt: skip
+
+
+def refused(**kw: object) -> str:
+    with pytest.raises(LedgerError) as e:
+        row("x", **kw)
+    return str(e.value)
+
+
+def test_token_counts_are_ints_from_0_to_a_billion() -> None:
+    from router.ledger import MAX_TOKENS
+
+    assert MAX_TOKENS == 1_000_000_000
+    row("x", prompt_tokens=0, completion_tokens=0)
+    row("x", prompt_tokens=MAX_TOKENS, completion_tokens=MAX_TOKENS)
+    assert refused(prompt_tokens=MAX_TOKENS + 1) == (
+        "request x: token counts 1000000001, 50 are not 0..1000000000"
+    )
+    assert refused(completion_tokens=MAX_TOKENS + 1) == (
+        "request x: token counts 100, 1000000001 are not 0..1000000000"
+    )
+    assert refused(prompt_tokens=-1).startswith("request x: token counts -1, 50 ")
+    assert refused(completion_tokens=-1).startswith("request x: token counts 100, -1 ")
+    assert refused(prompt_tokens=True).startswith("request x: token counts True, 50 ")
+    assert refused(completion_tokens=50.0).startswith("request x: token counts 100, 50.0 ")
+
+
+FLOATS = [
+    "energy_j",
+    "pue",
+    "kwh_billed",
+    "intensity_g_per_kwh",
+    "carbon_g",
+    "price_usd_per_kwh",
+    "cost_usd",
+    "energy_cost_usd",
+    "token_cost_usd",
+    "carbon_cost_usd",
+    "prefill_j",
+    "static_j",
+    "held_s",
+    "embodied_g",
+    "baseline_carbon_g",
+    "avoided_g",
+]
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_a_figure_that_is_not_finite_is_named(name: str) -> None:
+    assert refused(**{name: float("nan")}) == f"request x: {name} is not a finite number"
+    assert refused(**{name: float("inf")}) == f"request x: {name} is not a finite number"
+
+
+def test_figures_each_finite_but_past_float_together_are_refused() -> None:
+    from router.ledger import FLOAT_COLUMNS
+
+    big = 1.1e307  # 16 of them stay a float, 17 do not
+    every = {n: big for n in FLOAT_COLUMNS}
+    row("x", **every)
+    assert refused(**every, marginal_g_per_kwh=big) == (
+        "request x: the sum of its figures is not a finite number"
+    )
+    assert refused(marginal_g_per_kwh=float("nan")) == (
+        "request x: the sum of its figures is not a finite number"
+    )
+    row("x", marginal_g_per_kwh=-big)  # a marginal signal can be negative, not unbounded
+
+
+@pytest.mark.parametrize("name", list(ZERO))
+def test_a_negative_figure_is_named(name: str) -> None:
+    row("zero", **ZERO)  # zero is a figure
+    assert refused(**{**ZERO, name: -1e-300}) == (
+        f"request x: negative energy, carbon or cost ({name})"
+    )
+
+
+def test_figures_that_may_be_negative_are_kept() -> None:
+    got = row("x", avoided_g=-1.0, token_cost_usd=-0.5, marginal_g_per_kwh=-3.0)
+    assert (got.avoided_g, got.token_cost_usd, got.marginal_g_per_kwh) == (-1.0, -0.5, -3.0)
+
+
+def test_energys_parts_cannot_exceed_it() -> None:
+    row("x", energy_j=10.0, prefill_j=10.0, static_j=10.0)  # equal: all of it
+    assert refused(energy_j=10.0, prefill_j=10.5) == (
+        "request x: prefill_j 10.5 or static_j 0.0 is more than its energy_j 10.0"
+    )
+    assert refused(energy_j=10.0, static_j=11.0) == (
+        "request x: prefill_j 0.0 or static_j 11.0 is more than its energy_j 10.0"
+    )
+
+
+def test_times_are_utc_and_stored_in_one_form() -> None:
+    canonical = "2026-11-01T23:00:00.000000+00:00"
+    for name in ("started_at", "ended_at", "first_token_at", "intensity_at"):
+        assert getattr(row("x", **{name: "2026-11-01T23:00:00Z"}), name) == canonical
+        assert refused(**{name: "2026-11-01T23:00:00+01:00"}) == (
+            f"request x: {name} must be UTC, got 2026-11-01T23:00:00+01:00"
+        )
+        assert refused(**{name: "2026-11-01T23:00:00"}) == (
+            f"request x: {name} must be UTC, got 2026-11-01T23:00:00"
+        )
+        assert refused(**{name: "yesterday"}) == (
+            f"request x: {name} 'yesterday': Invalid isoformat string: 'yesterday'"
+        )
+    # not known: the first token of an answer that had none, the time of an intensity
+    got = row("x", first_token_at=None, intensity_at="")
+    assert (got.first_token_at, got.intensity_at) == (None, "")
+    assert refused(started_at="").startswith("request x: started_at '': ")
+    assert refused(ended_at="").startswith("request x: ended_at '': ")
+    # each near miss of the stored form is stored in it
+    near_misses = (
+        "2026-11-01 23:00:00.000000+00:00",
+        "2026-11-01T23:00:00,000000+00:00",
+        "2026-11-01T23:00:00.000000-00:00",
+        "2026-11-01T23:00:00.000000+00:00:00",
+    )
+    for near in near_misses:
+        assert row("x", started_at=near).started_at == canonical, near
+    assert row("x", started_at=canonical).started_at == canonical
