@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -595,3 +596,110 @@ def test_times_are_utc_and_stored_in_one_form() -> None:
     for near in near_misses:
         assert row("x", started_at=near).started_at == canonical, near
     assert row("x", started_at=canonical).started_at == canonical
+
+
+# ---- opening, migrating and writing, exactly -------------------------------------------------
+
+
+def test_a_ledger_that_cannot_be_opened_or_is_not_ours_says_so(tmp_path: Path) -> None:
+    nowhere = tmp_path / "no" / "l.sqlite"
+    with pytest.raises(LedgerError) as e:
+        Ledger(nowhere)
+    assert str(e.value) == f"{nowhere}: cannot open the ledger: unable to open database file"
+    newer = tmp_path / "newer.sqlite"
+    Ledger(newer).close()
+    with closing(sqlite3.connect(newer)) as db:
+        db.execute("PRAGMA user_version=6")
+    with pytest.raises(LedgerError) as e:
+        Ledger(newer)
+    assert str(e.value) == (
+        f"{newer}: ledger schema v6 is newer than this carbon-router (v5); upgrade "
+        "carbon-router to read it. Nothing was changed"
+    )
+    foreign = tmp_path / "foreign.sqlite"
+    with closing(sqlite3.connect(foreign)) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("CREATE TABLE s (x)")
+    with pytest.raises(LedgerError) as e:
+        Ledger(foreign)
+    assert str(e.value) == (
+        f"{foreign}: not a carbon-router ledger (tables ['s', 't'] and no schema version); "
+        "point --ledger at a new file"
+    )
+
+
+def test_a_failed_migration_changes_nothing_and_names_its_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from router.ledger import MIGRATIONS
+
+    path = tmp_path / "v3.sqlite"
+    with closing(sqlite3.connect(path)) as db:
+        for v in range(3):
+            db.executescript(MIGRATIONS[v])  # type: ignore[arg-type]
+        db.execute("CREATE TABLE usage_daily (x)")  # in the way of v4's
+        db.execute("PRAGMA user_version=3")
+        db.commit()
+    with pytest.raises(LedgerError) as e:
+        Ledger(path)
+    assert str(e.value) == (f"{path}: migration from v3 failed: table usage_daily already exists")
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert (
+            db.execute("SELECT sql FROM sqlite_master WHERE name = 'requests_v5'").fetchall() == []
+        )
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("DROP TABLE usage_daily")
+    with caplog.at_level(logging.INFO, logger="router.ledger"):
+        assert Ledger(path).schema_version == 5
+    assert caplog.messages == [f"migrated ledger {path} from schema v3 to v5"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="router.ledger"):
+        Ledger(tmp_path / "new.sqlite")  # made, not migrated: nothing to say
+        Ledger(path)
+    assert caplog.messages == []
+
+
+def test_the_ledger_is_durable_and_usable_from_any_thread(tmp_path: Path) -> None:
+    import threading
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert ledger._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert ledger._db.isolation_level is None and ledger._reader.isolation_level is None
+    done: list[int] = []
+    t = threading.Thread(target=lambda: done.append(ledger.write([row("t")])))
+    t.start()
+    t.join()
+    got: list[LedgerRow | None] = []
+    t = threading.Thread(target=lambda: got.append(ledger.get("t")))
+    t.start()
+    t.join()
+    assert done == [1] and got == [row("t")]
+
+
+def test_a_batch_of_thousands_skips_each_known_id_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger.write([]) == 0
+    assert ledger.write([row(f"r{k}") for k in range(0, 1400, 2)]) == 700
+    # 1,400 ids, 700 known, past SQLite's bound parameters in one query; one id twice
+    again = [row(f"r{k}") for k in range(1400)] + [row("r1")]
+    assert ledger.write(again) == 700
+    assert ledger.count() == 1400
+    assert ledger.heads()["acme"][0] == 1400
+
+
+def test_one_write_chains_each_tenants_rows_after_its_own_head(tmp_path: Path) -> None:
+    from router.chain import GENESIS
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([row("a1")])
+    ledger.write([row("b1", tenant="bolt"), row("a2"), row("b2", tenant="bolt"), row("a3")])
+    a = [ledger.receipt(f"a{k}") for k in (1, 2, 3)]
+    b = [ledger.receipt(f"b{k}") for k in (1, 2)]
+    assert [r["tenant_seq"] for r in a] == [1, 2, 3]  # type: ignore[index]
+    assert [r["tenant_seq"] for r in b] == [1, 2]  # type: ignore[index]
+    assert b[0]["prev_hash"] == GENESIS and b[1]["prev_hash"] == b[0]["row_hash"]  # type: ignore[index]
+    assert a[1]["prev_hash"] == a[0]["row_hash"] and a[2]["prev_hash"] == a[1]["row_hash"]  # type: ignore[index]
+    # one write, one time joined
+    assert a[1]["chained_at"] == a[2]["chained_at"] == b[0]["chained_at"] > a[0]["chained_at"]  # type: ignore[index]
