@@ -202,7 +202,7 @@ def test_period_totals_equal_the_sum_of_their_rows(
         ]
         ledger.write([
             row(f"r{k}", when, tenant=("acme", "globex")[k % 2], kwh_billed=k * 1e-3,
-                carbon_g=k * 0.5, cost_usd=k * 1e-4)
+                carbon_g=k * 0.5, cost_usd=k * 1e-4, avoided_g=k * -0.25, embodied_g=k * 0.125)
             for k, when in enumerate(at)
         ])  # fmt: skip
         ledger.write([row("r3", t0)])  # a duplicate of a written row: skipped, not summed again
@@ -217,6 +217,8 @@ def test_period_totals_equal_the_sum_of_their_rows(
         assert totals["kwh"] == pytest.approx(sum(r.kwh_billed for r in rows), abs=1e-12)
         assert totals["carbon_g"] == pytest.approx(sum(r.carbon_g for r in rows), abs=1e-9)
         assert totals["cost_usd"] == pytest.approx(sum(r.cost_usd for r in rows), abs=1e-12)
+        assert totals["carbon_avoided_g"] == pytest.approx(sum(r.avoided_g for r in rows))
+        assert totals["embodied_g"] == pytest.approx(sum(r.embodied_g for r in rows))
         if tenant and s is not None and e is None:
             assert ledger.spend(tenant, s) == pytest.approx(
                 (totals["kwh"], totals["carbon_g"], totals["cost_usd"]), abs=1e-9)  # fmt: skip
