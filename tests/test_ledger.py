@@ -705,3 +705,45 @@ def test_one_write_chains_each_tenants_rows_after_its_own_head(tmp_path: Path) -
     assert a[1]["prev_hash"] == a[0]["row_hash"] and a[2]["prev_hash"] == a[1]["row_hash"]  # type: ignore[index]
     # one write, one time joined
     assert a[1]["chained_at"] == a[2]["chained_at"] == b[0]["chained_at"] > a[0]["chained_at"]  # type: ignore[index]
+
+
+def test_rows_billed_before_receipts_are_chained_per_tenant_in_time_order(tmp_path: Path) -> None:
+    from router.chain import GENESIS, canonical, link
+    from router.ledger import MIGRATIONS
+
+    path = tmp_path / "v4.sqlite"
+    t = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    later = t + timedelta(minutes=2)
+    old = [row("b", later), row("a", later), row("c", t, carbon_stale=True),
+           row("z", t + timedelta(minutes=1), tenant="bolt")]  # fmt: skip
+    with closing(sqlite3.connect(path)) as db:
+        for v in range(4):
+            step = MIGRATIONS[v]
+            for stmt in step.split(";") if isinstance(step, str) else step:
+                assert isinstance(stmt, str)
+                db.execute(stmt)
+        marks = ", ".join("?" for _ in V4_COLUMNS)
+        db.executemany(f"INSERT INTO requests ({', '.join(V4_COLUMNS)}) VALUES ({marks})",
+                       [[getattr(r, c) for c in V4_COLUMNS] for r in old])  # fmt: skip
+        db.execute("PRAGMA user_version=4")
+        db.commit()
+    before = datetime.now(UTC)
+    ledger = Ledger(path)
+    # acme's by start time, then request id; bolt's its own chain
+    chain = list(ledger.chain("acme"))
+    assert [(r[0], r[2]) for r in chain] == [("c", 1), ("a", 2), ("b", 3)]
+    assert [(r[0], r[2]) for r in ledger.chain("bolt")] == [("z", 1)]
+    prev = GENESIS
+    for rid, _, _, at, prev_hash, h, receipt in chain:
+        assert datetime.fromisoformat(at) >= before
+        got = ledger.receipt(rid)
+        assert got is not None and prev_hash == prev
+        assert receipt.encode() == canonical(got) and h == link(prev, receipt.encode())
+        prev = h
+    assert ledger.heads() == {"acme": (3, prev), "bolt": (1, ledger.receipt("z")["row_hash"])}  # type: ignore[index]
+    # a row billed on a stale intensity says so in the field receipts added; the rest default
+    c, a = ledger.get("c"), ledger.get("a")
+    assert c is not None and a is not None
+    assert (c.intensity_kind, a.intensity_kind) == ("stale", "actual")
+    assert c == row("c", t, carbon_stale=True, intensity_kind="stale")
+    assert ledger.write([row("d", t)]) == 1 and ledger.receipt("d")["tenant_seq"] == 4  # type: ignore[index]
