@@ -590,6 +590,7 @@ def test_times_are_utc_and_stored_in_one_form() -> None:
     assert refused(ended_at="").startswith("request x: ended_at '': ")
     # each near miss of the stored form is stored in it
     near_misses = (
+        "2026-11-01t23:00:00.000000+00:00",
         "2026-11-01 23:00:00.000000+00:00",
         "2026-11-01T23:00:00,000000+00:00",
         "2026-11-01T23:00:00.000000-00:00",
@@ -683,12 +684,12 @@ def test_the_ledger_is_durable_and_usable_from_any_thread(tmp_path: Path) -> Non
 def test_a_batch_of_thousands_skips_each_known_id_once(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     assert ledger.write([]) == 0
-    assert ledger.write([row(f"r{k}") for k in range(0, 1400, 2)]) == 700
-    # 1,400 ids, 700 known, past SQLite's bound parameters in one query; one id twice
-    again = [row(f"r{k}") for k in range(1400)] + [row("r1")]
-    assert ledger.write(again) == 700
-    assert ledger.count() == 1400
-    assert ledger.heads()["acme"][0] == 1400
+    batch = [row(f"r{k}") for k in range(1400)]
+    assert ledger.write(batch) == 1400
+    # every id known but one, past SQLite's bound parameters in one query, the new one twice
+    assert ledger.write([*batch, row("new"), row("new")]) == 1
+    assert ledger.count() == 1401
+    assert ledger.heads()["acme"][0] == 1401
 
 
 def test_one_write_chains_each_tenants_rows_after_its_own_head(tmp_path: Path) -> None:
@@ -747,3 +748,136 @@ def test_rows_billed_before_receipts_are_chained_per_tenant_in_time_order(tmp_pa
     assert (c.intensity_kind, a.intensity_kind) == ("stale", "actual")
     assert c == row("c", t, carbon_stale=True, intensity_kind="stale")
     assert ledger.write([row("d", t)]) == 1 and ledger.receipt("d")["tenant_seq"] == 4  # type: ignore[index]
+
+
+def test_each_column_is_generated_from_the_receipt_with_its_type_and_check() -> None:
+    from router.chain import _bool, _float, _int, _str
+    from router.ledger import _column
+
+    gen = "GENERATED ALWAYS AS (json_extract(receipt, '$[{}]')) VIRTUAL"
+    assert _column(9, "energy_j", _float) == (
+        f"energy_j REAL {gen.format(9)} NOT NULL CHECK (energy_j >= 0)"
+    )
+    assert _column(7, "prompt_tokens", _int) == (
+        f"prompt_tokens INTEGER {gen.format(7)} NOT NULL CHECK (prompt_tokens >= 0)"
+    )
+    assert _column(15, "carbon_stale", _bool) == f"carbon_stale INTEGER {gen.format(15)} NOT NULL"
+    assert _column(0, "request_id", _str) == f"request_id TEXT {gen.format(0)} NOT NULL"
+    assert _column(25, "first_token_at", _str) == f"first_token_at TEXT {gen.format(25)}"
+    assert _column(34, "marginal_g_per_kwh", _float) == f"marginal_g_per_kwh REAL {gen.format(34)}"
+    assert _column(3, "pue", _float) == f"pue REAL {gen.format(3)} NOT NULL CHECK (pue >= 1)"
+
+
+def test_a_writer_waits_half_a_minute_for_anothers_lock(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger._db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+    assert ledger._reader.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+
+
+def test_ledger_times_are_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from datetime import timezone
+
+    with pytest.raises(LedgerError) as e:
+        utc_iso(datetime(2026, 11, 3, 12))  # noqa: DTZ001  # naive on purpose
+    assert str(e.value) == "naive datetime 2026-11-03 12:00:00; ledger times are UTC"
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        when = datetime(2026, 11, 3, 14, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))
+        assert utc_iso(when) == "2026-11-03T12:00:00.000005+00:00"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_period_starting_or_ending_inside_a_second_sums_its_own_rows(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    d1 = datetime(2026, 11, 1, tzinfo=UTC)
+    ledger.write([row("a", d1 + timedelta(hours=23, minutes=59, seconds=59)),
+                  row("b", d1 + timedelta(days=1, seconds=10)),
+                  row("c", d1 + timedelta(days=1, microseconds=500)),
+                  row("d", d1 + timedelta(days=2, seconds=20)),
+                  row("e", d1 + timedelta(days=3, hours=1))])  # fmt: skip
+    # from 05:00:30.5 on day 1 to 00:00:15.25 on day 3
+    start = d1 + timedelta(hours=5, seconds=30, microseconds=500)
+    end = d1 + timedelta(days=2, seconds=15, microseconds=250)
+    assert ledger.usage_page("acme", start=start, end=end).totals["requests"] == 3
+    assert (
+        ledger.usage_page("acme", start=start, end=end + timedelta(seconds=5)).totals["requests"]
+        == 4
+    )
+    assert ledger.spend("acme", d1 + timedelta(days=1, seconds=5))[0] == pytest.approx(
+        3 * row("x").kwh_billed
+    )
+
+
+def test_a_page_is_its_limit_and_says_whether_more_follow(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    ledger.write([row(f"r{k:03d}", t0 + timedelta(seconds=k)) for k in range(101)])
+    ledger.write([row("z", t0, tenant="bolt")])
+    page = ledger.usage_page("acme")
+    assert len(page.rows) == 100 and page.has_more  # 100 a page by default
+    exact = ledger.usage_page("acme", limit=101)
+    assert len(exact.rows) == 101 and not exact.has_more
+    everyone = ledger.usage_page(None, after="r099")
+    assert [r.request_id for r in everyone.rows] == ["r100"] and not everyone.has_more
+    # everyone's rows by start time, then request id: z (at t0) is after r000
+    assert [r.request_id for r in ledger.usage_page(None, after="z", limit=2).rows] == [
+        "r001",
+        "r002",
+    ]
+    with pytest.raises(LedgerError, match="^no row z to page after$"):
+        ledger.usage_page("acme", after="z")  # another tenant's id: unknown
+    assert ledger.get("nope") is None
+
+
+def test_idle_energy_and_readings_per_replica(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    t = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    assert ledger.idle_j() == 0.0 and ledger.idle_j("a") == 0.0
+    ledger.write_idle("a", t, t + timedelta(minutes=1), 5.0)
+    ledger.write_idle("b", t, t + timedelta(minutes=1), 7.0)
+    assert (ledger.idle_j("a"), ledger.idle_j("b"), ledger.idle_j()) == (5.0, 7.0, 12.0)
+    ledger.write_readings("a", [(2.0, "w2", 20.0), (1.0, "w1", 10.0)], "measured")
+    ledger.write_readings("b", [(1.0, "w1", 99.0)], "estimated")
+    assert ledger.readings("a") == [(1.0, "w1", 10.0), (2.0, "w2", 20.0)]
+    ledger.write([row("new", t + timedelta(seconds=1), prompt_tokens=1),
+                  row("old", t, prompt_tokens=2), row("bad", t, status="error"),
+                  row("far", t, replica="other")])  # fmt: skip
+    assert ledger.measured_rows("eu-north-0") == [(1, 50, 360.0), (2, 50, 360.0)]
+    assert ledger.measured_rows("eu-north-0", limit=1) == [(1, 50, 360.0)]
+
+
+def test_a_periods_whole_days_are_read_from_their_sums_not_their_rows(tmp_path: Path) -> None:
+    """The small form of test_ledger_scale's: a thousand more rows inside a period's whole
+    days cost its totals nothing; inside its partial days they would. Day 2 is whole in a
+    period from noon on day 1 and in one from midnight starting it."""
+    ledger = Ledger(tmp_path / "l.sqlite")
+    d1 = datetime(2026, 11, 1, tzinfo=UTC)
+    d2, end = d1 + timedelta(days=1), d1 + timedelta(days=2, hours=12)
+    ledger.write([row("a", d1 + timedelta(hours=12)), row("b", end - timedelta(hours=1))])
+
+    def steps(start: datetime) -> int:
+        n = 0
+
+        def tick() -> int:
+            nonlocal n
+            n += 1
+            return 0
+
+        ledger._reader.set_progress_handler(tick, 100)
+        try:
+            assert ledger.usage_page("acme", start=start, end=end, limit=1).totals
+        finally:
+            ledger._reader.set_progress_handler(None, 0)
+        return n
+
+    starts = (d1 + timedelta(hours=12), d2)
+    before = [steps(s) for s in starts]
+    ledger.write([row(f"m{k}", d2 + timedelta(seconds=k)) for k in range(1000)])
+    assert ledger.usage_page("acme", start=starts[0], end=end).totals["requests"] == 1002
+    assert ledger.usage_page("acme", start=d2, end=end).totals["requests"] == 1001
+    after = [steps(s) for s in starts]
+    assert after[0] <= before[0] + 2 and after[1] <= before[1] + 2, (before, after)
