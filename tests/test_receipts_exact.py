@@ -801,3 +801,65 @@ def test_the_exports_signed_heads_and_key_are_checked(tmp_path: Path, signer: Si
     empty = exported(ledger, signer, end=datetime(2000, 1, 1, tzinfo=UTC))
     assert problems(edit(empty, 0, signed_heads=[head]), signer, resign=True) == [
         "the export names signed heads but holds no receipt"]  # fmt: skip
+
+
+def test_base64_keys_are_read_strictly() -> None:
+    raw = raw_public(Ed25519PrivateKey.generate())
+    for bad in (raw[:4] + "*" + raw[4:], raw[:4] + "\n" + raw[4:]):
+        with pytest.raises(ReceiptError, match="^not a base64 public key: "):
+            public_key_from(bad)
+
+
+def test_a_head_view_is_the_tenants_own(tmp_path: Path, signer: Signer) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 1)
+    ledger.add_signatures([("acme", 1, "h1", "t1", "k", "p", "s1"),
+                           ("bolt", 9, "h9", "t9", "k", "p", "s9")])  # fmt: skip
+    assert head_view(ledger, "acme")["signed"]["signature"] == "s1"
+
+
+def test_an_export_carries_the_heads_signed_inside_its_run_only(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    for k in range(3):  # a head signed after each row: at seqs 1, 2 and 3
+        ledger.write([receipt_row(f"a{k}", "acme", k)])
+        sign_heads(ledger, signer, NOW)
+    rows = list(ledger.chain("acme"))
+    start, end = datetime.fromisoformat(rows[1][3]), datetime.fromisoformat(rows[2][3])
+    lines = exported(ledger, signer, start=start, end=end)
+    heads = orjson.loads(lines[0])["signed_heads"]
+    assert [h["tenant_seq"] for h in heads] == [2]
+    assert problems(lines, signer) == []
+
+
+def test_a_bad_line_inside_an_export_counts_as_a_row_in_its_place(
+    tmp_path: Path, signer: Signer
+) -> None:
+    lines = exported(filled(tmp_path / "l.sqlite", 3), signer)
+    second = orjson.loads(lines[2])
+    assert problems([*lines[:2], b'{"x": 1}\n', *lines[3:]], signer) == [
+        "line 3: not a receipt line (receipt, prev_hash, row_hash)",
+        "line 3: not written as an export writes it (a duplicate key, an escape or spacing "
+        "changed)",
+        f"line 4 (request a2, seq 3): follows {second['row_hash'][:12]}… but the row before it "
+        f"hashes to {second['prev_hash'][:12]}… (a row deleted, inserted, reordered or edited "
+        "before it)",
+    ]
+
+
+def test_a_receipt_line_with_trailing_spaces_is_not_as_written(
+    tmp_path: Path, signer: Signer
+) -> None:
+    lines = exported(filled(tmp_path / "l.sqlite", 1), signer)
+    assert problems([lines[0], lines[1].replace(b"\n", b"  \r\n"), lines[2]], signer) == [
+        "line 2: not written as an export writes it (a duplicate key, an escape or spacing changed)"
+    ]
+
+
+def test_an_export_file_is_checked_with_the_keys_given(tmp_path: Path, signer: Signer) -> None:
+    path = tmp_path / "acme.jsonl"
+    path.write_bytes(b"".join(exported(filled(tmp_path / "l.sqlite", 1), signer)))
+    other = Signer(Ed25519PrivateKey.generate())
+    assert verify_export_file(path, [other.public_key]).problems == [
+        f"the export is signed by key {signer.key_id}, not a trusted key"
+    ]
