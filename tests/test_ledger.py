@@ -881,3 +881,15 @@ def test_a_periods_whole_days_are_read_from_their_sums_not_their_rows(tmp_path: 
     assert ledger.usage_page("acme", start=d2, end=end).totals["requests"] == 1001
     after = [steps(s) for s in starts]
     assert after[0] <= before[0] + 2 and after[1] <= before[1] + 2, (before, after)
+
+
+def test_a_tenants_rows_of_a_period_in_time_order(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    t = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    m = timedelta(minutes=1)
+    ledger.write([row("c", t + 2 * m), row("a", t), row("b", t + m), row("x", t, tenant="bolt")])
+    assert [r.request_id for r in ledger.tenant_rows("acme")] == ["a", "b", "c"]
+    assert [r.request_id for r in ledger.tenant_rows(None)] == ["a", "x", "b", "c"]
+    got = ledger.tenant_rows("acme", t + timedelta(minutes=1), t + timedelta(minutes=2))
+    assert got == [row("b", t + timedelta(minutes=1))]
+    assert [r.request_id for r in ledger.tenant_rows("acme", end=t + timedelta(minutes=1))] == ["a"]
