@@ -450,26 +450,28 @@ def test_top_tenants_by_kwh_then_name(tmp_path: Path) -> None:
 
 def test_the_kept_sums_are_checked_against_the_rows(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.write([hour_row("a", 0), hour_row("b", 30), hour_row("c", 60 * 25),
-                  hour_row("d", 10, tenant="bolt")])  # fmt: skip
+    ledger.write([hour_row("a", 0), hour_row("b", 30), hour_row("e", 60), hour_row("c", 60 * 25),
+                  hour_row("d", 10, tenant="bolt", embodied_g=0.0)])  # fmt: skip
     assert ledger.sums_check() == []
     db = ledger._db
-    # within the tolerance (a relative 1e-9): float sums in another order, not an edit
+    # within the tolerance (a relative 1e-9, or 1e-12 near zero): float sums in another
+    # order, not an edit
     db.execute("UPDATE usage_hourly SET kwh = kwh * (1 + 1e-10) WHERE tenant = 'bolt'")
-    db.execute("UPDATE usage_daily SET kwh = kwh + 1e-13 WHERE tenant = 'bolt'")
+    db.execute("UPDATE usage_daily SET kwh = kwh + 1e-13, embodied_g = 1e-13 "
+               "WHERE tenant = 'bolt'")  # fmt: skip
     assert ledger.sums_check() == []
-    db.execute("UPDATE usage_hourly SET kwh = 2.0, cost_usd = 0.75 WHERE hour = '2026-11-03T12' "
-               "AND tenant = 'acme'")  # fmt: skip
+    db.execute("UPDATE usage_hourly SET kwh = 2.0, carbon_g = 5.0, cost_usd = 0.75 "
+               "WHERE hour = '2026-11-03T12' AND tenant = 'acme'")  # fmt: skip
     db.execute("DELETE FROM usage_hourly WHERE tenant = 'acme' AND hour = '2026-11-04T13'")
-    db.execute("UPDATE usage_daily SET requests = 3, embodied_g = 0.0 WHERE tenant = 'acme' "
+    db.execute("UPDATE usage_daily SET requests = 4, embodied_g = 0.0 WHERE tenant = 'acme' "
                "AND day = '2026-11-03'")  # fmt: skip
     db.execute("INSERT INTO usage_daily VALUES ('acme', '2026-11-05', 1, 1, 1, 1, 1, 1)")
     db.execute("UPDATE usage_daily SET avoided_g = -1.0 * (1 + 1e-8) WHERE tenant = 'bolt'")
     assert ledger.sums_check() == [
         "hourly sums 2026-11-03T12 acme eu-north score: kwh 2.0 (rows: 1.0), "
-        "cost_usd 0.75 (rows: 0.5)",
+        "carbon_g 5.0 (rows: 4.0), cost_usd 0.75 (rows: 0.5)",
         "hourly sums 2026-11-04T13 acme eu-north score: no sum",
-        "daily sums acme 2026-11-03: requests 3 (rows: 2), embodied_g 0.0 (rows: 0.25)",
+        "daily sums acme 2026-11-03: requests 4 (rows: 3), embodied_g 0.0 (rows: 0.375)",
         "daily sums acme 2026-11-05: no rows",
         "daily sums bolt 2026-11-03: avoided_g -1.00000001 (rows: -1.0)",
     ]
