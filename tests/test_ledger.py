@@ -895,3 +895,25 @@ def test_a_tenants_rows_of_a_period_in_time_order(tmp_path: Path) -> None:
     got = ledger.tenant_rows("acme", t + timedelta(minutes=1), t + timedelta(minutes=2))
     assert got == [row("b", t + timedelta(minutes=1))]
     assert [r.request_id for r in ledger.tenant_rows("acme", end=t + timedelta(minutes=1))] == ["a"]
+
+
+def test_a_top_list_is_ten_tenants_by_default(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    t = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    ledger.write([row("r", t), row("r2", t)])
+    ledger.write([row(f"t{k}", t, tenant=f"t{k:02d}") for k in range(11)])
+    top = ledger.top_tenants(t, t + timedelta(hours=1))
+    assert [x["tenant"] for x in top] == ["acme"] + [f"t{k:02d}" for k in range(9)]
+
+
+def test_a_chain_read_can_go_on_in_another_thread(tmp_path: Path) -> None:
+    import threading
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([row("a"), row("b")])
+    rows = ledger.chain("acme", batch=1)
+    got = [next(rows)]
+    t = threading.Thread(target=lambda: got.extend(rows))
+    t.start()
+    t.join()
+    assert [r[0] for r in got] == ["a", "b"]
