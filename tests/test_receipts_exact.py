@@ -821,14 +821,14 @@ def test_an_export_carries_the_heads_signed_inside_its_run_only(
     tmp_path: Path, signer: Signer
 ) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    for k in range(3):  # a head signed after each row: at seqs 1, 2 and 3
+    for k in range(4):  # a head signed after each row: at seqs 1 to 4
         ledger.write([receipt_row(f"a{k}", "acme", k)])
         sign_heads(ledger, signer, NOW)
     rows = list(ledger.chain("acme"))
-    start, end = datetime.fromisoformat(rows[1][3]), datetime.fromisoformat(rows[2][3])
+    start, end = datetime.fromisoformat(rows[1][3]), datetime.fromisoformat(rows[3][3])
     lines = exported(ledger, signer, start=start, end=end)
     heads = orjson.loads(lines[0])["signed_heads"]
-    assert [h["tenant_seq"] for h in heads] == [2]
+    assert [h["tenant_seq"] for h in heads] == [2, 3]
     assert problems(lines, signer) == []
 
 
