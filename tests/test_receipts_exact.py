@@ -863,3 +863,45 @@ def test_an_export_file_is_checked_with_the_keys_given(tmp_path: Path, signer: S
     assert verify_export_file(path, [other.public_key]).problems == [
         f"the export is signed by key {signer.key_id}, not a trusted key"
     ]
+
+
+def test_signing_starts_from_the_later_of_the_ledgers_head_and_the_signers_record(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    assert sign_heads(ledger, signer, NOW) == 2
+    older = signer.signed_heads()
+    ledger.write([receipt_row("a9", "acme", 9)])
+    assert sign_heads(ledger, signer, NOW) == 1
+    assert signer.state_path is not None
+    signer.state_path.write_bytes(orjson.dumps({t: list(v) for t, v in older.items()}))
+    assert sign_heads(ledger, signer, NOW) == 0  # the ledger's head is the later: signed
+    # a head signed at the chain's own seq but another row: not the row signed there
+    signer.record({"acme": (3, "other")})
+    with caplog.at_level(logging.ERROR, logger="router.receipts"):
+        assert sign_heads(ledger, signer, NOW) == 0
+    assert caplog.messages == [
+        "not signing the chain head of tenant acme: row 3 is not the row signed there"
+    ]
+
+
+def test_a_requests_table_made_without_quotes_is_the_one_expected(tmp_path: Path) -> None:
+    from router.ledger import V5_REQUESTS_SQL
+
+    ledger = filled(tmp_path / "l.sqlite", 1)
+    ledger.close()
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'requests'", (V5_REQUESTS_SQL,))
+        db.commit()
+    again = Ledger(ledger.path)
+    assert again.schema_sql() == V5_REQUESTS_SQL
+    assert verify_ledger(again).problems == []
+
+
+def test_an_export_without_a_first_seq_starts_at_seq_1(tmp_path: Path, signer: Signer) -> None:
+    lines = exported(filled(tmp_path / "l.sqlite", 2), signer)
+    assert problems(edit(lines, 0, first_seq=None), signer, resign=True) == []
+    assert problems(edit(lines, 0, first_seq=2), signer, resign=True)[0] == (
+        "line 2 (request a0, seq 1): seq 1 where 2 was due (a row deleted, inserted or reordered)"
+    )
