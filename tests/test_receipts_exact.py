@@ -905,3 +905,15 @@ def test_an_export_without_a_first_seq_starts_at_seq_1(tmp_path: Path, signer: S
     assert problems(edit(lines, 0, first_seq=2), signer, resign=True)[0] == (
         "line 2 (request a0, seq 1): seq 1 where 2 was due (a row deleted, inserted or reordered)"
     )
+
+
+def test_without_trusted_keys_the_exports_own_key_is_the_one_trusted(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 1)
+    other = Signer(Ed25519PrivateKey.generate())
+    sign_heads(ledger, other, NOW)  # the heads by one key, the export by another
+    report = verify_export(io.BytesIO(b"".join(exported(ledger, signer))))
+    assert report.problems == [
+        f"signed head of acme at seq 1 ({NOW_ISO}): signed by key {other.key_id}, not a trusted key"
+    ]
