@@ -735,6 +735,10 @@ def test_the_header_and_trailer_are_checked_and_signed(tmp_path: Path, signer: S
     )
     assert problems(lines[:-1], signer) == ["the export has no trailer: it was cut short"]
     assert problems([*lines, lines[1]], signer) == ["line 5: after the export's end"]
+    assert problems([*lines, lines[1], lines[-1]], signer) == [
+        "line 5: after the export's end",
+        "line 6: after the export's end",
+    ]
     assert problems(edit(lines, -1, count=3), signer) == [
         "the trailer counts 3 receipts, the export has 2", unsigned]  # fmt: skip
     cut_or_added = "the last receipt is not the head the trailer names (rows cut or added)"
