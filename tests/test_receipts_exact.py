@@ -927,3 +927,39 @@ def test_without_trusted_keys_the_exports_own_key_is_the_one_trusted(
     assert report.problems == [
         f"signed head of acme at seq 1 ({NOW_ISO}): signed by key {other.key_id}, not a trusted key"
     ]
+
+
+def test_a_temporary_record_left_by_a_crash_is_replaced(tmp_path: Path, signer: Signer) -> None:
+    assert signer.state_path is not None
+    left = signer.state_path.with_name("key.pem.heads.tmp")
+    left.write_bytes(b'{"acme":[99,"half-written, longer than the record"]')
+    signer.record({"acme": (1, "h")})
+    assert signer.state_path.read_bytes() == b'{"acme":[1,"h"]}' and not left.exists()
+
+
+def test_the_ledgers_own_signatures_stop_a_head_being_signed_twice(
+    tmp_path: Path, signer: Signer
+) -> None:
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    assert sign_heads(ledger, signer, NOW) == 2
+    forgetful = Signer(signer._key)  # the same key, its record lost
+    assert sign_heads(ledger, forgetful, NOW) == 0
+    # acme's head is signed already; bolt's new one still is
+    ledger.write([receipt_row("b9", "bolt", 9)])
+    assert sign_heads(ledger, forgetful, NOW) == 1
+    assert [r[:2] for r in signed_rows(ledger)] == [("acme", 2), ("bolt", 2), ("bolt", 3)]
+
+
+def test_signing_checks_the_rows_since_the_last_signed_head_only(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """Rows before a signed head are verify's to check; signing needs the chain to go on from
+    that head."""
+    ledger = filled(tmp_path / "l.sqlite", 2)
+    sign_heads(ledger, signer, NOW)
+    k = HASHED_NAMES.index("model")
+    bad = _tampered(tmp_path, ledger,
+                    f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', 'x') "
+                    "WHERE request_id = 'a0'")  # fmt: skip
+    bad.write([receipt_row("a9", "acme", 9)])
+    assert sign_heads(bad, signer, NOW) == 1
