@@ -963,3 +963,29 @@ def test_signing_checks_the_rows_since_the_last_signed_head_only(
                     "WHERE request_id = 'a0'")  # fmt: skip
     bad.write([receipt_row("a9", "acme", 9)])
     assert sign_heads(bad, signer, NOW) == 1
+
+
+@pytest.mark.parametrize("seq", [1, 4, 9])  # two before the one due, one after it, far after
+def test_a_row_whose_only_fault_is_its_seq_is_named(
+    tmp_path: Path, signer: Signer, seq: int
+) -> None:
+    """A forger who moves a row and hashes it again, its link kept: only its seq is wrong."""
+    ledger = filled(tmp_path / "l.sqlite", 3)
+    a1, a2 = h(ledger, "a1"), ledger.receipt("a2")
+    assert a2 is not None
+    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a2'")
+    with closing(sqlite3.connect(bad.path)) as db:
+        _write_receipt(db, {**a2, "tenant_seq": seq}, a1)
+        db.commit()
+    assert verify_ledger(bad, sums=False).problems == [
+        NO_CHAIN_INDEX,
+        f"ledger (request a2, seq {seq}): seq {seq} where 3 was due (a row deleted, inserted "
+        "or reordered)",
+    ]
+
+
+def test_a_signature_in_loose_base64_does_not_verify() -> None:
+    key = Ed25519PrivateKey.generate()
+    sig = base64.b64encode(key.sign(b"m")).decode()
+    assert not signature_ok(raw_public(key), b"m", sig[:10] + "*" + sig[10:])
+    assert not signature_ok(raw_public(key), b"m", sig[:10] + "\n" + sig[10:])
