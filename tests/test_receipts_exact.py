@@ -500,16 +500,20 @@ def test_a_signed_head_without_rows_or_malformed_is_named(tmp_path: Path, signer
     _sign_sql(bad, "INSERT INTO chain_signatures VALUES ('zed', 1, 'h', 't', 'k', ?, 's')",
               (signer.public_key,))  # fmt: skip
     _sign_sql(bad, "UPDATE chain_signatures SET tenant_seq = 'two' WHERE tenant = 'bolt'")
+    _sign_sql(bad, "INSERT INTO chain_signatures VALUES ('yak', 'x', 'h', 't', 'k', 'p', 's')")
     report = verify_ledger(bad, sums=False)
     assert report.problems == [
         NO_CHAIN_INDEX,
         f"signed head of bolt at seq two ({NOW_ISO}): the signature does not verify",
         "a signed head is malformed: ValueError(\"invalid literal for int() with base 10: 'two'\")",
+        "signed head of yak at seq x (t): the signature does not verify",
+        "a signed head is malformed: ValueError(\"invalid literal for int() with base 10: 'x'\")",
         "signed head of zed at seq 1 (t): the signature does not verify",
         "signed head of zed at seq 1 (t): the chain has no row 1 (rows deleted)",
     ]
-    assert (report.tenants, report.signatures) == (2, 3)
-    # the malformed head is no signed head: bolt's rows are all after its last one
+    assert (report.tenants, report.signatures) == (2, 4)
+    # the malformed head is no signed head: bolt's rows are all after its last one; yak and
+    # zed have no rows to be after anything
     assert report.notes[1:] == ["bolt: rows 1..2 are after its last signed head"]
 
 
