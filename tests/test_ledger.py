@@ -799,15 +799,16 @@ def test_a_period_starting_or_ending_inside_a_second_sums_its_own_rows(tmp_path:
     ledger.write([row("a", d1 + timedelta(hours=23, minutes=59, seconds=59)),
                   row("b", d1 + timedelta(days=1, seconds=10)),
                   row("c", d1 + timedelta(days=1, microseconds=500)),
+                  row("f", d1 + timedelta(days=1, microseconds=100)),
                   row("d", d1 + timedelta(days=2, seconds=20)),
                   row("e", d1 + timedelta(days=3, hours=1))])  # fmt: skip
     # from 05:00:30.5 on day 1 to 00:00:15.25 on day 3
     start = d1 + timedelta(hours=5, seconds=30, microseconds=500)
     end = d1 + timedelta(days=2, seconds=15, microseconds=250)
-    assert ledger.usage_page("acme", start=start, end=end).totals["requests"] == 3
+    assert ledger.usage_page("acme", start=start, end=end).totals["requests"] == 4
     assert (
         ledger.usage_page("acme", start=start, end=end + timedelta(seconds=5)).totals["requests"]
-        == 4
+        == 5
     )
     assert ledger.spend("acme", d1 + timedelta(days=1, seconds=5))[0] == pytest.approx(
         3 * row("x").kwh_billed
