@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -47,6 +48,8 @@ DIRECT_EMISSION_FACTORS_G_PER_KWH: dict[str, float] = {
 PRODUCTION_FORECAST = "avg_{}_production_forecast"
 EXOGENOUS_PREFIXES = ("forecast_", "avg_", "carbon_from_src_forecasts")
 EPS = 1e-3
+# the quantiles every probabilistic forecast carries (q10..q90 is the 80 % interval)
+QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 
 
 def implied_intensity(frame: pd.DataFrame) -> pd.Series | None:
@@ -139,7 +142,8 @@ class CarbonForecaster:
         same_hour = at(target - 24 * days_back)
         same_hour_2 = at(target - 24 * (days_back + 1))
         same_hours = np.stack([at(target - 24 * (days_back + k)) for k in range(7)])
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN lags: NaN features
             same_hour_median = np.nanmedian(same_hours, axis=0)
             same_hour_mean = np.nanmean(same_hours, axis=0)
         weeks_back = (horizon + 167) // 168
@@ -147,7 +151,8 @@ class CarbonForecaster:
         last = at(issue_pos - 1)
         # rolling stats of the 24 h before issue
         window = np.stack([at(issue_pos - k) for k in range(1, 25)])
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean24 = np.nanmean(window, axis=0)
             std24 = np.nanstd(window, axis=0)
             min24 = np.nanmin(window, axis=0)
@@ -252,6 +257,32 @@ class CarbonForecaster:
         log.debug("fitted %d forecaster blocks in %.2fs", len(self._models), self.fit_seconds)
         return self
 
+    def grid(self, frame: pd.DataFrame) -> _Grid:
+        """``frame`` on the complete hourly grid, with the exogenous columns the fit used."""
+        return _Grid.build(frame, self._exog_names)
+
+    def predict_grid(self, grid: _Grid, issue_pos: np.ndarray, horizon_h: int) -> np.ndarray:
+        """Forecasts (rows = issue positions on ``grid``, columns = horizon 1..H), g/kWh.
+
+        NaN where no intensity was observed in the days before an issue position.
+        """
+        if not self._models:
+            raise ForecastError("forecaster is not fitted; call fit() first")
+        if not 1 <= horizon_h <= self.max_horizon_h:
+            raise ForecastError(f"horizon_h must be 1..{self.max_horizon_h}, got {horizon_h}")
+        hz = np.arange(1, horizon_h + 1)
+        ip = np.repeat(np.asarray(issue_pos, dtype=np.int64), horizon_h)
+        h = np.tile(hz, len(issue_pos))
+        # _features reads actuals only at positions before each issue time (see the lags)
+        x, ref = self._features(grid, ip, h)
+        z = np.zeros(len(h))
+        block = (h + 23) // 24
+        for b in np.unique(block):
+            sel = block == b
+            z[sel] = self._models[int(b)].predict(x[sel])
+        pred: np.ndarray = np.maximum(ref, EPS) * np.exp(z)
+        return pred.reshape(len(issue_pos), horizon_h)
+
     def predict_many(
         self, frame: pd.DataFrame, issued_at: pd.DatetimeIndex, horizon_h: int
     ) -> pd.DataFrame:
@@ -262,24 +293,13 @@ class CarbonForecaster:
         """
         if not self._models:
             raise ForecastError("forecaster is not fitted; call fit() first")
-        if not 1 <= horizon_h <= self.max_horizon_h:
-            raise ForecastError(f"horizon_h must be 1..{self.max_horizon_h}, got {horizon_h}")
-        grid = _Grid.build(frame, self._exog_names)
+        grid = self.grid(frame)
         issue_pos = np.array([grid.pos(t) for t in issued_at], dtype=np.int64)
-        hz = np.arange(1, horizon_h + 1)
-        ip = np.repeat(issue_pos, horizon_h)
-        h = np.tile(hz, len(issue_pos))
-        # _features reads actuals only at positions before each issue time (see the lags)
-        x, ref = self._features(grid, ip, h)
-        if not np.isfinite(ref).all():
+        pred = self.predict_grid(grid, issue_pos, horizon_h)
+        if not np.isfinite(pred).all():
             raise ForecastError("no observed intensity in the days before the issue time")
-        z = np.empty(len(h))
-        block = (h + 23) // 24
-        for b in np.unique(block):
-            sel = block == b
-            z[sel] = self._models[int(b)].predict(x[sel])
-        pred = np.maximum(ref, EPS) * np.exp(z)
-        return pd.DataFrame(pred.reshape(len(issue_pos), horizon_h), index=issued_at, columns=hz)
+        hz = np.arange(1, horizon_h + 1)
+        return pd.DataFrame(pred, index=issued_at, columns=hz)
 
     def predict(self, frame: pd.DataFrame, issued_at: pd.Timestamp, horizon_h: int) -> pd.Series:
         """One forecast issued at ``issued_at`` (floored to the hour)."""

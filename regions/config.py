@@ -401,6 +401,19 @@ class PolicyDefaults(_Strict):
     )
     max_defer_s: float = Field(86400.0, ge=0)
     defer_min_gain: float = Field(0.05, ge=0, lt=1)
+    defer_quantile: float = Field(
+        0.9,
+        ge=0.5,
+        lt=1,
+        description="a deferrable request waits only when the gain holds at this quantile of "
+        "the forecast (0.9: its 90 % bound; 0.5: the point forecast, as if it were certain)",
+    )
+    forecast_refit_s: float = Field(
+        600.0,
+        ge=10,
+        description="how often each region's carbon forecast (and its recent error) is "
+        "refreshed in the background; a forecast is refitted at most once per hour",
+    )
     cooldown_s: float = Field(
         30.0, ge=0, description="how long a replica that failed (5xx, timeout, dead) is skipped"
     )
@@ -442,6 +455,13 @@ class Simulation(_Strict):
     defer_window_h: int = Field(12, ge=1, le=48)
     defer_min_gain: float = Field(
         0.02, ge=0, lt=1, description="defer only when a later slot scores this much better"
+    )
+    defer_quantile: float = Field(
+        0.9,
+        ge=0.5,
+        lt=1,
+        description="defer only when the gain holds at this quantile of the forecast (0.5: "
+        "the point forecast)",
     )
     slo_ttft_ms: float = Field(
         10_000.0,

@@ -89,6 +89,10 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         f"{result.naive_mape_day_ahead:.2f} % (ratio {result.ratio_to_naive:.2f}) over "
         f"{result.issues} issues; fit {result.fit_seconds:.1f}s"
     )
+    console.print(
+        f"80 % band (q10-q90) covered {result.coverage_80:.1f} % of test hours; pinball loss "
+        f"{result.pinball_loss:.2f} g/kWh"
+    )
     return 0
 
 
@@ -113,40 +117,58 @@ def _show_source(args: argparse.Namespace) -> object:
 def cmd_forecast_show(args: argparse.Namespace) -> int:
     source = _show_source(args)
 
-    async def run() -> tuple[object, object]:
+    async def run() -> tuple[object, object, dict[str, object] | None]:
         try:
             latest = await source.latest(args.zone)  # type: ignore[attr-defined]
             fc = await source.forecast(args.zone, args.hours)  # type: ignore[attr-defined]
-            return latest, fc
+            error = None
+            if hasattr(source, "recent_error"):  # file and replay sources: scored on the file
+                error = await asyncio.to_thread(source.recent_error, args.zone, 7)
+            return latest, fc, error
         finally:
             await source.aclose()  # type: ignore[attr-defined]
 
-    latest, fc = asyncio.run(run())
+    latest, fc, error = asyncio.run(run())
     series = fc.g_per_kwh  # type: ignore[attr-defined]
+    band = fc.quantiles  # type: ignore[attr-defined]
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "zone": args.zone,
-                    "source": fc.source,  # type: ignore[attr-defined]
-                    "now_g_per_kwh": latest.g_per_kwh,  # type: ignore[attr-defined]
-                    "forecast": {t.isoformat(): round(float(v), 2) for t, v in series.items()},
-                }
-            )
-        )
+        out: dict[str, object] = {
+            "zone": args.zone,
+            "source": fc.source,  # type: ignore[attr-defined]
+            "now_g_per_kwh": latest.g_per_kwh,  # type: ignore[attr-defined]
+            "forecast": {t.isoformat(): round(float(v), 2) for t, v in series.items()},
+            "recent_error": error,
+        }
+        if band is not None:
+            out["quantiles"] = {
+                t.isoformat(): {str(q): round(float(v), 2) for q, v in row.items()}
+                for t, row in band.iterrows()
+            }
+        print(json.dumps(out))
         return 0
     console = _console()
     console.print(
         f"[bold]{args.zone}[/] now {latest.g_per_kwh:.0f} g/kWh "  # type: ignore[attr-defined]
         f"({fc.source}, {fc.signal}); next {len(series)} h:"  # type: ignore[attr-defined]
     )
+    if error is not None:
+        console.print(
+            f"recent error (day-ahead forecasts, last {error['days']} days): MAPE "
+            f"{error['mape']:.1f} % (seasonal naive {error['naive_mape']:.1f} %), "
+            f"{error['coverage_80']:.0f} % of actuals inside the 80 % band"
+        )
     lo, hi = float(series.min()), float(series.max())
     width = 40
     best = series.idxmin()
+    if band is not None:
+        console.print(f"{'':11} {'g/kWh':>7} {'80 % band (q10-q90)':>19}")
     for t, v in series.items():
         n = 1 + int((float(v) - lo) / (hi - lo or 1.0) * (width - 1))
         mark = "  <- cleanest" if t == best else ""
-        console.print(f"{t:%a %H:%M}Z {float(v):7.1f} {'█' * n}{mark}")
+        interval = ""
+        if band is not None and t in band.index:
+            interval = f" {float(band.loc[t, 0.1]):7.1f} - {float(band.loc[t, 0.9]):7.1f}  "
+        console.print(f"{t:%a %H:%M}Z {float(v):7.1f}{interval} {'█' * n}{mark}")
     return 0
 
 
@@ -469,6 +491,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "by_region": _finite(result.by_region.to_dict(orient="records")),
             "fleet_capacity_rps": result.world.fleet_capacity_rps,
             "deferral_capture": deferral_capture(result.summary),
+            "defer_quantile": result.world.gate_quantile,
+            "forecast_gate_coverage": result.world.gate_coverage,
             "forecast_mape": result.world.forecast_mape,
             "seconds": result.seconds,
             "outputs": [str(p) for p in written],
@@ -483,7 +507,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     capture = deferral_capture(result.summary)
     if capture is not None:
-        print(f"forecast-driven deferral captured {capture:.0%} of the oracle's deferral saving")
+        regret = result.summary.set_index("policy").loc["greenest+defer", "deferral_regret"]
+        print(f"forecast-driven deferral captured {capture:.0%} of the oracle's deferral saving; "
+              f"{regret:.1%} of the requests it deferred ran in a dirtier hour than they "
+              f"arrived in (regret; waiting for gains that hold at the forecast's "
+              f"{result.world.gate_quantile:.0%} quantile)")  # fmt: skip
     if written:
         print(f"wrote {len(written)} files to {args.out}")
     return 0

@@ -10,7 +10,6 @@ deferred-job store (SQLite), not here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import numpy as np
 
@@ -47,15 +46,53 @@ def slot_scores(
     return score(kwh[None, :], pue[None, :], price, intensity, weight)
 
 
-def worth_waiting(scores: np.ndarray, min_gain: float) -> np.ndarray:
+def worth_waiting(
+    scores: np.ndarray, min_gain: float, gate: np.ndarray | None = None
+) -> np.ndarray:
     """Mask [K, R] slot scores by the rule "waiting must pay": a later hour counts only where it
     beats the best replica now by ``min_gain``; now, only that best replica counts (a request
-    that may wait would rather queue there than move to a dirtier region)."""
+    that may wait would rather queue there than move to a dirtier region).
+
+    ``gate`` [K, R], when given, holds the same slots scored at a stated quantile of the
+    forecast (e.g. its 90 % bound): a later slot then counts only where the gain holds at that
+    quantile too, so a gain the forecast is unsure of is not waited for. The slots that count
+    keep their ``scores`` (the point forecast ranks them)."""
     s = np.array(scores, dtype=float)
+    if gate is not None and np.shape(gate) != s.shape:
+        raise ValueError(f"gate has shape {np.shape(gate)}, the scores {s.shape}")
     now_best = int(np.argmin(s[0]))
-    s[1:] = np.where(s[1:] < s[0, now_best] * (1 - min_gain), s[1:], np.inf)
+    bar = s[0, now_best] * (1 - min_gain)
+    held = s[1:] if gate is None else np.asarray(gate)[1:]
+    s[1:] = np.where(held < bar, s[1:], np.inf)
     s[0] = np.where(np.arange(s.shape[1]) == now_best, s[0], np.inf)
     return s
+
+
+@dataclass(frozen=True)
+class Regret:
+    """Deferred requests against their arrival hour, in carbon (see :func:`deferral_regret`)."""
+
+    deferred: float  # requests that ran in a later hour than they arrived in
+    regretted: float  # of which ran dirtier than they would have at arrival
+    excess_g: float  # the carbon those added
+    saved_g: float  # the carbon the others saved
+
+
+def deferral_regret(carbon_g: np.ndarray, booked: np.ndarray, now_g: float) -> Regret:
+    """Regret of one arrival hour's deferred requests. ``carbon_g`` [K, R] is each request's
+    actual carbon in hour k (0 = arrival) on replica r, ``booked`` [K, R] how many ran there,
+    ``now_g`` a request's actual carbon had it run at arrival where the router would have put
+    it then. A request that ran later and dirtier than ``now_g`` is a regret; requests that ran
+    at arrival are not deferred."""
+    later = np.asarray(booked)[1:]
+    diff = np.asarray(carbon_g)[1:] - now_g
+    worse = diff > 0
+    return Regret(
+        deferred=float(later.sum()),
+        regretted=float(later[worse].sum()),
+        excess_g=float((later * np.where(worse, diff, 0.0)).sum()),
+        saved_g=float((later * np.where(worse, 0.0, -diff)).sum()),
+    )
 
 
 def plan(
@@ -80,9 +117,3 @@ def plan(
             book.book(first_hour + k, r, work_s)
             return first_hour + k, r, float(s[k, r])
     raise PlanError(f"no replica has {work_s:.1f} s of room in the next {k_n} h; run it now")
-
-
-def deadline_of(arrival: datetime, defer_s: float) -> datetime:
-    from datetime import timedelta
-
-    return arrival + timedelta(seconds=defer_s)

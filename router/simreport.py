@@ -27,13 +27,16 @@ SUMMARY_COLUMNS = {
     "replicas_on_mean": "replicas on",
     "share_deferred": "deferred",
     "mean_delay_h": "mean delay h",
+    "deferral_regret": "deferred into dirtier",
+    "regret_t_co2e": "regret t CO2e",
     "co2_saved_vs_power_of_two": "CO2 saved vs P2C",
     "share_of_oracle_saving": "of oracle saving",
 }
 
 # what `router simulate` prints (the folder's summary.csv has every column)
 CONSOLE_COLUMNS = ("policy", "t_co2e", "co2_saved_vs_power_of_two", "j_per_token", "slo_attainment",
-                   "ttft_p99_ms", "tpot_p99_ms", "replicas_on_mean", "share_deferred")  # fmt: skip
+                   "ttft_p99_ms", "tpot_p99_ms", "replicas_on_mean", "share_deferred",
+                   "deferral_regret")  # fmt: skip
 
 
 def per_hour(result: SimulationResult) -> pd.DataFrame:
@@ -114,6 +117,11 @@ def markdown_report(result: SimulationResult) -> str:
             "",
             f"Forecast-driven deferral (greenest+defer) captured {capture:.0%} of the carbon the "
             "perfect-foresight oracle saved by deferring (both against greenest without deferral).",
+            f"It waited only for gains that held at the forecast's {w.gate_quantile:.0%} quantile"
+            + (" (the point forecast)" if w.gate_quantile == 0.5 else "")
+            + "; of the requests it deferred, "
+            f"{result.summary.set_index('policy').loc['greenest+defer', 'deferral_regret']:.1%} "
+            "ran in a dirtier hour than they arrived in (regret).",
             "",
         ]
     return "\n".join(lines)

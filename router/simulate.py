@@ -19,7 +19,8 @@ How a run works (hour by hour, vectorized over hours and replicas):
    ``deferrable_share`` of requests may wait ``defer_window_h`` (policies with ``+defer``).
 3. World. Actual intensity per region and hour from the historical files (as of each hour),
    prices from the config's schedules, day-ahead forecasts issued every hour by
-   :class:`CarbonForecaster` fitted on the data before the period (the oracle sees actuals).
+   :class:`~forecasting.ensemble.CarbonEnsemble` fitted on the data before the period, with
+   the quantile deferral waits on (``defer_quantile``; the oracle sees actuals).
 4. Routing. An hour's immediate requests are ranked with :func:`router.policy.score` (the live
    router's code) using each replica's energy per request at ``target_utilization`` of its
    capacity, and filled into replicas best first up to that utilization, then spilled to the
@@ -52,8 +53,8 @@ import numpy as np
 import pandas as pd
 
 from forecasting.datasets import dataset_path
+from forecasting.ensemble import CarbonEnsemble
 from forecasting.errors import ForecastingError
-from forecasting.forecaster import CarbonForecaster
 from forecasting.replica_model import ReplicaModelError, replica_model
 from regions.config import Config, Replica
 from router.billing import J_PER_KWH, PriceSchedule
@@ -67,7 +68,7 @@ from router.replica_sim import (
     Traffic,
     run_engine,
 )
-from router.scheduler import worth_waiting
+from router.scheduler import Regret, deferral_regret, worth_waiting
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,11 @@ class World:
     forecast_seconds: float = 0.0
     table_seconds: float = 0.0
     forecast_mape: dict[str, float] = field(default_factory=dict)
+    # [H, W, G] the forecast at the deferral's stated quantile (its upper bound: a gain must
+    # hold there too); None when deferral trusts the point forecast (quantile 0.5)
+    forecast_gate: np.ndarray | None = None
+    gate_quantile: float = 0.5
+    gate_coverage: dict[str, float] = field(default_factory=dict)  # share of actuals under it
 
     @property
     def fleet_capacity_rps(self) -> float:
@@ -287,23 +293,33 @@ def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -
     w = sim.defer_window_h
     intensity = np.empty((len(hours), len(regions)))
     forecast = np.empty((len(hours), w, len(regions)))
+    q = sim.defer_quantile
+    gate = np.empty((len(hours), w, len(regions))) if q > 0.5 else None
     price = np.empty((len(hours), len(regions)))
     t0 = time.perf_counter()
-    mape = {}
-    done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    mape, coverage = {}, {}
+    done: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     for g, region in enumerate(regions):
         if region.zone not in done:
             frame = frames[region.zone]
             actual = frame["g_per_kwh"].groupby(frame.index.floor("h")).mean().reindex(hours)
             actual = actual.interpolate(limit_direction="both").to_numpy()
-            fc = _forecasts(frame, hours, w, region.zone, cache_dir)
-            done[region.zone] = (actual, fc)
+            fc, fq = _forecasts(frame, hours, w, region.zone, cache_dir,
+                                quantile=q if gate is not None else None)  # fmt: skip
+            done[region.zone] = (actual, fc, fq)
             if len(hours) > w:
                 target = np.stack([np.roll(actual, -k) for k in range(w)], axis=1)[: len(hours) - w]
                 mape[region.zone] = round(
                     float(np.mean(np.abs(fc[: len(hours) - w] - target) / target) * 100), 2
                 )
-        intensity[:, g], forecast[:, :, g] = done[region.zone]
+                if fq is not None:
+                    coverage[region.zone] = round(
+                        float(np.mean(target[:, 1:] <= fq[: len(hours) - w, 1:])), 4
+                    )
+        intensity[:, g], forecast[:, :, g], fq = done[region.zone]
+        if gate is not None:
+            assert fq is not None
+            gate[:, :, g] = fq
         schedule = PriceSchedule(region.price, base_dir=base_dir)
         price[:, g] = [schedule.at(t.to_pydatetime()) for t in hours]
     fc_s = time.perf_counter() - t0
@@ -387,44 +403,86 @@ def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -
         forecast_seconds=fc_s,
         table_seconds=table_s,
         forecast_mape=mape,
+        forecast_gate=gate,
+        gate_quantile=q if gate is not None else 0.5,
+        gate_coverage=coverage,
     )
 
 
+# quantiles whose tables are made with any gate's, so that comparing gates refits nothing
+GATE_QUANTILES = (0.7, 0.8, 0.9, 0.95)
+# the forecaster's version in the cache's file names: a table from another model is not reused
+FORECAST_MODEL = "ensemble1"
+
+
 def _forecasts(
-    frame: pd.DataFrame, hours: pd.DatetimeIndex, w: int, zone: str, cache_dir: Path | None
-) -> np.ndarray:
-    """[H, W] forecasts issued at every hour of the period, from a model fitted before it."""
+    frame: pd.DataFrame,
+    hours: pd.DatetimeIndex,
+    w: int,
+    zone: str,
+    cache_dir: Path | None,
+    *,
+    quantile: float | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """[H, W] forecasts issued at every hour of the period, from a model fitted before it, and
+    with ``quantile``, the same hours' forecast at that quantile (else None). Both are cached
+    in ``cache_dir`` by the data they came from (with the tables of :data:`GATE_QUANTILES`)."""
     import hashlib
-    import os
 
     digest = hashlib.sha256(np.ascontiguousarray(frame["g_per_kwh"].to_numpy(float)).tobytes())
     digest.update(np.ascontiguousarray(frame.index.asi8).tobytes())
-    key = f"{zone}_{hours[0]:%Y%m%d%H}_{len(hours)}_{w}_{digest.hexdigest()[:16]}.npy"
-    cached = cache_dir / key if cache_dir else None
-    if cached is not None and cached.is_file():
-        try:
-            with cached.open("rb") as fh:
-                got = np.asarray(np.load(fh))
-            if got.shape == (len(hours), w) and np.isfinite(got).all():
-                return got
-        except (OSError, ValueError, EOFError) as e:
-            log.warning("cached forecast %s unreadable (%s): forecasting again", cached, e)
+    stem = f"{zone}_{hours[0]:%Y%m%d%H}_{len(hours)}_{w}_{FORECAST_MODEL}_{digest.hexdigest()[:16]}"
+
+    def name(q: float | None) -> str:
+        return f"{stem}.npy" if q is None else f"{stem}_q{round(q * 1000):03d}.npy"
+
+    shape = (len(hours), w)
+    point, gate = _cached_table(cache_dir, name(None), shape), None
+    if quantile is not None:
+        gate = _cached_table(cache_dir, name(quantile), shape)
+    if point is not None and (quantile is None or gate is not None):
+        return point, gate
     history = frame[frame.index < hours[0]].iloc[-24 * 365 * 2 :]
+    upto = frame[frame.index < hours[-1] + pd.Timedelta(hours=w)]
+    qs = tuple(sorted({*GATE_QUANTILES, *([quantile] if quantile is not None else [])}))
     try:
-        model = CarbonForecaster(max_horizon_h=w).fit(history)
-        table = model.predict_many(frame[frame.index < hours[-1] + pd.Timedelta(hours=w)],
-                                   hours, w).to_numpy()  # fmt: skip
+        model = CarbonEnsemble(max_horizon_h=w).fit(history)
+        table, quants = model.predict_table(upto, hours, w, qs)
     except ForecastingError as e:
         raise SimulationError(f"zone {zone}: cannot forecast the period: {e}") from e
-    if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, table)
-            os.replace(tmp, cached)
-        except OSError as e:
-            log.warning("cannot cache the forecast in %s (%s): not cached", cached.parent, e)
-    return np.asarray(table)
+    _cache_table(cache_dir, name(None), table)
+    for k, q in enumerate(qs):
+        _cache_table(cache_dir, name(q), quants[:, :, k])
+    gate = None if quantile is None else quants[:, :, qs.index(quantile)]
+    return np.asarray(table), gate
+
+
+def _cached_table(cache_dir: Path | None, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    cached = cache_dir / name if cache_dir else None
+    if cached is None or not cached.is_file():
+        return None
+    try:
+        with cached.open("rb") as fh:
+            got = np.asarray(np.load(fh))
+    except (OSError, ValueError, EOFError) as e:
+        log.warning("cached forecast %s unreadable (%s): forecasting again", cached, e)
+        return None
+    return got if got.shape == shape and np.isfinite(got).all() else None
+
+
+def _cache_table(cache_dir: Path | None, name: str, table: np.ndarray) -> None:
+    import os
+
+    if cache_dir is None:
+        return
+    cached = cache_dir / name
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, table)
+        os.replace(tmp, cached)
+    except OSError as e:
+        log.warning("cannot cache the forecast in %s (%s): not cached", cached.parent, e)
 
 
 # ---- one policy --------------------------------------------------------------------------------
@@ -450,6 +508,7 @@ class Outcome:
     region_hists: list[Histograms]
     route_seconds: float
     serve_seconds: float
+    regret: Regret | None = None  # deferred requests against their arrival hour (deferral)
 
     @property
     def fleet_hist(self) -> Histograms:
@@ -563,8 +622,9 @@ def run_policy(
     served = immediate[:, None] * share
     deferred = np.zeros((h_n, r_n))
     delay_h = 0.0
+    regret = None
     if defer:
-        deferred, delay_h = _plan_deferred(
+        deferred, delay_h, regret = _plan_deferred(
             world, world.demand.per_hour * share_deferrable, served, room, up, weight,
             oracle=base == "oracle", spatial=base != "cleanest_hour", min_gain=sim.defer_min_gain,
         )  # fmt: skip
@@ -594,7 +654,7 @@ def run_policy(
     tariff = np.maximum(n * cfg.billing.min_charge_usd, energy_cost * (1 + cfg.billing.markup))
     serve_s = time.perf_counter() - t1
     return Outcome(spec, n, deferred, delay_h, up, energy, static, extra, attributed, kwh,
-                   carbon, tariff, energy_cost, hists, route_s, serve_s)  # fmt: skip
+                   carbon, tariff, energy_cost, hists, route_s, serve_s, regret)  # fmt: skip
 
 
 def region_hists(world: World, n: np.ndarray) -> list[Histograms]:
@@ -621,10 +681,14 @@ def _plan_deferred(
     oracle: bool,
     spatial: bool,
     min_gain: float,
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float, Regret]:
     """Book each hour's deferrable requests into the best forecast (hour, replica) cells with
-    room: ([H, R] requests booked, request-hours of waiting). With ``spatial`` off, the hour
-    is chosen by the fleet's mean forecast intensity and requests spread by capacity."""
+    room: ([H, R] requests booked, request-hours of waiting, regret: the deferred requests
+    that ran dirtier than they would have at arrival, counted in the hours when some replica
+    had room at arrival, so that waiting was a choice). With ``spatial`` off, the hour is
+    chosen by the fleet's mean forecast intensity and requests spread by capacity. With
+    ``world.forecast_gate``, a later cell counts only where its gain holds at the gate's
+    quantile too (the live planner's rule); the oracle needs no gate."""
     h_n, r_n = booked_now.shape
     g_of = world.replica_region
     w = world.forecast.shape[1]
@@ -635,6 +699,9 @@ def _plan_deferred(
     pue = world.pue[g_of]
     s_now = np.where(up, score(kwh_unit[None, :], pue[None, :], world.price[:, g_of],
                                world.intensity[:, g_of], weight), np.inf)  # fmt: skip
+    carbon_unit = kwh_unit[None, :] * pue[None, :] * world.intensity[:, g_of]  # [H, R] actual
+    gate_fc = None if oracle else world.forecast_gate
+    regrets: list[Regret] = []
     for h in np.flatnonzero(demand > 0):
         k_n = min(w, h_n - h)
         # this hour's intensity is known (the live router reads it); later hours are the
@@ -643,13 +710,23 @@ def _plan_deferred(
         seen[0] = world.intensity[h]
         free = np.maximum(room[h : h + k_n] - booked[h : h + k_n], 0.0)
         left = float(demand[h])
+        out_before = out[h : h + k_n].copy()
         if spatial:
             s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
                       seen[:, g_of], weight)  # fmt: skip
             s = np.where(up[h : h + k_n], s, np.inf)
             # now, a replica without room is no candidate (the live planner's has_capacity)
             s[0] = np.where(free[0] > 0, s[0], np.inf)
-            s = worth_waiting(s, min_gain)  # the live planner's rule
+            gate = None
+            if gate_fc is not None:
+                bound = gate_fc[h, :k_n].copy()
+                bound[0] = world.intensity[h]
+                gate = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
+                             bound[:, g_of], weight)  # fmt: skip
+                gate = np.where(up[h : h + k_n], gate, np.inf)
+                gate[0] = s[0]
+            now_r = int(np.argmin(s[0]))  # where it would run now (when some replica has room)
+            s = worth_waiting(s, min_gain, gate=gate)  # the live planner's rule
             order = np.argsort(s, axis=None, kind="stable")
             order = order[np.isfinite(s.ravel()[order])]
             room_sorted = free.ravel()[order]
@@ -686,7 +763,23 @@ def _plan_deferred(
                 add = _capacity_share(up[h : h + 1].astype(float))[0] * left
                 out[h] += add
                 booked[h] += add
-    return out, delay
+        if not (free[0] > 0)[up[h]].any():
+            continue  # no room at arrival: waiting was no choice, so no regret either
+        if spatial:
+            now_g = float(carbon_unit[h, now_r])
+        else:  # placed by capacity at arrival too
+            share_now = _capacity_share(up[h : h + 1].astype(float))[0]
+            now_g = float((carbon_unit[h] * share_now).sum())
+        regrets.append(
+            deferral_regret(carbon_unit[h : h + k_n], out[h : h + k_n] - out_before, now_g)
+        )
+    total = Regret(
+        deferred=sum(r.deferred for r in regrets),
+        regretted=sum(r.regretted for r in regrets),
+        excess_g=sum(r.excess_g for r in regrets),
+        saved_g=sum(r.saved_g for r in regrets),
+    )
+    return out, delay, total
 
 
 # ---- many policies ----------------------------------------------------------------------------
@@ -743,6 +836,10 @@ def summarize(
         total = row["requests"]
         row["share_deferred"] = float(o.deferred.sum()) / total if total else 0.0
         row["mean_delay_h"] = o.delay_h / float(o.deferred.sum()) if o.deferred.sum() else 0.0
+        # regret: deferred requests that ran dirtier than they would have at arrival
+        r = o.regret
+        row["deferral_regret"] = r.regretted / r.deferred if r and r.deferred else 0.0
+        row["regret_t_co2e"] = r.excess_g / 1e6 if r else 0.0
         rows.append(row)
         for gi, region in enumerate(world.region_names):
             sel = np.flatnonzero(world.replica_region == gi)

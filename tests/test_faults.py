@@ -780,3 +780,31 @@ def test_the_demo_keys_are_refused_off_loopback(capsys: pytest.CaptureFixture[st
     assert main(["serve", "--config", config, "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "demo" in err and "sk-local-admin" in err
+
+
+async def test_a_deferred_job_holds_its_budget_for_its_whole_prompt(tmp_path: Path) -> None:
+    # a job ran with candidates for a prompt of 0 tokens: its budget hold (and its routing
+    # figures) left out the prompt, so a job with a long prompt held a fraction of its spend
+    long = chat(messages=[{"role": "user", "content": "word " * 3000}])
+    async with service_kit(tmp_path, profile=(1.0, 0.2)) as kit:
+        settlement = kit.service.completions.settlement
+        held: list[Any] = []
+        reserve = settlement.reserve
+
+        async def spy(tenant: str, cands: Any) -> Any:
+            held.append(cands.billed_kwh.copy())
+            return await reserve(tenant, cands)
+
+        settlement.reserve = spy  # type: ignore[method-assign]
+        assert (await kit.client.post("/v1/chat/completions", json=long, headers=DEMO)).is_success
+        pref = {**DEMO, "X-Carbon-Preference": "defer=7200"}
+        r = await kit.client.post("/v1/chat/completions", json=long, headers=pref)
+        assert r.status_code == 202, r.text
+        kit.service.jobs.run_now(r.json()["id"], datetime.now(UTC))
+        kit.service.deferral.run_due()
+        await asyncio.gather(*kit.service.deferral._running)
+        now, planned, ran = held
+        # the job holds what it was planned with (the expected output learnt from the first
+        # answer moves both a little from the first request's)
+        assert ran == pytest.approx(planned, rel=1e-9)
+        assert ran == pytest.approx(now, rel=0.05)

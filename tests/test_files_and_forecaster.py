@@ -163,6 +163,11 @@ def test_backtest_cli_prints_json(data_dir: Path, capsys: pytest.CaptureFixture[
     for key in ("mape_day_ahead", "naive_mape_day_ahead", "mape_by_horizon", "fit_seconds"):
         assert key in out
     assert 0 < out["mape_day_ahead"] < out["naive_mape_day_ahead"]
+    # the 80 % band's coverage (percent of test hours) and the pinball loss (g/kWh)
+    assert 65 <= out["coverage_80"] <= 95
+    assert 0 < out["pinball_loss"] < 10  # SE's intensity is a few tens of g/kWh
+    assert set(out["mape_by_member"]) == {"model", "naive_24", "naive_168"}
+    assert out["mape_by_member"]["naive_24"] == out["naive_mape_day_ahead"]
 
 
 def test_backtest_bad_period_is_clear(data_dir: Path) -> None:

@@ -18,6 +18,7 @@ from forecasting.replica_calibration import ReplicaCalibration, load_chat_measur
 from forecasting.replica_eval import evaluate
 from forecasting.replica_model import (
     PREFILL_MFU,
+    Architecture,
     BatchCurve,
     CpuReplicaModel,
     ReplicaModel,
@@ -92,7 +93,12 @@ def test_monotone_in_the_batch_across_the_data(calibration: ReplicaCalibration) 
         spec = ReplicaSpec(runs["model"].iloc[0], gpu, int(count), max_num_seqs=4096, layout=layout)
         _assert_monotone(calibration.model(spec))
     for gpu in GPUS:
-        for params, arch in ((3.0, "dense"), (20.0, "dense"), (120.0, "moe")):
+        sizes: tuple[tuple[float, Architecture], ...] = (
+            (3.0, "dense"),
+            (20.0, "dense"),
+            (120.0, "moe"),
+        )
+        for params, arch in sizes:
             active = params / 10 if arch == "moe" else params
             spec = ReplicaSpec(
                 "acme/unmeasured",
@@ -149,6 +155,7 @@ def test_an_unmeasured_size_lies_between_its_neighbours(calibration: ReplicaCali
     assert "A100-80GB as A100-40GB with its datasheet" in sizes[0].basis
 
 
+@pytest.mark.slow
 def test_evaluation_meets_its_targets() -> None:
     """An accuracy property of the shipped model: leave-one-batch-size-out median error <= 5 %
     for power and throughput, leave-one-model-out median error of J/token <= 15 %."""
@@ -261,6 +268,7 @@ def test_the_model_needs_no_data_folder_and_downloads_nothing(
     assert not isolated_cache.exists() or not any(isolated_cache.rglob("*"))
 
 
+@pytest.mark.slow
 def test_router_replica_evaluate_on_a_fresh_machine(tmp_path: Path) -> None:
     """The command as a user runs it: no data folder, an empty cache, a mirror that is not
     there; it prints the table as JSON."""

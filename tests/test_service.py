@@ -453,7 +453,11 @@ async def test_near_the_batch_limit_the_latency_bounds_spread_the_load(
     # answers of 256 tokens: the length the router expects of this tenant's requests
     fakes = [FakeReplicaClient(n, words=["w "] * 256) for n in ("gpu-a", "gpu-b")]
     loads = [FakeLoadSource("gpu-a", running=64, waiting=40), FakeLoadSource("gpu-b")]
-    async with service_kit(tmp_path, replicas=fakes, config=GPU_CONFIG,
+    # the reports must stay fresh across three requests: with 0.2 s, a loaded machine made them
+    # stale (the ingress's own count, empty, then decided) and the test failed by chance
+    config = GPU_CONFIG.replace("load_report_s: 0.2", "load_report_s: 30")
+    assert config != GPU_CONFIG
+    async with service_kit(tmp_path, replicas=fakes, config=config,
                            predictor=gpu_predictor, loads=loads) as kit:  # fmt: skip
         assert kit.service.loads is not None
         await kit.service.loads.poll_once()

@@ -193,6 +193,30 @@ def result(cache: Path, data_dir: Path) -> object:
     return simulate(small(), base_dir=ROOT, cache_dir=cache)
 
 
+def test_deferral_regret_is_reported_and_the_gate_is_the_forecasts_upper_quantile(
+    result: object,
+) -> None:
+    from dataclasses import replace
+
+    s = result.summary.set_index("policy")  # type: ignore[attr-defined]
+    w = result.world  # type: ignore[attr-defined]
+    cfg = small()
+    # the gate is the forecast's 90 % quantile: above the point forecast, and above most
+    # actuals (calibrated on the weeks before the period, so not exactly 90 % on one week)
+    assert w.gate_quantile == 0.9 and w.forecast_gate is not None
+    assert (w.forecast_gate >= w.forecast - 1e-9).all()
+    assert min(w.gate_coverage.values()) >= 0.75 and max(w.gate_coverage.values()) <= 1.0
+    # the oracle knows the actuals and weights carbon only: it never waits into a dirtier hour
+    assert s.loc["oracle", "deferral_regret"] == 0 and s.loc["oracle", "regret_t_co2e"] == 0
+    assert 0 <= s.loc["greenest+defer", "deferral_regret"] < 1
+    # trusting the point forecast instead waits into dirtier hours at least as often
+    point = run_policy("greenest+defer", replace(w, forecast_gate=None, gate_quantile=0.5), cfg)
+    gated = result.outcomes["greenest+defer"]  # type: ignore[attr-defined]
+    assert point.regret is not None and gated.regret is not None
+    assert point.regret.deferred >= gated.regret.deferred
+    assert point.regret.excess_g >= gated.regret.excess_g
+
+
 def test_outcomes_make_sense(result: object) -> None:
     s = result.summary.set_index("policy")  # type: ignore[attr-defined]
     w = result.world  # type: ignore[attr-defined]
@@ -433,7 +457,7 @@ def test_more_bad_inputs_are_clear(tmp_path: Path, cache: Path) -> None:
         ("slo_ttft_ms: 3000", r"slo_ttft_ms: .*finite"),
     ):
         text = {
-            "policies: [": SMALL.replace(SMALL[SMALL.index("  policies: ["):], "  policies: []\n"),
+            "policies: [": SMALL.replace(SMALL[SMALL.index("  policies: [") :], "  policies: []\n"),
             'start: "2024-03-01"': SMALL.replace('start: "2024-03-01"', "start: soon"),
             "slo_ttft_ms: 3000": SMALL.replace("slo_ttft_ms: 3000", "slo_ttft_ms: .inf"),
         }[bad]

@@ -39,21 +39,32 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutation"
 EQUIVALENTS = ROOT / "mutation" / "equivalents.txt"
 
-# Each module and the fast tests that own it; nothing that starts Ray or a browser.
+# Each module and the fast tests that own it; nothing that starts Ray, a browser or a server.
+# Tests marked slow in these files do not run (see prepare).
 MODULES: dict[str, list[str]] = {
     "router/preference.py": ["tests/test_preference_policy.py"],
-    "router/policy.py": ["tests/test_preference_policy.py"],
-    "router/scheduler.py": ["tests/test_jobs.py"],
+    "router/policy.py": ["tests/test_policy.py", "tests/test_preference_policy.py"],
+    "router/scheduler.py": [
+        "tests/test_scheduler.py",
+        "tests/test_jobs.py",
+        "tests/test_deferral_distribution.py",
+    ],
     # rebill (a bill settled again on metered energy) is tested with the receipts it rewrites
     "router/billing.py": [
         "tests/test_billing.py",
         "tests/test_golden_bills.py",
         "tests/test_receipts.py",
     ],
-    "router/metering/attribution.py": ["tests/test_attribution.py"],
+    "router/metering/attribution.py": [
+        "tests/test_attribution_rules.py",
+        "tests/test_attribution.py",
+    ],
     # the crash and the 40,000-row cases are in tests/test_ledger_scale.py, not run per mutant
     "router/ledger.py": ["tests/test_ledger.py"],
-    "forecasting/replica_model.py": ["tests/test_replica_model.py"],
+    "forecasting/replica_model.py": [
+        "tests/test_replica_model_rules.py",
+        "tests/test_replica_model.py",
+    ],
     # every message and check word for word in test_receipts_exact (the request path's
     # receipts, in test_receipts, end in verify too)
     "router/receipts.py": ["tests/test_receipts.py", "tests/test_receipts_exact.py"],
@@ -130,6 +141,32 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def prepare(work: Path, module: str, tests: list[str]) -> None:
+    """The scratch copy in work and its mutmut configuration, mutating module against tests.
+
+    mutmut copies only source_paths (the one module) and also_copy into work/mutants/, puts that
+    first on sys.path and takes the working directory off it; the tests run from there too
+    (their ROOT is work/mutants/). Without the rest of the tree there, `router` is a namespace
+    package holding the one module: a module in a subpackage cannot import its siblings
+    (router.metering.remote), the editable install answers for the other modules from the tree
+    it was installed from (another worktree's code), and tests miss the files they read
+    (configs/). So every top-level entry of the copy goes into also_copy: work/mutants/ is the
+    whole tree with the one module mutated.
+    """
+    copy_tree(work)
+    entries = sorted(p.name for p in work.iterdir())
+    (work / "setup.cfg").write_text(
+        "[mutmut]\n"
+        f"source_paths={module}\n"
+        "also_copy=\n  " + "\n  ".join(entries) + "\n"
+        "pytest_add_cli_args_test_selection=\n  " + "\n  ".join(tests) + "\n"
+        # tests marked slow (a CLI in a subprocess, a whole evaluation) would run again for
+        # every mutant of the functions they reach: left to `make test`
+        "pytest_add_cli_args=\n  -p\n  no:cacheprovider\n  -m\n  not slow\n",
+        "utf-8",
+    )
+
+
 def function_spans(source: str) -> dict[str, tuple[int, int]]:
     """'func' or 'Class.method' -> (first line incl. decorators, last line)."""
     spans: dict[str, tuple[int, int]] = {}
@@ -186,14 +223,7 @@ def run_module(module: str, tests: list[str], timeout_s: float) -> Report:
     if not tests:
         raise MutationError(f"{module}: none of its test files exist; fix MODULES in {__file__}")
     work = WORK / module.replace("/", "__").removesuffix(".py")
-    copy_tree(work)
-    (work / "setup.cfg").write_text(
-        "[mutmut]\n"
-        f"source_paths={module}\n"
-        "pytest_add_cli_args_test_selection=\n  " + "\n  ".join(tests) + "\n"
-        "pytest_add_cli_args=\n  -p\n  no:cacheprovider\n",
-        "utf-8",
-    )
+    prepare(work, module, tests)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first; the tree must not shadow it
     mutmut = Path(sys.executable).with_name("mutmut")

@@ -56,7 +56,11 @@ class Intensity:
 
 @dataclass(frozen=True, slots=True)
 class Forecast:
-    """Forecast intensity for a zone: ``g_per_kwh`` is indexed by UTC period start."""
+    """Forecast intensity for a zone: ``g_per_kwh`` is indexed by UTC period start.
+
+    ``quantiles``, when the source has them: g/kWh, index = the same period starts, columns =
+    quantile levels as floats (e.g. 0.1, 0.5, 0.9), non-decreasing across the columns.
+    """
 
     zone: str
     issued_at: datetime
@@ -65,6 +69,32 @@ class Forecast:
     source: str
     stale: bool = False
     age_s: float = 0.0
+    quantiles: pd.DataFrame | None = None
+
+    def quantile_at(self, when: datetime, q: float) -> float:
+        """The ``q`` quantile for the period containing ``when``."""
+        when = require_utc(when)
+        if self.quantiles is None:
+            raise SourceDataError(
+                "this forecast has no quantiles (only the file and replay sources give them); "
+                "use at() for the point forecast",
+                source=self.source,
+                zone=self.zone,
+            )
+        if q not in self.quantiles.columns:
+            raise SourceDataError(
+                f"no {q} quantile; this forecast has {list(self.quantiles.columns)}",
+                source=self.source,
+                zone=self.zone,
+            )
+        idx = self.quantiles.index.searchsorted(pd.Timestamp(when), side="right") - 1
+        if idx < 0:
+            raise SourceDataError(
+                f"forecast starts {self.quantiles.index[0]}, asked for {when.isoformat()}",
+                source=self.source,
+                zone=self.zone,
+            )
+        return float(self.quantiles[q].iloc[idx])
 
     def at(self, when: datetime) -> float:
         """The forecast value for the period containing ``when``."""

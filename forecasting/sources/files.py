@@ -6,8 +6,10 @@ UTC period start with a ``g_per_kwh`` column plus whatever exogenous columns the
 
 :class:`FileSource` answers the :class:`CarbonSource` questions *as of its clock*: ``latest`` is
 the period containing ``clock()``, ``history`` never looks past it, ``forecast`` uses a published
-forecast column when the file has one and otherwise fits :class:`CarbonForecaster` on the
-history before ``clock()``. Driven by a simulated clock it is the simulator's carbon source.
+forecast column when the file has one and otherwise fits :class:`CarbonEnsemble` on the
+history before ``clock()``; either way it carries q10/q50/q90 quantiles, calibrated on the
+forecasts' errors over the weeks before ``clock()``. Driven by a simulated clock it is the
+simulator's carbon source.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
 from forecasting.errors import SourceDataError, UnknownZoneError
+from forecasting.forecaster import QUANTILES
 from forecasting.sources.base import (
     LBS_PER_MWH_TO_G_PER_KWH,
     CarbonSource,
@@ -36,6 +39,9 @@ from forecasting.sources.base import (
     require_utc,
     utc_now,
 )
+
+if TYPE_CHECKING:
+    from forecasting.ensemble import CarbonEnsemble
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +155,11 @@ class FileSource(CarbonSource):
         self._clock = clock
         self._frames: dict[str, pd.DataFrame] = {}
         self._series: dict[str, pd.Series] = {}
-        self._forecast_cache: dict[tuple[str, pd.Timestamp, int], pd.Series] = {}
+        self._forecast_cache: dict[
+            tuple[str, pd.Timestamp, int], tuple[pd.Series, pd.DataFrame]
+        ] = {}
         self._fit_lock = threading.Lock()
+        self._last_model: dict[str, tuple[pd.Timestamp, int, CarbonEnsemble]] = {}
         self._history_days = forecaster_history_days
 
     @property
@@ -222,21 +231,34 @@ class FileSource(CarbonSource):
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         now = self._now().floor("h")
         # a fit takes seconds of CPU: in a worker thread, so the event loop keeps serving
-        series = await asyncio.to_thread(self.forecast_at, zone, now, horizon_h)
+        series, quantiles = await asyncio.to_thread(self._forecast_pair, zone, now, horizon_h)
         return Forecast(
             zone=zone,
             issued_at=now.to_pydatetime(),
             g_per_kwh=series,
             signal=self.signal,
             source=self.name,
+            quantiles=quantiles,
         )
 
     def forecast_at(self, zone: str, issued: pd.Timestamp, horizon_h: int) -> pd.Series:
         """Forecast issued at ``issued`` for ``horizon_h`` hours, using only what was known then.
 
         A published forecast column (DACF files) is used as is; otherwise
-        :class:`CarbonForecaster` is fitted on the year before ``issued`` (cached per day).
+        :class:`CarbonEnsemble` is fitted on the year before ``issued`` (cached per hour).
         """
+        return self._forecast_pair(zone, issued, horizon_h)[0]
+
+    def forecast_quantiles_at(
+        self, zone: str, issued: pd.Timestamp, horizon_h: int
+    ) -> pd.DataFrame:
+        """The q10/q50/q90 band of :meth:`forecast_at` (same fit, same cache): index = target
+        hours, columns = :data:`~forecasting.forecaster.QUANTILES`, g/kWh."""
+        return self._forecast_pair(zone, issued, horizon_h)[1]
+
+    def _forecast_pair(
+        self, zone: str, issued: pd.Timestamp, horizon_h: int
+    ) -> tuple[pd.Series, pd.DataFrame]:
         # horizons share fits: one for up to 24 h, one for up to 48 h (the longest deferral),
         # so tenants choosing their own defer= cannot make a fit per horizon
         fit_h = 24 if horizon_h <= 24 else 48 if horizon_h <= 48 else horizon_h
@@ -248,18 +270,50 @@ class FileSource(CarbonSource):
                 self._forecast_cache[key] = cached
                 while len(self._forecast_cache) > self.MAX_CACHED_FORECASTS:
                     self._forecast_cache.pop(next(iter(self._forecast_cache)))  # the oldest
-        return cached.iloc[:horizon_h]
+        return cached[0].iloc[:horizon_h], cached[1].iloc[:horizon_h]
 
-    def _fit(self, zone: str, issued: pd.Timestamp, horizon_h: int) -> pd.Series:
+    def known_at(self, zone: str, issued: pd.Timestamp, horizon_h: int) -> pd.DataFrame:
+        """The file as known at ``issued``: actuals before it, exogenous columns (forecasts
+        themselves) up to ``issued + horizon_h``, over the last ``forecaster_history_days``."""
+        frame = self.frame(zone)
+        since = issued - pd.Timedelta(days=self._history_days)
+        end = issued + pd.Timedelta(hours=horizon_h)
+        known = frame[(frame.index >= since) & (frame.index < end)].copy()
+        known.loc[known.index >= issued, "g_per_kwh"] = float("nan")
+        return known
+
+    def _fit(
+        self, zone: str, issued: pd.Timestamp, horizon_h: int
+    ) -> tuple[pd.Series, pd.DataFrame]:
+        from forecasting.ensemble import CarbonEnsemble
+
         frame = self.frame(zone)
         target = pd.date_range(issued, periods=horizon_h, freq="h")
+        known = self.known_at(zone, issued, horizon_h)
+        train = known[known.index < issued]
         if PUBLISHED_FORECAST_COLUMN in frame:
             published = frame[PUBLISHED_FORECAST_COLUMN].reindex(target)
             if published.notna().all():
-                return clean_series(published, source=self.name, zone=zone)
-        from forecasting.forecaster import CarbonForecaster
+                # the band from the published forecast's own recent errors
+                band = CarbonEnsemble(max_horizon_h=max(horizon_h, 24), members=("published",))
+                quantiles = band.fit(train).predict_quantiles(known, issued, horizon_h)
+                self._last_model[zone] = (issued, horizon_h, band)
+                return clean_series(published, source=self.name, zone=zone), quantiles
+        model = CarbonEnsemble(max_horizon_h=max(horizon_h, 24)).fit(train)
+        point, quants = model.predict_table(known, pd.DatetimeIndex([issued]), horizon_h)
+        self._last_model[zone] = (issued, horizon_h, model)
+        series = pd.Series(point[0], index=target, name="g_per_kwh")
+        return series, pd.DataFrame(quants[0], index=target, columns=list(QUANTILES))
 
-        since = issued - pd.Timedelta(days=self._history_days)
-        train = frame[(frame.index < issued) & (frame.index >= since)]
-        model = CarbonForecaster(max_horizon_h=max(horizon_h, 24)).fit(train)
-        return model.predict(train, issued, horizon_h)
+    def recent_error(self, zone: str, now: pd.Timestamp, days: int = 7) -> dict[str, Any]:
+        """:func:`forecasting.backtest.recent_error` of this source's day-ahead forecasts over
+        the ``days`` before ``now``. Reuses the model of the latest forecast issued at ``now``
+        (its fit held those weeks out); otherwise fits one on the history before ``now - days``.
+        """
+        from forecasting.backtest import recent_error
+
+        now = pd.Timestamp(now).floor("h")
+        last = self._last_model.get(zone)
+        model = last[2] if last is not None and last[0] == now else None
+        known = self.known_at(zone, now, 0)
+        return recent_error(known, now, days, model=model, horizon_h=24)

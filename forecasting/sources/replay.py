@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from datetime import datetime
+from typing import Any
 
 import pandas as pd
 
@@ -76,14 +77,26 @@ class ReplaySource(CarbonSource):
         shift = self.offset(zone)
         now = pd.Timestamp(require_utc(self._clock())).floor("h")
         # a fit takes seconds of CPU: in a worker thread, so the event loop keeps serving
-        played = (
-            await asyncio.to_thread(self._files.forecast_at, zone, now - shift, horizon_h)
-        ).copy()
+        played, band = await asyncio.to_thread(
+            self._files._forecast_pair, zone, now - shift, horizon_h
+        )
+        played, band = played.copy(), band.copy()
         played.index = played.index + shift
+        band.index = band.index + shift
         return Forecast(
             zone=zone,
             issued_at=now.to_pydatetime(),
             g_per_kwh=played,
             signal=self.signal,
             source=self.name,
+            quantiles=band,
         )
+
+    def recent_error(self, zone: str, days: int = 7) -> dict[str, Any]:
+        """:meth:`FileSource.recent_error` at the replayed now, times in the current year."""
+        shift = self.offset(zone)
+        now = pd.Timestamp(require_utc(self._clock())).floor("h")
+        out = self._files.recent_error(zone, now - shift, days)
+        for key in ("since", "until"):
+            out[key] = (pd.Timestamp(out[key]) + shift).isoformat()
+        return out

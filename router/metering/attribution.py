@@ -168,6 +168,7 @@ class ReplicaAttributor:
             )
         if reading.t_s == last.t_s:
             self._last = last  # the interval from `last` carries this energy
+            self._settle()  # ends fed since `last` may have told a pending interval its prefills
             return self._drain()
         self.measured_j += energy
         a, b = last.t_s, reading.t_s

@@ -133,7 +133,14 @@ class RouterService:
             except PriceError:
                 price = None
             g = reading.g_per_kwh if reading is not None else None
-            figures[st.region.name] = RegionFigures(st.region.name, g, price)
+            view = router.forecasts
+            error = view.error(st.region.name) if view is not None else None
+            figures[st.region.name] = RegionFigures(
+                st.region.name, g, price,
+                forecast_mape=error.get("mape") if error else None,
+                forecast_coverage_80=error.get("coverage_80") if error else None,
+                forecast_age_s=view.age_s(st.region.name) if view is not None else None,
+            )  # fmt: skip
         return list(figures.values())
 
     def _spans_dropped(self) -> int:
@@ -235,6 +242,8 @@ class RouterService:
             st_new.active_at_report = st_old.active_at_report
         live.router.lengths = old_live.router.lengths
         live.router.carbon.adopt(old_live.router.carbon)
+        if live.router.forecasts is not None and old_live.router.forecasts is not None:
+            live.router.forecasts.adopt(old_live.router.forecasts)
         if live.router.marginal is not None and old_live.router.marginal is not None:
             live.router.marginal.adopt(old_live.router.marginal)
         self.live = live
@@ -257,6 +266,17 @@ class RouterService:
                 except Exception:  # a failed refit keeps the previous model; say so
                     log.exception("energy refit for %s failed", st.replica.name)
 
+    async def forecast_loop(self) -> None:
+        """Every region's carbon forecast and its recent error, refreshed off the request path
+        every ``policy.forecast_refit_s`` (the router of the moment: a reload swaps it)."""
+        while True:
+            router = self.live.router
+            if router.forecasts is not None:
+                await router.forecasts.refresh_all()
+            if router.marginal_forecasts is not None:
+                await router.marginal_forecasts.refresh_all()
+            await asyncio.sleep(router.config.policy.forecast_refit_s)
+
     async def timelines_loop(self, send: SendTimelines, period_s: float = 0.1) -> None:
         """Every ``period_s``: proxied replicas get their timelines and predicted bills. The
         period is well inside the replicas' attribution lag (1 s) and bounds what a killed
@@ -272,7 +292,7 @@ class RouterService:
 
     def background(self, send: SendTimelines | None = None) -> list[Coroutine[Any, Any, None]]:
         """The loops the service needs running beside it."""
-        loops = [self.deferral.loop(), self.refit_loop(), self.fleet.loop()]
+        loops = [self.deferral.loop(), self.refit_loop(), self.fleet.loop(), self.forecast_loop()]
         if self.loads is not None:
             loops.append(self.loads.loop())
         if send is not None and self.proxied is not None:

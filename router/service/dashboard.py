@@ -256,7 +256,7 @@ class Dashboard:
             return {"status": "unavailable", "reason": "forecast unavailable"}
         try:
             fc: Forecast = await self._within(
-                ("forecast", region.name), lambda: live.router._forecast(region, FORECAST_HOURS)
+                ("forecast", region.name), lambda: live.router._forecast(region)
             )
             hour0 = wall.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
             last = fc.g_per_kwh.index[-1]

@@ -210,7 +210,7 @@ class Deferral:
             expected = router.lengths.expected(
                 job.tenant, parsed.model, parsed.completion.max_tokens
             )
-            cands = await router.candidates(0, expected)
+            cands = await router.candidates(parsed.prompt_estimate(), expected)
             index = next(k for k, s in enumerate(router.states) if s.replica.name == job.replica)
             pref = router.preference(job.preference)  # its regions hold on failover too
             try:

@@ -141,7 +141,9 @@ class FakeLoadSource:
 
 class StaticCarbonSource(CarbonSource):
     """Fixed intensities per zone (g/kWh). ``profile`` multiplies the value by hour from now in
-    forecasts (e.g. ``[1.0, 0.5]``: half as dirty from the next hour on). A zone it does not
+    forecasts (e.g. ``[1.0, 0.5]``: half as dirty from the next hour on). ``upper``, when given,
+    does the same for the forecast's 90 % quantile (its q10 is 0.9 x the median), so the
+    forecast has a band; without it the forecast is a point, as an API's. A zone it does not
     know fails like a real source: :class:`CarbonSourceError`, never 0 g/kWh."""
 
     signal = "average"
@@ -151,11 +153,13 @@ class StaticCarbonSource(CarbonSource):
         g_per_kwh: dict[str, float],
         *,
         profile: Sequence[float] = (1.0,),
+        upper: Sequence[float] | None = None,
         name: str = "static",
     ) -> None:
         self.name = name
         self.values = dict(g_per_kwh)
         self.profile = list(profile)
+        self.upper = None if upper is None else list(upper)
 
     def _value(self, zone: str) -> float:
         if zone not in self.values:
@@ -177,7 +181,14 @@ class StaticCarbonSource(CarbonSource):
         times = [hour0 + timedelta(hours=k) for k in range(horizon_h)]
         factors = [self.profile[min(k, len(self.profile) - 1)] for k in range(horizon_h)]
         series = pd.Series([value * f for f in factors], index=pd.DatetimeIndex(times))
-        return Forecast(zone, hour0, series, "average", self.name)
+        band = None
+        if self.upper is not None:
+            up = [value * self.upper[min(k, len(self.upper) - 1)] for k in range(horizon_h)]
+            band = pd.DataFrame(
+                {0.1: series.to_numpy() * 0.9, 0.5: series.to_numpy(), 0.9: up},
+                index=series.index,
+            )
+        return Forecast(zone, hour0, series, "average", self.name, quantiles=band)
 
 
 class LedgerSink:

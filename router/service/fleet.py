@@ -259,7 +259,7 @@ class FleetScaler:
         intensity = [reading.g_per_kwh]
         if len(offsets) > 1:
             try:
-                fc = await router._forecast(region, math.ceil(offsets[-1] / 3600) + 1)
+                fc = await router._forecast(region)
                 ahead = [fc.at(now + timedelta(seconds=o)) for o in offsets[1:]]
                 if not all(math.isfinite(i) and i >= 0 for i in ahead):
                     raise CarbonSourceError(f"forecast {ahead} is not a number >= 0",

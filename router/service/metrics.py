@@ -16,6 +16,9 @@ status come from the config and the code, never a tenant, a key or a request id.
 - ``router_carbon_intensity_g_per_kwh{region}``, ``router_price_usd_per_kwh{region}``: what the
   router knows now, read when Prometheus scrapes (the carbon view's last value; no fetch), so
   the request path pays nothing for them. A region with no value has no sample, never a 0;
+- ``router_forecast_mape_percent{region}``, ``router_forecast_coverage_80_percent{region}``
+  and ``router_forecast_age_seconds{region}``: the deferral forecast's recent error (as of its
+  last background refit; no sample for a source whose past forecasts are not kept) and age;
 - ``router_request_seconds``, ``router_desired_replicas{region}``, and
   ``router_trace_spans_dropped_total`` (spans the tracer could not queue for export).
 """
@@ -39,6 +42,9 @@ class RegionFigures(NamedTuple):
     region: str
     intensity_g_per_kwh: float | None
     price_usd_per_kwh: float | None
+    forecast_mape: float | None = None  # percent, over the last days' forecasts
+    forecast_coverage_80: float | None = None  # percent of actuals inside q10..q90
+    forecast_age_s: float | None = None  # since the forecast deferral uses was made
 
 
 class Metrics:
@@ -157,17 +163,40 @@ class _ReadAtScrape(Collector):
         price = GaugeMetricFamily(
             "router_price_usd_per_kwh", "the region's electricity price now", labels=["region"]
         )
+        mape = GaugeMetricFamily(
+            "router_forecast_mape_percent",
+            "mean absolute percentage error of the region's carbon forecasts over the last 7 "
+            "days (1-24 h ahead, issued hourly), as of its last refit",
+            labels=["region"],
+        )
+        coverage = GaugeMetricFamily(
+            "router_forecast_coverage_80_percent",
+            "share of the last 7 days' actuals inside the forecast's 80 % interval (q10..q90); "
+            "calibrated near 80",
+            labels=["region"],
+        )
+        age = GaugeMetricFamily(
+            "router_forecast_age_seconds",
+            "since the forecast deferral plans with was made",
+            labels=["region"],
+        )
         for f in self._regions() if self._regions is not None else ():
             if f.intensity_g_per_kwh is not None:
                 intensity.add_metric([f.region], f.intensity_g_per_kwh)
             if f.price_usd_per_kwh is not None:
                 price.add_metric([f.region], f.price_usd_per_kwh)
+            if f.forecast_mape is not None:
+                mape.add_metric([f.region], f.forecast_mape)
+            if f.forecast_coverage_80 is not None:
+                coverage.add_metric([f.region], f.forecast_coverage_80)
+            if f.forecast_age_s is not None:
+                age.add_metric([f.region], f.forecast_age_s)
         dropped = CounterMetricFamily(
             "router_trace_spans_dropped",
             "request spans dropped because the trace export was behind",
             value=self._spans_dropped() if self._spans_dropped is not None else 0,
         )
-        return iter((intensity, price, dropped))
+        return iter((intensity, price, mape, coverage, age, dropped))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from forecasting.energy import EnergyPredictor, OutputLengths, ReplicaProfile
-from forecasting.errors import CarbonSourceError
+from forecasting.errors import ForecastingError
 from forecasting.replica_calibration import ReplicaCalibration
 from forecasting.replica_model import (
     GpuReplicaModel,
@@ -23,7 +23,7 @@ from forecasting.replica_model import (
     ReplicaModelError,
     replica_model,
 )
-from forecasting.sources.base import CarbonSource
+from forecasting.sources.base import CarbonSource, Forecast
 from regions.config import Config, Region, Replica
 from router.accounting import (
     ATTRIBUTION_METHOD,
@@ -39,6 +39,7 @@ from router.policy import Candidates, Decision, Policy, carbon_agnostic_baseline
 from router.preference import Preference, parse_preference
 from router.scheduler import PlanError, SlotBook, plan, slot_scores, worth_waiting
 from router.service.carbon import CarbonView
+from router.service.forecasts import ForecastView, recent_error_of
 from router.service.ports import LoadReport
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,9 @@ class Router:
     lengths: OutputLengths = field(default_factory=OutputLengths)
     clock: Callable[[], float] = time.monotonic
     states: list[ReplicaState] = field(default_factory=list)
-    _forecasts: dict[tuple[str, int], tuple[float, Any]] = field(default_factory=dict)
+    # deferral's forecasts, refreshed by the service's background loop (None: built without)
+    forecasts: ForecastView | None = None
+    marginal_forecasts: ForecastView | None = None
     _book: SlotBook = field(default_factory=lambda: SlotBook(np.zeros(0)))
     _book_hour: datetime | None = None
     _rng: np.random.Generator = field(default_factory=np.random.default_rng)
@@ -232,6 +235,10 @@ class Router:
         }
         if router._marginal_regions:
             router.marginal = CarbonView(list(router._marginal_regions.values()), sources)
+            router.marginal_forecasts = ForecastView(
+                list(router._marginal_regions.values()), sources
+            )
+        router.forecasts = ForecastView(config.regions, sources, error_of=recent_error_of)
         return router
 
     @property
@@ -374,18 +381,14 @@ class Router:
             c.healthy = c.healthy & ~np.isin(np.arange(len(c)), list(exclude))
         return self.policy.rank(c, pref)
 
-    async def _forecast(self, region: Region, hours: int) -> Any:
-        # two horizons (24 h, 48 h): how many cached does not grow with what tenants ask for
-        hours = 24 if hours <= 24 else 48
-        key = (region.name, hours)
-        hit = self._forecasts.get(key)
-        if hit and self.clock() - hit[0] < 900:
-            return hit[1]
+    async def _forecast(self, region: Region) -> Forecast:
+        """The region's forecast as the background loop last made it (the first awaited)."""
         if self.decides_on_marginal:  # the hours ahead in the signal the hour now is in
-            region = self._marginal_regions[region.name]
-        fc = await self.carbon.sources[region.carbon_source].forecast(region.zone, hours)
-        self._forecasts[key] = (self.clock(), fc)
-        return fc
+            assert self.marginal_forecasts is not None
+            return await self.marginal_forecasts.get(self._marginal_regions[region.name])
+        if self.forecasts is None:
+            self.forecasts = ForecastView(self.config.regions, self.carbon.sources)
+        return await self.forecasts.get(region)
 
     async def plan_deferral(
         self, c: Candidates, pref: Preference, expected_output: float
@@ -401,25 +404,40 @@ class Router:
         hours = [hour0 + timedelta(hours=k) for k in range(horizon)]
         n = len(self.states)
         intensity = np.full((horizon, n), np.inf)
+        upper = np.full((horizon, n), np.inf)
+        q = self.config.policy.defer_quantile
         price = np.ones((horizon, n))
         for i, st in enumerate(self.states):
             if not ok[i]:
                 continue
             try:
-                fc = await self._forecast(st.region, horizon)
-            except CarbonSourceError as e:
+                fc = await self._forecast(st.region)
+            except ForecastingError as e:  # unavailable, or no model can be made
                 log.warning(
                     "no forecast for %s (%s): it is not a deferral target", st.region.name, e
                 )
                 continue
             intensity[0, i] = c.intensity_g_per_kwh[i]  # now is known
-            intensity[1:, i] = [fc.at(h) for h in hours[1:]]
+            # hours past the forecast's end (it was issued an hour or so ago) are no targets
+            ahead = [h for h in hours[1:] if h <= fc.g_per_kwh.index[-1]]
+            k_n = 1 + len(ahead)
+            intensity[1:k_n, i] = [fc.at(h) for h in ahead]
+            # the gain must hold at the stated quantile; a source without a band (an API's
+            # point forecast) is taken at its word
+            upper[0, i] = intensity[0, i]
+            upper[1:k_n, i] = (
+                [fc.quantile_at(h, q) for h in ahead]
+                if q > 0.5 and fc.quantiles is not None and q in fc.quantiles.columns
+                else intensity[1:k_n, i]
+            )
             price[:, i] = [st.prices.at(h) for h in hours]
         # the batch a request joins hours from now is not today's: the predictor's figure
         # (an average over the batch), not the marginal energy at the load now
         s = slot_scores(c.billed_kwh, c.pue, price, intensity, pref.weight)
         s[:, ~ok] = np.inf
-        s = worth_waiting(s, self.config.policy.defer_min_gain)
+        gate = slot_scores(c.billed_kwh, c.pue, price, upper, pref.weight)
+        gate[:, ~ok] = np.inf
+        s = worth_waiting(s, self.config.policy.defer_min_gain, gate=gate)
         if not np.isfinite(s[1:]).any():
             return None
         work_s = float(c.service_ms.max()) / 1000.0
