@@ -797,7 +797,8 @@ class Ledger:
         daily: dict[tuple[str, ...], list[float]] = {}  # tuple() below
         for hour, tenant, region, binding, *figures in rows:
             hourly[(hour, tenant, region, binding)] = tuple(figures)
-            day = daily.setdefault((tenant, hour[:10]), [0.0] * 6)
+            # a count, then sums: a problem names the rows' count as a count
+            day = daily.setdefault((tenant, hour[:10]), [0, 0.0, 0.0, 0.0, 0.0, 0.0])
             for i, v in enumerate(figures):
                 day[i] += v
         kept_hourly: dict[tuple[str, ...], tuple[float, ...]] = {

@@ -409,7 +409,7 @@ class Report:
         }  # fmt: skip
 
 
-_TENANT, _SEQ, _AT = (HASHED_NAMES.index(n) for n in ("tenant", "tenant_seq", "chained_at"))
+_TENANT, _SEQ = HASHED_NAMES.index("tenant"), HASHED_NAMES.index("tenant_seq")
 
 
 class _Chain:
@@ -417,7 +417,7 @@ class _Chain:
 
     def __init__(self, report: Report, tenant: str, first_seq: int, anchor: str) -> None:
         self.report, self.tenant = report, tenant
-        self.seq, self.prev, self.at = first_seq - 1, anchor, ""
+        self.seq, self.prev = first_seq - 1, anchor
         self.hashes: dict[int, str] = {}  # seq -> hash, kept for the seqs that are signed
         self.keep: set[int] = set()
 
@@ -436,11 +436,11 @@ class _Chain:
             self.seq += 1
             return
         self.check(
-            where, receipt[0], receipt[_TENANT], receipt[_SEQ], receipt[_AT], line["prev_hash"],
+            where, receipt[0], receipt[_TENANT], receipt[_SEQ], line["prev_hash"],
             line["row_hash"], orjson.dumps(receipt),
         )  # fmt: skip
 
-    def fast(self, seq: int, prev_hash: str, stored: str, at: str, receipt: str) -> bool:
+    def fast(self, seq: int, prev_hash: str, stored: str, receipt: str) -> bool:
         """The common case, checked with the least work: the row is the next one, follows
         the last, and its receipt hashes to its hash. False: :meth:`check` it, with reasons
         (and the request id, looked up only then)."""
@@ -449,17 +449,18 @@ class _Chain:
         if link(prev_hash, receipt.encode()) != stored:
             return False
         self.report.rows += 1
-        self.seq, self.prev, self.at = seq, stored, at
+        self.seq, self.prev = seq, stored
         if seq in self.keep:
             self.hashes[seq] = stored
         return True
 
     def check(
-        self, where: str, rid: Any, tenant: Any, seq: Any, at: Any, prev_hash: Any, stored: Any,
+        self, where: str, rid: Any, tenant: Any, seq: Any, prev_hash: Any, stored: Any,
         body: bytes,
     ) -> None:  # fmt: skip
-        """A row: its request id, tenant, place, time joined, the hash it follows, its own
-        hash as stored, and the canonical bytes that hash must cover."""
+        """A row: its request id, tenant, place, the hash it follows, its own hash as stored,
+        and the canonical bytes that hash must cover (its time joined is among them, and is
+        not checked apart: the chain's order is its seq)."""
         self.report.rows += 1
         computed = link(str(prev_hash), body)
         if (
@@ -468,15 +469,14 @@ class _Chain:
             or computed != stored
             or tenant != self.tenant
         ):
-            self._problems(f"{where} (request {rid}, seq {seq})", tenant, seq, at, prev_hash,
+            self._problems(f"{where} (request {rid}, seq {seq})", tenant, seq, prev_hash,
                            stored, computed)  # fmt: skip
-        self.seq, self.prev, self.at = int(seq), computed, str(at)
+        self.seq, self.prev = int(seq), computed
         if self.seq in self.keep:
             self.hashes[self.seq] = computed
 
     def _problems(
-        self, where: str, tenant: Any, seq: Any, at: Any, prev_hash: Any, stored: Any,
-        computed: str,
+        self, where: str, tenant: Any, seq: Any, prev_hash: Any, stored: Any, computed: str,
     ) -> None:  # fmt: skip
         r = self.report
         if tenant != self.tenant:
@@ -524,6 +524,15 @@ def _check_head(report: Report, chain: _Chain, s: dict[str, Any], trusted: set[s
                            f"signed {str(s['row_hash'])[:12]}… (history rewritten)")  # fmt: skip
 
 
+def _seq_of(head: dict[str, Any]) -> int | None:
+    """A signed head's seq, or None when it has none that is a number (the head is reported
+    as malformed by :func:`_check_heads`; the rest of the ledger is still checked)."""
+    try:
+        return int(head["tenant_seq"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def verify_ledger(
     ledger: Ledger,
     trusted: Iterable[str] | None = None,
@@ -561,22 +570,22 @@ def verify_ledger(
             "with the operator's published key, or pass --public-key"
         )
     chains: dict[str, _Chain] = {}
-    for rowid, tenant, seq, at, prev_hash, stored, receipt in ledger.stored():
+    for rowid, tenant, seq, _at, prev_hash, stored, receipt in ledger.stored():
         chain = chains.get(tenant)
         if chain is None:
             chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
-            chain.keep = {int(s["tenant_seq"]) for s in signatures.get(tenant, [])}
+            chain.keep = {q for s in signatures.get(tenant, []) if (q := _seq_of(s)) is not None}
             if record and tenant in record:
                 chain.keep.add(record[tenant][0])
-        if not chain.fast(seq, prev_hash, stored, at, receipt):
+        if not chain.fast(seq, prev_hash, stored, receipt):
             rid = ledger.request_at(rowid)
-            chain.check("ledger", rid, tenant, seq, at, prev_hash, stored, receipt.encode())
+            chain.check("ledger", rid, tenant, seq, prev_hash, stored, receipt.encode())
     report.tenants = len(chains)
     for tenant in sorted(set(chains) | set(signatures)):
         chain = chains.get(tenant) or _Chain(report, tenant, 1, GENESIS)
         heads = signatures.get(tenant, [])
         _check_heads(report, chain, heads, trusted_keys)
-        last = max((int(s["tenant_seq"]) for s in heads), default=0)
+        last = max((q for s in heads if (q := _seq_of(s)) is not None), default=0)
         if chain.seq > last:
             report.notes.append(f"{tenant}: rows {last + 1}..{chain.seq} are after its last "
                                 "signed head")  # fmt: skip
@@ -586,7 +595,7 @@ def verify_ledger(
         if found != h:
             report.problem(f"{where}: the chain has {'no such row' if found is None else 'another'}"
                            " there (history rewritten or rows deleted)")  # fmt: skip
-        if not any(int(s["tenant_seq"]) == seq and s["row_hash"] == h
+        if not any(_seq_of(s) == seq and s["row_hash"] == h
                    for s in signatures.get(tenant, [])):  # fmt: skip
             report.problem(f"{where}: its signature is missing from the ledger")
     if sums:  # the sums usage totals and budgets read, against the rows

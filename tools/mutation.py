@@ -59,15 +59,19 @@ MODULES: dict[str, list[str]] = {
         "tests/test_attribution_rules.py",
         "tests/test_attribution.py",
     ],
+    # the crash and the 40,000-row cases are in tests/test_ledger_scale.py, not run per mutant
     "router/ledger.py": ["tests/test_ledger.py"],
     "forecasting/replica_model.py": [
         "tests/test_replica_model_rules.py",
         "tests/test_replica_model.py",
     ],
-    "router/receipts.py": ["tests/test_receipts.py"],
-    "router/chain.py": ["tests/test_receipts.py"],
-    # accounting has no test file of its own: receipts carry its figures
-    "router/accounting.py": ["tests/test_receipts.py"],
+    # every message and check word for word in test_receipts_exact (the request path's
+    # receipts, in test_receipts, end in verify too)
+    "router/receipts.py": ["tests/test_receipts.py", "tests/test_receipts_exact.py"],
+    # the canonical form and the link, pinned byte for byte (the chain as a whole: test_receipts)
+    "router/chain.py": ["tests/test_chain.py"],
+    # each figure against one worked out by hand (test_receipts checks them on a served request)
+    "router/accounting.py": ["tests/test_accounting.py"],
 }
 
 KILLED_LIKE = {"killed", "timeout", "caught by type check", "segfault"}
