@@ -1,12 +1,13 @@
 """Mutation testing of the modules that decide money and carbon (issue 15): `make mutation`.
 
-The tool is mutmut 3 (pip: mutmut). Each module is mutated in a scratch copy of the working
-tree (build/mutation/<module>/, never the tree itself) and only its own fast tests run against
-each mutant, one worker at a time. mutmut forks a warmed-up pytest per mutant and runs only the
-tests that reached the mutated function: 1-2 minutes each for preference.py (232 mutants) and
-billing.py (373) here. cosmic-ray 8.7 also installs and initialises on Python 3.11, but starts a
-fresh pytest for every mutant (3-7 s each with these test files) and makes 224 and 674 mutants
-for the same two modules: about 26 and 40 minutes (estimated from one test run per mutant).
+The tool is mutmut 3 (pip: mutmut). Each module is mutated in a scratch copy of the working tree
+(build/mutation/<module>/, never the tree itself) and only its own fast tests run against each
+mutant, one per CPU at a time (``--jobs``). mutmut forks a warmed-up pytest per mutant and runs
+only the tests that reached the mutated function: 1-2 minutes each for preference.py (232
+mutants) and billing.py (373) here. cosmic-ray 8.7 also installs and initialises on Python 3.11,
+but starts a fresh pytest for every mutant (3-7 s each with these test files) and makes 224 and
+674 mutants for the same two modules: about 26 and 40 minutes (estimated from one test run per
+mutant).
 
     python tools/mutation.py                           # every module in MODULES below
     python tools/mutation.py router/preference.py      # one or more modules
@@ -214,7 +215,7 @@ def locate(diff: str, source_lines: list[str], span: tuple[int, int]) -> tuple[i
     return guess, " ⏎ ".join(before), " ⏎ ".join(after) or "(line removed)"
 
 
-def run_module(module: str, tests: list[str], timeout_s: float) -> Report:
+def run_module(module: str, tests: list[str], timeout_s: float, jobs: int = 1) -> Report:
     if not (ROOT / module).is_file():
         raise MutationError(
             f"{module}: no such file under {ROOT}; give a path like router/billing.py"
@@ -231,7 +232,7 @@ def run_module(module: str, tests: list[str], timeout_s: float) -> Report:
     with open(work / "mutmut.log", "w") as log:
         try:
             subprocess.run(
-                [str(mutmut), "run", "--max-children", "1"],
+                [str(mutmut), "run", "--max-children", str(jobs)],
                 cwd=work,
                 env=env,
                 stdout=log,
@@ -314,14 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout-s", type=float, default=3600.0, help="wall-clock limit per module"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="mutants tested at once (default: the CPUs; each is one forked pytest)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be 1 or more")
     modules = args.modules or list(MODULES)
     try:
         for module in modules:
             tests = MODULES.get(module)
             if tests is None:
                 raise MutationError(f"{module}: no tests mapped; add it to MODULES in {__file__}")
-            print_report(run_module(module, tests, args.timeout_s))
+            print_report(run_module(module, tests, args.timeout_s, args.jobs))
             sys.stdout.flush()
     except MutationError as e:
         print(f"mutation: {e}", file=sys.stderr)
