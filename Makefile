@@ -48,12 +48,13 @@ bench: $(BIN)/.installed-dev
 	$(BIN)/python benchmarks/http_client.py
 
 # Mutation testing of the modules that decide money and carbon (issue 15); not part of
-# `check` or CI: 1-2 minutes each for preference.py and billing.py on 2 cores, the larger
-# modules not yet measured. The tool is mutmut 3: it forks a warm pytest per mutant and runs only
-# the tests that reach the mutated function; cosmic-ray starts a new pytest per mutant (about
-# 26 and 40 minutes for those two modules here). One worker; each module
-# runs only its own tests (the map is in tools/mutation.py). Reviewed equivalent mutants:
-# mutation/equivalents.txt. One module: make mutation MODULES=router/preference.py
+# `check` or CI. The tool is mutmut 3: it forks a warm pytest per mutant and runs only the
+# tests that reach the mutated function (cosmic-ray starts a new pytest per mutant: about 26
+# and 40 minutes for preference.py and billing.py alone here). One mutant per CPU at a time;
+# each module runs only its own fast tests (the map is in tools/mutation.py; tests marked slow
+# are left out). The ledger and receipts (about 1,300 mutants each) take most of the run's
+# time. Reviewed equivalent mutants: mutation/equivalents.txt.
+# One module: make mutation MODULES=router/preference.py
 MODULES ?=
 mutation: $(BIN)/.installed-dev
 	$(BIN)/python -c 'import mutmut' 2>/dev/null || $(BIN)/pip install -q 'mutmut>=3.3,<4'
