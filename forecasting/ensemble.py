@@ -10,8 +10,10 @@ Members (each a forecast of g/kWh for the target hour, from what is known at the
 
 At each issue time the ensemble looks back over a trailing window (``window_days``) of forecasts
 it would have issued every hour, scored against the actuals observed before the issue time.
-Per horizon bucket it takes, of the single members and their inverse-MAPE weighted mean, the one
-with the lowest MAPE on that window, so on the window it is never worse than its best member.
+Per horizon bucket it keeps the learned model unless a single member, or the members' mean
+weighted by inverse squared MAPE, had a MAPE lower by more than ``margin`` (2 %) on that window:
+on the window it is then within that margin of its best member, and a few weeks' luck does not
+move the weight off the model.
 Quantiles are split-conformal: the empirical quantiles of the log-ratio actual / ensemble over
 the same window and bucket, applied to the new point forecast. The learned model is fitted on
 the history before that window (``holdout``), so those residuals are out of sample.
@@ -61,6 +63,7 @@ class CarbonEnsemble:
     max_horizon_h: int = 96
     window_days: int = 28
     window_stride_h: int = 3  # the window's forecasts are issued every this many hours
+    margin: float = 0.02  # how much better (relative MAPE) a challenger must be than the model
     members: tuple[str, ...] = MEMBERS
     forecaster: CarbonForecaster | None = None
     fit_seconds: float = field(default=0.0, init=False)
@@ -177,15 +180,24 @@ class CarbonEnsemble:
             both = ok & np.all(np.isfinite(fb[avail]), axis=0)
             ape = {m: np.abs(fb[m][both] - yb[both]) / yb[both] for m in avail}
             mape = {m: float(ape[m].mean()) for m in avail}
-            inv = np.array([1.0 / max(mape[m], 1e-6) for m in avail])
-            candidates = [np.eye(len(avail))[i] for i in range(len(avail))]
+            inv = np.array([1.0 / max(mape[m], 1e-6) ** 2 for m in avail])
+            # the incumbent is the learned model (else the first member); a single member or the
+            # inverse-squared-MAPE mix replaces it only if it was better by more than `margin`
+            # on the window: a few weeks' luck should not move the weight off the model
+            first = (
+                avail.index(self.members.index("model"))
+                if "model" in self.members and (self.members.index("model") in avail)
+                else 0
+            )
+            order = [first] + [i for i in range(len(avail)) if i != first]
+            candidates = [np.eye(len(avail))[i] for i in order]
             if len(avail) > 1:
                 candidates.append(inv / inv.sum())
             best, best_err, best_pred = None, np.inf, None
             for w in candidates:
                 pred = np.tensordot(w, fb[avail][:, both], axes=1)
                 err = float((np.abs(pred - yb[both]) / yb[both]).mean())
-                if err < best_err - 1e-12:
+                if best is None or err < best_err * (1 - self.margin):
                     best, best_err, best_pred = w, err, pred
             assert best is not None and best_pred is not None
             weights[b, avail] = best
