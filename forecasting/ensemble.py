@@ -11,17 +11,17 @@ Members (each a forecast of g/kWh for the target hour, from what is known at the
 At each issue time the ensemble looks back over a trailing window (``window_days``) of forecasts
 it would have issued every ``window_stride_h`` hours, scored against the actuals observed before
 the issue time. Per horizon bucket it keeps the learned model unless a single member, or the
-members' mean weighted by inverse squared MAPE, had a MAPE lower by more than ``margin`` (2 %)
+members' mean weighted by inverse squared MAPE, had a MAPE lower by more than ``margin`` (5 %)
 on that window: on the window it is then within that margin of its best member, and a few weeks'
 luck does not move the weight off the model.
 
 Quantiles are split-conformal: the empirical quantiles of the log-ratio actual / ensemble over
 the same window and bucket, among target hours within ``hour_band_h`` of the hour forecast
 (errors differ by hour of day), applied to the new point forecast. Where the last
-``recent_days`` alone give a wider band, the band moves halfway towards it: a trailing window
-lags a turn to volatile weather (without this the 80 % band covered 74-77 % of test hours on
-several zones). The learned model is fitted on the history before the window, so those
-residuals are out of sample.
+``recent_days`` alone give a wider band, the band moves halfway towards it, by at most
+``recent_cap`` of its half-width: a trailing window lags a turn to volatile weather (without
+this the 80 % band covered 74-77 % of test hours on several zones). The learned model is fitted
+on the history before the window, so those residuals are out of sample.
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ class CarbonEnsemble:
     max_horizon_h: int = 96
     window_days: int = 28
     window_stride_h: int = 3  # the window's forecasts are issued every this many hours
-    margin: float = 0.02  # how much better (relative MAPE) a challenger must be than the model
+    margin: float = 0.05  # how much better (relative MAPE) a challenger must be than the model
     recent_days: int | None = 7
+    recent_weight: float = 0.5  # how far towards the last week's band where that is wider...
+    recent_cap: float | None = 0.3  # ... by at most this share of the window band's half-width
     hour_band_h: int | None = 2  # quantiles from residuals of target hours within this of the hour
     members: tuple[str, ...] = MEMBERS
     forecaster: CarbonForecaster | None = None
@@ -263,14 +265,23 @@ class CarbonEnsemble:
                     near = r[np.minimum(dist, 24 - dist) <= self.hour_band_h]
                     if len(near) >= MIN_RESIDUALS:
                         r = near
-                qs = np.quantile(r if len(r) >= MIN_RESIDUALS else pooled, q)
+                if len(r) < MIN_RESIDUALS:
+                    r = pooled
+                qs = np.quantile(r, q)
                 if self.recent_days:
                     rr = residuals[b][is_recent[b]]
                     if len(rr) >= MIN_RESIDUALS:
                         qr = np.quantile(rr, q)
-                        # halfway towards the last week's band where that one is wider
+                        # halfway towards the last week's band where that one is wider, by
+                        # at most recent_cap of the band's half-width (a burst week of a calm
+                        # zone, SG, would otherwise widen it several times: 87 % coverage)
                         wider = np.where(q < 0.5, qr < qs, qr > qs)
-                        qs = np.where(wider, (qs + qr) / 2, qs)
+                        step = self.recent_weight * (qr - qs)
+                        if self.recent_cap is not None:
+                            mid = np.quantile(r, 0.5)
+                            cap = self.recent_cap * np.abs(qs - mid)
+                            step = np.clip(step, -cap, cap)
+                        qs = np.where(wider, qs + step, qs)
                 cache[b, hour] = qs
             log_q[i] = cache[b, hour]
         quant = point[:, None] * np.exp(log_q)

@@ -6,8 +6,9 @@ seasonal-naive reference (the same hour on the most recent day already observed)
 
 - lag features known at the issue time: the last observed hour, the same hour 1, 2 and 7 days
   before the target (when observed), the mean and spread of the last 24 h; the latest hours
-  against the same hours a day and a week before (today's anomaly), the last 3 h's trend and the
-  last 24 h against the 24 h before (``recent_features``);
+  against the same hours a day and a week before (today's anomaly, and yesterday's), the last
+  3 h's trend, the last 24 h against the 24 h before and against the last week
+  (``recent_features``);
 - calendar features of the target hour (hour, weekday, day of year) and the horizon;
 - exogenous columns of the target hour when the data has them: weather and per-source
   production forecasts, the intensity implied by forecast production x emission factors, and a
@@ -206,12 +207,17 @@ class CarbonForecaster:
                 mean_prev24 = np.nanmean(
                     np.stack([at(issue_pos - k) for k in range(25, 49)]), axis=0
                 )
+                mean_week = np.nanmean(
+                    np.stack([at(issue_pos - k) for k in range(1, 169, 3)]), axis=0
+                )
             cols += [
                 *day_anomaly,
                 lr(last, at(issue_pos - 169)),
                 lr(last, at(issue_pos - 4)),
                 lr(mean24, mean_prev24),
                 lr(at(target - 168 * weeks_back - 24), at(target - 24 * days_back - 24)),
+                lr(at(issue_pos - 25), at(issue_pos - 49)),
+                lr(mean24, mean_week),
             ]
         if self.use_exogenous and grid.exog.shape[1]:
             ok = (target >= 0) & (target < n)
