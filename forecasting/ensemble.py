@@ -11,7 +11,7 @@ Members (each a forecast of g/kWh for the target hour, from what is known at the
 At each issue time the ensemble looks back over a trailing window (``window_days``) of forecasts
 it would have issued every ``window_stride_h`` hours, scored against the actuals observed before
 the issue time. Per horizon bucket it keeps the learned model unless a single member, or the
-members' mean weighted by inverse squared MAPE, had a MAPE lower by more than ``margin`` (5 %)
+members' mean weighted by inverse squared MAPE, had a MAPE lower by more than ``margin`` (10 %)
 on that window: on the window it is then within that margin of its best member, and a few weeks'
 luck does not move the weight off the model.
 
@@ -69,7 +69,7 @@ class CarbonEnsemble:
     max_horizon_h: int = 96
     window_days: int = 28
     window_stride_h: int = 3  # the window's forecasts are issued every this many hours
-    margin: float = 0.05  # how much better (relative MAPE) a challenger must be than the model
+    margin: float = 0.10  # how much better (relative MAPE) a challenger must be than the model
     recent_days: int | None = 7
     recent_weight: float = 0.5  # how far towards the last week's band where that is wider...
     recent_cap: float | None = 0.3  # ... by at most this share of the window band's half-width
