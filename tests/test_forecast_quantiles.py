@@ -73,6 +73,21 @@ def test_wider_noise_gives_a_wider_band() -> None:
     assert ratio(q_wide) > 2 * ratio(q_narrow)
 
 
+def test_the_band_is_wider_at_the_hours_whose_errors_are_wider() -> None:
+    """Noise of 0.3 in the afternoon hours (UTC 12-17), 0.03 otherwise: the band follows."""
+    idx = pd.date_range(START, periods=24 * 60, freq="h")
+    hour = idx.hour.to_numpy()
+    sigma = np.where((hour >= 12) & (hour < 18), 0.3, 0.03)
+    noise = np.random.default_rng(2).normal(0, 1, len(idx)) * sigma
+    frame = pd.DataFrame({"g_per_kwh": 300 * np.exp(noise)}, index=idx)
+    model = CarbonEnsemble(max_horizon_h=24, members=("naive_24",)).fit(frame)
+    band = model.predict_quantiles(frame, START + pd.Timedelta(days=50), 24)
+    width = np.log(band[0.9] / band[0.1])
+    noisy = (band.index.hour >= 13) & (band.index.hour < 17)
+    calm = (band.index.hour < 9) | (band.index.hour >= 21)
+    assert width[noisy].min() > 4 * width[calm].max()
+
+
 def weekly(days: int, drift: bool) -> pd.DataFrame:
     """Weekdays high, weekends low; with ``drift``, the level also wanders day to day."""
     idx = pd.date_range(START, periods=24 * days, freq="h")

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 
 from forecasting.errors import SourceDataError, UnknownZoneError
-from forecasting.forecaster import QUANTILES
 from forecasting.sources.base import (
     LBS_PER_MWH_TO_G_PER_KWH,
     CarbonSource,
@@ -285,7 +284,9 @@ class FileSource(CarbonSource):
     def _fit(
         self, zone: str, issued: pd.Timestamp, horizon_h: int
     ) -> tuple[pd.Series, pd.DataFrame]:
+        # imported here: scikit-learn loads only when a forecast is fitted
         from forecasting.ensemble import CarbonEnsemble
+        from forecasting.forecaster import QUANTILES
 
         frame = self.frame(zone)
         target = pd.date_range(issued, periods=horizon_h, freq="h")
