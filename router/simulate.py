@@ -412,7 +412,7 @@ def build_world(cfg: Config, *, base_dir: Path, cache_dir: Path | None = None) -
 # quantiles whose tables are made with any gate's, so that comparing gates refits nothing
 GATE_QUANTILES = (0.7, 0.8, 0.9, 0.95)
 # the forecaster's version in the cache's file names: a table from another model is not reused
-FORECAST_MODEL = "ensemble1"
+FORECAST_MODEL = "ensemble2"
 
 
 def _forecasts(
