@@ -36,7 +36,7 @@ HORIZON_H = 48  # the longest deferral: one forecast per region serves every win
 class ForecastState:
     forecast: Forecast
     made_at: float  # clock() when it landed
-    error: dict[str, float] | None = None  # recent error: mape (%), coverage_80 (share)
+    error: dict[str, float] | None = None  # recent error: mape (%), coverage_80 (%)
 
 
 class ForecastView:
