@@ -87,26 +87,23 @@ class Forecast:
                 source=self.source,
                 zone=self.zone,
             )
-        idx = self.quantiles.index.searchsorted(pd.Timestamp(when), side="right") - 1
-        if idx < 0:
-            raise SourceDataError(
-                f"forecast starts {self.quantiles.index[0]}, asked for {when.isoformat()}",
-                source=self.source,
-                zone=self.zone,
-            )
-        return float(self.quantiles[q].iloc[idx])
+        return self._covering(self.quantiles[q], when)
 
     def at(self, when: datetime) -> float:
         """The forecast value for the period containing ``when``."""
-        when = require_utc(when)
-        idx = self.g_per_kwh.index.searchsorted(pd.Timestamp(when), side="right") - 1
+        return self._covering(self.g_per_kwh, require_utc(when))
+
+    def _covering(self, series: pd.Series, when: datetime) -> float:
+        """The value of ``series`` (indexed by period start) for the period containing
+        ``when``; before its first period, an error."""
+        idx = series.index.searchsorted(pd.Timestamp(when), side="right") - 1
         if idx < 0:
             raise SourceDataError(
-                f"forecast starts {self.g_per_kwh.index[0]}, asked for {when.isoformat()}",
+                f"forecast starts {series.index[0]}, asked for {when.isoformat()}",
                 source=self.source,
                 zone=self.zone,
             )
-        return float(self.g_per_kwh.iloc[idx])
+        return float(series.iloc[idx])
 
 
 class CarbonSource(ABC):
