@@ -681,6 +681,7 @@ def _plan_deferred(
     oracle: bool,
     spatial: bool,
     min_gain: float,
+    replan: bool = True,
 ) -> tuple[np.ndarray, float, Regret]:
     """Book each hour's deferrable requests into the best forecast (hour, replica) cells with
     room: ([H, R] requests booked, request-hours of waiting, regret: the deferred requests
@@ -688,64 +689,104 @@ def _plan_deferred(
     had room at arrival, so that waiting was a choice). With ``spatial`` off, the hour is
     chosen by the fleet's mean forecast intensity and requests spread by capacity. With
     ``world.forecast_gate``, a later cell counts only where its gain holds at the gate's
-    quantile too (the live planner's rule); the oracle needs no gate."""
+    quantile too (the live planner's rule); the oracle needs no gate.
+
+    ``replan`` (spatial only): requests whose hour comes with their
+    replica's actual score worse than the best at their arrival are planned again, from that
+    hour to the end of their window, on the forecast issued then; the window's last hour runs
+    them whatever its score."""
     h_n, r_n = booked_now.shape
     g_of = world.replica_region
     w = world.forecast.shape[1]
     booked = booked_now.copy()
     out = np.zeros((h_n, r_n))
-    delay = 0.0
     kwh_unit = world.j_per_request / J_PER_KWH
     pue = world.pue[g_of]
     s_now = np.where(up, score(kwh_unit[None, :], pue[None, :], world.price[:, g_of],
                                world.intensity[:, g_of], weight), np.inf)  # fmt: skip
     carbon_unit = kwh_unit[None, :] * pue[None, :] * world.intensity[:, g_of]  # [H, R] actual
     gate_fc = None if oracle else world.forecast_gate
-    regrets: list[Regret] = []
-    for h in np.flatnonzero(demand > 0):
-        k_n = min(w, h_n - h)
+    # where the deferrable requests of each arrival hour ran: (arrival, hour, replica, count)
+    placed: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    # requests booked into a later hour, by that hour: (arrival, replica, count, window end,
+    # best actual score at arrival)
+    pending: dict[int, list[tuple[int, int, float, int, float]]] = {}
+    choice: dict[int, float] = {}  # arrival hour -> a request's actual carbon had it run then
+
+    def book_from(h: int, end: int, left: float, arrival: int) -> float:
+        """Book ``left`` requests from hour ``h`` on; the best actual score now."""
+        k_n = min(w, end - h)
         # this hour's intensity is known (the live router reads it); later hours are the
         # forecast issued now, or the actuals for the oracle
         seen = world.intensity[h : h + k_n] if oracle else world.forecast[h, :k_n].copy()
         seen[0] = world.intensity[h]
         free = np.maximum(room[h : h + k_n] - booked[h : h + k_n], 0.0)
+        s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
+                  seen[:, g_of], weight)  # fmt: skip
+        s = np.where(up[h : h + k_n], s, np.inf)
+        # now, a replica without room is no candidate (the live planner's has_capacity)
+        s[0] = np.where(free[0] > 0, s[0], np.inf)
+        gate = None
+        if gate_fc is not None:
+            bound = gate_fc[h, :k_n].copy()
+            bound[0] = world.intensity[h]
+            gate = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
+                         bound[:, g_of], weight)  # fmt: skip
+            gate = np.where(up[h : h + k_n], gate, np.inf)
+            gate[0] = s[0]
+        best_now = float(np.min(s[0]))
+        s = worth_waiting(s, min_gain, gate=gate)  # the live planner's rule
+        order = np.argsort(s, axis=None, kind="stable")
+        order = order[np.isfinite(s.ravel()[order])]
+        room_sorted = free.ravel()[order]
+        before = np.cumsum(room_sorted) - room_sorted
+        take = np.clip(left - before, 0.0, room_sorted)
+        kk, rr = np.divmod(order, r_n)
+        some = take > 0
+        kk, rr, take = kk[some], rr[some], take[some]
+        np.add.at(out, (h + kk, rr), take)
+        np.add.at(booked, (h + kk, rr), take)
+        placed.append((arrival, h + kk, rr, take))
+        left -= float(take.sum())
+        if left > 1e-9:  # no room in any better slot: now, as immediate requests go
+            rem = np.maximum(room[h] - booked[h], 0.0)
+            if rem.sum() >= left:
+                add = left * _water_fill(s_now[h : h + 1], np.array([left]), rem, 0.0)[0]
+            else:  # the fleet is full: over capacity, by capacity
+                add = rem + (left - rem.sum()) * _capacity_share(room[h : h + 1])[0]
+            out[h] += add
+            booked[h] += add
+            placed.append((arrival, np.full(r_n, h), np.arange(r_n), add))
+        later = kk > 0
+        if replan and not oracle:
+            for k, r, n in zip(kk[later].tolist(), rr[later].tolist(), take[later].tolist(),
+                               strict=True):  # fmt: skip
+                pending.setdefault(h + k, []).append((arrival, r, n, end, arrival_best[arrival]))
+        return best_now
+
+    arrival_best: dict[int, float] = {}
+    for h in range(h_n):
+        for arrival, r, n, end, best in pending.pop(h, ()):
+            if s_now[h, r] <= best or h + 1 >= end:
+                continue  # no dirtier than at arrival, or its window's last hour: it runs
+            out[h, r] -= n  # planned again from this hour, on the forecast issued now
+            booked[h, r] -= n
+            placed.append((arrival, np.array([h]), np.array([r]), np.array([-n])))
+            book_from(h, end, n, arrival)
+        if demand[h] <= 0:
+            continue
+        end = min(h + w, h_n)
+        k_n = end - h
+        free = np.maximum(room[h : h + k_n] - booked[h : h + k_n], 0.0)
         left = float(demand[h])
-        out_before = out[h : h + k_n].copy()
         if spatial:
-            s = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
-                      seen[:, g_of], weight)  # fmt: skip
-            s = np.where(up[h : h + k_n], s, np.inf)
-            # now, a replica without room is no candidate (the live planner's has_capacity)
-            s[0] = np.where(free[0] > 0, s[0], np.inf)
-            gate = None
-            if gate_fc is not None:
-                bound = gate_fc[h, :k_n].copy()
-                bound[0] = world.intensity[h]
-                gate = score(kwh_unit[None, :], pue[None, :], world.price[h : h + k_n][:, g_of],
-                             bound[:, g_of], weight)  # fmt: skip
-                gate = np.where(up[h : h + k_n], gate, np.inf)
-                gate[0] = s[0]
-            now_r = int(np.argmin(s[0]))  # where it would run now (when some replica has room)
-            s = worth_waiting(s, min_gain, gate=gate)  # the live planner's rule
-            order = np.argsort(s, axis=None, kind="stable")
-            order = order[np.isfinite(s.ravel()[order])]
-            room_sorted = free.ravel()[order]
-            before = np.cumsum(room_sorted) - room_sorted
-            take = np.clip(left - before, 0.0, room_sorted)
-            kk, rr = np.divmod(order, r_n)
-            np.add.at(out, (h + kk, rr), take)
-            np.add.at(booked, (h + kk, rr), take)
-            delay += float((take * kk).sum())
-            left -= float(take.sum())
-            if left > 1e-9:  # no room in any better slot: now, as immediate requests go
-                rem = np.maximum(room[h] - booked[h], 0.0)
-                if rem.sum() >= left:
-                    add = left * _water_fill(s_now[h : h + 1], np.array([left]), rem, 0.0)[0]
-                else:  # the fleet is full: over capacity, by capacity
-                    add = rem + (left - rem.sum()) * _capacity_share(room[h : h + 1])[0]
-                out[h] += add
-                booked[h] += add
+            s0 = np.where(up[h] & (free[0] > 0), s_now[h], np.inf)
+            arrival_best[h] = float(np.min(s0))
+            now_r = int(np.argmin(s0))  # where it would run now (when some replica has room)
+            book_from(h, end, left, h)
         else:
+            seen = world.intensity[h : h + k_n] if oracle else world.forecast[h, :k_n].copy()
+            seen[0] = world.intensity[h]
             fleet = (seen[:, g_of] * free).sum(axis=1) / np.maximum(free.sum(axis=1), 1e-12)
             fleet = np.where(free.sum(axis=1) > 0, fleet, np.inf)
             held = fleet
@@ -762,7 +803,7 @@ def _plan_deferred(
                 add = free[k] / total * take_k
                 out[h + k] += add
                 booked[h + k] += add
-                delay += take_k * k
+                placed.append((h, np.full(r_n, h + k), np.arange(r_n), add))
                 left -= take_k
             if left > 1e-9:
                 add = _capacity_share(up[h : h + 1].astype(float))[0] * left
@@ -771,13 +812,21 @@ def _plan_deferred(
         if not (free[0] > 0)[up[h]].any():
             continue  # no room at arrival: waiting was no choice, so no regret either
         if spatial:
-            now_g = float(carbon_unit[h, now_r])
+            choice[h] = float(carbon_unit[h, now_r])
         else:  # placed by capacity at arrival too
             share_now = _capacity_share(up[h : h + 1].astype(float))[0]
-            now_g = float((carbon_unit[h] * share_now).sum())
-        regrets.append(
-            deferral_regret(carbon_unit[h : h + k_n], out[h : h + k_n] - out_before, now_g)
-        )
+            choice[h] = float((carbon_unit[h] * share_now).sum())
+    delay = 0.0
+    ran: dict[int, np.ndarray] = {}  # arrival hour -> [K, R] where its requests ran at last
+    for arrival, hours, reps, count in placed:
+        delay += float((count * (hours - arrival)).sum())
+        if arrival in choice:
+            cells = ran.setdefault(arrival, np.zeros((min(w, h_n - arrival), r_n)))
+            np.add.at(cells, (hours - arrival, reps), count)
+    regrets = [
+        deferral_regret(carbon_unit[a : a + len(cells)], cells, choice[a])
+        for a, cells in ran.items()
+    ]
     total = Regret(
         deferred=sum(r.deferred for r in regrets),
         regretted=sum(r.regretted for r in regrets),

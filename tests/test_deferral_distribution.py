@@ -48,3 +48,56 @@ def test_regret_counts_requests_that_ran_dirtier_than_at_arrival() -> None:
     assert r.saved_g == pytest.approx(4 * 1.0, abs=1e-12)
     # requests that ran at arrival (hour 0) are not deferred
     assert deferral_regret(carbon, np.array([[5.0, 5.0], [0, 0], [0, 0]]), now_g=5.0).deferred == 0
+
+
+def _replan_world(forecast_gate: np.ndarray | None = None) -> tuple[object, np.ndarray]:
+    """One replica; arrival at hour 0 (100 g/kWh). Issued at hour 0, the forecast says hour 1
+    is the cleanest (40) and hour 2 next (60); in fact hour 1 comes at 150 and hour 2 at 50,
+    and the forecast issued at hour 1 says so."""
+    from types import SimpleNamespace
+
+    h_n, w = 4, 3
+    intensity = np.array([[100.0], [150.0], [50.0], [100.0]])
+    forecast = np.full((h_n, w, 1), 100.0)
+    forecast[0, :, 0] = [100.0, 40.0, 60.0]  # issued at hour 0 for hours 0, 1, 2
+    forecast[1, :, 0] = [150.0, 50.0, 100.0]  # issued at hour 1 for hours 1, 2, 3
+    world = SimpleNamespace(replica_region=np.array([0]), forecast=forecast, intensity=intensity,
+                            price=np.ones((h_n, 1)), j_per_request=np.array([3600.0]),
+                            pue=np.ones(1), forecast_gate=forecast_gate)  # fmt: skip
+    return world, np.array([10.0, 0.0, 0.0, 0.0])
+
+
+def test_requests_whose_hour_comes_dirtier_than_their_arrival_are_planned_again() -> None:
+    from router.simulate import _plan_deferred
+
+    world, demand = _replan_world()
+    h_n = len(demand)
+    room, up = np.full((h_n, 1), 100.0), np.ones((h_n, 1), dtype=bool)
+    args = (world, demand, np.zeros((h_n, 1)), room, up, 1.0)
+    # planned once, at arrival: they run in hour 1 (150 g/kWh), dirtier than at arrival
+    out, delay, regret = _plan_deferred(*args, oracle=False, spatial=True, min_gain=0.05,  # type: ignore[arg-type]
+                                        replan=False)  # fmt: skip
+    assert out[1, 0] == pytest.approx(10.0) and delay == pytest.approx(10.0)
+    assert regret.deferred == pytest.approx(10.0) and regret.regretted == pytest.approx(10.0)
+    # planned again when hour 1 comes dirtier: on the forecast issued then, hour 2 (50)
+    out, delay, regret = _plan_deferred(*args, oracle=False, spatial=True, min_gain=0.05)  # type: ignore[arg-type]
+    assert out[:, 0] == pytest.approx([0.0, 0.0, 10.0, 0.0])
+    assert delay == pytest.approx(20.0)  # 10 requests waited 2 hours
+    assert regret.deferred == pytest.approx(10.0) and regret.regretted == 0.0
+    assert regret.saved_g == pytest.approx(10 * (100.0 - 50.0) / 1000.0)  # 1 Wh each: 50 g/kWh less
+
+
+def test_the_last_hour_of_a_window_runs_its_requests_whatever_its_grid() -> None:
+    from router.simulate import _plan_deferred
+
+    world, demand = _replan_world()
+    world.intensity[2, 0] = 300.0  # type: ignore[attr-defined]  # hour 2 dirtier still
+    world.forecast[1, :, 0] = [150.0, 50.0, 100.0]  # type: ignore[attr-defined]
+    h_n = len(demand)
+    room, up = np.full((h_n, 1), 100.0), np.ones((h_n, 1), dtype=bool)
+    out, _, regret = _plan_deferred(world, demand, np.zeros((h_n, 1)), room, up, 1.0,  # type: ignore[arg-type]
+                                    oracle=False, spatial=True, min_gain=0.05)  # fmt: skip
+    # planned again at hour 1 for hour 2 (the window's last, 0..2): it runs there, dirtier
+    assert out[:, 0] == pytest.approx([0.0, 0.0, 10.0, 0.0])
+    assert regret.regretted == pytest.approx(10.0)
+    assert sum(out[:, 0]) == pytest.approx(10.0)  # none lost, none doubled
