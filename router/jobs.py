@@ -47,9 +47,13 @@ class Job:
     preference: str | None = None  # the X-Carbon-Preference it came with, applied when it runs
     claim: str | None = None  # the running attempt's token: only it may store the result
     lease_until: str | None = None  # when a running job's claim runs out unless renewed
+    # the best score it had at arrival (the deferral planner's): a job whose hour comes with
+    # its grid dirtier than that is planned again; None: not planned (a batch line to run
+    # now, an admin's run now)
+    arrival_score: float | None = None
 
     def public(self) -> dict[str, Any]:
-        hidden = ("body", "preference", "claim", "lease_until")
+        hidden = ("body", "preference", "claim", "lease_until", "arrival_score")
         out = {k: v for k, v in self.__dict__.items() if k not in hidden}
         out["object"] = "job"
         return out
@@ -80,7 +84,11 @@ _V1_TO_V2 = "ALTER TABLE jobs ADD COLUMN preference TEXT"
 # v3: a running job is claimed for a lease (a job running when v3 first opens the store has
 # none: it is claimed again at once, as every running job was on a restart before)
 _V2_TO_V3 = "ALTER TABLE jobs ADD COLUMN claim TEXT; ALTER TABLE jobs ADD COLUMN lease_until TEXT"
-MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3}  # from version k to k + 1
+# v4: a planned job keeps its score at arrival (a job stored before has none: never planned
+# again, as before)
+_V3_TO_V4 = "ALTER TABLE jobs ADD COLUMN arrival_score REAL"
+# from version k to k + 1
+MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -257,10 +265,33 @@ class JobStore:
                 (at.astimezone(UTC).isoformat(), job_id, claim, claim),
             )
 
+    def replan(
+        self,
+        job_id: str,
+        at: datetime,
+        replica: str,
+        region: str,
+        forecast_score: float,
+        claim: str | None = None,
+    ) -> bool:
+        """A running job planned again (its hour came dirtier than its arrival): scheduled at
+        ``at`` on ``replica`` (with ``claim``: only while that claim holds it). False: it was
+        not this claim's to change."""
+        with self._write():
+            cur = self._db.execute(
+                "UPDATE jobs SET status='scheduled', start_at=?, replica=?, region=?, "
+                "forecast_score=?, lease_until=NULL WHERE id=? AND status='running' AND "
+                "(? IS NULL OR claim=?)",
+                (at.astimezone(UTC).isoformat(), replica, region, forecast_score, job_id, claim,
+                 claim),  # fmt: skip
+            )
+        return cur.rowcount == 1
+
     def run_now(self, job_id: str, now: datetime) -> None:
+        """The admin's "run it now": due at once, and not planned again when it runs."""
         with self._write():
             self._db.execute(
-                "UPDATE jobs SET start_at=? WHERE id=? AND status='scheduled'",
+                "UPDATE jobs SET start_at=?, arrival_score=NULL WHERE id=? AND status='scheduled'",
                 (now.astimezone(UTC).isoformat(), job_id),
             )
 

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from router.errors import NotFound, PermissionDenied
+from router.errors import NotFound, PermissionDenied, RouterError
 from router.jobs import Job, JobError, JobStore
 from router.ledger import LedgerRow
 from router.policy import AtCapacity, Candidates
@@ -66,6 +68,7 @@ class Deferral:
         router = self._live().router
         planned = await router.plan_deferral(cands, pref, expected)
         now = datetime.now(UTC)
+        arrival: float | None = None
         if planned is None:
             if not force:
                 return None  # waiting does not pay: run now
@@ -73,6 +76,7 @@ class Deferral:
             start_at, best, now_score = now, 0.0, 0.0
         else:
             start_at, index, best, now_score = planned
+            arrival = now_score if math.isfinite(now_score) else None
         st = router.states[index]
         log.info(
             "planned a job at %s in %s (score %.3g vs %.3g now)",
@@ -94,6 +98,7 @@ class Deferral:
             body=json.loads(raw),
             forecast_score=best,
             preference=header,
+            arrival_score=arrival,
         )
 
     async def maybe_defer(
@@ -193,6 +198,38 @@ class Deferral:
         log.info("job %s: %s; retried at %s", job.id, why, later)
         self.jobs.retry_at(job.id, later, job.claim)
 
+    async def _replan(
+        self, job: Job, cands: Candidates, pref: Preference, expected: float, index: int
+    ) -> int | None:
+        """A job whose hour came with its replica's grid dirtier than the best at its arrival
+        (the forecast it waited for was wrong) is planned again over what is left of its
+        window, on the forecasts made since: ``None`` when it waits again (stored so), else the
+        replica to run it on now (``index``, or, planned again to run now, the router's choice
+        now). In the window's last hour it runs whatever its grid."""
+        if job.arrival_score is None or not math.isfinite(job.arrival_score):
+            return index
+        router = self._live().router
+        if router.score_now(cands, pref, index) <= job.arrival_score:
+            return index
+        now = datetime.now(UTC)
+        left_s = (datetime.fromisoformat(job.deadline) - now).total_seconds()
+        if left_s < 3600:
+            return index
+        planned = await router.plan_deferral(cands, replace(pref, defer_s=left_s), expected)
+        if planned is None:  # nothing later pays: now, where the router would put it now
+            with contextlib.suppress(RouterError):
+                return router.decide(cands, pref).index
+            return index
+        start_at, r, best, _ = planned
+        st = router.states[r]
+        if not self.jobs.replan(job.id, start_at, st.replica.name, st.region.name, best,
+                                job.claim):  # fmt: skip
+            log.warning("job %s: another runner claimed it; not planned again here", job.id)
+            return None
+        log.info("job %s: its hour came dirtier than its arrival; planned again at %s in %s",
+                 job.id, start_at, st.region.name)  # fmt: skip
+        return None
+
     async def _run(self, job: Job) -> None:
         """One attempt. The job is billed once, under its id, for the answer it stores: an
         attempt that finds the job billed already (its answer lost after its bill) bills
@@ -218,6 +255,11 @@ class Deferral:
             except Exception as e:  # not knowing, it could bill twice: it waits for the ledger
                 self._later(job, LEDGER_RETRY_S, f"the ledger cannot say whether it is billed: {e}")
                 return
+            if not billed:
+                now_index = await self._replan(job, cands, pref, expected, index)
+                if now_index is None:
+                    return  # planned again: it waits
+                index = now_index
             # checked when it runs, not only when it was planned: the budget may be spent now
             # (a job billed already has paid)
             hold = None if billed else await self.completions.settlement.reserve(job.tenant, cands)

@@ -450,6 +450,15 @@ class Router:
         start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, spread_s)))
         return start, r, best, float(np.nanmin(s[0]))
 
+    def score_now(self, c: Candidates, pref: Preference, index: int) -> float:
+        """Replica ``index``'s score for this request now, as :meth:`plan_deferral` scores the
+        hour it is in (the intensity now, this hour's price)."""
+        hour0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        k = slice(index, index + 1)
+        price = np.array([[self.states[index].prices.at(hour0)]])
+        intensity = np.array([[c.intensity_g_per_kwh[index]]])
+        return float(slot_scores(c.billed_kwh[k], c.pue[k], price, intensity, pref.weight)[0, 0])
+
     def _book_for(self, hour0: datetime) -> SlotBook:
         """Bookings per (hour, replica), shifted as hours pass (in memory: a restart forgets
         the bookings, not the jobs)."""
