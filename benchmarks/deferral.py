@@ -8,8 +8,10 @@ at several ``defer_min_gain``; beside ``greenest`` (no deferral) and the ``oracl
 intensities). Per run: requests deferred, the share of the oracle's deferral saving captured
 ((greenest - run) / (greenest - oracle), carbon), the share of deferred requests that ran in a
 dirtier hour than they arrived in (regret; hours when no replica had room at arrival are not
-counted: waiting was no choice there) and the carbon that regret added. The last line is the
-issue's target: regret halved against point deferral at equal or better capture.
+counted: waiting was no choice there) and the carbon that regret added; each planned once at
+arrival, and planned again when a request's hour comes dirtier than its arrival (the live job
+runner's rule, ``simulation.defer_replan``). The last lines are the issue's target: regret
+halved against point deferral planned once, at equal or better capture.
 
 The forecasts are the simulator's (``CarbonEnsemble`` fitted before the period, issued every
 hour); their tables are cached in the user cache, so a second run only routes.
@@ -57,14 +59,14 @@ def main() -> int:
     for q in QUANTILES:
         cq = with_sim(defer_quantile=q)
         wq = build_world(cq, base_dir=Path(args.config).parent, cache_dir=cache)  # type: ignore[arg-type]
-        for gain in MIN_GAINS:
-            cg = with_sim(defer_quantile=q, defer_min_gain=gain)
+        for gain, replan in [(g, r) for g in MIN_GAINS for r in (False, True)]:
+            cg = with_sim(defer_quantile=q, defer_min_gain=gain, defer_replan=replan)
             o = run_spec("greenest+defer", wq, cg)  # type: ignore[arg-type]
             rg = o.regret
             assert rg is not None
             carbon = float(o.carbon_g.sum())
             rows.append({
-                "q": q, "gain": gain, "t": carbon / 1e6,
+                "q": q, "gain": gain, "replan": replan, "t": carbon / 1e6,
                 "capture": (greenest - carbon) / (greenest - oracle),
                 "deferred": float(o.deferred.sum()) / float(o.requests.sum()),
                 "waited": rg.deferred / float(o.requests.sum()),
@@ -74,26 +76,41 @@ def main() -> int:
     t = Table(title=f"{args.period}: greenest+defer by the quantile its gain must hold at "
                     f"(greenest {greenest / 1e6:.2f} t, oracle {oracle / 1e6:.2f} t; world "
                     f"{world_s:.0f} s)")  # fmt: skip
-    for col in ("defer_quantile", "min_gain", "t CO2e", "of oracle saving", "waited",
-                "deferred into dirtier", "regret t CO2e"):  # fmt: skip
+    for col in ("defer_quantile", "min_gain", "planned again", "t CO2e", "of oracle saving",
+                "waited", "deferred into dirtier", "regret t CO2e"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(f"{r['q']:.2f}", f"{r['gain']:.2f}", f"{r['t']:.3f}", f"{r['capture']:.1%}",
+        t.add_row(f"{r['q']:.2f}", f"{r['gain']:.2f}", "yes" if r["replan"] else "no",
+                  f"{r['t']:.3f}", f"{r['capture']:.1%}",
                   f"{r['waited']:.1%}", f"{r['regret']:.1%}", f"{r['regret_t']:.3f}")  # fmt: skip
     console = Console()
     console.print(t)
-    base = next(r for r in rows if r["q"] == 0.5 and r["gain"] == cfg0.simulation.defer_min_gain)
+    sim0 = cfg0.simulation
+    base = next(
+        r for r in rows if r["q"] == 0.5 and r["gain"] == sim0.defer_min_gain and not r["replan"]
+    )
     shipped = next(
         r for r in rows
-        if r["q"] == cfg0.simulation.defer_quantile and r["gain"] == cfg0.simulation.defer_min_gain
+        if r["q"] == sim0.defer_quantile and r["gain"] == sim0.defer_min_gain
+        and r["replan"] == sim0.defer_replan
     )  # fmt: skip
+    # the same capture or better, from any setting: the lowest regret among them
+    frontier = min((r for r in rows if r["capture"] >= base["capture"]),
+                   key=lambda r: r["regret"])  # fmt: skip
     ratio = shipped["regret"] / base["regret"] if base["regret"] else float("nan")
     ok = ratio <= 0.5 and shipped["capture"] >= base["capture"]
     console.print(
-        f"shipped (q {shipped['q']}, min_gain {shipped['gain']}) against point deferral "
+        f"shipped (q {shipped['q']}, min_gain {shipped['gain']}, planned again "
+        f"{'yes' if shipped['replan'] else 'no'}) against point deferral planned once "
         f"(q 0.5, same min_gain): regret {shipped['regret']:.1%} vs {base['regret']:.1%} "
         f"({ratio:.2f}x), capture {shipped['capture']:.1%} vs {base['capture']:.1%}: "
         f"target (regret <= 0.5x at equal or better capture) {'met' if ok else 'NOT met'}"
+    )
+    best = frontier["regret"] / base["regret"] if base["regret"] else float("nan")
+    console.print(
+        f"lowest regret at the point rule's capture or better: q {frontier['q']}, min_gain "
+        f"{frontier['gain']}, planned again {'yes' if frontier['replan'] else 'no'}: regret "
+        f"{frontier['regret']:.1%} ({best:.2f}x), capture {frontier['capture']:.1%}"
     )
     return 0
 

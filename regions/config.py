@@ -464,6 +464,11 @@ class Simulation(_Strict):
         description="defer only when the gain holds at this quantile of the forecast (0.5: "
         "the point forecast)",
     )
+    defer_replan: bool = Field(
+        True,
+        description="requests whose hour comes dirtier than their arrival are planned again "
+        "on the forecast issued then (the live job runner's rule); false: planned once",
+    )
     slo_ttft_ms: float = Field(
         10_000.0,
         gt=0,

@@ -627,6 +627,7 @@ def run_policy(
         deferred, delay_h, regret = _plan_deferred(
             world, world.demand.per_hour * share_deferrable, served, room, up, weight,
             oracle=base == "oracle", spatial=base != "cleanest_hour", min_gain=sim.defer_min_gain,
+            replan=sim.defer_replan,
         )  # fmt: skip
     n = served + deferred
     route_s = time.perf_counter() - t0
@@ -691,7 +692,7 @@ def _plan_deferred(
     ``world.forecast_gate``, a later cell counts only where its gain holds at the gate's
     quantile too (the live planner's rule); the oracle needs no gate.
 
-    ``replan`` (spatial only): requests whose hour comes with their
+    ``replan`` (spatial only; the live job runner's rule): requests whose hour comes with their
     replica's actual score worse than the best at their arrival are planned again, from that
     hour to the end of their window, on the forecast issued then; the window's last hour runs
     them whatever its score."""
