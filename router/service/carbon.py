@@ -8,11 +8,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 from forecasting.errors import CarbonSourceError
 from forecasting.sources.base import CarbonSource
 from regions.config import Region
 from router.errors import CarbonUnavailable
+from router.ledger import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,12 @@ class CarbonReading:
     age_s: float
     at: datetime | None = None  # the period the value is for (UTC), when the source says
     forecast: bool = False  # a forecast of the period, not a measurement of it
+
+    @cached_property
+    def at_iso(self) -> str:
+        """``at`` as the ledger writes times ("" when unknown), formatted once per reading:
+        every request billed while it is the region's value carries it on its receipt."""
+        return "" if self.at is None else utc_iso(self.at)
 
     @property
     def kind(self) -> str:

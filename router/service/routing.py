@@ -480,9 +480,7 @@ class Router:
     def baseline(self, c: Candidates, pref: Preference, chosen: int) -> tuple[str, float]:
         """The carbon-agnostic choice for this request at this moment: power of two over the
         replicas its preference allows that are up and have an intensity."""
-        healthy, allowed = c.healthy.tolist(), c.allowed(pref.regions).tolist()
-        ci = c.billing_intensity.tolist()
-        ok = [h and a and math.isfinite(g) for h, a, g in zip(healthy, allowed, ci, strict=True)]
+        ok = c.healthy & c.allowed(pref.regions) & np.isfinite(c.billing_intensity)
         return carbon_agnostic_baseline(c, ok, chosen)
 
     def receipt_rates(self, index: int, routed: Routed | None) -> dict[str, float]:
@@ -561,7 +559,7 @@ class Router:
                 "held_s": max(held_s, 0.0),
                 "meter": st.replica.meter if metered else "energy-predictor",
                 "method": ATTRIBUTION_METHOD if metered else PREDICTION_METHOD,
-                "intensity_at": "" if carbon.at is None else utc_iso(carbon.at),
+                "intensity_at": carbon.at_iso,
                 "intensity_source": f"{carbon.source} ({st.region.zone})",
                 "intensity_kind": carbon.kind,
                 "marginal_g_per_kwh": marginal,
