@@ -300,7 +300,18 @@ class JobStore:
         ``counts`` per status and region (with how many are ``overdue``: scheduled, their start
         time passed, not yet claimed) and ``next``, the running ones then the next scheduled to
         start, ``limit`` in all, without their bodies or results. Read by the
-        ``(status, start_at)`` index: the cost is that of the queue, not of finished jobs."""
+        ``(status, start_at)`` index: the cost is that of the queue, not of finished jobs. On a
+        connection of its own, so that it may be read from a worker thread beside the writes."""
+        try:
+            with contextlib.closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+                return self._queue(db, now, tenant, limit)
+        except sqlite3.Error as e:
+            raise JobError(f"{self.path}: {e}") from e
+
+    @staticmethod
+    def _queue(
+        db: sqlite3.Connection, now: datetime, tenant: str | None, limit: int
+    ) -> dict[str, Any]:
         at = now.astimezone(UTC).isoformat()
         where, params = "status = ?", []
         if tenant is not None:
@@ -314,7 +325,7 @@ class JobStore:
                 "overdue": int(o or 0) if s == "scheduled" else 0,
             }
             for status in ("running", "scheduled")
-            for s, r, n, o, f in self._db.execute(
+            for s, r, n, o, f in db.execute(
                 "SELECT status, region, COUNT(*), SUM(start_at <= ?), MIN(start_at) FROM jobs "
                 f"WHERE {where} GROUP BY region ORDER BY region",
                 [at, status, *params],
@@ -328,7 +339,7 @@ class JobStore:
                 break
             upcoming += [
                 dict(zip(cols, r, strict=True))
-                for r in self._db.execute(
+                for r in db.execute(
                     f"SELECT {', '.join(cols)} FROM jobs WHERE {where} ORDER BY start_at LIMIT ?",
                     [status, *params, limit - len(upcoming)],
                 )

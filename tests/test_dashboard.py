@@ -298,3 +298,31 @@ async def test_the_page_is_one_offline_file_that_never_writes_markup(tmp_path: P
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
     assert r.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_the_job_queue_is_read_off_the_event_loop(tmp_path: Path) -> None:
+    # the job counts were read from SQLite on the event loop: with a long queue or a busy disk,
+    # every request of every tenant waited for the operator's page
+    import threading
+
+    async with service_kit(tmp_path) as kit:
+        store = kit.service.jobs
+        real = store.queue
+        reading, other_answered = threading.Event(), threading.Event()
+        waited: list[bool] = []
+
+        def slow(*a: Any, **kw: Any) -> dict[str, Any]:
+            # holds until another request has been answered (or 10 s: then the loop was held)
+            reading.set()
+            waited.append(other_answered.wait(10.0))
+            return real(*a, **kw)
+
+        store.queue = slow  # type: ignore[method-assign]
+        page = asyncio.create_task(kit.client.get("/v1/dashboard/jobs", headers=ADMIN))
+        while not reading.is_set() and not page.done():  # until the page reads the queue
+            await asyncio.sleep(0.01)
+        r = await kit.client.get("/healthz")
+        other_answered.set()
+        assert r.status_code == 200
+        assert (await page).status_code == 200
+        assert waited == [True], "the job queue's read held the event loop"

@@ -109,4 +109,5 @@ async def dashboard_jobs(
     """Deferred jobs waiting or running (a tenant key: its own): counts per status and region
     (``overdue``: past their start time, not yet claimed) and the next ``limit`` (1-100,
     default 10) to run, without their bodies or answers."""
-    return JSONResponse(service_of(request).dashboard.jobs(caller, limit), headers=NO_STORE)
+    body = await service_of(request).dashboard.jobs(caller, limit)
+    return JSONResponse(body, headers=NO_STORE)

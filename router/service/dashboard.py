@@ -345,12 +345,13 @@ class Dashboard:
         }
 
     # -- the job queue ------------------------------------------------------------------------
-    def jobs(self, caller: Caller, limit: str | int | None) -> dict[str, Any]:
+    async def jobs(self, caller: Caller, limit: str | int | None) -> dict[str, Any]:
         """The deferred jobs waiting or running (a tenant: its own), counted per status and
-        region, and the next ``limit`` to run; never their bodies or answers."""
+        region, and the next ``limit`` to run; never their bodies or answers. Read in a worker
+        thread: a long queue or a busy disk must not hold the event loop's requests."""
         limit = bounded(limit, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
         tenant = None if caller.admin else caller.tenant
-        q = self._jobs.queue(self._wall(), tenant=tenant, limit=limit)
+        q = await asyncio.to_thread(self._jobs.queue, self._wall(), tenant=tenant, limit=limit)
         totals = {
             s: sum(c["jobs"] for c in q["counts"] if c["status"] == s)
             for s in ("scheduled", "running")
