@@ -182,3 +182,119 @@ def test_an_arrival_score_that_is_not_a_number_is_stored_as_none(
     assert got is not None
     assert got.arrival_score is None or got.arrival_score == value
     store.close()
+
+
+# ---- what held (these pass on the reviewed code) ------------------------------------------
+
+
+@pytest.mark.parametrize("profile", [(1.0, 0.5), (1.0,)])
+async def test_held_a_replan_keeps_the_job_in_its_allowed_regions(
+    tmp_path: Path, profile: tuple[float, ...]
+) -> None:
+    """Planned again (profile (1, 0.5): a later hour pays) or run now by the router's choice
+    (flat profile: nothing later pays), a job with regions=("eu-north") stays there though
+    eu-central has become far cleaner."""
+    source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
+    async with service_kit(tmp_path, source=source) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=EU_NORTH)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        source.profile = profile
+        source.values["DE"] = 1.0
+        router = kit.service.live.router
+        if router.forecasts is not None:
+            router.forecasts.max_age_s = 0.0
+            for st in router.states:
+                await router.forecasts.get(st.region)
+            await router.forecasts.idle()
+        await _grid(kit, source, 3 * VALUES["SE"])
+        _set(kit, job_id, start_at=datetime.now(UTC).isoformat())
+        await _run_due(kit)
+        job = kit.service.jobs.get(job_id)
+        assert job is not None and job.region == "eu-north" and job.replica == "eu-north-0"
+        assert all(row.region == "eu-north" for row in kit.rows()), kit.rows()
+
+
+def test_held_a_replan_under_a_lost_claim_changes_nothing(tmp_path: Path) -> None:
+    """Two ingresses on one store: the first's lease ran out and the second claimed the job;
+    the first's re-plan is refused and the job stays the second's, running."""
+    a = JobStore(tmp_path / "j.sqlite", lease_s=0.0)
+    b = JobStore(tmp_path / "j.sqlite", lease_s=60.0)
+    now = datetime.now(UTC)
+    a.add(Job(id="job-c", tenant="t", status="scheduled", created_at=now.isoformat(),
+              start_at=(now - timedelta(seconds=1)).isoformat(),
+              deadline=(now + timedelta(hours=2)).isoformat(), replica="r0", region="g0",
+              chat=True, body={}, forecast_score=1.0, arrival_score=1.0))  # fmt: skip
+    (first,) = a.due(now)
+    (second,) = b.due(now + timedelta(seconds=1))
+    assert first.claim != second.claim
+    assert not a.replan("job-c", now + timedelta(hours=1), "r1", "g1", 0.5, first.claim)
+    job = b.get("job-c")
+    assert job is not None and (job.status, job.claim, job.replica) == ("running", second.claim, "r0")
+    assert b.replan("job-c", now + timedelta(hours=1), "r1", "g1", 0.5, second.claim)
+    a.close()
+    b.close()
+
+
+def test_held_the_simulators_replan_conserves_requests_and_capacity() -> None:
+    """Random worlds: with replan on, every deferred request is booked once (sum == demand),
+    no cell is negative or on a replica that is off, a cell goes over its room only when its
+    hour's fleet is full (where the immediate requests did not overfill it already), delay >= 0 and regretted <= deferred."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from router.simulate import _plan_deferred
+
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        h_n, w = int(rng.integers(3, 24)), int(rng.integers(2, 7))
+        g, r_n = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        inten = rng.uniform(10, 500, (h_n, g))
+        fc = np.stack([np.stack([inten[min(h + k, h_n - 1)] * rng.uniform(0.3, 1.7, g)
+                                 for k in range(w)]) for h in range(h_n)])  # fmt: skip
+        world = SimpleNamespace(
+            replica_region=rng.integers(0, g, r_n), forecast=fc, intensity=inten,
+            price=rng.uniform(0.05, 0.3, (h_n, g)), j_per_request=rng.uniform(1e3, 5e3, r_n),
+            pue=rng.uniform(1, 1.5, g), forecast_gate=fc * 1.1 if seed % 2 else None,
+        )  # fmt: skip
+        demand = rng.uniform(0, 50, h_n) * (rng.random(h_n) < 0.8)
+        up = rng.random((h_n, r_n)) < 0.9
+        up[:, 0] = True
+        room = np.where(up, rng.uniform(1, 60, (h_n, r_n)), 0.0)
+        now = rng.uniform(0, 30, (h_n, r_n)) * up
+        out, delay, reg = _plan_deferred(world, demand, now, room, up, 0.5,  # type: ignore[arg-type]
+                                         oracle=False, spatial=True, min_gain=0.02)  # fmt: skip
+        assert out.sum() == pytest.approx(demand.sum(), rel=1e-9, abs=1e-9)
+        assert (out > -1e-9).all() and not (out[~up] > 1e-9).any()
+        assert delay >= -1e-9 and -1e-9 <= reg.regretted <= reg.deferred + 1e-6
+        tot = now + out
+        for h in range(h_n):
+            if ((tot[h] - room[h]) > 1e-6).any() and (now[h] <= room[h] + 1e-9).all():
+                assert tot[h].sum() >= room[h].sum() - 1e-6, (seed, h)
+
+
+def test_held_a_v3_store_opens_as_v4_and_its_jobs_are_not_planned_again(tmp_path: Path) -> None:
+    from router.jobs import MIGRATIONS
+
+    path = tmp_path / "v3.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    for v in range(3):
+        for statement in MIGRATIONS[v].split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {v + 1}")
+    now = datetime.now(UTC)
+    db.execute(
+        "INSERT INTO jobs (id, tenant, status, created_at, start_at, deadline, replica, region, "
+        "chat, body, forecast_score) VALUES ('j1', 't', 'scheduled', ?, ?, ?, 'r', 'g', 1, "
+        "'{}', 1.0)",
+        (now.isoformat(), now.isoformat(), (now + timedelta(hours=2)).isoformat()),
+    )
+    db.close()
+    store = JobStore(path)
+    assert store.schema_version == 4
+    job = store.get("j1")
+    assert job is not None and job.arrival_score is None
+    assert [j.id for j in store.due(now + timedelta(seconds=1))] == ["j1"]
+    store.close()
