@@ -304,6 +304,7 @@ class JobStore:
         connection of its own, so that it may be read from a worker thread beside the writes."""
         try:
             with contextlib.closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+                db.execute("BEGIN")  # one read transaction: one snapshot beside the writes
                 return self._queue(db, now, tenant, limit)
         except sqlite3.Error as e:
             raise JobError(f"{self.path}: {e}") from e
