@@ -13,7 +13,7 @@ import pytest
 
 from router.jobs import Job, JobStore
 from router.service.fakes import StaticCarbonSource
-from tests.service_kit import CONFIG, DEMO, chat, service_kit
+from tests.service_kit import DEMO, chat, service_kit
 
 VALUES = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
 EU_NORTH = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
@@ -41,33 +41,34 @@ async def _run_due(kit: Any) -> None:
 
 
 async def test_a_replan_stays_inside_the_operators_max_defer_window(tmp_path: Path) -> None:
-    """policy.max_defer_s caps how long a request waits (plan_deferral plans within
-    min(defer, max_defer_s) of arrival). _replan measures what is left from the client's
-    deadline (arrival + defer) and plans up to max_defer_s from *now*, so a job can be pushed
-    again and again, each time up to max_defer_s further, far past arrival + max_defer_s (here
-    a 2 h cap, 1.5 h waited: it is planned again for an hour past its window instead of
-    running, as the simulator's rule, "the window's last hour runs them", says)."""
+    """policy.max_defer_s (default 1 day) caps the window a request is planned in
+    (plan_deferral: min(defer, max_defer_s) from arrival); the header allows defer up to 7
+    days. _replan measures what is left from the client's deadline (arrival + defer) and plans
+    up to max_defer_s from *now*, so a job whose hours keep coming dirtier than its arrival is
+    pushed again and again, up to 7 days, where the simulator's rule plans again only "over
+    what is left of its window" and runs it in the window's last hour. Here, default config,
+    defer=7 days, 23.5 h waited: it is planned again past arrival + 1 day instead of running."""
     source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
-    config = CONFIG.replace("policy: {name: price_carbon, weight: 0.5}",
-                            "policy: {name: price_carbon, weight: 0.5, max_defer_s: 7200}")  # fmt: skip
-    assert config != CONFIG
-    async with service_kit(tmp_path, source=source, config=config) as kit:
-        pref = {**DEMO, "X-Carbon-Preference": 'defer=86400, regions=("eu-north")'}
+    async with service_kit(tmp_path, source=source) as kit:
+        pref = {**DEMO, "X-Carbon-Preference": 'defer=604800, regions=("eu-north")'}
         r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
+        max_defer_s = kit.service.live.router.config.policy.max_defer_s
+        assert max_defer_s == 86400
         now = datetime.now(UTC)
-        arrived = now - timedelta(minutes=90)  # it has waited 1.5 h of its 2 h window
+        arrived = now - timedelta(hours=23.5)  # it has waited 23.5 h of its 24 h window
         _set(kit, job_id, created_at=arrived.isoformat(), start_at=now.isoformat(),
-             deadline=(arrived + timedelta(seconds=86400)).isoformat())  # fmt: skip
+             deadline=(arrived + timedelta(seconds=604800)).isoformat())  # fmt: skip
         await _grid(kit, source, 3 * VALUES["SE"])  # its hour came dirtier
         await _run_due(kit)
         job = kit.service.jobs.get(job_id)
         assert job is not None
-        window_end = arrived + timedelta(seconds=7200)
-        assert job.status == "completed" or (
-            job.status == "scheduled" and datetime.fromisoformat(job.start_at) <= window_end
-        ), f"planned again past arrival + max_defer_s ({window_end}): {job.start_at}"
+        # under an hour of its window is left: its window's last hour runs it
+        window_end = arrived + timedelta(seconds=max_defer_s)
+        assert job.status == "completed", (
+            f"{job.status}: planned again for {job.start_at}, its window ends {window_end}"
+        )
 
 
 async def test_a_job_whose_grid_is_unchanged_is_not_planned_again(tmp_path: Path) -> None:
