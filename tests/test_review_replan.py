@@ -13,7 +13,7 @@ import pytest
 
 from router.jobs import Job, JobStore
 from router.service.fakes import StaticCarbonSource
-from tests.service_kit import DEMO, chat, service_kit
+from tests.service_kit import ADMIN, DEMO, chat, service_kit
 
 VALUES = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
 EU_NORTH = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
@@ -94,6 +94,32 @@ async def test_a_job_whose_grid_is_unchanged_is_not_planned_again(tmp_path: Path
         job = kit.service.jobs.get(job_id)
         assert job is not None and job.status == "completed", (
             f"deferred again with its grid unchanged: {job}"
+        )
+
+
+async def test_a_reload_that_changes_the_policy_weight_does_not_replan_every_job(
+    tmp_path: Path,
+) -> None:
+    """The same root cause as above: arrival_score is a score under the weight of its day
+    (kWh x PUE^w x price^(1-w) x g^w). An admin reload that moves policy.weight (the weight of
+    every request without weight=) changes the units of score_now, and every waiting job whose
+    grid is unchanged is deferred again (0.5 -> 0.9: its score now is about 11x its arrival's)."""
+    source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
+    async with service_kit(tmp_path, source=source) as kit:
+        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=EU_NORTH)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        cfg = tmp_path / "router.yaml"
+        text = cfg.read_text()
+        assert "weight: 0.5}" in text
+        cfg.write_text(text.replace("weight: 0.5}", "weight: 0.9}"))
+        r = await kit.client.post("/v1/admin/reload", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        _set(kit, job_id, start_at=datetime.now(UTC).isoformat())  # its hour came, as clean
+        await _run_due(kit)
+        job = kit.service.jobs.get(job_id)
+        assert job is not None and job.status == "completed", (
+            f"deferred again with its grid unchanged, after a reload: {job}"
         )
 
 
