@@ -47,13 +47,13 @@ class Job:
     preference: str | None = None  # the X-Carbon-Preference it came with, applied when it runs
     claim: str | None = None  # the running attempt's token: only it may store the result
     lease_until: str | None = None  # when a running job's claim runs out unless renewed
-    # the best score it had at arrival (the deferral planner's): a job whose hour comes with
-    # its grid dirtier than that is planned again; None: not planned (a batch line to run
-    # now, an admin's run now)
-    arrival_score: float | None = None
+    # g CO2e per kWh (its grid's intensity x PUE, the decision's signal) where it would have
+    # run at arrival: a job whose hour comes with its replica's grid dirtier than that is
+    # planned again; None: not planned (a batch line to run now, an admin's run now)
+    arrival_g_per_kwh: float | None = None
 
     def public(self) -> dict[str, Any]:
-        hidden = ("body", "preference", "claim", "lease_until", "arrival_score")
+        hidden = ("body", "preference", "claim", "lease_until", "arrival_g_per_kwh")
         out = {k: v for k, v in self.__dict__.items() if k not in hidden}
         out["object"] = "job"
         return out
@@ -84,9 +84,9 @@ _V1_TO_V2 = "ALTER TABLE jobs ADD COLUMN preference TEXT"
 # v3: a running job is claimed for a lease (a job running when v3 first opens the store has
 # none: it is claimed again at once, as every running job was on a restart before)
 _V2_TO_V3 = "ALTER TABLE jobs ADD COLUMN claim TEXT; ALTER TABLE jobs ADD COLUMN lease_until TEXT"
-# v4: a planned job keeps its score at arrival (a job stored before has none: never planned
-# again, as before)
-_V3_TO_V4 = "ALTER TABLE jobs ADD COLUMN arrival_score REAL"
+# v4: a planned job keeps the grid it would have run on at arrival (a job stored before has
+# none: never planned again, as before)
+_V3_TO_V4 = "ALTER TABLE jobs ADD COLUMN arrival_g_per_kwh REAL"
 # from version k to k + 1
 MIGRATIONS: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -291,7 +291,8 @@ class JobStore:
         """The admin's "run it now": due at once, and not planned again when it runs."""
         with self._write():
             self._db.execute(
-                "UPDATE jobs SET start_at=?, arrival_score=NULL WHERE id=? AND status='scheduled'",
+                "UPDATE jobs SET start_at=?, arrival_g_per_kwh=NULL WHERE id=? AND "
+                "status='scheduled'",
                 (now.astimezone(UTC).isoformat(), job_id),
             )
 
@@ -303,7 +304,9 @@ class JobStore:
         ``(status, start_at)`` index: the cost is that of the queue, not of finished jobs. On a
         connection of its own, so that it may be read from a worker thread beside the writes."""
         try:
-            with contextlib.closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+            # read-only: a store whose file is gone is an error, not a new empty store
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30.0)) as db:
                 db.execute("BEGIN")  # one read transaction: one snapshot beside the writes
                 return self._queue(db, now, tenant, limit)
         except sqlite3.Error as e:

@@ -693,9 +693,9 @@ def _plan_deferred(
     quantile too (the live planner's rule); the oracle needs no gate.
 
     ``replan`` (spatial only; the live job runner's rule): requests whose hour comes with their
-    replica's actual score worse than the best at their arrival are planned again, from that
-    hour to the end of their window, on the forecast issued then; the window's last hour runs
-    them whatever its score."""
+    replica's grid (intensity x PUE) dirtier than where they would have run at arrival are
+    planned again, from that hour to the end of their window, on the forecast issued then; the
+    window's last hour runs them whatever its grid."""
     h_n, r_n = booked_now.shape
     g_of = world.replica_region
     w = world.forecast.shape[1]
@@ -706,11 +706,12 @@ def _plan_deferred(
     s_now = np.where(up, score(kwh_unit[None, :], pue[None, :], world.price[:, g_of],
                                world.intensity[:, g_of], weight), np.inf)  # fmt: skip
     carbon_unit = kwh_unit[None, :] * pue[None, :] * world.intensity[:, g_of]  # [H, R] actual
+    g_now = pue[None, :] * world.intensity[:, g_of]  # [H, R] g/kWh x PUE: what a re-plan checks
     gate_fc = None if oracle else world.forecast_gate
     # where the deferrable requests of each arrival hour ran: (arrival, hour, replica, count)
     placed: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     # requests booked into a later hour, by that hour: (arrival, replica, count, window end,
-    # best actual score at arrival)
+    # g/kWh x PUE where they would have run at arrival)
     pending: dict[int, list[tuple[int, int, float, int, float]]] = {}
     choice: dict[int, float] = {}  # arrival hour -> a request's actual carbon had it run then
 
@@ -768,7 +769,7 @@ def _plan_deferred(
     arrival_best: dict[int, float] = {}
     for h in range(h_n):
         for arrival, r, n, end, best in pending.pop(h, ()):
-            if s_now[h, r] <= best or h + 1 >= end:
+            if g_now[h, r] <= best or h + 1 >= end:
                 continue  # no dirtier than at arrival, or its window's last hour: it runs
             out[h, r] -= n  # planned again from this hour, on the forecast issued now
             booked[h, r] -= n
@@ -782,8 +783,8 @@ def _plan_deferred(
         left = float(demand[h])
         if spatial:
             s0 = np.where(up[h] & (free[0] > 0), s_now[h], np.inf)
-            arrival_best[h] = float(np.min(s0))
             now_r = int(np.argmin(s0))  # where it would run now (when some replica has room)
+            arrival_best[h] = float(g_now[h, now_r]) if np.isfinite(s0[now_r]) else np.inf
             book_from(h, end, left, h)
         else:
             seen = world.intensity[h : h + k_n] if oracle else world.forecast[h, :k_n].copy()

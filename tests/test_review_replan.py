@@ -73,7 +73,7 @@ async def test_a_replan_stays_inside_the_operators_max_defer_window(tmp_path: Pa
 
 async def test_a_job_whose_grid_is_unchanged_is_not_planned_again(tmp_path: Path) -> None:
     """The rule is "its hour came with its grid dirtier than the best at its arrival". The
-    stored arrival_score is a whole score (predicted kWh x PUE^w x price^(1-w) x g^w), and
+    stored arrival_g_per_kwh is a whole score (predicted kWh x PUE^w x price^(1-w) x g^w), and
     score_now recomputes it with the energy predicted now: the tenant's expected output
     length (router.lengths) and the replicas' loads change between arrival and run. Here the
     grid and price are unchanged but the tenant's answers seen since are longer, so the job
@@ -100,7 +100,7 @@ async def test_a_job_whose_grid_is_unchanged_is_not_planned_again(tmp_path: Path
 async def test_a_reload_that_changes_the_policy_weight_does_not_replan_every_job(
     tmp_path: Path,
 ) -> None:
-    """The same root cause as above: arrival_score is a score under the weight of its day
+    """The same root cause as above: arrival_g_per_kwh is a score under the weight of its day
     (kWh x PUE^w x price^(1-w) x g^w). An admin reload that moves policy.weight (the weight of
     every request without weight=) changes the units of score_now, and every waiting job whose
     grid is unchanged is deferred again (0.5 -> 0.9: its score now is about 11x its arrival's)."""
@@ -194,7 +194,7 @@ def test_the_dashboard_queue_is_one_snapshot(tmp_path: Path, monkeypatch: Any) -
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_an_arrival_score_that_is_not_a_number_is_stored_as_none(
+def test_an_arrival_g_per_kwh_that_is_not_a_number_is_stored_as_none(
     tmp_path: Path, value: float
 ) -> None:
     """(held) NaN/inf arrival scores never reach the store (Deferral.plan keeps finite only);
@@ -204,10 +204,10 @@ def test_an_arrival_score_that_is_not_a_number_is_stored_as_none(
     store.add(Job(id="job-n", tenant="t", status="scheduled", created_at=now.isoformat(),
                   start_at=now.isoformat(), deadline=(now + timedelta(hours=2)).isoformat(),
                   replica="r0", region="g0", chat=True, body={}, forecast_score=1.0,
-                  arrival_score=value))  # fmt: skip
+                  arrival_g_per_kwh=value))  # fmt: skip
     got = store.get("job-n")
     assert got is not None
-    assert got.arrival_score is None or got.arrival_score == value
+    assert got.arrival_g_per_kwh is None or got.arrival_g_per_kwh == value
     store.close()
 
 
@@ -251,13 +251,14 @@ def test_held_a_replan_under_a_lost_claim_changes_nothing(tmp_path: Path) -> Non
     a.add(Job(id="job-c", tenant="t", status="scheduled", created_at=now.isoformat(),
               start_at=(now - timedelta(seconds=1)).isoformat(),
               deadline=(now + timedelta(hours=2)).isoformat(), replica="r0", region="g0",
-              chat=True, body={}, forecast_score=1.0, arrival_score=1.0))  # fmt: skip
+              chat=True, body={}, forecast_score=1.0, arrival_g_per_kwh=1.0))  # fmt: skip
     (first,) = a.due(now)
     (second,) = b.due(now + timedelta(seconds=1))
     assert first.claim != second.claim
     assert not a.replan("job-c", now + timedelta(hours=1), "r1", "g1", 0.5, first.claim)
     job = b.get("job-c")
-    assert job is not None and (job.status, job.claim, job.replica) == ("running", second.claim, "r0")
+    assert job is not None
+    assert (job.status, job.claim, job.replica) == ("running", second.claim, "r0")
     assert b.replan("job-c", now + timedelta(hours=1), "r1", "g1", 0.5, second.claim)
     a.close()
     b.close()
@@ -266,7 +267,8 @@ def test_held_a_replan_under_a_lost_claim_changes_nothing(tmp_path: Path) -> Non
 def test_held_the_simulators_replan_conserves_requests_and_capacity() -> None:
     """Random worlds: with replan on, every deferred request is booked once (sum == demand),
     no cell is negative or on a replica that is off, a cell goes over its room only when its
-    hour's fleet is full (where the immediate requests did not overfill it already), delay >= 0 and regretted <= deferred."""
+    hour's fleet is full (where the immediate requests did not overfill it already), delay >= 0
+    and regretted <= deferred."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -322,6 +324,6 @@ def test_held_a_v3_store_opens_as_v4_and_its_jobs_are_not_planned_again(tmp_path
     store = JobStore(path)
     assert store.schema_version == 4
     job = store.get("j1")
-    assert job is not None and job.arrival_score is None
+    assert job is not None and job.arrival_g_per_kwh is None
     assert [j.id for j in store.due(now + timedelta(seconds=1))] == ["j1"]
     store.close()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from router.errors import NotFound, PermissionDenied, RouterError
+from router.errors import NotFound, PermissionDenied
 from router.jobs import Job, JobError, JobStore
 from router.ledger import LedgerRow
 from router.policy import AtCapacity, Candidates
@@ -73,18 +73,13 @@ class Deferral:
             if not force:
                 return None  # waiting does not pay: run now
             index = router.decide(cands, pref).index
-            start_at, best, now_score = now, 0.0, 0.0
+            start_at, best = now, 0.0
         else:
-            start_at, index, best, now_score = planned
-            arrival = now_score if math.isfinite(now_score) else None
+            start_at, index, best, now_g = planned
+            arrival = now_g if math.isfinite(now_g) else None
         st = router.states[index]
-        log.info(
-            "planned a job at %s in %s (score %.3g vs %.3g now)",
-            start_at,
-            st.region.name,
-            best,
-            now_score,
-        )
+        log.info("planned a job at %s in %s (forecast score %.3g; %s g/kWh now)", start_at,
+                 st.region.name, best, arrival)  # fmt: skip
         return Job(
             id=f"job-{uuid.uuid4().hex}",
             tenant=tenant,
@@ -98,7 +93,7 @@ class Deferral:
             body=json.loads(raw),
             forecast_score=best,
             preference=header,
-            arrival_score=arrival,
+            arrival_g_per_kwh=arrival,
         )
 
     async def maybe_defer(
@@ -201,24 +196,34 @@ class Deferral:
     async def _replan(
         self, job: Job, cands: Candidates, pref: Preference, expected: float, index: int
     ) -> int | None:
-        """A job whose hour came with its replica's grid dirtier than the best at its arrival
-        (the forecast it waited for was wrong) is planned again over what is left of its
-        window, on the forecasts made since: ``None`` when it waits again (stored so), else the
-        replica to run it on now (``index``, or, planned again to run now, the router's choice
-        now). In the window's last hour it runs whatever its grid."""
-        if job.arrival_score is None or not math.isfinite(job.arrival_score):
+        """A job whose hour came with its replica's grid dirtier (intensity x PUE, the
+        decision's signal) than where it would have run at its arrival (the forecast it waited
+        for was wrong) is planned again over what is left of its window (its deadline, and
+        ``policy.max_defer_s`` from its arrival), on the forecasts made since: ``None`` when it
+        waits again (stored so), else the replica to run it on now (``index``, or, planned
+        again to run now, the router's choice now). In its window's last hour it runs whatever
+        its grid; so it does when planning again fails (the job must not fail for it)."""
+        arrival_g = job.arrival_g_per_kwh
+        if arrival_g is None or not math.isfinite(arrival_g):
             return index
         router = self._live().router
-        if router.score_now(cands, pref, index) <= job.arrival_score:
+        if float(cands.pue[index] * cands.intensity_g_per_kwh[index]) <= arrival_g:
             return index
         now = datetime.now(UTC)
-        left_s = (datetime.fromisoformat(job.deadline) - now).total_seconds()
+        end = min(
+            datetime.fromisoformat(job.deadline),
+            datetime.fromisoformat(job.created_at)
+            + timedelta(seconds=router.config.policy.max_defer_s),
+        )
+        left_s = (end - now).total_seconds()
         if left_s < 3600:
             return index
-        planned = await router.plan_deferral(cands, replace(pref, defer_s=left_s), expected)
-        if planned is None:  # nothing later pays: now, where the router would put it now
-            with contextlib.suppress(RouterError):
+        try:
+            planned = await router.plan_deferral(cands, replace(pref, defer_s=left_s), expected)
+            if planned is None:  # nothing later pays: now, where the router would put it now
                 return router.decide(cands, pref).index
+        except Exception as e:  # noqa: BLE001  # it runs as planned rather than fail
+            log.warning("job %s: not planned again (%s); it runs now", job.id, e)
             return index
         start_at, r, best, _ = planned
         st = router.states[r]

@@ -393,8 +393,9 @@ class Router:
     async def plan_deferral(
         self, c: Candidates, pref: Preference, expected_output: float
     ) -> tuple[datetime, int, float, float] | None:
-        """``(start_at, replica index, forecast score, score now)`` when waiting pays within
-        the request's ``defer`` window, else ``None`` (run now)."""
+        """``(start_at, replica index, forecast score, g/kWh now)`` when waiting pays within
+        the request's ``defer`` window, else ``None`` (run now); g/kWh now: intensity x PUE
+        of the replica it would run on now (what a job planned again is held to)."""
         horizon = min(48, int(min(pref.defer_s, self.config.policy.max_defer_s) // 3600) + 1)
         ok = c.healthy & c.allowed(pref.regions) & c.has_capacity
         if horizon < 2 or not ok.any():
@@ -448,16 +449,8 @@ class Router:
         latest = now + timedelta(seconds=min(pref.defer_s, self.config.policy.max_defer_s))
         spread_s = min(600.0, max(0.0, (latest - hours[k]).total_seconds()))
         start = hours[k] + timedelta(seconds=float(self._rng.uniform(0, spread_s)))
-        return start, r, best, float(np.nanmin(s[0]))
-
-    def score_now(self, c: Candidates, pref: Preference, index: int) -> float:
-        """Replica ``index``'s score for this request now, as :meth:`plan_deferral` scores the
-        hour it is in (the intensity now, this hour's price)."""
-        hour0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-        k = slice(index, index + 1)
-        price = np.array([[self.states[index].prices.at(hour0)]])
-        intensity = np.array([[c.intensity_g_per_kwh[index]]])
-        return float(slot_scores(c.billed_kwh[k], c.pue[k], price, intensity, pref.weight)[0, 0])
+        now_i = int(np.argmin(s[0]))  # the best replica now (the only finite one in row 0)
+        return start, r, best, float(c.pue[now_i] * c.intensity_g_per_kwh[now_i])
 
     def _book_for(self, hour0: datetime) -> SlotBook:
         """Bookings per (hour, replica), shifted as hours pass (in memory: a restart forgets
