@@ -313,15 +313,30 @@ def regions(*names: str) -> dict[str, str]:
 async def call(
     client: httpx.AsyncClient, tenant: str, *, stream: bool = False,
     headers: dict[str, str] | None = None, hang_up_after_s: float | None = None,
+    hang_up_when: Callable[[], bool] | None = None,
     cut_after_chunks: int | None = None, on_first_chunk: Callable[[], Any] | None = None,
     **kw: Any,
 ) -> Result:  # fmt: skip
-    """One chat completion; a client that hangs up after ``hang_up_after_s`` or (streams) after
+    """One chat completion; a client that hangs up after ``hang_up_after_s``, or once
+    ``hang_up_when()`` holds (checked in a thread every 20 ms), or (streams) after
     ``cut_after_chunks`` chunks."""
     h = {"Authorization": f"Bearer {key(tenant)}", **(headers or {})}
     t0 = time.monotonic()
     payload = body(stream=stream, **kw)
     try:
+        if not stream and hang_up_when is not None:
+            post = asyncio.ensure_future(
+                client.post("/v1/chat/completions", json=payload, headers=h, timeout=120)
+            )
+            while not post.done():
+                if await asyncio.to_thread(hang_up_when):
+                    post.cancel()  # the connection is closed under the request
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        await post
+                    return Result("hung up", seconds=_since(t0))
+                await asyncio.sleep(0.02)
+            r = post.result()
+            return Result(f"answered before the hang-up ({r.status_code})", seconds=_since(t0))
         if not stream:
             r = await client.post("/v1/chat/completions", json=payload, headers=h,
                                   timeout=hang_up_after_s or 120)  # fmt: skip
@@ -593,10 +608,14 @@ def _hangup(stack: Stack) -> Outcome:
     fake = stack.fakes["eu-b"]
     fake.fault("slow")  # answers after 1 s, stream chunks 0.25 s apart
     calls = fake.state()["calls"]
+
+    def upstream_has_them() -> bool:  # all 6 calls (3 whole, 3 streams) reached it: hang up
+        return bool(fake.state()["calls"] - calls >= 6)
+
     try:
         got = gather(
             stack,
-            *n_calls(3, "hangup", headers=regions("eu-b"), hang_up_after_s=0.5),
+            *n_calls(3, "hangup", headers=regions("eu-b"), hang_up_when=upstream_has_them),
             *n_calls(3, "hangup", stream=True, headers=regions("eu-b"), cut_after_chunks=1),
         )
         time.sleep(1.5)  # the upstream's answers to the hung-up calls arrive
