@@ -81,6 +81,8 @@ class CarbonEnsemble:
     _fitted: bool = field(default=False, init=False)
     # the members' own forecasts at the issues of the latest predict_table: (member, issue, H)
     last_members: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)), init=False)
+    # the member weights (bucket, member) at the last issue of the latest predict_table
+    last_weights: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), init=False)
 
     # ---- fit --------------------------------------------------------------------------------
 
@@ -122,8 +124,11 @@ class CarbonEnsemble:
     # ---- members ----------------------------------------------------------------------------
 
     def _grid(self, frame: pd.DataFrame) -> _Grid:
-        if self.forecaster is not None and "model" in self.members:
-            return self.forecaster.grid(frame)
+        # a learned member without exogenous features reads no column: the grid is the
+        # published member's (a provider's record, shorter than the history it is fitted on)
+        model = self.forecaster
+        if model is not None and "model" in self.members and model.use_exogenous:
+            return model.grid(frame)
         return _Grid.build(frame, [PUBLISHED_COLUMN] if self._has_published else [])
 
     def _window_positions(self, issue_pos: np.ndarray, horizon_h: int) -> np.ndarray:
@@ -230,6 +235,7 @@ class CarbonEnsemble:
         weights, residuals, hours, is_recent = self._weights_and_residuals(
             table, issue_pos, horizon_h
         )
+        self.last_weights = weights
         hz = np.arange(1, horizon_h + 1)
         buckets = bucket_of(hz)
         f = table.members[:, int(np.searchsorted(table.pos, issue_pos)), :]  # (M, H)
@@ -338,6 +344,14 @@ class CarbonEnsemble:
         _, quants = self.predict_table(history, pd.DatetimeIndex([issued]), horizon_h, quantiles)
         index = pd.date_range(issued, periods=horizon_h, freq="h")
         return pd.DataFrame(quants[0], index=index, columns=list(quantiles))
+
+    def last_weights_frame(self, horizon_h: int) -> pd.DataFrame:
+        """:meth:`weights` of the last issue :meth:`predict_table` forecast, without scoring
+        the window again: index = horizon bucket start, columns = members."""
+        used = horizon_h + 1 > BUCKET_STARTS
+        return pd.DataFrame(
+            self.last_weights[used], index=BUCKET_STARTS[used], columns=list(self.members)
+        )
 
     def weights(self, history: pd.DataFrame, issued: pd.Timestamp, horizon_h: int) -> pd.DataFrame:
         """Member weights used at ``issued``: index = horizon bucket start, columns = members."""
