@@ -1,0 +1,311 @@
+"""A remote source whose forecasts are recorded, and, where configured, ensembled.
+
+:class:`RecordedSource` wraps a remote :class:`CarbonSource` (Electricity Maps, WattTime, UK
+CI). Every forecast it fetches is written to a :class:`ForecastRecord`. With ``ensemble=False``
+it returns the provider's forecast as it came. With ``ensemble=True`` it forecasts with
+:class:`CarbonEnsemble` over the members ``model``, ``naive_24``, ``naive_168`` and
+``published`` (the provider's forecast), weighted per horizon bucket by their error on the
+trailing ``window_days``, with a q10/q50/q90 band, as the file sources do:
+
+- actuals: the inner source's ``history()`` over the last ``history_days``, kept in the
+  record's ``actual`` table; each fit fetches only the hours since the last one stored (and
+  the day before, which providers revise), so an API is asked for the whole span once;
+- the ``published`` column: for each past target hour, the value of the latest issue recorded
+  before that hour (see :mod:`forecasting.sources.record`); for the hours from now on, the
+  forecast just fetched. Scored that way the provider's forecast of a past hour is the one it
+  made an hour or two before, so on the long-horizon buckets the window flatters it: its weight
+  there is an upper bound of what its day-ahead accuracy earns;
+- at most one fit per zone per hour (cached; concurrent askers wait for the first), in a worker
+  thread: a fit is seconds of CPU.
+
+It degrades and says why (``Forecast.note`` and a warning in the log), never to a made-up value:
+
+- too little history (the API failed or serves less than the ensemble needs), or too few
+  recorded issues to weigh the provider on the window (under 95 % of its hours): the provider's
+  forecast alone, as with ``ensemble=False``;
+- the provider's forecast fetch failed: the ensemble of the other members, if the history
+  allows; else the fetch's error is raised (the router keeps its last forecast).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from forecasting.errors import CarbonSourceError, ForecastError, SourceUnavailable
+from forecasting.sources.base import (
+    CarbonSource,
+    Clock,
+    Forecast,
+    Intensity,
+    require_utc,
+    utc_now,
+)
+from forecasting.sources.record import ForecastRecord, ForecastRecordError, hourly
+
+if TYPE_CHECKING:
+    from forecasting.ensemble import CarbonEnsemble
+
+log = logging.getLogger(__name__)
+
+MIN_TRAIN_DAYS = 15  # the learned member's fit needs 14 days, and its holdout the window after
+MIN_COVERAGE = 0.95  # share of the window's hours with a value, for a member to be weighed
+REVISED_H = 24  # the last hours of actuals fetched again: providers revise their estimates
+MAX_HORIZON_H = 96  # the ensemble's horizon buckets end there
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+    forecast: Forecast
+    fit_h: int
+
+
+class RecordedSource(CarbonSource):
+    """``inner``'s answers; its forecasts recorded in ``record`` (None: not recorded) and, with
+    ``ensemble``, combined with the learned and naive forecasts; see the module docstring."""
+
+    MAX_CACHED = 64  # (zone, hour) forecasts kept: bounded memory
+
+    def __init__(
+        self,
+        inner: CarbonSource,
+        record: ForecastRecord | None,
+        *,
+        ensemble: bool = False,
+        history_days: int = 60,
+        window_days: int = 28,
+        clock: Clock = utc_now,
+    ) -> None:
+        if ensemble and record is None:
+            raise ValueError("the ensemble weighs the provider by its recorded issues: no record")
+        need = window_days + MIN_TRAIN_DAYS + 2
+        if ensemble and history_days < need:
+            raise ValueError(f"history_days {history_days} < window_days + {need - window_days}")
+        self.inner = inner
+        self.name = inner.name
+        self.signal = inner.signal
+        self.record = record
+        self.ensemble = ensemble
+        self.history_days = history_days
+        self.window_days = window_days
+        self._clock = clock
+        self._cache: dict[tuple[str, pd.Timestamp], _Fit] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.fits = 0  # ensembles fitted (for tests and the log)
+
+    # ---- pass-through -----------------------------------------------------------------------
+
+    async def latest(self, zone: str) -> Intensity:
+        return await self.inner.latest(zone)
+
+    async def history(self, zone: str, start: datetime, end: datetime) -> pd.Series:
+        return await self.inner.history(zone, start, end)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+        if self.record is not None:
+            self.record.close()
+
+    # ---- forecast ---------------------------------------------------------------------------
+
+    async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
+        if not self.ensemble:
+            fc = await self.inner.forecast(zone, horizon_h)
+            await self._record(zone, fc)
+            return fc
+        now = pd.Timestamp(require_utc(self._clock(), "clock()")).floor("h")
+        fit_h = 48 if horizon_h <= 48 else horizon_h  # one fit serves every deferral window
+        lock = self._locks.setdefault(zone, asyncio.Lock())
+        async with lock:  # one fit per zone and hour: a second asker waits for the first
+            got = self._cache.get((zone, now))
+            if got is None or got.fit_h < horizon_h:
+                got = _Fit(await self._make(zone, now, fit_h), fit_h)
+                self._cache[zone, now] = got
+                while len(self._cache) > self.MAX_CACHED:
+                    self._cache.pop(next(iter(self._cache)))  # the oldest
+        return _cut(got.forecast, horizon_h)
+
+    async def _record(self, zone: str, fc: Forecast) -> None:
+        """Write ``fc`` to the record, by the hour it was fetched; a record that cannot be
+        written is logged, and the forecast stands."""
+        if self.record is None:
+            return
+        fetched = pd.Timestamp(require_utc(self._clock())) - pd.Timedelta(seconds=fc.age_s)
+        try:
+            await asyncio.to_thread(self.record.add_issue, zone, fetched, fc.g_per_kwh)
+        except ForecastRecordError as e:
+            log.warning("%s zone %s: forecast not recorded: %s", self.name, zone, e)
+
+    async def _make(self, zone: str, now: pd.Timestamp, fit_h: int) -> Forecast:
+        fc: Forecast | None = None
+        failure: CarbonSourceError | None = None
+        try:
+            fc = await self.inner.forecast(zone, fit_h)
+        except CarbonSourceError as e:
+            failure = e
+        if fc is not None:
+            await self._record(zone, fc)
+        if fit_h > MAX_HORIZON_H:
+            why = f"{fit_h} h is past the ensemble's {MAX_HORIZON_H} h"
+            return self._alone(fc, failure, zone, why)
+        history, short = await self._history(zone, now, fit_h)
+        if history is None:
+            return self._alone(fc, failure, zone, short)
+        idx = pd.date_range(history.index[0], now + pd.Timedelta(hours=fit_h - 1), freq="h")
+        frame = pd.DataFrame({"g_per_kwh": history.reindex(idx)}, index=idx)
+        frame.loc[frame.index >= now, "g_per_kwh"] = np.nan
+        if fc is not None:
+            column, coverage = await self._published(zone, now, fit_h, idx, fc)
+            if coverage < MIN_COVERAGE:
+                return self._alone(
+                    fc,
+                    None,
+                    zone,
+                    f"recorded provider forecasts cover {coverage:.0%} of the "
+                    f"{self.window_days} days it is weighed on (needs {MIN_COVERAGE:.0%})",
+                )
+            from forecasting.ensemble import MEMBERS, PUBLISHED_COLUMN
+
+            frame[PUBLISHED_COLUMN] = column
+            members: tuple[str, ...] = MEMBERS
+            note = ""
+        else:
+            members = ("model", "naive_24", "naive_168")
+            note = f"provider forecast unavailable ({failure}); ensemble of {', '.join(members)}"
+            log.warning("%s zone %s: %s", self.name, zone, note)
+        try:
+            point, band, weights = await asyncio.to_thread(self._fit, frame, now, fit_h, members)
+        except ForecastError as e:
+            return self._alone(fc, failure, zone, f"ensemble fit failed: {e}")
+        self.fits += 1
+        return Forecast(
+            zone=zone,
+            issued_at=now.to_pydatetime(),
+            g_per_kwh=point,
+            signal=self.signal,
+            source=self.name,
+            stale=fc.stale if fc is not None else False,
+            age_s=fc.age_s if fc is not None else 0.0,
+            quantiles=band,
+            weights=weights,
+            note=note,
+        )
+
+    def _alone(
+        self, fc: Forecast | None, failure: CarbonSourceError | None, zone: str, why: str
+    ) -> Forecast:
+        """The provider's forecast by itself, noting why; without one, the fetch's error."""
+        if fc is None:
+            assert failure is not None
+            raise SourceUnavailable(
+                f"{failure}; and no ensemble without it: {why}", source=self.name, zone=zone
+            ) from failure
+        note = f"provider forecast alone: {why}"
+        log.warning("%s zone %s: %s", self.name, zone, note)
+        return dataclasses.replace(fc, note=note)
+
+    async def _history(
+        self, zone: str, now: pd.Timestamp, fit_h: int
+    ) -> tuple[pd.Series | None, str]:
+        """Hourly actuals over the last ``history_days`` (the record's, topped up from the
+        API), or None and why they do not suffice."""
+        assert self.record is not None
+        lo = now - pd.Timedelta(days=self.history_days)
+        try:
+            stored = await asyncio.to_thread(self.record.actuals, zone, lo, now)
+        except ForecastRecordError as e:
+            log.warning("%s zone %s: stored actuals unreadable: %s", self.name, zone, e)
+            stored = pd.Series(dtype="float64")
+        since = lo if stored.empty else max(lo, stored.index[-1] - pd.Timedelta(hours=REVISED_H))
+        fetch_error = ""
+        try:
+            got = hourly(await self.inner.history(zone, since.to_pydatetime(), now.to_pydatetime()))
+        except CarbonSourceError as e:
+            fetch_error = f"; history fetch failed: {e}"
+            log.warning("%s zone %s: history fetch failed, using stored: %s", self.name, zone, e)
+            got = pd.Series(dtype="float64")
+        if not got.empty:
+            try:
+                await asyncio.to_thread(self.record.add_actuals, zone, got)
+            except ForecastRecordError as e:
+                log.warning("%s zone %s: actuals not stored: %s", self.name, zone, e)
+        parts = [p for p in (stored, got) if not p.empty]
+        if not parts:
+            return None, f"no history of actuals{fetch_error}"
+        s = pd.concat(parts)
+        s = s[~s.index.duplicated(keep="last")].sort_index()
+        s = s[(s.index >= lo) & (s.index < now)]
+        need_d = self.window_days + MIN_TRAIN_DAYS + (fit_h + 23) // 24
+        span_h = (now - s.index[0]) / pd.Timedelta(hours=1)
+        if span_h < need_d * 24 or len(s) < MIN_COVERAGE * span_h:
+            return None, (
+                f"{len(s)} hours of actuals since {s.index[0]:%Y-%m-%d %H:%M}Z; the ensemble "
+                f"needs {need_d} days, {MIN_COVERAGE:.0%} of hours present{fetch_error}"
+            )
+        return s, ""
+
+    async def _published(
+        self, zone: str, now: pd.Timestamp, fit_h: int, idx: pd.DatetimeIndex, fc: Forecast
+    ) -> tuple[pd.Series, float]:
+        """The provider's forecast on ``idx`` (recorded before each past hour, just fetched
+        from now on) and the share of the scoring window's hours that have one."""
+        assert self.record is not None
+        try:
+            past = await asyncio.to_thread(self.record.published, zone, idx[0], now)
+        except ForecastRecordError as e:
+            log.warning("%s zone %s: recorded forecasts unreadable: %s", self.name, zone, e)
+            past = pd.Series(dtype="float64")
+        fresh = hourly(fc.g_per_kwh)
+        column = past.reindex(idx)
+        ahead = idx >= now
+        column[ahead] = fresh.reindex(idx[ahead]).to_numpy()
+        start = now - pd.Timedelta(hours=self.window_days * 24 + fit_h)
+        window = column[(column.index >= start) & (column.index < now)]
+        coverage = float(window.notna().mean()) if len(window) else 0.0
+        return column, coverage
+
+    def _fit(
+        self, frame: pd.DataFrame, now: pd.Timestamp, fit_h: int, members: tuple[str, ...]
+    ) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame]:
+        from threadpoolctl import threadpool_limits
+
+        from forecasting.ensemble import CarbonEnsemble
+        from forecasting.forecaster import QUANTILES, CarbonForecaster
+
+        # the learned member reads no exogenous column: the provider's recorded forecasts are
+        # younger than the history, missing in most of its training; the provider enters as
+        # the "published" member
+        horizon = max(fit_h, 24)
+        model: CarbonEnsemble = CarbonEnsemble(
+            max_horizon_h=horizon,
+            window_days=self.window_days,
+            members=members,
+            forecaster=CarbonForecaster(max_horizon_h=horizon, use_exogenous=False),
+        )
+        # one native thread: an OpenMP team on a busy host waits at every barrier for a
+        # descheduled member (a 60-day fit: 3 s with one thread, 47 s with two on 2 loaded cores)
+        with threadpool_limits(1):
+            model.fit(frame[frame.index < now])
+            point, quants = model.predict_table(frame, pd.DatetimeIndex([now]), fit_h)
+        target = pd.date_range(now, periods=fit_h, freq="h")
+        series = pd.Series(point[0], index=target, name="g_per_kwh")
+        band = pd.DataFrame(quants[0], index=target, columns=list(QUANTILES))
+        return series, band, model.last_weights_frame(fit_h)
+
+
+def _cut(fc: Forecast, horizon_h: int) -> Forecast:
+    """``fc`` for its first ``horizon_h`` hours (its weights for the buckets they reach)."""
+    end = pd.Timestamp(fc.issued_at) + pd.Timedelta(hours=horizon_h)
+    weights = fc.weights
+    if weights is not None:
+        weights = weights[weights.index <= horizon_h]
+    band = None if fc.quantiles is None else fc.quantiles[fc.quantiles.index < end]
+    return dataclasses.replace(
+        fc, g_per_kwh=fc.g_per_kwh[fc.g_per_kwh.index < end], quantiles=band, weights=weights
+    )
