@@ -7,14 +7,17 @@ over a known truth) and, for the wire, the loopback Electricity Maps API of
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -508,3 +511,63 @@ def test_bad_forecast_settings_name_file_line_and_field(
     problem = e.value.problems[0]
     assert problem.startswith(f"c.yaml:{line} carbon_sources.em.{field}: "), problem
     assert message in problem
+
+
+# ---- router forecast show -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def em_in_a_thread() -> Iterator[FakeAPI]:
+    """The loopback Electricity Maps API on its own loop and thread, at the wall clock: the
+    CLI runs its own loop."""
+    api = electricitymaps_app(FakeAPI(lambda: datetime.now(UTC)))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(api.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield api
+    asyncio.run_coroutine_threadsafe(api.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_forecast_show_says_which_members_weigh_what(
+    em_in_a_thread: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.cli import main
+    from tests.fake_apis import _value
+
+    text = CONFIG.format(extra="window_days: 7\n      history_days: 24").replace(
+        "api_key: k", f"api_key: em-key\n    base_url: {em_in_a_thread.url}/v3"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "ledger: state/ledger.sqlite\n")
+    now = pd.Timestamp.now(tz="UTC").floor("h")
+    rec = ForecastRecord(tmp_path / "state" / "ledger.forecasts.sqlite", "em")
+    for h in range(10 * 24, 0, -1):  # the last 10 days' issues, as a router would have kept
+        issued = now - pd.Timedelta(hours=h)
+        idx = pd.date_range(issued, periods=48, freq="h")
+        values = [_value(t.to_pydatetime()) for t in idx]
+        rec.add_issue("NL", issued.to_pydatetime(), pd.Series(values, index=idx))
+    rec.close()
+    assert main(["forecast", "show", "--config", str(path), "--zone", "NL", "--hours", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble weights by hours ahead:" in out and "published" in out
+    assert "note:" not in out
+    args = ["forecast", "show", "--config", str(path), "--zone", "NL", "--hours", "6", "--json"]
+    assert main(args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["weights"]) == ["1 h", "2-3 h", "4+ h"]
+    for row in shown["weights"].values():
+        assert set(row) == {"model", "naive_24", "naive_168", "published"}
+        assert sum(row.values()) == pytest.approx(1.0)
+    assert "note" not in shown and len(shown["quantiles"]) == 6
