@@ -150,6 +150,27 @@ def test_a_restart_keeps_the_record(tmp_path: Path) -> None:
     assert list(again.actuals(ZONE, at(0), at(5))) == [90, 95]
 
 
+def test_concurrent_writers_of_one_process_lose_nothing(tmp_path: Path) -> None:
+    """Two sources' records on one file, each written from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = [ForecastRecord(tmp_path / "r.sqlite", s, clock=CLOCK) for s in ("em", "wt")]
+
+    def write(i: int) -> int:
+        rec = records[i % 2]
+        return rec.add_issue(ZONE, at(i), pd.Series(float(i + 1), index=[at(i + 1), at(i + 2)]))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(write, range(200))) == 400
+    for k, rec in enumerate(records):  # "em" issued at even hours, "wt" at odd ones
+        assert rec.issues(ZONE) == 100
+        got = rec.published(ZONE, at(0), at(300))
+        targets = [int((t - START) / pd.Timedelta(hours=1)) for t in got.index]
+        assert targets == list(range(1 + k, 201 + k))
+        # target T: the latest issue before it, made at T - 1 or T - 2, valued its hour + 1
+        assert list(got) == [float(t if (t - k) % 2 == 1 else t - 1) for t in targets]
+
+
 def test_a_foreign_file_is_refused_with_its_path(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with sqlite3.connect(path) as db:

@@ -183,6 +183,9 @@ class RecordedSource(CarbonSource):
             point, band, weights = await asyncio.to_thread(self._fit, frame, now, fit_h, members)
         except ForecastError as e:
             return self._alone(fc, failure, zone, f"ensemble fit failed: {e}")
+        except Exception as e:  # noqa: BLE001  # a fitting library's error: the provider stands
+            log.exception("%s zone %s: the ensemble fit raised", self.name, zone)
+            return self._alone(fc, failure, zone, f"ensemble fit failed: {type(e).__name__}: {e}")
         self.fits += 1
         return Forecast(
             zone=zone,
