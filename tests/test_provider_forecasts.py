@@ -454,6 +454,25 @@ async def test_a_restart_keeps_weighing_the_provider(tmp_path: Path) -> None:
     assert provider.history_calls == calls + 1  # only the last hours, topped up
 
 
+async def test_the_live_forecast_view_plans_on_the_ensemble(tmp_path: Path) -> None:
+    """The router's forecast view (what deferral plans with) gets the ensemble, band and
+    weights included, and its background refresh in the same hour fits nothing again."""
+    from router.service.forecasts import HORIZON_H, ForecastView, forecast_rows
+
+    provider, rec, src = _setup(tmp_path, "good")
+    await _recorded(provider, rec, WINDOW_D + 3)
+    cfg = parse_config(CONFIG.format(extra=""))
+    region = cfg.regions[0].model_copy(update={"zone": ZONE})
+    view = ForecastView([region], {"em": src})
+    fc = await view.get(region)
+    assert fc.weights is not None and fc.quantiles is not None
+    assert len(fc.g_per_kwh) == HORIZON_H
+    point, bound = forecast_rows(fc, list(fc.g_per_kwh.index[:6]), 0.9)
+    assert np.isfinite(point).all() and (bound >= point).all()
+    await view.refresh_all()
+    assert src.fits == 1 and view.failures == 0
+
+
 def test_a_model_without_exogenous_features_leaves_the_published_column_to_its_member() -> None:
     """The learned member of the live ensemble reads no exogenous column (the record is
     younger than the history); the published member still reads the column."""
