@@ -6,7 +6,9 @@ Members (each a forecast of g/kWh for the target hour, from what is known at the
 - ``naive_24``: the same hour on the most recent day already observed;
 - ``naive_168``: the same hour on the most recent week already observed;
 - ``published``: the provider's own forecast, where the data has one (the DACF files'
-  ``carbon_from_src_forecasts`` column).
+  ``carbon_from_src_forecasts`` column, the same value at every horizon), or, given
+  ``published_by_issue``, the forecast the provider had issued by each issue time (a recorded
+  API's: its error then grows with the horizon as the provider's own does).
 
 At each issue time the ensemble looks back over a trailing window (``window_days``) of forecasts
 it would have issued every ``window_stride_h`` hours, scored against the actuals observed before
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -45,6 +47,9 @@ PUBLISHED_COLUMN = "carbon_from_src_forecasts"
 # horizon buckets (first hour of each): 1, 2-3, 4-6, 7-12, 13-24, 25-48, 49-96 h
 BUCKET_STARTS = np.array([1, 2, 4, 7, 13, 25, 49])
 MIN_RESIDUALS = 48  # fewer in a bucket: its quantiles come from all buckets pooled
+# (issue times, H) -> (issue, H) g/kWh: the published forecast issued by each time for its next
+# H hours (the first is the issue hour itself), NaN where there is none
+PublishedByIssue = Callable[[pd.DatetimeIndex, int], np.ndarray]
 
 
 def bucket_of(horizon: np.ndarray) -> np.ndarray:
@@ -76,6 +81,7 @@ class CarbonEnsemble:
     hour_band_h: int | None = 2  # quantiles from residuals of target hours within this of the hour
     members: tuple[str, ...] = MEMBERS
     forecaster: CarbonForecaster | None = None
+    published_by_issue: PublishedByIssue | None = None  # else the published column, see above
     fit_seconds: float = field(default=0.0, init=False)
     _has_published: bool = field(default=False, init=False)
     _fitted: bool = field(default=False, init=False)
@@ -99,6 +105,8 @@ class CarbonEnsemble:
         if history.empty:
             raise ForecastError("no history to forecast from")
         self._has_published = PUBLISHED_COLUMN in history and "published" in self.members
+        if self.published_by_issue is not None and "published" in self.members:
+            self._has_published = False  # the grid needs no column: the member has its table
         if "model" in self.members:
             if self.forecaster is None:
                 self.forecaster = CarbonForecaster(max_horizon_h=self.max_horizon_h)
@@ -158,6 +166,9 @@ class CarbonEnsemble:
                 out[m] = at(grid.y, target - 24 * ((hz + 23) // 24)[None, :])
             elif name == "naive_168":
                 out[m] = at(grid.y, target - 168 * ((hz + 167) // 168)[None, :])
+            elif name == "published" and self.published_by_issue is not None:
+                times = grid.start + pd.to_timedelta(pos, unit="h")
+                out[m] = self.published_by_issue(pd.DatetimeIndex(times), horizon_h)
             elif name == "published" and PUBLISHED_COLUMN in grid.exog_names:
                 j = grid.exog_names.index(PUBLISHED_COLUMN)
                 out[m] = at(grid.exog[:, j], target)

@@ -5,7 +5,8 @@ for the tests of what is built on their forecasts (recording, ensembling).
 Truth: a daily cycle, a weekday effect and a persistent random walk (so the seasonal naive
 forecasts are imperfect). Forecasts are issued at each hour for the next ``horizon_h`` hours:
 ``quality="good"`` is the truth with 3 % noise, ``"bad"`` the truth of 12 hours later (the
-cycle upside down) with 25 % noise. Every answer is as of ``clock()``.
+cycle upside down) with 25 % noise, ``"fading"`` good for its first 12 hours and bad after.
+Every answer is as of ``clock()``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 from forecasting.errors import SourceUnavailable, UnknownZoneError
 from forecasting.sources.base import CarbonSource, Clock, Forecast, Intensity, require_utc
 
-Quality = Literal["good", "bad"]
+Quality = Literal["good", "bad", "fading"]
 
 
 def truth(start: pd.Timestamp, hours: int, seed: int = 7) -> pd.Series:
@@ -85,13 +86,13 @@ class FakeProvider(CarbonSource):
         n = horizon_h or self.horizon_h
         target = pd.date_range(at, periods=n, freq="h")
         rng = np.random.default_rng(int(at.value // 3_600_000_000_000) % (2**32))
-        if self.quality == "good":
-            base = self.truth.reindex(target).to_numpy()
-            noise = rng.normal(0, 0.03, n)
-        else:
-            base = self.truth.reindex(target + pd.Timedelta(hours=12)).to_numpy()
-            noise = rng.normal(0, 0.25, n)
-        return pd.Series(np.maximum(base * (1 + noise), 1.0), index=target, name="g_per_kwh")
+        good = self.truth.reindex(target).to_numpy() * (1 + rng.normal(0, 0.03, n))
+        bad = self.truth.reindex(target + pd.Timedelta(hours=12)).to_numpy()
+        bad = bad * (1 + rng.normal(0, 0.25, n))
+        ahead = np.arange(n)
+        cut = {"good": n, "bad": 0, "fading": 12}[self.quality]
+        values = np.where(ahead < cut, good, bad)
+        return pd.Series(np.maximum(values, 1.0), index=target, name="g_per_kwh")
 
     async def forecast(self, zone: str, horizon_h: int = 24) -> Forecast:
         self.forecast_calls += 1

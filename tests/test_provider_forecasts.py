@@ -355,6 +355,42 @@ async def test_the_weight_follows_the_providers_recent_error(tmp_path: Path, qua
     assert src.fits == 2
 
 
+async def test_the_provider_is_weighed_at_each_horizon_on_what_it_issued_that_far_ahead(
+    tmp_path: Path,
+) -> None:
+    """A provider good for 12 hours and bad after: scored on the forecasts it issued (not, for
+    each past hour, on its latest before it, which were all 1-2 h ahead and all good), the
+    weight stays on it for the first hours and leaves it for the day ahead."""
+    provider, rec, src = _setup(tmp_path, "fading")
+    await _recorded(provider, rec, WINDOW_D + 3)
+    fc = await src.forecast(ZONE, 48)
+    assert fc.weights is not None and fc.note == ""
+    published = fc.weights["published"]
+    assert (published.loc[[1, 2, 4]] > 0.5).all(), fc.weights
+    assert (published.loc[[13, 25]] < 0.1).all(), fc.weights
+    issued = provider.issued(pd.Timestamp(fc.issued_at), 48)
+    assert mape(fc.g_per_kwh, provider.truth) < 0.5 * mape(issued, provider.truth)
+
+
+def test_latest_issued_reads_each_issue_time_from_the_latest_issue_made_by_then() -> None:
+    from forecasting.sources.record import to_hour
+    from forecasting.sources.recorded import LatestIssued
+
+    h0 = to_hour(START)  # hours since the epoch
+    # issue 0: targets 0..3 = 10..13; issue 2: targets 2..5 = 20..23
+    table = LatestIssued(
+        h0 + np.array([0, 0, 0, 0, 2, 2, 2, 2]),
+        h0 + np.array([0, 1, 2, 3, 2, 3, 4, 5]),
+        np.array([10, 11, 12, 13, 20, 21, 22, 23.0]),
+        first_h=h0,
+        now_h=h0 + 3,
+        horizon_h=3,
+    )
+    got = table(pd.DatetimeIndex([at(h) for h in (-1, 0, 1, 2, 3)]), 3)
+    assert np.isnan(got[0]).all()  # before the first issue
+    assert got[1:].tolist() == [[10, 11, 12], [11, 12, 13], [20, 21, 22], [21, 22, 23]]
+
+
 async def test_one_fit_per_zone_and_hour(tmp_path: Path) -> None:
     provider, rec, src = _setup(tmp_path, "good")
     await _recorded(provider, rec, WINDOW_D + 3)

@@ -15,6 +15,8 @@ Conventions
 - :meth:`ForecastRecord.published` gives, for each target hour, the value of the *latest issue
   recorded before that hour* (issued hour < target hour). Fetched every hour, that is the
   provider's forecast made one to two hours ahead, the freshest the router could have acted on.
+  :meth:`ForecastRecord.issued_table` gives the issues themselves, for scoring the provider at
+  each horizon on the forecasts it had actually issued that far ahead.
 - Only finite, non-negative values are stored; a gap stays a gap (never a 0).
 - Rows older than ``retention_days`` (by the hour issued, or the actual's hour) are deleted, at
   most once an hour per source.
@@ -208,6 +210,27 @@ class ForecastRecord:
             (self.source, zone, to_hour(start), to_hour(end)),
         )
         return self._series(rows)
+
+    def issued_table(
+        self, zone: str, start: datetime, end: datetime
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The issues made in hours ``[start, end)``: ``(issued_h, target_h, g_per_kwh)``,
+        hours since the epoch (see :func:`to_hour`), sorted by issue then target."""
+        with self._lock:
+            try:
+                rows = (
+                    self._conn()
+                    .execute(
+                        "SELECT issued_h, target_h, g_per_kwh FROM issued WHERE source = ? AND "
+                        "zone = ? AND issued_h >= ? AND issued_h < ? ORDER BY issued_h, target_h",
+                        (self.source, zone, to_hour(start), to_hour(end)),
+                    )
+                    .fetchall()
+                )
+            except sqlite3.Error as e:
+                raise ForecastRecordError(f"{self.path}: cannot read: {e}") from e
+        table = np.array(rows, dtype="float64").reshape(-1, 3)
+        return table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2]
 
     def issues(self, zone: str, since: datetime | None = None) -> int:
         """How many hours (since ``since``) have a recorded issue."""

@@ -10,11 +10,13 @@ trailing ``window_days``, with a q10/q50/q90 band, as the file sources do:
 - actuals: the inner source's ``history()`` over the last ``history_days``, kept in the
   record's ``actual`` table; each fit fetches only the hours since the last one stored (and
   the day before, which providers revise), so an API is asked for the whole span once;
-- the ``published`` column: for each past target hour, the value of the latest issue recorded
-  before that hour (see :mod:`forecasting.sources.record`); for the hours from now on, the
-  forecast just fetched. Scored that way the provider's forecast of a past hour is the one it
-  made an hour or two before, so on the long-horizon buckets the window flatters it: its weight
-  there is an upper bound of what its day-ahead accuracy earns;
+- the ``published`` member, by issue (:class:`LatestIssued`): at each issue time the window
+  scores (and now), the value for each target hour from the latest forecast recorded in or
+  before the issue hour; now, the forecast just fetched. So the provider is scored at each
+  horizon on the forecasts it had issued that far ahead, as the model and the naive forecasts
+  are. (A single column of, for each target hour, the latest issue before it, the DACF files'
+  convention and :meth:`ForecastRecord.published`, would score it on its 1-2 h ahead forecasts
+  at every horizon and flatter it on the day-ahead buckets.);
 - at most one fit per zone per hour (cached; concurrent askers wait for the first), in a worker
   thread: a fit is seconds of CPU.
 
@@ -47,7 +49,7 @@ from forecasting.sources.base import (
     require_utc,
     utc_now,
 )
-from forecasting.sources.record import ForecastRecord, ForecastRecordError, hourly
+from forecasting.sources.record import ForecastRecord, ForecastRecordError, hourly, to_hour
 
 if TYPE_CHECKING:
     from forecasting.ensemble import CarbonEnsemble
@@ -160,8 +162,9 @@ class RecordedSource(CarbonSource):
         idx = pd.date_range(history.index[0], now + pd.Timedelta(hours=fit_h - 1), freq="h")
         frame = pd.DataFrame({"g_per_kwh": history.reindex(idx)}, index=idx)
         frame.loc[frame.index >= now, "g_per_kwh"] = np.nan
+        table: LatestIssued | None = None
         if fc is not None:
-            column, coverage = await self._published(zone, now, fit_h, idx, fc)
+            table, coverage = await self._by_issue(zone, now, fit_h, fc)
             if coverage < MIN_COVERAGE:
                 return self._alone(
                     fc,
@@ -170,9 +173,8 @@ class RecordedSource(CarbonSource):
                     f"recorded provider forecasts cover {coverage:.0%} of the "
                     f"{self.window_days} days it is weighed on (needs {MIN_COVERAGE:.0%})",
                 )
-            from forecasting.ensemble import MEMBERS, PUBLISHED_COLUMN
+            from forecasting.ensemble import MEMBERS
 
-            frame[PUBLISHED_COLUMN] = column
             members: tuple[str, ...] = MEMBERS
             note = ""
         else:
@@ -180,7 +182,9 @@ class RecordedSource(CarbonSource):
             note = f"provider forecast unavailable ({failure}); ensemble of {', '.join(members)}"
             log.warning("%s zone %s: %s", self.name, zone, note)
         try:
-            point, band, weights = await asyncio.to_thread(self._fit, frame, now, fit_h, members)
+            point, band, weights = await asyncio.to_thread(
+                self._fit, frame, now, fit_h, members, table
+            )
         except ForecastError as e:
             return self._alone(fc, failure, zone, f"ensemble fit failed: {e}")
         except Exception as e:  # noqa: BLE001  # a fitting library's error: the provider stands
@@ -253,28 +257,48 @@ class RecordedSource(CarbonSource):
             )
         return s, ""
 
-    async def _published(
-        self, zone: str, now: pd.Timestamp, fit_h: int, idx: pd.DatetimeIndex, fc: Forecast
-    ) -> tuple[pd.Series, float]:
-        """The provider's forecast on ``idx`` (recorded before each past hour, just fetched
-        from now on) and the share of the scoring window's hours that have one."""
+    async def _by_issue(
+        self, zone: str, now: pd.Timestamp, fit_h: int, fc: Forecast
+    ) -> tuple[LatestIssued, float]:
+        """The provider's forecasts as issued (recorded, and the one just fetched as issued
+        now), and the share of the scoring window's cells (issue, horizon) that have one."""
         assert self.record is not None
+        span_h = self.window_days * 24 + fit_h
+        lo = now - pd.Timedelta(hours=span_h + 48)  # an issue that still covers the window
         try:
-            past = await asyncio.to_thread(self.record.published, zone, idx[0], now)
+            issued_h, target_h, values = await asyncio.to_thread(
+                self.record.issued_table, zone, lo, now + pd.Timedelta(hours=1)
+            )
         except ForecastRecordError as e:
             log.warning("%s zone %s: recorded forecasts unreadable: %s", self.name, zone, e)
-            past = pd.Series(dtype="float64")
+            issued_h = target_h = np.empty(0, dtype=np.int64)
+            values = np.empty(0)
+        now_h = to_hour(now)
         fresh = hourly(fc.g_per_kwh)
-        column = past.reindex(idx)
-        ahead = idx >= now
-        column[ahead] = fresh.reindex(idx[ahead]).to_numpy()
-        start = now - pd.Timedelta(hours=self.window_days * 24 + fit_h)
-        window = column[(column.index >= start) & (column.index < now)]
-        coverage = float(window.notna().mean()) if len(window) else 0.0
-        return column, coverage
+        keep = issued_h != now_h  # the forecast just fetched is issued now, recorded or not
+        table = LatestIssued(
+            np.concatenate([issued_h[keep], np.full(len(fresh), now_h)]),
+            np.concatenate([target_h[keep], [to_hour(t) for t in fresh.index]]).astype(np.int64),
+            np.concatenate([values[keep], fresh.to_numpy(dtype="float64")]),
+            first_h=to_hour(lo),
+            now_h=now_h,
+            horizon_h=fit_h,
+        )
+        # the cells the ensemble scores: issues every 3 h back over the window, targets past
+        positions = pd.date_range(end=now, periods=span_h // 3 + 1, freq="3h")
+        got = table(positions, fit_h)
+        target = to_hour(positions[0]) + np.arange(len(positions))[:, None] * 3
+        seen = (target + np.arange(fit_h)[None, :]) < now_h
+        coverage = float(np.isfinite(got[seen]).mean()) if seen.any() else 0.0
+        return table, coverage
 
     def _fit(
-        self, frame: pd.DataFrame, now: pd.Timestamp, fit_h: int, members: tuple[str, ...]
+        self,
+        frame: pd.DataFrame,
+        now: pd.Timestamp,
+        fit_h: int,
+        members: tuple[str, ...],
+        published: LatestIssued | None,
     ) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame]:
         from threadpoolctl import threadpool_limits
 
@@ -290,6 +314,7 @@ class RecordedSource(CarbonSource):
             window_days=self.window_days,
             members=members,
             forecaster=CarbonForecaster(max_horizon_h=horizon, use_exogenous=False),
+            published_by_issue=published,
         )
         # one native thread: an OpenMP team on a busy host waits at every barrier for a
         # descheduled member (a 60-day fit: 3 s with one thread, 47 s with two on 2 loaded cores)
@@ -300,6 +325,46 @@ class RecordedSource(CarbonSource):
         series = pd.Series(point[0], index=target, name="g_per_kwh")
         band = pd.DataFrame(quants[0], index=target, columns=list(QUANTILES))
         return series, band, model.last_weights_frame(fit_h)
+
+
+class LatestIssued:
+    """The provider's forecasts as the router had them: called with issue times and ``H``, the
+    value for each of the next ``H`` target hours (the issue hour first) from the latest issue
+    made in or before the issue hour that covers it; NaN where none does.
+
+    Built from rows ``(issued hour, target hour, g/kWh)`` (hours since the epoch) on a dense
+    grid of issue hours ``first_h .. now_h`` x target hours up to ``now_h + horizon_h``."""
+
+    def __init__(
+        self,
+        issued_h: np.ndarray,
+        target_h: np.ndarray,
+        values: np.ndarray,
+        *,
+        first_h: int,
+        now_h: int,
+        horizon_h: int,
+    ) -> None:
+        n_i, n_t = now_h - first_h + 1, now_h - first_h + horizon_h
+        i, t = issued_h - first_h, target_h - first_h
+        ok = (i >= 0) & (i < n_i) & (t >= 0) & (t < n_t) & np.isfinite(values)
+        grid = np.full((n_i, n_t), np.nan)
+        grid[i[ok], t[ok]] = values[ok]
+        # each cell from the latest issue at or before its row that has that target
+        rows = np.where(np.isfinite(grid), np.arange(n_i)[:, None], 0)
+        rows = np.maximum.accumulate(rows, axis=0)
+        self._grid = grid[rows, np.arange(n_t)[None, :]]
+        self._first_h = first_h
+
+    def __call__(self, issued: pd.DatetimeIndex, horizon_h: int) -> np.ndarray:
+        p = np.array([to_hour(t) for t in issued], dtype=np.int64) - self._first_h
+        t = p[:, None] + np.arange(horizon_h)[None, :]
+        n_i, n_t = self._grid.shape
+        ok = (p[:, None] >= 0) & (p[:, None] < n_i) & (t >= 0) & (t < n_t)
+        out = np.full(t.shape, np.nan)
+        rows = np.broadcast_to(p[:, None], t.shape)
+        out[ok] = self._grid[rows[ok], t[ok]]
+        return out
 
 
 def _cut(fc: Forecast, horizon_h: int) -> Forecast:
