@@ -38,10 +38,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecasting.errors import ForecastingError
+from forecasting.errors import ForecastRecordError
 from forecasting.sources.base import Clock, require_utc, utc_now
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ForecastRecord", "ForecastRecordError", "from_hours", "hourly", "to_hour"]
 
 SCHEMA_VERSION = 1
 HOUR_NS = 3600 * 10**9
@@ -64,10 +66,6 @@ CREATE TABLE IF NOT EXISTS actual (
     PRIMARY KEY (source, zone, hour_h)
 ) WITHOUT ROWID;
 """
-
-
-class ForecastRecordError(ForecastingError):
-    """The forecast record cannot be opened or written (path, permissions, a foreign file)."""
 
 
 def to_hour(when: datetime | pd.Timestamp) -> int:
