@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import sqlite3
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -66,6 +68,22 @@ CREATE TABLE IF NOT EXISTS actual (
     PRIMARY KEY (source, zone, hour_h)
 ) WITHOUT ROWID;
 """
+
+
+def _wal(db: sqlite3.Connection, tries: int = 100) -> None:
+    """Put the file in WAL mode (kept in the file: once done, only checked). Switching answers
+    "database is locked" at once, without waiting, while another connection is creating the
+    file: retried for a few seconds."""
+    for attempt in range(tries):
+        try:
+            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == tries - 1:
+                raise
+            time.sleep(0.01 + 0.04 * random.random())
 
 
 def to_hour(when: datetime | pd.Timestamp) -> int:
@@ -119,22 +137,42 @@ class ForecastRecord:
             db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30.0
             )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # a cache: a power cut may lose the last hour
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if version > SCHEMA_VERSION or (version == 0 and tables - {"issued", "actual"}):
-                db.close()
-                raise ForecastRecordError(
-                    f"{self.path}: not a carbon-router forecast record of schema "
-                    f"v{SCHEMA_VERSION} (user_version {version}, tables {sorted(tables)}); "
-                    "move it away or point the ledger elsewhere"
-                )
-            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         except (sqlite3.Error, OSError) as e:
             raise ForecastRecordError(f"{self.path}: cannot open the forecast record: {e}") from e
+        try:
+            _wal(db)
+            db.execute("PRAGMA synchronous=NORMAL")  # a cache: a power cut may lose the last hour
+            # IMMEDIATE: a second connection opening the file at the same time waits here (a
+            # deferred transaction's upgrade to a write fails at once, "database is locked")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._migrate(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            db.close()
+            raise ForecastRecordError(f"{self.path}: cannot open the forecast record: {e}") from e
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version > SCHEMA_VERSION or (version == 0 and tables - {"issued", "actual"}):
+            raise ForecastRecordError(
+                f"{self.path}: not a carbon-router forecast record of schema "
+                f"v{SCHEMA_VERSION} (user_version {version}, tables {sorted(tables)}); "
+                "move it away or point the ledger elsewhere"
+            )
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
