@@ -16,17 +16,19 @@ trailing ``window_days``, with a q10/q50/q90 band, as the file sources do:
   horizon on the forecasts it had issued that far ahead, as the model and the naive forecasts
   are. (A single column of, for each target hour, the latest issue before it, the DACF files'
   convention and :meth:`ForecastRecord.published`, would score it on its 1-2 h ahead forecasts
-  at every horizon and flatter it on the day-ahead buckets.);
+  at every horizon and flatter it on the day-ahead buckets.)
 - at most one fit per zone per hour (cached; concurrent askers wait for the first), in a worker
   thread: a fit is seconds of CPU.
 
 It degrades and says why (``Forecast.note`` and a warning in the log), never to a made-up value:
 
 - too little history (the API failed or serves less than the ensemble needs), or too few
-  recorded issues to weigh the provider on the window (under 95 % of its hours): the provider's
-  forecast alone, as with ``ensemble=False``;
-- the provider's forecast fetch failed: the ensemble of the other members, if the history
-  allows; else the fetch's error is raised (the router keeps its last forecast).
+  recorded issues to weigh the provider on the window (under 95 % of its (issue, hour ahead)
+  cells): the provider's forecast alone, as with ``ensemble=False``; likewise when the fit
+  itself fails;
+- the provider's forecast fetch failed: the ensemble of the other members (for the rest of
+  that hour: the result is cached), if the history allows; else the fetch's error is raised
+  (the router keeps its last forecast).
 """
 
 from __future__ import annotations
