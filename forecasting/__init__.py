@@ -6,6 +6,7 @@ Exceptions (all derive from :class:`forecasting.errors.ForecastingError`)::
     ├── DatasetError            a data file is missing, offline, or fails its sha256
     ├── ForecastError           a forecaster cannot fit or predict (too little history ...)
     ├── EnergyModelError        the energy predictor cannot answer (unknown GPU, no data ...)
+    ├── ForecastRecordError     the record of issued provider forecasts cannot be opened/written
     └── CarbonSourceError       a carbon-intensity source could not answer (zone, source named)
         ├── SourceAuthError     401/403: credentials wrong or missing
         ├── SourceUnavailable   timeout, connection error, 429 or 5xx after retries

@@ -6,7 +6,9 @@ Members (each a forecast of g/kWh for the target hour, from what is known at the
 - ``naive_24``: the same hour on the most recent day already observed;
 - ``naive_168``: the same hour on the most recent week already observed;
 - ``published``: the provider's own forecast, where the data has one (the DACF files'
-  ``carbon_from_src_forecasts`` column).
+  ``carbon_from_src_forecasts`` column, the same value at every horizon), or, given
+  ``published_by_issue``, the forecast the provider had issued by each issue time (a recorded
+  API's: its error then grows with the horizon as the provider's own does).
 
 At each issue time the ensemble looks back over a trailing window (``window_days``) of forecasts
 it would have issued every ``window_stride_h`` hours, scored against the actuals observed before
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -45,6 +47,9 @@ PUBLISHED_COLUMN = "carbon_from_src_forecasts"
 # horizon buckets (first hour of each): 1, 2-3, 4-6, 7-12, 13-24, 25-48, 49-96 h
 BUCKET_STARTS = np.array([1, 2, 4, 7, 13, 25, 49])
 MIN_RESIDUALS = 48  # fewer in a bucket: its quantiles come from all buckets pooled
+# (issue times, H) -> (issue, H) g/kWh: the published forecast issued by each time for its next
+# H hours (the first is the issue hour itself), NaN where there is none
+PublishedByIssue = Callable[[pd.DatetimeIndex, int], np.ndarray]
 
 
 def bucket_of(horizon: np.ndarray) -> np.ndarray:
@@ -76,11 +81,14 @@ class CarbonEnsemble:
     hour_band_h: int | None = 2  # quantiles from residuals of target hours within this of the hour
     members: tuple[str, ...] = MEMBERS
     forecaster: CarbonForecaster | None = None
+    published_by_issue: PublishedByIssue | None = None  # else the published column, see above
     fit_seconds: float = field(default=0.0, init=False)
     _has_published: bool = field(default=False, init=False)
     _fitted: bool = field(default=False, init=False)
     # the members' own forecasts at the issues of the latest predict_table: (member, issue, H)
     last_members: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)), init=False)
+    # the member weights (bucket, member) at the last issue of the latest predict_table
+    last_weights: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), init=False)
 
     # ---- fit --------------------------------------------------------------------------------
 
@@ -97,6 +105,8 @@ class CarbonEnsemble:
         if history.empty:
             raise ForecastError("no history to forecast from")
         self._has_published = PUBLISHED_COLUMN in history and "published" in self.members
+        if self.published_by_issue is not None and "published" in self.members:
+            self._has_published = False  # the grid needs no column: the member has its table
         if "model" in self.members:
             if self.forecaster is None:
                 self.forecaster = CarbonForecaster(max_horizon_h=self.max_horizon_h)
@@ -122,8 +132,11 @@ class CarbonEnsemble:
     # ---- members ----------------------------------------------------------------------------
 
     def _grid(self, frame: pd.DataFrame) -> _Grid:
-        if self.forecaster is not None and "model" in self.members:
-            return self.forecaster.grid(frame)
+        # a learned member without exogenous features reads no column: the grid is the
+        # published member's (a provider's record, shorter than the history it is fitted on)
+        model = self.forecaster
+        if model is not None and "model" in self.members and model.use_exogenous:
+            return model.grid(frame)
         return _Grid.build(frame, [PUBLISHED_COLUMN] if self._has_published else [])
 
     def _window_positions(self, issue_pos: np.ndarray, horizon_h: int) -> np.ndarray:
@@ -153,6 +166,9 @@ class CarbonEnsemble:
                 out[m] = at(grid.y, target - 24 * ((hz + 23) // 24)[None, :])
             elif name == "naive_168":
                 out[m] = at(grid.y, target - 168 * ((hz + 167) // 168)[None, :])
+            elif name == "published" and self.published_by_issue is not None:
+                times = grid.start + pd.to_timedelta(pos, unit="h")
+                out[m] = self.published_by_issue(pd.DatetimeIndex(times), horizon_h)
             elif name == "published" and PUBLISHED_COLUMN in grid.exog_names:
                 j = grid.exog_names.index(PUBLISHED_COLUMN)
                 out[m] = at(grid.exog[:, j], target)
@@ -230,6 +246,7 @@ class CarbonEnsemble:
         weights, residuals, hours, is_recent = self._weights_and_residuals(
             table, issue_pos, horizon_h
         )
+        self.last_weights = weights
         hz = np.arange(1, horizon_h + 1)
         buckets = bucket_of(hz)
         f = table.members[:, int(np.searchsorted(table.pos, issue_pos)), :]  # (M, H)
@@ -338,6 +355,14 @@ class CarbonEnsemble:
         _, quants = self.predict_table(history, pd.DatetimeIndex([issued]), horizon_h, quantiles)
         index = pd.date_range(issued, periods=horizon_h, freq="h")
         return pd.DataFrame(quants[0], index=index, columns=list(quantiles))
+
+    def last_weights_frame(self, horizon_h: int) -> pd.DataFrame:
+        """:meth:`weights` of the last issue :meth:`predict_table` forecast, without scoring
+        the window again: index = horizon bucket start, columns = members."""
+        used = horizon_h + 1 > BUCKET_STARTS
+        return pd.DataFrame(
+            self.last_weights[used], index=BUCKET_STARTS[used], columns=list(self.members)
+        )
 
     def weights(self, history: pd.DataFrame, issued: pd.Timestamp, horizon_h: int) -> pd.DataFrame:
         """Member weights used at ``issued``: index = horizon bucket start, columns = members."""

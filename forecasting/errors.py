@@ -17,6 +17,10 @@ class ForecastError(ForecastingError):
     """A forecaster could not be fitted or asked for a forecast."""
 
 
+class ForecastRecordError(ForecastingError):
+    """The record of issued provider forecasts cannot be opened, read or written."""
+
+
 class CarbonSourceError(ForecastingError):
     """A carbon-intensity source failed for ``zone``.
 

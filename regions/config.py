@@ -84,6 +84,50 @@ class ReplayCarbon(FileCarbon):
     kind: Literal["replay"]  # type: ignore[assignment]
 
 
+class ProviderForecast(_Strict):
+    """How a remote source's forecasts are served (README 'Provider forecasts')."""
+
+    ensemble: bool = Field(
+        False,
+        description="forecast with the ensemble of the learned model, seasonal naive (24 h, "
+        "168 h) and the provider's forecast, weighted by recent error; false: the provider's "
+        "forecast as it comes",
+    )
+    record: bool = Field(
+        True, description="keep each forecast fetched (beside the ledger) to score it later"
+    )
+    history_days: int = Field(
+        60, ge=7, le=365, description="days of actuals the ensemble is fitted on"
+    )
+    window_days: int = Field(
+        28, ge=7, le=56, description="trailing days each member's error is measured on"
+    )
+    retention_days: int = Field(
+        60, ge=7, le=730, description="days of recorded forecasts and actuals kept"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProviderForecast:
+        if not self.ensemble:
+            return self
+        if not self.record:
+            raise ValueError(
+                "ensemble: true weighs the provider by its recorded forecasts; set record: true"
+            )
+        need = self.window_days + 17  # the learned member's 15 days of training + a 48 h horizon
+        if self.history_days < need:
+            raise ValueError(
+                f"history_days {self.history_days} is too short for window_days "
+                f"{self.window_days}: give at least window_days + 17 = {need}"
+            )
+        if self.retention_days < self.history_days:
+            raise ValueError(
+                f"retention_days {self.retention_days} < history_days {self.history_days}: the "
+                "stored actuals would not cover the history; raise retention_days"
+            )
+        return self
+
+
 class ElectricityMapsCarbon(_Strict):
     kind: Literal["electricitymaps"]
     api_key: str = Field(min_length=1)
@@ -93,6 +137,7 @@ class ElectricityMapsCarbon(_Strict):
     emission_factor: Literal["lifecycle", "direct"] = "lifecycle"
     timeout_s: float = Field(10.0, gt=0)
     cache_ttl_s: float = Field(300.0, ge=0)
+    forecast: ProviderForecast = ProviderForecast()
 
 
 class WattTimeCarbon(_Strict):
@@ -104,6 +149,7 @@ class WattTimeCarbon(_Strict):
     _safe_login = field_validator("username", "password")(_header_safe)
     timeout_s: float = Field(10.0, gt=0)
     cache_ttl_s: float = Field(300.0, ge=0)
+    forecast: ProviderForecast = ProviderForecast()
 
 
 class UKCarbon(_Strict):
@@ -111,6 +157,7 @@ class UKCarbon(_Strict):
     base_url: str = "https://api.carbonintensity.org.uk"
     timeout_s: float = Field(10.0, gt=0)
     cache_ttl_s: float = Field(300.0, ge=0)
+    forecast: ProviderForecast = ProviderForecast()
 
 
 CarbonSourceConfig = Annotated[

@@ -114,6 +114,37 @@ def _show_source(args: argparse.Namespace) -> object:
     return ReplaySource(FileSource({args.zone: ZoneFile(path)}))
 
 
+def _weights_by_bucket(weights: Any) -> dict[str, dict[str, float]]:
+    """An ensemble's member weights as ``{"1-1 h": {member: weight}, ...}``."""
+    starts = [int(b) for b in weights.index]
+    ends = [b - 1 for b in starts[1:]] + [None]
+
+    def label(b: int, e: int | None) -> str:
+        return f"{b}+ h" if e is None else f"{b} h" if e == b else f"{b}-{e} h"
+
+    return {
+        label(b, e): {str(m): round(float(w), 3) for m, w in weights.loc[b].items()}
+        for b, e in zip(starts, ends, strict=True)
+    }
+
+
+def _ensemble_lines(fc: Any) -> list[str]:
+    """What ``router forecast show`` says of how a forecast was made: the note (a fallback,
+    a member missing) and, for an ensemble, each member's weight per horizon bucket."""
+    lines = []
+    if getattr(fc, "note", ""):
+        lines.append(f"note: {fc.note}")
+    weights = getattr(fc, "weights", None)
+    if weights is not None:
+        lines.append("ensemble weights by hours ahead:")
+        table = _weights_by_bucket(weights)
+        members = list(weights.columns)
+        lines.append(f"  {'':8}" + "".join(f"{m:>11}" for m in members))
+        for bucket, row in table.items():
+            lines.append(f"  {bucket:8}" + "".join(f"{row[m]:11.2f}" for m in members))
+    return lines
+
+
 def cmd_forecast_show(args: argparse.Namespace) -> int:
     source = _show_source(args)
 
@@ -139,6 +170,11 @@ def cmd_forecast_show(args: argparse.Namespace) -> int:
             "forecast": {t.isoformat(): round(float(v), 2) for t, v in series.items()},
             "recent_error": error,
         }
+        weights = fc.weights  # type: ignore[attr-defined]
+        if weights is not None:
+            out["weights"] = _weights_by_bucket(weights)
+        if fc.note:  # type: ignore[attr-defined]
+            out["note"] = fc.note  # type: ignore[attr-defined]
         if band is not None:
             out["quantiles"] = {
                 t.isoformat(): {str(q): round(float(v), 2) for q, v in row.items()}
@@ -151,6 +187,8 @@ def cmd_forecast_show(args: argparse.Namespace) -> int:
         f"[bold]{args.zone}[/] now {latest.g_per_kwh:.0f} g/kWh "  # type: ignore[attr-defined]
         f"({fc.source}, {fc.signal}); next {len(series)} h:"  # type: ignore[attr-defined]
     )
+    for line in _ensemble_lines(fc):
+        console.print(line)
     if error is not None:
         console.print(
             f"recent error (day-ahead forecasts, last {error['days']} days): MAPE "

@@ -11,6 +11,8 @@ from forecasting.datasets import dataset_path, zone_file
 from forecasting.sources.base import CarbonSource, Clock, Forecast, Intensity, Signal, utc_now
 from forecasting.sources.files import FileSource, ZoneFile, read_intensity_file
 from forecasting.sources.http import HttpClient
+from forecasting.sources.record import ForecastRecord
+from forecasting.sources.recorded import RecordedSource
 from forecasting.sources.remote import (
     ElectricityMapsSource,
     UKCarbonIntensitySource,
@@ -23,13 +25,16 @@ __all__ = [
     "ElectricityMapsSource",
     "FileSource",
     "Forecast",
+    "ForecastRecord",
     "Intensity",
+    "RecordedSource",
     "ReplaySource",
     "UKCarbonIntensitySource",
     "WattTimeSource",
     "ZoneFile",
     "build_sources",
     "read_intensity_file",
+    "record_path",
 ]
 
 
@@ -50,13 +55,28 @@ def _zone_files(spec: object, zones: list[str], base: Path) -> dict[str, ZoneFil
     return out
 
 
+def record_path(config: object, base_dir: Path) -> Path:
+    """Where the remote sources' forecasts are recorded: beside the ledger, ``<ledger stem>
+    .forecasts.sqlite`` (the ledger's path resolved against the config's folder)."""
+    ledger = Path(str(config.ledger))  # type: ignore[attr-defined]
+    if not ledger.is_absolute():
+        ledger = base_dir / ledger
+    return ledger.with_suffix(".forecasts.sqlite")
+
+
 def build_sources(
-    config: object, *, clock: Clock = utc_now, base_dir: Path | None = None
+    config: object,
+    *,
+    clock: Clock = utc_now,
+    base_dir: Path | None = None,
+    records: Path | None = None,
 ) -> dict[str, CarbonSource]:
     """One :class:`CarbonSource` per entry of ``config.carbon_sources`` (a ``regions.Config``).
 
     File and replay sources are given the zones of the regions that use them; relative file
-    paths are resolved against ``base_dir`` (the config file's folder).
+    paths are resolved against ``base_dir`` (the config file's folder). Remote sources are
+    wrapped in :class:`RecordedSource` as their ``forecast:`` block says, their forecasts
+    recorded in ``records`` (default: :func:`record_path`).
     """
     from regions.config import (
         Config,
@@ -85,8 +105,9 @@ def build_sources(
             http = HttpClient(
                 source=name, timeout_s=spec.timeout_s, cache_ttl_s=spec.cache_ttl_s, clock=clock
             )
+            remote: CarbonSource
             if isinstance(spec, ElectricityMapsCarbon):
-                out[name] = ElectricityMapsSource(
+                remote = ElectricityMapsSource(
                     spec.api_key,
                     base_url=spec.base_url,
                     emission_factor=spec.emission_factor,
@@ -94,10 +115,29 @@ def build_sources(
                     clock=clock,
                 )
             elif isinstance(spec, WattTimeCarbon):
-                out[name] = WattTimeSource(
+                remote = WattTimeSource(
                     spec.username, spec.password, base_url=spec.base_url, http=http, clock=clock
                 )
             else:
                 assert isinstance(spec, UKCarbon)
-                out[name] = UKCarbonIntensitySource(base_url=spec.base_url, http=http, clock=clock)
+                remote = UKCarbonIntensitySource(base_url=spec.base_url, http=http, clock=clock)
+            fc = spec.forecast
+            record = (
+                ForecastRecord(
+                    records or record_path(config, base),
+                    name,
+                    retention_days=fc.retention_days,
+                    clock=clock,
+                )
+                if fc.record
+                else None
+            )
+            out[name] = RecordedSource(
+                remote,
+                record,
+                ensemble=fc.ensemble,
+                history_days=fc.history_days,
+                window_days=fc.window_days,
+                clock=clock,
+            )
     return out

@@ -60,6 +60,10 @@ class Forecast:
 
     ``quantiles``, when the source has them: g/kWh, index = the same period starts, columns =
     quantile levels as floats (e.g. 0.1, 0.5, 0.9), non-decreasing across the columns.
+
+    ``weights``, when the forecast is an ensemble's: the members' weights, index = the first
+    hour ahead of each horizon bucket (1, 2, 4, 7, 13, 25, 49), columns = the members.
+    ``note``: why the forecast is not what was configured (a member missing, a fallback), or "".
     """
 
     zone: str
@@ -70,6 +74,8 @@ class Forecast:
     stale: bool = False
     age_s: float = 0.0
     quantiles: pd.DataFrame | None = None
+    weights: pd.DataFrame | None = None
+    note: str = ""
 
     def quantile_at(self, when: datetime, q: float) -> float:
         """The ``q`` quantile for the period containing ``when``."""

@@ -224,8 +224,9 @@ def forecast_rows(fc: Forecast, hours: list[Any], q: float) -> tuple[np.ndarray,
 def recent_error_of(source: CarbonSource, zone: str, days: int = 7) -> dict[str, float] | None:
     """The forecaster's error over the last ``days`` for a file or replay source (the
     forecasts it would have issued each hour, against what happened), reusing the model of
-    its latest forecast; ``None`` for an API's forecast, whose past issues the router does not
-    keep. Seconds of CPU: run it in a thread."""
+    its latest forecast; ``None`` for an API's forecast (its past issues are recorded, see
+    :mod:`forecasting.sources.record`, and weighed by a source with ``forecast.ensemble``, but
+    not scored here). Seconds of CPU: run it in a thread."""
     import pandas as pd
 
     from forecasting.sources.files import FileSource
