@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,6 +173,53 @@ COLUMNS = [f.name for f in fields(LedgerRow)]
 # a row's hashed fields are its columns and its place in the chain (router.chain)
 assert tuple(COLUMNS) == HASHED_NAMES[:-2], "router.chain.HASHED and LedgerRow differ"
 _INSERT = "INSERT INTO requests (receipt, prev_hash, row_hash, chain_version) VALUES (?, ?, ?, ?)"
+
+
+# where a receipt (router.chain.HASHED) holds what the kept sums are keyed by (the hour is the
+# first 13 characters of started_at) and the figures they sum
+_SUMMED = itemgetter(*(HASHED_NAMES.index(n) for n in (
+    "started_at", "tenant", "region", "binding",
+    "kwh_billed", "carbon_g", "cost_usd", "avoided_g", "embodied_g",
+)))  # fmt: skip
+
+
+class RowSums:
+    """The rows' own figures summed per UTC hour, tenant, region and deciding constraint, as
+    the kept hourly sums are (:meth:`Ledger.sums_check` compares them), from each row's
+    receipt as hashed, parsed once by whoever reads it (``router verify`` sums in the pass
+    that checks the chains). Summed in the order the rows were written. A receipt whose key
+    or figures are not of the types the chain gives them (text, floats: a row forged with
+    other JSON) makes the sums not ``exact``: they are then SQLite's, as its columns read it."""
+
+    def __init__(self) -> None:
+        # (hour, tenant, region, binding) -> [count, kWh, g CO2e, USD, g avoided, g embodied]
+        self.hourly: dict[tuple[str, str, str, str], list[Any]] = {}
+        self.exact = True
+
+    def add(self, receipt: Sequence[Any]) -> None:
+        """A row's receipt, as parsed from its hashed JSON."""
+        try:
+            at, tenant, region, binding, kwh, g, usd, avoided, embodied = _SUMMED(receipt)
+        except (IndexError, KeyError, TypeError):
+            self.exact = False
+            return
+        if not (
+            type(at) is type(tenant) is type(region) is type(binding) is str
+            and type(kwh) is type(g) is type(usd) is type(avoided) is type(embodied) is float
+        ):
+            self.exact = False
+            return
+        key = (at[:13], tenant, region, binding)
+        sums = self.hourly.get(key)
+        if sums is None:
+            self.hourly[key] = [1, kwh, g, usd, avoided, embodied]
+        else:
+            sums[0] += 1
+            sums[1] += kwh
+            sums[2] += g
+            sums[3] += usd
+            sums[4] += avoided
+            sums[5] += embodied
 
 
 @dataclass(frozen=True)
@@ -678,6 +726,13 @@ class Ledger:
             batch,
         )
 
+    def stored_receipts(self, batch: int = 5000) -> Iterator[tuple[int, str, str, str]]:
+        """:meth:`stored` without the columns generated from the receipt (each would parse
+        it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash, receipt)."""
+        yield from self._scan(
+            "SELECT rowid, prev_hash, row_hash, receipt FROM requests ORDER BY rowid", (), batch
+        )
+
     def _scan(self, sql: str, params: Sequence[object], batch: int) -> Iterator[Any]:
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         try:
@@ -690,6 +745,11 @@ class Ledger:
     def request_at(self, rowid: int) -> str:
         found = self._query("SELECT request_id FROM requests WHERE rowid = ?", (rowid,))
         return str(found[0][0]) if found else f"rowid {rowid}"
+
+    def place_at(self, rowid: int) -> tuple[Any, Any]:
+        """The row's tenant and tenant_seq as its generated columns read them."""
+        found = self._query("SELECT tenant, tenant_seq FROM requests WHERE rowid = ?", (rowid,))
+        return (found[0][0], found[0][1]) if found else (None, None)
 
     def schema_sql(self) -> str:
         """The requests table as SQLite has it (verify checks that its columns are still
@@ -783,19 +843,28 @@ class Ledger:
         )
         return [dict(zip(cols, r, strict=True)) for r in found]
 
-    def sums_check(self) -> list[str]:
+    def sums_check(self, rows: RowSums | None = None) -> list[str]:
         """Where the kept sums (hourly and daily, which usage totals and budgets read)
-        differ from the rows' own figures: one SQL pass over the rows at the hourly grain,
-        the days summed from it. Empty when they agree (to a relative 1e-9)."""
+        differ from the rows' own figures: the rows' hashed receipts summed at the hourly grain
+        (``rows``: summed already, by a reader of every receipt such as ``router verify``;
+        None: read here), the days summed from it. Empty when they agree (to a relative 1e-9)."""
         names = ("requests", "kwh", "carbon_g", "cost_usd", "avoided_g", "embodied_g")
-        rows = self._query(
-            "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
-            "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
-            "FROM requests GROUP BY 1, 2, 3, 4"
+        if rows is None:
+            rows = RowSums()
+            for (receipt,) in self._scan("SELECT receipt FROM requests ORDER BY rowid", (), 5000):
+                rows.add(orjson.loads(receipt))
+        summed: Iterable[Sequence[Any]] = (
+            (*key, *figures) for key, figures in sorted(rows.hourly.items())
         )
+        if not rows.exact:  # a receipt SQLite reads otherwise: its columns' sums, as it reads
+            summed = self._query(
+                "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
+                "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
+                "FROM requests GROUP BY 1, 2, 3, 4"
+            )
         hourly: dict[tuple[str, ...], tuple[float, ...]] = {}
         daily: dict[tuple[str, ...], list[float]] = {}  # tuple() below
-        for hour, tenant, region, binding, *figures in rows:
+        for hour, tenant, region, binding, *figures in summed:
             hourly[(hour, tenant, region, binding)] = tuple(figures)
             # a count, then sums: a problem names the rows' count as a count
             day = daily.setdefault((tenant, hour[:10]), [0, 0.0, 0.0, 0.0, 0.0, 0.0])

@@ -43,7 +43,7 @@ from router.chain import (
     link,
 )
 from router.errors import RouterError
-from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, utc_iso
+from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, RowSums, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -570,7 +570,20 @@ def verify_ledger(
             "with the operator's published key, or pass --public-key"
         )
     chains: dict[str, _Chain] = {}
-    for rowid, tenant, seq, _at, prev_hash, stored, receipt in ledger.stored():
+    rows = RowSums()  # the rows' figures for the sums check, read in the same pass
+    for rowid, prev_hash, stored, receipt in ledger.stored_receipts():
+        try:  # the receipt as hashed, parsed once: its place in the chain and its figures
+            values = orjson.loads(receipt)
+            tenant, seq = values[_TENANT], values[_SEQ]
+        except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+            values, tenant, seq = None, None, None
+        if type(tenant) is not str or type(seq) is not int:  # as SQLite's columns read it
+            tenant, seq = ledger.place_at(rowid)
+        if sums:
+            if values is None:
+                rows.exact = False
+            else:
+                rows.add(values)
         chain = chains.get(tenant)
         if chain is None:
             chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
@@ -599,7 +612,7 @@ def verify_ledger(
                    for s in signatures.get(tenant, [])):  # fmt: skip
             report.problem(f"{where}: its signature is missing from the ledger")
     if sums:  # the sums usage totals and budgets read, against the rows
-        for problem in ledger.sums_check():
+        for problem in ledger.sums_check(rows):
             report.problem(problem)
     return report
 

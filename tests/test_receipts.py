@@ -255,6 +255,26 @@ def test_history_rewritten_with_fresh_hashes_fails_on_the_signed_head(
     assert any("history rewritten" in p for p in report.problems), report.problems
 
 
+@pytest.mark.parametrize("kwh", [1.5, "1.5"], ids=["float", "text"])
+def test_verify_sums_the_figures_of_the_receipts_it_hashes(
+    tmp_path: Path, signer: Signer, kwh: Any
+) -> None:
+    """verify reads each row's figures for the sums check from the receipt it hashes, in the
+    same pass, and reports what Ledger.sums_check reports on its own; a figure forged as
+    JSON text (SQLite reads '1.5' as 1.5 in a REAL column) is summed as SQLite reads it."""
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    bad = _tampered(tmp_path, ledger, _edit("kwh_billed"), (kwh, "a2"))
+    report = verify_ledger(bad, [signer.public_key])
+    sums = bad.sums_check()
+    assert len(sums) == 2 and report.problems[-2:] == sums, report.problems
+    hourly, daily = sums
+    assert hourly.startswith("hourly sums 2026-11-03T12 acme eu-north score: kwh 0.0007")
+    assert daily.startswith("daily sums acme 2026-11-03: kwh 0.0007")
+    assert "(rows: 1.500" in hourly and "(rows: 1.500" in daily
+    assert verify_ledger(bad, [signer.public_key], sums=False).problems == report.problems[:-2]
+
+
 def test_a_head_signed_by_an_untrusted_key_is_a_problem(tmp_path: Path, signer: Signer) -> None:
     ledger = filled(tmp_path / "l.sqlite")
     other = Signer.load(tmp_path / "other.pem", create=True)
