@@ -726,11 +726,15 @@ class Ledger:
             batch,
         )
 
-    def stored_receipts(self, batch: int = 5000) -> Iterator[tuple[int, str, str, str]]:
+    def stored_receipts(self, batch: int = 5000) -> Iterator[tuple[int, str, str, Any, str]]:
         """:meth:`stored` without the columns generated from the receipt (each would parse
-        it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash, receipt)."""
+        it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash,
+        chain_version, receipt)."""
         yield from self._scan(
-            "SELECT rowid, prev_hash, row_hash, receipt FROM requests ORDER BY rowid", (), batch
+            "SELECT rowid, prev_hash, row_hash, chain_version, receipt FROM requests "
+            "ORDER BY rowid",
+            (),
+            batch,
         )
 
     def _scan(self, sql: str, params: Sequence[object], batch: int) -> Iterator[Any]:

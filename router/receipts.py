@@ -42,6 +42,7 @@ from router.chain import (
     HASHED_NAMES,
     link,
 )
+from router.chain import VERSION as CHAIN_VERSION
 from router.errors import RouterError
 from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, RowSums, utc_iso
 
@@ -540,8 +541,9 @@ def verify_ledger(
     sums: bool = True,
     record: dict[str, tuple[int, str]] | None = None,
 ) -> Report:
-    """Check every tenant's chain in the ledger from its first row, every signed head, and
-    that the table's columns are still generated from the hashed receipts. Rows are read in
+    """Check every tenant's chain in the ledger from its first row (each row's chain_version
+    among it: the one column not hashed), every signed head, and that the table's columns are
+    still generated from the hashed receipts. Rows are read in
     the order they were written (one plain scan); each tenant's must come in its chain's
     order. ``sums``: also check the kept hourly and daily sums (usage totals, budgets, the
     operator's view) against the rows. ``record``: the heads the signer recorded it signed
@@ -571,7 +573,7 @@ def verify_ledger(
         )
     chains: dict[str, _Chain] = {}
     rows = RowSums()  # the rows' figures for the sums check, read in the same pass
-    for rowid, prev_hash, stored, receipt in ledger.stored_receipts():
+    for rowid, prev_hash, stored, version, receipt in ledger.stored_receipts():
         try:  # the receipt as hashed, parsed once: its place in the chain and its figures
             values = orjson.loads(receipt)
             tenant, seq = values[_TENANT], values[_SEQ]
@@ -584,6 +586,12 @@ def verify_ledger(
                 rows.exact = False
             else:
                 rows.add(values)
+        if version != CHAIN_VERSION:  # not hashed itself: how the rest was hashed
+            report.problem(
+                f"ledger (request {ledger.request_at(rowid)}, seq {seq}): its chain_version is "
+                f"{version!r}, a version this carbon-router does not know (it hashes version "
+                f"{CHAIN_VERSION}): edited, or written by a newer carbon-router"
+            )
         chain = chains.get(tenant)
         if chain is None:
             chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
