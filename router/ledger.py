@@ -730,7 +730,7 @@ class Ledger:
         """:meth:`stored` without the columns generated from the receipt (each would parse
         it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash,
         chain_version, receipt)."""
-        yield from self._scan(
+        return self._scan(  # not a generator of its own: one less frame per row
             "SELECT rowid, prev_hash, row_hash, chain_version, receipt FROM requests "
             "ORDER BY rowid",
             (),
