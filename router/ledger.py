@@ -182,6 +182,11 @@ _SUMMED = itemgetter(*(HASHED_NAMES.index(n) for n in (
     "kwh_billed", "carbon_g", "cost_usd", "avoided_g", "embodied_g",
 )))  # fmt: skip
 
+_KEPT_HOURLY = ("SELECT hour, tenant, region, binding, requests, kwh, carbon_g, cost_usd, "
+                "avoided_g, embodied_g FROM usage_hourly")  # fmt: skip
+_KEPT_DAILY = ("SELECT tenant, day, requests, kwh, carbon_g, cost_usd, avoided_g, embodied_g "
+               "FROM usage_daily")  # fmt: skip
+
 
 class RowSums:
     """The rows' own figures summed per UTC hour, tenant, region and deciding constraint, as
@@ -195,6 +200,13 @@ class RowSums:
         # (hour, tenant, region, binding) -> [count, kWh, g CO2e, USD, g avoided, g embodied]
         self.hourly: dict[tuple[str, str, str, str], list[Any]] = {}
         self.exact = True
+        # the kept sums (usage_hourly's rows, usage_daily's) as of the rows summed: read in
+        # the scan's own transaction (Ledger.stored_receipts), so that rows written while it
+        # reads are in neither; None: not read
+        self.kept: tuple[list[Any], list[Any]] | None = None
+
+    def read_kept(self, db: sqlite3.Connection) -> None:
+        self.kept = (db.execute(_KEPT_HOURLY).fetchall(), db.execute(_KEPT_DAILY).fetchall())
 
     def add(self, receipt: Sequence[Any]) -> None:
         """A row's receipt, as parsed from its hashed JSON."""
@@ -726,20 +738,32 @@ class Ledger:
             batch,
         )
 
-    def stored_receipts(self, batch: int = 5000) -> Iterator[tuple[int, str, str, Any, str]]:
+    def stored_receipts(
+        self, batch: int = 5000, sums: RowSums | None = None
+    ) -> Iterator[tuple[int, str, str, Any, str]]:
         """:meth:`stored` without the columns generated from the receipt (each would parse
         it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash,
-        chain_version, receipt)."""
+        chain_version, receipt). ``sums``: the kept sums are read into it first, in the
+        scan's transaction (as of the rows scanned)."""
         return self._scan(  # not a generator of its own: one less frame per row
             "SELECT rowid, prev_hash, row_hash, chain_version, receipt FROM requests "
             "ORDER BY rowid",
             (),
             batch,
+            None if sums is None else sums.read_kept,
         )
 
-    def _scan(self, sql: str, params: Sequence[object], batch: int) -> Iterator[Any]:
+    def _scan(
+        self, sql: str, params: Sequence[object], batch: int,
+        first: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> Iterator[Any]:  # fmt: skip
+        """``sql``'s rows, read a batch at a time on a connection of its own; ``first``: what
+        to read before, in the same read transaction (one state of the ledger for both)."""
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         try:
+            if first is not None:
+                db.execute("BEGIN")
+                first(db)
             cur = db.execute(sql, params)
             while chunk := cur.fetchmany(batch):
                 yield from chunk
@@ -855,17 +879,22 @@ class Ledger:
         names = ("requests", "kwh", "carbon_g", "cost_usd", "avoided_g", "embodied_g")
         if rows is None:
             rows = RowSums()
-            for (receipt,) in self._scan("SELECT receipt FROM requests ORDER BY rowid", (), 5000):
+            for (receipt,) in self._scan("SELECT receipt FROM requests ORDER BY rowid", (),
+                                         5000, rows.read_kept):  # fmt: skip
                 rows.add(orjson.loads(receipt))
         summed: Iterable[Sequence[Any]] = (
             (*key, *figures) for key, figures in sorted(rows.hourly.items())
         )
+        kept_rows = rows.kept
         if not rows.exact:  # a receipt SQLite reads otherwise: its columns' sums, as it reads
-            summed = self._query(
+            again = RowSums()
+            summed = list(self._scan(
                 "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
                 "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
-                "FROM requests GROUP BY 1, 2, 3, 4"
-            )
+                "FROM requests GROUP BY 1, 2, 3, 4", (), 5000, again.read_kept))  # fmt: skip
+            kept_rows = again.kept
+        if kept_rows is None:
+            kept_rows = (self._query(_KEPT_HOURLY), self._query(_KEPT_DAILY))
         hourly: dict[tuple[str, ...], tuple[float, ...]] = {}
         daily: dict[tuple[str, ...], list[float]] = {}  # tuple() below
         for hour, tenant, region, binding, *figures in summed:
@@ -875,18 +904,10 @@ class Ledger:
             for i, v in enumerate(figures):
                 day[i] += v
         kept_hourly: dict[tuple[str, ...], tuple[float, ...]] = {
-            (h, t, r, b): tuple(f)
-            for h, t, r, b, *f in self._query(
-                "SELECT hour, tenant, region, binding, requests, kwh, carbon_g, cost_usd, "
-                "avoided_g, embodied_g FROM usage_hourly"
-            )
+            (h, t, r, b): tuple(f) for h, t, r, b, *f in kept_rows[0]
         }
         kept_daily: dict[tuple[str, ...], tuple[float, ...]] = {
-            (t, d): tuple(f)
-            for t, d, *f in self._query(
-                "SELECT tenant, day, requests, kwh, carbon_g, cost_usd, avoided_g, embodied_g "
-                "FROM usage_daily"
-            )
+            (t, d): tuple(f) for t, d, *f in kept_rows[1]
         }
         problems = []
         days = {k: tuple(v) for k, v in daily.items()}

@@ -574,7 +574,8 @@ def verify_ledger(
     chains: dict[str, _Chain] = {}
     rows = RowSums()  # the rows' figures for the sums check, read in the same pass
     loads, add = orjson.loads, rows.add  # a million rows: each lookup saved counts
-    for rowid, prev_hash, stored, version, receipt in ledger.stored_receipts():
+    scan = ledger.stored_receipts(sums=rows if sums else None)  # the kept sums read first
+    for rowid, prev_hash, stored, version, receipt in scan:
         try:  # the receipt as hashed, parsed once: its place in the chain and its figures
             values = loads(receipt)
             tenant, seq = values[_TENANT], values[_SEQ]

@@ -477,6 +477,27 @@ def test_the_kept_sums_are_checked_against_the_rows(tmp_path: Path) -> None:
     ]
 
 
+
+def test_the_kept_sums_are_read_as_of_the_rows_summed(tmp_path: Path) -> None:
+    """A ledger written to while it is checked (the metering actor runs beside router verify):
+    the kept sums are read in the scan's own snapshot, so a row written meanwhile is in
+    neither the rows summed nor the kept sums, and is no difference."""
+    import orjson
+
+    from router.ledger import RowSums
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([hour_row("a", 0), hour_row("b", 30)])
+    rows = RowSums()
+    scan = ledger.stored_receipts(batch=1, sums=rows)
+    first = next(scan)
+    ledger.write([hour_row("c", 10)])  # committed while the scan reads
+    for *_, receipt in [first, *scan]:
+        rows.add(orjson.loads(receipt))
+    assert sum(f[0] for f in rows.hourly.values()) == 2
+    assert ledger.sums_check(rows) == []
+    assert ledger.sums_check() == []  # alone: its own scan and kept sums, at one time
+
 # ---- a row is refused where it is made, and says why -------------------------------------------
 
 ZERO: dict[str, object] = dict(energy_j=0.0, kwh_billed=0.0, carbon_g=0.0, cost_usd=0.0,
