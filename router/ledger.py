@@ -887,11 +887,13 @@ class Ledger:
         )
         kept_rows = rows.kept
         if not rows.exact:  # a receipt SQLite reads otherwise: its columns' sums, as it reads
-            again = RowSums()
-            summed = list(self._scan(
+            group_by = (
                 "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
                 "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
-                "FROM requests GROUP BY 1, 2, 3, 4", (), 5000, again.read_kept))  # fmt: skip
+                "FROM requests GROUP BY 1, 2, 3, 4"
+            )
+            again = RowSums()  # its kept sums only: read with the GROUP BY, at one time
+            summed = list(self._scan(group_by, (), 5000, again.read_kept))
             kept_rows = again.kept
         if kept_rows is None:
             kept_rows = (self._query(_KEPT_HOURLY), self._query(_KEPT_DAILY))
