@@ -543,10 +543,11 @@ def verify_ledger(
 ) -> Report:
     """Check every tenant's chain in the ledger from its first row (each row's chain_version
     among it: the one column not hashed), every signed head, and that the table's columns are
-    still generated from the hashed receipts. Rows are read in
-    the order they were written (one plain scan); each tenant's must come in its chain's
-    order. ``sums``: also check the kept hourly and daily sums (usage totals, budgets, the
-    operator's view) against the rows. ``record``: the heads the signer recorded it signed
+    still generated from the hashed receipts. Rows are read in the order they were written (one
+    plain scan of the stored columns, each receipt parsed once); each tenant's must come in its
+    chain's order. ``sums``: also check the kept hourly and daily sums (usage totals, budgets,
+    the operator's view, read as of the same scan) against the rows' figures, summed from the
+    receipts in that scan. ``record``: the heads the signer recorded it signed
     (:meth:`Signer.signed_heads`, kept beside its key): each must still be in the chain and
     among the ledger's signatures (signatures removed from the ledger are found by it)."""
     trusted_keys = None if trusted is None else set(trusted)
