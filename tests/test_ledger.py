@@ -477,7 +477,6 @@ def test_the_kept_sums_are_checked_against_the_rows(tmp_path: Path) -> None:
     ]
 
 
-
 def test_row_sums_are_exact_only_for_receipts_of_the_chains_types() -> None:
     """RowSums sums a receipt whose key is text and figures floats, as the chain writes them;
     any other JSON (a forged row) makes it not exact, and the sums check then takes SQLite's
@@ -512,6 +511,7 @@ def test_row_sums_are_exact_only_for_receipts_of_the_chains_types() -> None:
     short.add(["a", "acme"])
     assert not short.exact
 
+
 def test_the_kept_sums_are_read_as_of_the_rows_summed(tmp_path: Path) -> None:
     """A ledger written to while it is checked (the metering actor runs beside router verify):
     the kept sums are read in the scan's own snapshot, so a row written meanwhile is in
@@ -531,6 +531,7 @@ def test_the_kept_sums_are_read_as_of_the_rows_summed(tmp_path: Path) -> None:
     assert sum(f[0] for f in rows.hourly.values()) == 2
     assert ledger.sums_check(rows) == []
     assert ledger.sums_check() == []  # alone: its own scan and kept sums, at one time
+
 
 # ---- a row is refused where it is made, and says why -------------------------------------------
 
