@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,6 +173,65 @@ COLUMNS = [f.name for f in fields(LedgerRow)]
 # a row's hashed fields are its columns and its place in the chain (router.chain)
 assert tuple(COLUMNS) == HASHED_NAMES[:-2], "router.chain.HASHED and LedgerRow differ"
 _INSERT = "INSERT INTO requests (receipt, prev_hash, row_hash, chain_version) VALUES (?, ?, ?, ?)"
+
+
+# where a receipt (router.chain.HASHED) holds what the kept sums are keyed by (the hour is the
+# first 13 characters of started_at) and the figures they sum
+_SUMMED = itemgetter(*(HASHED_NAMES.index(n) for n in (
+    "started_at", "tenant", "region", "binding",
+    "kwh_billed", "carbon_g", "cost_usd", "avoided_g", "embodied_g",
+)))  # fmt: skip
+
+_KEPT_HOURLY = ("SELECT hour, tenant, region, binding, requests, kwh, carbon_g, cost_usd, "
+                "avoided_g, embodied_g FROM usage_hourly")  # fmt: skip
+_KEPT_DAILY = ("SELECT tenant, day, requests, kwh, carbon_g, cost_usd, avoided_g, embodied_g "
+               "FROM usage_daily")  # fmt: skip
+
+
+class RowSums:
+    """The rows' own figures summed per UTC hour, tenant, region and deciding constraint, as
+    the kept hourly sums are (:meth:`Ledger.sums_check` compares them), from each row's
+    receipt as hashed, parsed once by whoever reads it (``router verify`` sums in the pass
+    that checks the chains). Summed in the order the rows were written. A receipt whose key
+    or figures are not of the types the chain gives them (text, floats: a row forged with
+    other JSON) makes the sums not ``exact``: they are then SQLite's, as its columns read it."""
+
+    def __init__(self) -> None:
+        # (hour, tenant, region, binding) -> [count, kWh, g CO2e, USD, g avoided, g embodied]
+        self.hourly: dict[tuple[str, str, str, str], list[Any]] = {}
+        self.exact = True
+        # the kept sums (usage_hourly's rows, usage_daily's) as of the rows summed: read in
+        # the scan's own transaction (Ledger.stored_receipts), so that rows written while it
+        # reads are in neither; None: not read
+        self.kept: tuple[list[Any], list[Any]] | None = None
+
+    def read_kept(self, db: sqlite3.Connection) -> None:
+        self.kept = (db.execute(_KEPT_HOURLY).fetchall(), db.execute(_KEPT_DAILY).fetchall())
+
+    def add(self, receipt: Sequence[Any]) -> None:
+        """A row's receipt, as parsed from its hashed JSON."""
+        try:
+            at, tenant, region, binding, kwh, g, usd, avoided, embodied = _SUMMED(receipt)
+        except (IndexError, KeyError, TypeError):
+            self.exact = False
+            return
+        if not (
+            type(at) is type(tenant) is type(region) is type(binding) is str
+            and type(kwh) is type(g) is type(usd) is type(avoided) is type(embodied) is float
+        ):
+            self.exact = False
+            return
+        key = (at[:13], tenant, region, binding)
+        sums = self.hourly.get(key)
+        if sums is None:
+            self.hourly[key] = [1, kwh, g, usd, avoided, embodied]
+        else:
+            sums[0] += 1
+            sums[1] += kwh
+            sums[2] += g
+            sums[3] += usd
+            sums[4] += avoided
+            sums[5] += embodied
 
 
 @dataclass(frozen=True)
@@ -678,9 +738,32 @@ class Ledger:
             batch,
         )
 
-    def _scan(self, sql: str, params: Sequence[object], batch: int) -> Iterator[Any]:
+    def stored_receipts(
+        self, batch: int = 5000, sums: RowSums | None = None
+    ) -> Iterator[tuple[int, str, str, Any, str]]:
+        """:meth:`stored` without the columns generated from the receipt (each would parse
+        it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash,
+        chain_version, receipt). ``sums``: the kept sums are read into it first, in the
+        scan's transaction (as of the rows scanned)."""
+        return self._scan(  # not a generator of its own: one less frame per row
+            "SELECT rowid, prev_hash, row_hash, chain_version, receipt FROM requests "
+            "ORDER BY rowid",
+            (),
+            batch,
+            None if sums is None else sums.read_kept,
+        )
+
+    def _scan(
+        self, sql: str, params: Sequence[object], batch: int,
+        first: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> Iterator[Any]:  # fmt: skip
+        """``sql``'s rows, read a batch at a time on a connection of its own; ``first``: what
+        to read before, in the same read transaction (one state of the ledger for both)."""
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         try:
+            if first is not None:
+                db.execute("BEGIN")
+                first(db)
             cur = db.execute(sql, params)
             while chunk := cur.fetchmany(batch):
                 yield from chunk
@@ -690,6 +773,11 @@ class Ledger:
     def request_at(self, rowid: int) -> str:
         found = self._query("SELECT request_id FROM requests WHERE rowid = ?", (rowid,))
         return str(found[0][0]) if found else f"rowid {rowid}"
+
+    def place_at(self, rowid: int) -> tuple[Any, Any]:
+        """The row's tenant and tenant_seq as its generated columns read them."""
+        found = self._query("SELECT tenant, tenant_seq FROM requests WHERE rowid = ?", (rowid,))
+        return (found[0][0], found[0][1]) if found else (None, None)
 
     def schema_sql(self) -> str:
         """The requests table as SQLite has it (verify checks that its columns are still
@@ -783,37 +871,45 @@ class Ledger:
         )
         return [dict(zip(cols, r, strict=True)) for r in found]
 
-    def sums_check(self) -> list[str]:
+    def sums_check(self, rows: RowSums | None = None) -> list[str]:
         """Where the kept sums (hourly and daily, which usage totals and budgets read)
-        differ from the rows' own figures: one SQL pass over the rows at the hourly grain,
-        the days summed from it. Empty when they agree (to a relative 1e-9)."""
+        differ from the rows' own figures: the rows' hashed receipts summed at the hourly grain
+        (``rows``: summed already, by a reader of every receipt such as ``router verify``;
+        None: read here), the days summed from it. Empty when they agree (to a relative 1e-9)."""
         names = ("requests", "kwh", "carbon_g", "cost_usd", "avoided_g", "embodied_g")
-        rows = self._query(
-            "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
-            "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
-            "FROM requests GROUP BY 1, 2, 3, 4"
+        if rows is None:
+            rows = RowSums()
+            for (receipt,) in self._scan("SELECT receipt FROM requests ORDER BY rowid", (),
+                                         5000, rows.read_kept):  # fmt: skip
+                rows.add(orjson.loads(receipt))
+        summed: Iterable[Sequence[Any]] = (
+            (*key, *figures) for key, figures in sorted(rows.hourly.items())
         )
+        kept_rows = rows.kept
+        if not rows.exact:  # a receipt SQLite reads otherwise: its columns' sums, as it reads
+            group_by = (
+                "SELECT substr(started_at, 1, 13), tenant, region, binding, COUNT(*), "
+                "SUM(kwh_billed), SUM(carbon_g), SUM(cost_usd), SUM(avoided_g), SUM(embodied_g) "
+                "FROM requests GROUP BY 1, 2, 3, 4"
+            )
+            again = RowSums()  # its kept sums only: read with the GROUP BY, at one time
+            summed = list(self._scan(group_by, (), 5000, again.read_kept))
+            kept_rows = again.kept
+        if kept_rows is None:
+            kept_rows = (self._query(_KEPT_HOURLY), self._query(_KEPT_DAILY))
         hourly: dict[tuple[str, ...], tuple[float, ...]] = {}
         daily: dict[tuple[str, ...], list[float]] = {}  # tuple() below
-        for hour, tenant, region, binding, *figures in rows:
+        for hour, tenant, region, binding, *figures in summed:
             hourly[(hour, tenant, region, binding)] = tuple(figures)
             # a count, then sums: a problem names the rows' count as a count
             day = daily.setdefault((tenant, hour[:10]), [0, 0.0, 0.0, 0.0, 0.0, 0.0])
             for i, v in enumerate(figures):
                 day[i] += v
         kept_hourly: dict[tuple[str, ...], tuple[float, ...]] = {
-            (h, t, r, b): tuple(f)
-            for h, t, r, b, *f in self._query(
-                "SELECT hour, tenant, region, binding, requests, kwh, carbon_g, cost_usd, "
-                "avoided_g, embodied_g FROM usage_hourly"
-            )
+            (h, t, r, b): tuple(f) for h, t, r, b, *f in kept_rows[0]
         }
         kept_daily: dict[tuple[str, ...], tuple[float, ...]] = {
-            (t, d): tuple(f)
-            for t, d, *f in self._query(
-                "SELECT tenant, day, requests, kwh, carbon_g, cost_usd, avoided_g, embodied_g "
-                "FROM usage_daily"
-            )
+            (t, d): tuple(f) for t, d, *f in kept_rows[1]
         }
         problems = []
         days = {k: tuple(v) for k, v in daily.items()}

@@ -42,8 +42,9 @@ from router.chain import (
     HASHED_NAMES,
     link,
 )
+from router.chain import VERSION as CHAIN_VERSION
 from router.errors import RouterError
-from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, utc_iso
+from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, RowSums, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -540,11 +541,13 @@ def verify_ledger(
     sums: bool = True,
     record: dict[str, tuple[int, str]] | None = None,
 ) -> Report:
-    """Check every tenant's chain in the ledger from its first row, every signed head, and
-    that the table's columns are still generated from the hashed receipts. Rows are read in
-    the order they were written (one plain scan); each tenant's must come in its chain's
-    order. ``sums``: also check the kept hourly and daily sums (usage totals, budgets, the
-    operator's view) against the rows. ``record``: the heads the signer recorded it signed
+    """Check every tenant's chain in the ledger from its first row (each row's chain_version
+    among it: the one column not hashed), every signed head, and that the table's columns are
+    still generated from the hashed receipts. Rows are read in the order they were written (one
+    plain scan of the stored columns, each receipt parsed once); each tenant's must come in its
+    chain's order. ``sums``: also check the kept hourly and daily sums (usage totals, budgets,
+    the operator's view, read as of the same scan) against the rows' figures, summed from the
+    receipts in that scan. ``record``: the heads the signer recorded it signed
     (:meth:`Signer.signed_heads`, kept beside its key): each must still be in the chain and
     among the ledger's signatures (signatures removed from the ledger are found by it)."""
     trusted_keys = None if trusted is None else set(trusted)
@@ -570,7 +573,28 @@ def verify_ledger(
             "with the operator's published key, or pass --public-key"
         )
     chains: dict[str, _Chain] = {}
-    for rowid, tenant, seq, _at, prev_hash, stored, receipt in ledger.stored():
+    rows = RowSums()  # the rows' figures for the sums check, read in the same pass
+    loads, add = orjson.loads, rows.add  # a million rows: each lookup saved counts
+    scan = ledger.stored_receipts(sums=rows if sums else None)  # the kept sums read first
+    for rowid, prev_hash, stored, version, receipt in scan:
+        try:  # the receipt as hashed, parsed once: its place in the chain and its figures
+            values = loads(receipt)
+            tenant, seq = values[_TENANT], values[_SEQ]
+        except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+            values, tenant, seq = None, None, None
+        if type(tenant) is not str or type(seq) is not int:  # as SQLite's columns read it
+            tenant, seq = ledger.place_at(rowid)
+        if sums:
+            if values is None:
+                rows.exact = False
+            else:
+                add(values)
+        if version != CHAIN_VERSION:  # not hashed itself: how the rest was hashed
+            report.problem(
+                f"ledger (request {ledger.request_at(rowid)}, seq {seq}): its chain_version is "
+                f"{version!r}, a version this carbon-router does not know (it hashes version "
+                f"{CHAIN_VERSION}): edited, or written by a newer carbon-router"
+            )
         chain = chains.get(tenant)
         if chain is None:
             chain = chains[tenant] = _Chain(report, tenant, 1, GENESIS)
@@ -599,7 +623,7 @@ def verify_ledger(
                    for s in signatures.get(tenant, [])):  # fmt: skip
             report.problem(f"{where}: its signature is missing from the ledger")
     if sums:  # the sums usage totals and budgets read, against the rows
-        for problem in ledger.sums_check():
+        for problem in ledger.sums_check(rows):
             report.problem(problem)
     return report
 

@@ -477,6 +477,62 @@ def test_the_kept_sums_are_checked_against_the_rows(tmp_path: Path) -> None:
     ]
 
 
+def test_row_sums_are_exact_only_for_receipts_of_the_chains_types() -> None:
+    """RowSums sums a receipt whose key is text and figures floats, as the chain writes them;
+    any other JSON (a forged row) makes it not exact, and the sums check then takes SQLite's
+    reading of the columns instead."""
+    from router.chain import HASHED_NAMES
+    from router.ledger import RowSums
+
+    def receipt(**kw: Any) -> list[Any]:
+        values: dict[str, Any] = {n: 0.5 for n in HASHED_NAMES}
+        values |= {"started_at": "2026-11-03T12:30:00.000000+00:00", "tenant": "acme",
+                   "region": "eu-north", "binding": "score", "avoided_g": -0.25, **kw}  # fmt: skip
+        return [values[n] for n in HASHED_NAMES]
+
+    sums = RowSums()
+    sums.add(receipt())
+    sums.add(receipt(kwh_billed=1.0, binding="latency"))
+    sums.add(receipt(embodied_g=0.125))
+    assert sums.exact and sums.hourly == {
+        ("2026-11-03T12", "acme", "eu-north", "score"): [2, 1.0, 1.0, 1.0, -0.5, 0.625],
+        ("2026-11-03T12", "acme", "eu-north", "latency"): [1, 1.0, 0.5, 0.5, -0.25, 0.5],
+    }
+    odd: list[dict[str, Any]] = [
+        {"kwh_billed": 1}, {"carbon_g": "0.5"}, {"cost_usd": None}, {"avoided_g": True},
+        {"embodied_g": 1}, {"tenant": 7}, {"region": None}, {"binding": 1.0},
+        {"started_at": 20261103},
+    ]  # fmt: skip
+    for kw in odd:
+        one = RowSums()
+        one.add(receipt(**kw))
+        assert not one.exact and one.hourly == {}, kw
+    short = RowSums()
+    short.add(["a", "acme"])
+    assert not short.exact
+
+
+def test_the_kept_sums_are_read_as_of_the_rows_summed(tmp_path: Path) -> None:
+    """A ledger written to while it is checked (the metering actor runs beside router verify):
+    the kept sums are read in the scan's own snapshot, so a row written meanwhile is in
+    neither the rows summed nor the kept sums, and is no difference."""
+    import orjson
+
+    from router.ledger import RowSums
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.write([hour_row("a", 0), hour_row("b", 30)])
+    rows = RowSums()
+    scan = ledger.stored_receipts(batch=1, sums=rows)
+    first = next(scan)
+    ledger.write([hour_row("c", 10)])  # committed while the scan reads
+    for *_, receipt in [first, *scan]:
+        rows.add(orjson.loads(receipt))
+    assert sum(f[0] for f in rows.hourly.values()) == 2
+    assert ledger.sums_check(rows) == []
+    assert ledger.sums_check() == []  # alone: its own scan and kept sums, at one time
+
+
 # ---- a row is refused where it is made, and says why -------------------------------------------
 
 ZERO: dict[str, object] = dict(energy_j=0.0, kwh_billed=0.0, carbon_g=0.0, cost_usd=0.0,

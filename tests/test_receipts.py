@@ -103,16 +103,28 @@ def test_rows_are_append_only_in_the_ledger(tmp_path: Path) -> None:
         db.execute("DELETE FROM requests WHERE request_id = 'a1'")
 
 
-def _tampered(tmp_path: Path, ledger: Ledger, sql: str, params: tuple[Any, ...] = ()) -> Ledger:
-    """A copy of ``ledger`` changed by someone who dropped the append-only triggers."""
+def _tampered(
+    tmp_path: Path, ledger: Ledger, sql: str, params: tuple[Any, ...] = (), *,
+    chain_index: bool = True,
+) -> Ledger:  # fmt: skip
+    """A copy of ``ledger`` changed by someone who dropped the append-only triggers and the
+    chain's unique index, then made the index again exactly as it was (its SQL read before it
+    was dropped), so that verify finds the change itself, not a missing index.
+    ``chain_index=False``: left dropped, for a change the index refuses (two rows at one seq
+    of one chain), which verify must name besides the index."""
     ledger.close()
     copy = tmp_path / f"t{len(list(tmp_path.iterdir()))}.sqlite"
     shutil.copy(ledger.path, copy)
     with closing(sqlite3.connect(copy)) as db:
+        (index_sql,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'requests_chain'"
+        ).fetchone()
         db.execute("DROP TRIGGER requests_append_only_update")
         db.execute("DROP TRIGGER requests_append_only_delete")
         db.execute("DROP INDEX requests_chain")
         db.execute(sql, params)
+        if chain_index:
+            db.execute(index_sql)
         db.commit()
     return Ledger(copy)
 
@@ -138,7 +150,7 @@ def _other(value: Any, column: str = "") -> Any:
 def _edit(field: str) -> str:
     """SQL that sets ``field`` of request ? to ?: in the hashed receipt, which every column is
     generated from, or the chain's own columns."""
-    if field in ("prev_hash", "row_hash"):
+    if field in ("prev_hash", "row_hash", "chain_version"):
         return f"UPDATE requests SET {field} = ? WHERE request_id = ?"
     k = HASHED_NAMES.index(field)
     return f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', ?) WHERE request_id = ?"
@@ -153,7 +165,7 @@ def test_a_column_cannot_be_edited_apart_from_its_hashed_receipt(tmp_path: Path)
         pytest.raises(sqlite3.OperationalError, match="generated column"),
     ):
         db.execute("UPDATE requests SET cost_usd = 0 WHERE request_id = 'a3'")
-    assert not verify_ledger(bad).ok
+    _names(verify_ledger(bad), EDITED.format(rid="a2", seq=3))
 
 
 def test_a_redefined_table_is_found(tmp_path: Path) -> None:
@@ -173,7 +185,7 @@ def test_a_redefined_table_is_found(tmp_path: Path) -> None:
     assert not report.ok and "redefined" in report.problems[0]
 
 
-@pytest.mark.parametrize("column", [*HASHED_NAMES, "prev_hash", "row_hash"])
+@pytest.mark.parametrize("column", [*HASHED_NAMES, "prev_hash", "row_hash", "chain_version"])
 def test_verify_finds_any_field_of_any_row_edited(
     tmp_path: Path, signer: Signer, column: str
 ) -> None:
@@ -181,38 +193,81 @@ def test_verify_finds_any_field_of_any_row_edited(
     sign_heads(ledger, signer)
     before = ledger.receipt("a2")
     assert before is not None
-    bad = _tampered(tmp_path, ledger, _edit(column), (_other(before[column], column), "a2"))
+    # tenant_seq: to a seq no row has, or the chain's unique index would refuse it
+    value = 99 if column == "tenant_seq" else _other(before[column], column)
+    bad = _tampered(tmp_path, ledger, _edit(column), (value, "a2"))
     report = verify_ledger(bad, [signer.public_key])
-    assert not report.ok
-    assert any("a2" in p or "acme" in p for p in report.problems), report.problems
+    rid = value if column == "request_id" else "a2"
+    if column == "chain_version":  # not hashed: the version the rest was hashed by
+        _names(report, "ledger (request a2, seq 3): its chain_version is 2, a version this "
+               "carbon-router does not know (it hashes version 1): edited, or written by a "
+               "newer carbon-router")  # fmt: skip
+        assert len(report.problems) == 1, report.problems
+        return
+    _names(report, EDITED.format(rid=rid, seq=value if column == "tenant_seq" else 3))
+
+
+DUE = "ledger (request {rid}, seq {seq}): seq {seq} where {due} was due (a row deleted, inserted or reordered)"  # noqa: E501
+EDITED = "ledger (request {rid}, seq {seq}): its fields do not hash to its row_hash (edited)"
+NO_CHAIN_INDEX = "the index requests_chain (CREATE UNIQUE INDEX requests_chain ON requests (tenant, tenant_seq)) is missing or changed: without it a request could be billed twice"  # noqa: E501
+
+
+def _names(report: Any, *problems: str, chain_index: bool = True) -> None:
+    """``report`` names each of ``problems`` (a problem, or the end of one: what follows the
+    place it names), and the chain's unique index is reported only when the change dropped
+    it: a tamper test fails on its change, never on the index alone."""
+    for want in problems:
+        assert any(p == want or p.endswith(want) for p in report.problems), (
+            want, report.problems)  # fmt: skip
+    assert (NO_CHAIN_INDEX in report.problems) is not chain_index, report.problems
 
 
 @pytest.mark.parametrize(
-    "sql,params",
+    "sql,params,named",
     [
-        ("DELETE FROM requests WHERE request_id = ?", ("a2",)),  # from the middle
-        ("DELETE FROM requests WHERE request_id = ?", ("a0",)),  # the first
-        ("DELETE FROM requests WHERE request_id = ?", ("a5",)),  # the last, under a signed head
-        (_edit("tenant_seq"), (99, "a1")),  # moved
-        (_edit("tenant"), ("bolt", "a3")),  # moved to another chain
+        ("DELETE FROM requests WHERE request_id = ?", ("a2",),  # from the middle
+         DUE.format(rid="a3", seq=4, due=3)),
+        ("DELETE FROM requests WHERE request_id = ?", ("a0",),  # the first
+         DUE.format(rid="a1", seq=2, due=1)),
+        ("DELETE FROM requests WHERE request_id = ?", ("a5",),  # the last, under a signed head
+         "the chain has no row 6 (rows deleted)"),
+        (_edit("tenant_seq"), (99, "a1"), DUE.format(rid="a1", seq=99, due=2)),  # moved
     ],
-)
+)  # fmt: skip
 def test_verify_finds_rows_deleted_or_moved(
-    tmp_path: Path, signer: Signer, sql: str, params: tuple[Any, ...]
+    tmp_path: Path, signer: Signer, sql: str, params: tuple[Any, ...], named: str
 ) -> None:
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
-    assert not verify_ledger(_tampered(tmp_path, ledger, sql, params), [signer.public_key]).ok
+    _names(verify_ledger(_tampered(tmp_path, ledger, sql, params), [signer.public_key]), named)
+
+
+def test_verify_finds_a_row_moved_to_another_chain(tmp_path: Path, signer: Signer) -> None:
+    """a3 made bolt's: bolt has a row 4 already, so the chain's unique index had to go."""
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    b2 = ledger.receipt("b2")
+    assert b2 is not None
+    bad = _tampered(tmp_path, ledger, _edit("tenant"), ("bolt", "a3"), chain_index=False)
+    report = verify_ledger(bad, [signer.public_key])
+    _names(report, EDITED.format(rid="a3", seq=4), DUE.format(rid="a4", seq=5, due=4),
+           DUE.format(rid="b3", seq=4, due=5), chain_index=False)  # fmt: skip
+    assert any(p.startswith("ledger (request a3, seq 4): follows ") and
+               p.endswith(f"the row before it hashes to {b2['row_hash'][:12]}… (a row deleted, "
+                          "inserted, reordered or edited before it)")
+               for p in report.problems), report.problems  # fmt: skip
 
 
 def test_verify_finds_two_rows_swapped(tmp_path: Path, signer: Signer) -> None:
     ledger = filled(tmp_path / "l.sqlite")
     sign_heads(ledger, signer)
-    bad = _tampered(tmp_path, ledger, _edit("tenant_seq"), (1, "a1"))
-    with closing(sqlite3.connect(bad.path)) as db:
-        db.execute(_edit("tenant_seq"), (2, "a0"))
-        db.commit()
-    assert not verify_ledger(bad, [signer.public_key]).ok
+    k = HASHED_NAMES.index("tenant_seq")
+    bad = _tampered(tmp_path, ledger,
+                    f"UPDATE requests SET receipt = json_set(receipt, '$[{k}]', "
+                    "CASE request_id WHEN 'a0' THEN 2 ELSE 1 END) "
+                    "WHERE request_id IN ('a0', 'a1')")  # fmt: skip
+    _names(verify_ledger(bad, [signer.public_key]), DUE.format(rid="a0", seq=2, due=1),
+           DUE.format(rid="a1", seq=1, due=3), EDITED.format(rid="a0", seq=2))  # fmt: skip
 
 
 def _write_receipt(db: sqlite3.Connection, r: dict[str, Any], prev: str) -> str:
@@ -235,11 +290,13 @@ def test_verify_finds_an_inserted_row_even_with_its_own_hash_right(
     sign_heads(ledger, signer)
     a1 = ledger.receipt("a1")
     assert a1 is not None
-    bad = _tampered(tmp_path, ledger, "SELECT 1")
+    # a second row 2 of acme's chain: its unique index had to go
+    bad = _tampered(tmp_path, ledger, "SELECT 1", chain_index=False)
     with closing(sqlite3.connect(bad.path)) as db:
         _write_receipt(db, {**a1, "request_id": "forged", "tenant_seq": 2}, a1["row_hash"])
         db.commit()
-    assert not verify_ledger(bad, [signer.public_key]).ok
+    report = verify_ledger(bad, [signer.public_key])
+    _names(report, DUE.format(rid="forged", seq=2, due=7), chain_index=False)
 
 
 def test_history_rewritten_with_fresh_hashes_fails_on_the_signed_head(
@@ -253,6 +310,27 @@ def test_history_rewritten_with_fresh_hashes_fails_on_the_signed_head(
     report = verify_ledger(bad, [signer.public_key])
     assert not report.ok
     assert any("history rewritten" in p for p in report.problems), report.problems
+    _names(report)  # the chain itself is whole again, and so is its index
+
+
+@pytest.mark.parametrize("kwh", [1.5, "1.5"], ids=["float", "text"])
+def test_verify_sums_the_figures_of_the_receipts_it_hashes(
+    tmp_path: Path, signer: Signer, kwh: Any
+) -> None:
+    """verify reads each row's figures for the sums check from the receipt it hashes, in the
+    same pass, and reports what Ledger.sums_check reports on its own; a figure forged as
+    JSON text (SQLite reads '1.5' as 1.5 in a REAL column) is summed as SQLite reads it."""
+    ledger = filled(tmp_path / "l.sqlite")
+    sign_heads(ledger, signer)
+    bad = _tampered(tmp_path, ledger, _edit("kwh_billed"), (kwh, "a2"))
+    report = verify_ledger(bad, [signer.public_key])
+    sums = bad.sums_check()
+    assert len(sums) == 2 and report.problems[-2:] == sums, report.problems
+    hourly, daily = sums
+    assert hourly.startswith("hourly sums 2026-11-03T12 acme eu-north score: kwh 0.0007")
+    assert daily.startswith("daily sums acme 2026-11-03: kwh 0.0007")
+    assert "(rows: 1.500" in hourly and "(rows: 1.500" in daily
+    assert verify_ledger(bad, [signer.public_key], sums=False).problems == report.problems[:-2]
 
 
 def test_a_head_signed_by_an_untrusted_key_is_a_problem(tmp_path: Path, signer: Signer) -> None:

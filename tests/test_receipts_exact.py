@@ -425,7 +425,6 @@ def test_an_edited_row_is_named_and_so_is_the_link_after_it(tmp_path: Path) -> N
     report = verify_ledger(bad)
     assert (report.rows, report.tenants) == (8, 2)
     assert report.problems == [
-        NO_CHAIN_INDEX,
         "ledger (request a1, seq 2): its fields do not hash to its row_hash (edited)",
         f"ledger (request a2, seq 3): follows {a1[:12]}… but the row before it hashes to "
         f"{computed[:12]}… (a row deleted, inserted, reordered or edited before it)",
@@ -438,7 +437,6 @@ def test_a_deleted_row_is_named_by_its_seq_and_its_link(tmp_path: Path) -> None:
     bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a1'")
     report = verify_ledger(bad, sums=False)
     assert report.problems == [
-        NO_CHAIN_INDEX,
         "ledger (request a2, seq 3): seq 3 where 2 was due (a row deleted, inserted or reordered)",
         f"ledger (request a2, seq 3): follows {a1[:12]}… but the row before it hashes to "
         f"{a0[:12]}… (a row deleted, inserted, reordered or edited before it)",
@@ -481,13 +479,12 @@ def test_each_signed_head_is_checked_against_the_chain(tmp_path: Path, signer: S
     # the last rows cut: the signed head names a row that is not there
     cut = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a2'")
     assert verify_ledger(cut, [signer.public_key], sums=False).problems == [
-        NO_CHAIN_INDEX, f"{where}: the chain has no row 3 (rows deleted)"]  # fmt: skip
+        f"{where}: the chain has no row 3 (rows deleted)"]  # fmt: skip
     # a signature changed, and one that is not base64
     forged = _tampered(tmp_path, ledger, "SELECT 1")
     _sign_sql(forged, "UPDATE chain_signatures SET signed_at = 'then' WHERE tenant = 'acme'")
     _sign_sql(forged, "UPDATE chain_signatures SET signature = '*' WHERE tenant = 'bolt'")
     assert verify_ledger(forged, [signer.public_key], sums=False).problems == [
-        NO_CHAIN_INDEX,
         "signed head of acme at seq 3 (then): the signature does not verify",
         f"signed head of bolt at seq 3 ({NOW_ISO}): the signature does not verify",
     ]
@@ -503,7 +500,6 @@ def test_a_signed_head_without_rows_or_malformed_is_named(tmp_path: Path, signer
     _sign_sql(bad, "INSERT INTO chain_signatures VALUES ('yak', 'x', 'h', 't', 'k', 'p', 's')")
     report = verify_ledger(bad, sums=False)
     assert report.problems == [
-        NO_CHAIN_INDEX,
         f"signed head of bolt at seq two ({NOW_ISO}): the signature does not verify",
         "a signed head is malformed: ValueError(\"invalid literal for int() with base 10: 'two'\")",
         "signed head of yak at seq x (t): the signature does not verify",
@@ -529,7 +525,6 @@ def test_the_signers_record_finds_a_signature_removed_from_the_ledger(
     gone = _tampered(tmp_path, ledger, "SELECT 1")
     _sign_sql(gone, "DELETE FROM chain_signatures WHERE tenant = 'acme'")
     assert verify_ledger(gone, [signer.public_key], record=record, sums=False).problems == [
-        NO_CHAIN_INDEX,
         "the head of acme at seq 2 the signer recorded: its signature is missing from the ledger",
     ]
     wrong = {"acme": (2, "other"), "bolt": (1, b0), "zed": (1, "z")}
@@ -546,13 +541,13 @@ def test_the_signers_record_finds_a_signature_removed_from_the_ledger(
 
 def test_a_table_or_index_changed_is_named(tmp_path: Path) -> None:
     ledger = filled(tmp_path / "l.sqlite", 1)
-    bad = _tampered(tmp_path, ledger, "CREATE UNIQUE INDEX requests_chain ON requests (tenant)")
+    bad = _tampered(tmp_path, ledger, "CREATE UNIQUE INDEX requests_chain ON requests (tenant)",
+                    chain_index=False)  # fmt: skip
     assert verify_ledger(bad).problems == [NO_CHAIN_INDEX]
     gone = _tampered(tmp_path, ledger, "DROP INDEX requests_id")
     assert verify_ledger(gone).problems == [
         "the index requests_id (CREATE UNIQUE INDEX requests_id ON requests (request_id)) is "
         "missing or changed: without it a request could be billed twice",
-        NO_CHAIN_INDEX,
     ]
     ledger.close()
     with closing(sqlite3.connect(ledger.path)) as db:
@@ -977,12 +972,14 @@ def test_a_row_whose_only_fault_is_its_seq_is_named(
     ledger = filled(tmp_path / "l.sqlite", 3)
     a1, a2 = h(ledger, "a1"), ledger.receipt("a2")
     assert a2 is not None
-    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a2'")
+    # seq 1: a second row 1 of acme's chain, which its unique index refuses: dropped
+    bad = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a2'",
+                    chain_index=seq != 1)  # fmt: skip
     with closing(sqlite3.connect(bad.path)) as db:
         _write_receipt(db, {**a2, "tenant_seq": seq}, a1)
         db.commit()
     assert verify_ledger(bad, sums=False).problems == [
-        NO_CHAIN_INDEX,
+        *([NO_CHAIN_INDEX] if seq == 1 else []),
         f"ledger (request a2, seq {seq}): seq {seq} where 3 was due (a row deleted, inserted "
         "or reordered)",
     ]
