@@ -512,6 +512,13 @@ _V4_TO_V5 = (
         SELECT RAISE(ABORT, 'ledger rows are append-only: bill a correction as a new row');
     END""",
 )
+# the triggers that keep the ledger append-only, its sums and its heads, and its signatures
+# as signed: verify checks they are all there as made
+V5_TRIGGERS = {
+    step.split()[2]: step
+    for step in _V4_TO_V5
+    if isinstance(step, str) and step.startswith("CREATE TRIGGER")
+}
 # each a script of statements split at ';', or a tuple of statements (a trigger holds ';') and
 # steps in Python
 Step = str | Callable[[sqlite3.Connection], None]
@@ -739,18 +746,30 @@ class Ledger:
         )
 
     def stored_receipts(
-        self, batch: int = 5000, sums: RowSums | None = None
+        self,
+        batch: int = 5000,
+        sums: RowSums | None = None,
+        heads: dict[str, tuple[int, str]] | None = None,
     ) -> Iterator[tuple[int, str, str, Any, str]]:
         """:meth:`stored` without the columns generated from the receipt (each would parse
         it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash,
-        chain_version, receipt). ``sums``: the kept sums are read into it first, in the
-        scan's transaction (as of the rows scanned)."""
+        chain_version, receipt). ``sums``: the kept sums are read into it first, and
+        ``heads``: the kept chain heads (tenant: (seq, hash)), both in the scan's transaction
+        (as of the rows scanned)."""
+
+        def first(db: sqlite3.Connection) -> None:
+            if sums is not None:
+                sums.read_kept(db)
+            if heads is not None:
+                heads.update((t, (int(q), str(h))) for t, q, h in db.execute(
+                    "SELECT tenant, tenant_seq, row_hash FROM chain_heads"))  # fmt: skip
+
         return self._scan(  # not a generator of its own: one less frame per row
             "SELECT rowid, prev_hash, row_hash, chain_version, receipt FROM requests "
             "ORDER BY rowid",
             (),
             batch,
-            None if sums is None else sums.read_kept,
+            None if sums is None and heads is None else first,
         )
 
     def _scan(
@@ -929,6 +948,12 @@ class Ledger:
                         if not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)))  # fmt: skip
                     problems.append(f"{what} sums {' '.join(map(str, key))}: {diff}")
         return problems
+
+    def trigger_sql(self) -> dict[str, str]:
+        return {
+            n: str(sql)
+            for n, sql in self._query("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        }
 
     def index_sql(self) -> dict[str, str]:
         return {

@@ -44,7 +44,7 @@ from router.chain import (
 )
 from router.chain import VERSION as CHAIN_VERSION
 from router.errors import RouterError
-from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, Ledger, RowSums, utc_iso
+from router.ledger import V5_INDEXES, V5_REQUESTS_SQL, V5_TRIGGERS, Ledger, RowSums, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +563,12 @@ def verify_ledger(
         if indexes.get(name) != sql:
             report.problem(f"the index {name} ({sql}) is missing or changed: without it a "
                            "request could be billed twice")  # fmt: skip
+    triggers = ledger.trigger_sql()
+    for name, sql in V5_TRIGGERS.items():
+        if triggers.get(name) != sql:
+            report.problem(f"the trigger {name} is missing or changed: without it the ledger "
+                           "takes edits and deletions, or stops keeping its sums, heads or "
+                           "signatures")  # fmt: skip
     signatures: dict[str, list[dict[str, Any]]] = {}
     for s in ledger.signatures():
         signatures.setdefault(s["tenant"], []).append(s)
@@ -575,7 +581,8 @@ def verify_ledger(
     chains: dict[str, _Chain] = {}
     rows = RowSums()  # the rows' figures for the sums check, read in the same pass
     loads, add = orjson.loads, rows.add  # a million rows: each lookup saved counts
-    scan = ledger.stored_receipts(sums=rows if sums else None)  # the kept sums read first
+    kept_heads: dict[str, tuple[int, str]] = {}  # and the kept heads, as of the same rows
+    scan = ledger.stored_receipts(sums=rows if sums else None, heads=kept_heads)
     for rowid, prev_hash, stored, version, receipt in scan:
         try:  # the receipt as hashed, parsed once: its place in the chain and its figures
             values = loads(receipt)
@@ -605,6 +612,18 @@ def verify_ledger(
             rid = ledger.request_at(rowid)
             chain.check("ledger", rid, tenant, seq, prev_hash, stored, receipt.encode())
     report.tenants = len(chains)
+    for tenant in sorted(set(chains) | set(kept_heads)):
+        # the kept head: what the next row links to, what is signed and served to tenants
+        chain, kept = chains.get(tenant), kept_heads.get(tenant)
+        last_row = None if chain is None else (chain.seq, chain.prev)
+        if kept != last_row:
+            was = "none" if kept is None else f"seq {kept[0]}, {kept[1][:12]}…"
+            is_ = "none" if last_row is None else f"seq {last_row[0]}, {last_row[1][:12]}…"
+            report.problem(
+                f"the chain head kept for {tenant} ({was}) is not its last row ({is_}): its rows "
+                "or its head were changed; GET /v1/receipts/head serves it and the next row "
+                "would link to it"
+            )
     for tenant in sorted(set(chains) | set(signatures)):
         chain = chains.get(tenant) or _Chain(report, tenant, 1, GENESIS)
         heads = signatures.get(tenant, [])

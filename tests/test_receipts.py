@@ -108,8 +108,8 @@ def _tampered(
     chain_index: bool = True,
 ) -> Ledger:  # fmt: skip
     """A copy of ``ledger`` changed by someone who dropped the append-only triggers and the
-    chain's unique index, then made the index again exactly as it was (its SQL read before it
-    was dropped), so that verify finds the change itself, not a missing index.
+    chain's unique index, then made them again exactly as they were (their SQL read before
+    they were dropped), so that verify finds the change itself, not a missing index.
     ``chain_index=False``: left dropped, for a change the index refuses (two rows at one seq
     of one chain), which verify must name besides the index."""
     ledger.close()
@@ -119,12 +119,18 @@ def _tampered(
         (index_sql,) = db.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'requests_chain'"
         ).fetchone()
+        triggers = [sql for (sql,) in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name IN "
+            "('requests_append_only_update', 'requests_append_only_delete')")]  # fmt: skip
+        assert len(triggers) == 2
         db.execute("DROP TRIGGER requests_append_only_update")
         db.execute("DROP TRIGGER requests_append_only_delete")
         db.execute("DROP INDEX requests_chain")
         db.execute(sql, params)
         if chain_index:
             db.execute(index_sql)
+        for trigger in triggers:  # put back as they were: verify finds the change itself
+            db.execute(trigger)
         db.commit()
     return Ledger(copy)
 
@@ -769,3 +775,36 @@ def test_a_clock_stepped_back_is_no_problem_for_the_chain(
     a, b = ledger.receipt("first"), ledger.receipt("second")
     assert a is not None and b is not None and b["chained_at"] < a["chained_at"]
     assert verify_ledger(ledger).ok
+
+
+def test_an_edited_chain_head_is_found(tmp_path: Path) -> None:
+    # the kept head is what GET /v1/receipts/head serves, what the next row links to and what
+    # signing signs: verify compared it with nothing, so an edited head passed until the next
+    # write broke the link
+    ledger = filled(tmp_path / "l.sqlite")
+    bad = _tampered(tmp_path, ledger, "UPDATE chain_heads SET row_hash = ? WHERE tenant = 'acme'",
+                    ("f" * 64,))  # fmt: skip
+    report = verify_ledger(bad)
+    assert not report.ok
+    assert [p for p in report.problems if "head" in p and "acme" in p], report.problems
+    assert not [p for p in report.problems if "bolt" in p], report.problems
+    bad = _tampered(tmp_path, ledger, "DELETE FROM chain_heads WHERE tenant = 'bolt'")
+    report = verify_ledger(bad)
+    assert [p for p in report.problems if "head" in p and "bolt" in p], report.problems
+
+
+@pytest.mark.parametrize(
+    "trigger", ["requests_append_only_update", "requests_append_only_delete", "requests_head",
+                "requests_hourly", "requests_daily"],
+)  # fmt: skip
+def test_a_dropped_trigger_is_found(tmp_path: Path, trigger: str) -> None:
+    # without its triggers the ledger takes edits and deletions without a word, or stops
+    # keeping its sums and heads: verify checked the table and its indexes, not its triggers
+    ledger = filled(tmp_path / "l.sqlite")
+    ledger.close()
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute(f"DROP TRIGGER {trigger}")
+        db.commit()
+    report = verify_ledger(Ledger(ledger.path))
+    assert not report.ok
+    assert [p for p in report.problems if trigger in p], report.problems

@@ -448,11 +448,18 @@ def test_a_deleted_row_is_named_by_its_seq_and_its_link(tmp_path: Path) -> None:
 
 
 def _sign_sql(ledger: Ledger, sql: str, params: tuple[Any, ...] = ()) -> None:
-    """Change the ledger's signed heads as one who dropped their triggers would."""
+    """Change the ledger's signed heads as one who dropped their triggers would, and made
+    them again as they were (so that verify finds the change, not a missing trigger)."""
     with closing(sqlite3.connect(ledger.path)) as db:
+        triggers = [sql for (sql,) in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE "
+            "'chain_signatures_kept_%'")]  # fmt: skip
+        assert len(triggers) == 2
         db.execute("DROP TRIGGER IF EXISTS chain_signatures_kept_update")
         db.execute("DROP TRIGGER IF EXISTS chain_signatures_kept_delete")
         db.execute(sql, params)
+        for trigger in triggers:
+            db.execute(trigger)
         db.commit()
 
 
@@ -479,7 +486,11 @@ def test_each_signed_head_is_checked_against_the_chain(tmp_path: Path, signer: S
     # the last rows cut: the signed head names a row that is not there
     cut = _tampered(tmp_path, ledger, "DELETE FROM requests WHERE request_id = 'a2'")
     assert verify_ledger(cut, [signer.public_key], sums=False).problems == [
-        f"{where}: the chain has no row 3 (rows deleted)"]  # fmt: skip
+        f"the chain head kept for acme (seq 3, {a2[:12]}…) is not its last row (seq 2, "
+        f"{a1[:12]}…): its rows or its head were changed; GET /v1/receipts/head serves it and "
+        "the next row would link to it",
+        f"{where}: the chain has no row 3 (rows deleted)",
+    ]
     # a signature changed, and one that is not base64
     forged = _tampered(tmp_path, ledger, "SELECT 1")
     _sign_sql(forged, "UPDATE chain_signatures SET signed_at = 'then' WHERE tenant = 'acme'")
@@ -978,10 +989,15 @@ def test_a_row_whose_only_fault_is_its_seq_is_named(
     with closing(sqlite3.connect(bad.path)) as db:
         _write_receipt(db, {**a2, "tenant_seq": seq}, a1)
         db.commit()
+    moved = h(bad, "a2")
     assert verify_ledger(bad, sums=False).problems == [
         *([NO_CHAIN_INDEX] if seq == 1 else []),
         f"ledger (request a2, seq {seq}): seq {seq} where 3 was due (a row deleted, inserted "
         "or reordered)",
+        # a row moved before the head: the kept head still names the row that was deleted
+        *([f"the chain head kept for acme (seq 3, {a2['row_hash'][:12]}…) is not its last row "
+           f"(seq 1, {moved[:12]}…): its rows or its head were changed; GET /v1/receipts/head "
+           "serves it and the next row would link to it"] if seq == 1 else []),
     ]
 
 
