@@ -12,6 +12,7 @@ from router.service.fakes import StaticCarbonSource
 from tests.service_kit import DEMO, chat, service_kit
 
 VALUES = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
+EU_NORTH = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
 
 
 
@@ -23,7 +24,7 @@ def _due_now(kit: Any, job_id: str) -> None:
                           (datetime.now(UTC).isoformat(), job_id))  # fmt: skip
 
 
-async def _grid(kit: Any, source: StaticCarbonSource, g_per_kwh: float) -> None:
+async def grid(kit: Any, source: StaticCarbonSource, g_per_kwh: float) -> None:
     """Sweden's grid is at ``g_per_kwh`` now, and the router has read it."""
     source.values["SE"] = g_per_kwh
     router = kit.service.live.router
@@ -33,7 +34,14 @@ async def _grid(kit: Any, source: StaticCarbonSource, g_per_kwh: float) -> None:
     await router.carbon.idle()  # ... landed
 
 
-async def _run_due(kit: Any) -> None:
+async def deferred(kit: Any, headers: dict[str, str] | None = None) -> str:
+    """A deferrable request to Sweden (cleaner next hour): planned, its job's id."""
+    r = await kit.client.post("/v1/chat/completions", json=chat(), headers=headers or EU_NORTH)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+async def run_due(kit: Any) -> None:
     kit.service.deferral.run_due()
     await asyncio.gather(*kit.service.deferral._running)
 
@@ -43,23 +51,20 @@ async def test_a_job_whose_hour_comes_dirtier_than_its_arrival_is_planned_again(
 ) -> None:
     source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=source) as kit:
-        pref = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
-        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
+        job_id = await deferred(kit)
         # its hour comes with the grid three times as dirty as at its arrival, and the
         # forecast issued then says the next hour is cleaner: it waits again, nothing billed
-        await _grid(kit, source, 3 * VALUES["SE"])
+        await grid(kit, source, 3 * VALUES["SE"])
         _due_now(kit, job_id)
-        await _run_due(kit)
+        await run_due(kit)
         again = kit.service.jobs.get(job_id)
         assert again is not None and again.status == "scheduled", again
         assert again.start_at > datetime.now(UTC).isoformat()
         assert kit.rows() == []
         # its new hour comes no dirtier than its arrival: it runs, billed once
-        await _grid(kit, source, VALUES["SE"])
+        await grid(kit, source, VALUES["SE"])
         _due_now(kit, job_id)
-        await _run_due(kit)
+        await run_due(kit)
         done = kit.service.jobs.get(job_id)
         assert done is not None and done.status == "completed", done
         assert [row.request_id for row in kit.rows()] == [job_id]
@@ -70,17 +75,14 @@ async def test_a_dirtier_hour_in_the_last_hour_of_its_window_runs_the_job(
 ) -> None:
     source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=source) as kit:
-        pref = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
-        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
+        job_id = await deferred(kit)
         store = kit.service.jobs
         with store._write():  # less than an hour of its window left
             store._db.execute("UPDATE jobs SET deadline=? WHERE id=?", (
                 (datetime.now(UTC) + timedelta(minutes=30)).isoformat(), job_id))  # fmt: skip
-        await _grid(kit, source, 3 * VALUES["SE"])
+        await grid(kit, source, 3 * VALUES["SE"])
         _due_now(kit, job_id)
-        await _run_due(kit)
+        await run_due(kit)
         done = store.get(job_id)
         assert done is not None and done.status == "completed", done
         assert [row.request_id for row in kit.rows()] == [job_id]
@@ -89,12 +91,9 @@ async def test_a_dirtier_hour_in_the_last_hour_of_its_window_runs_the_job(
 async def test_an_admins_run_now_is_not_planned_again(tmp_path: Path) -> None:
     source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=source) as kit:
-        pref = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
-        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=pref)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        await _grid(kit, source, 3 * VALUES["SE"])
+        job_id = await deferred(kit)
+        await grid(kit, source, 3 * VALUES["SE"])
         kit.service.jobs.run_now(job_id, datetime.now(UTC))
-        await _run_due(kit)
+        await run_due(kit)
         done = kit.service.jobs.get(job_id)
         assert done is not None and done.status == "completed", done

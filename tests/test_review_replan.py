@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,9 +13,7 @@ import pytest
 from router.jobs import Job, JobStore
 from router.service.fakes import StaticCarbonSource
 from tests.service_kit import ADMIN, DEMO, chat, service_kit
-
-VALUES = {"SE": 30.0, "DE": 400.0, "US-TEX-ERCO": 450.0}
-EU_NORTH = {**DEMO, "X-Carbon-Preference": 'defer=7200, regions=("eu-north")'}
+from tests.test_replan import EU_NORTH, VALUES, deferred, grid, run_due
 
 
 def _set(kit: Any, job_id: str, **cols: str) -> None:
@@ -24,20 +21,6 @@ def _set(kit: Any, job_id: str, **cols: str) -> None:
     with store._write():
         for col, value in cols.items():
             store._db.execute(f"UPDATE jobs SET {col}=? WHERE id=?", (value, job_id))
-
-
-async def _grid(kit: Any, source: StaticCarbonSource, g_per_kwh: float) -> None:
-    source.values["SE"] = g_per_kwh
-    router = kit.service.live.router
-    router.carbon.ttl_s = 0.0
-    for st in router.states:
-        await router.carbon.get(st.region)
-    await router.carbon.idle()
-
-
-async def _run_due(kit: Any) -> None:
-    kit.service.deferral.run_due()
-    await asyncio.gather(*kit.service.deferral._running)
 
 
 async def test_a_replan_stays_inside_the_operators_max_defer_window(tmp_path: Path) -> None:
@@ -60,8 +43,8 @@ async def test_a_replan_stays_inside_the_operators_max_defer_window(tmp_path: Pa
         arrived = now - timedelta(hours=23.5)  # it has waited 23.5 h of its 24 h window
         _set(kit, job_id, created_at=arrived.isoformat(), start_at=now.isoformat(),
              deadline=(arrived + timedelta(seconds=604800)).isoformat())  # fmt: skip
-        await _grid(kit, source, 3 * VALUES["SE"])  # its hour came dirtier
-        await _run_due(kit)
+        await grid(kit, source, 3 * VALUES["SE"])  # its hour came dirtier
+        await run_due(kit)
         job = kit.service.jobs.get(job_id)
         assert job is not None
         # under an hour of its window is left: its window's last hour runs it
@@ -90,7 +73,7 @@ async def test_a_job_whose_grid_is_unchanged_is_not_planned_again(tmp_path: Path
         for _ in range(20):  # the tenant's answers observed since are long ones
             router.lengths.observe("demo", "smollm2-135m", 1024)
         _set(kit, job_id, start_at=datetime.now(UTC).isoformat())  # its hour came, as clean
-        await _run_due(kit)
+        await run_due(kit)
         job = kit.service.jobs.get(job_id)
         assert job is not None and job.status == "completed", (
             f"deferred again with its grid unchanged: {job}"
@@ -106,9 +89,7 @@ async def test_a_reload_that_changes_the_policy_weight_does_not_replan_every_job
     grid is unchanged is deferred again (0.5 -> 0.9: its score now is about 11x its arrival's)."""
     source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=source) as kit:
-        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=EU_NORTH)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
+        job_id = await deferred(kit)
         cfg = tmp_path / "router.yaml"
         text = cfg.read_text()
         assert "weight: 0.5}" in text
@@ -116,7 +97,7 @@ async def test_a_reload_that_changes_the_policy_weight_does_not_replan_every_job
         r = await kit.client.post("/v1/admin/reload", headers=ADMIN)
         assert r.status_code == 200, r.text
         _set(kit, job_id, start_at=datetime.now(UTC).isoformat())  # its hour came, as clean
-        await _run_due(kit)
+        await run_due(kit)
         job = kit.service.jobs.get(job_id)
         assert job is not None and job.status == "completed", (
             f"deferred again with its grid unchanged, after a reload: {job}"
@@ -138,16 +119,14 @@ async def test_a_forecast_that_fails_at_replan_time_does_not_fail_the_job(
 
     first = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=first) as kit:
-        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=EU_NORTH)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
+        job_id = await deferred(kit)
     broken = Broken({**VALUES, "SE": 3 * VALUES["SE"]}, profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=broken) as kit:  # another ingress, same store
         router = kit.service.live.router
         for st in router.states:
             await router.carbon.get(st.region)
         _set(kit, job_id, start_at=datetime.now(UTC).isoformat())
-        await _run_due(kit)
+        await run_due(kit)
         job = kit.service.jobs.get(job_id)
         assert job is not None and job.status != "failed", f"failed by the forecast: {job.error}"
 
@@ -223,9 +202,7 @@ async def test_held_a_replan_keeps_the_job_in_its_allowed_regions(
     eu-central has become far cleaner."""
     source = StaticCarbonSource(dict(VALUES), profile=(1.0, 0.5))
     async with service_kit(tmp_path, source=source) as kit:
-        r = await kit.client.post("/v1/chat/completions", json=chat(), headers=EU_NORTH)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
+        job_id = await deferred(kit)
         source.profile = profile
         source.values["DE"] = 1.0
         router = kit.service.live.router
@@ -234,9 +211,9 @@ async def test_held_a_replan_keeps_the_job_in_its_allowed_regions(
             for st in router.states:
                 await router.forecasts.get(st.region)
             await router.forecasts.idle()
-        await _grid(kit, source, 3 * VALUES["SE"])
+        await grid(kit, source, 3 * VALUES["SE"])
         _set(kit, job_id, start_at=datetime.now(UTC).isoformat())
-        await _run_due(kit)
+        await run_due(kit)
         job = kit.service.jobs.get(job_id)
         assert job is not None and job.region == "eu-north" and job.replica == "eu-north-0"
         assert all(row.region == "eu-north" for row in kit.rows()), kit.rows()
