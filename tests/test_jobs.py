@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from router.jobs import Job, JobStore
+from router.jobs import Job, JobError, JobStore
 from router.scheduler import SlotBook, plan, worth_waiting
 
 T0 = datetime(2026, 11, 26, 20, tzinfo=UTC)
@@ -92,3 +93,15 @@ def test_a_running_job_is_left_alone_until_its_lease_runs_out(tmp_path: Path) ->
     assert second.finish("a", result={"ok": True}, error=None, claim=taken.claim)
     done = second.get("a")
     assert done is not None and done.status == "completed" and done.result == {"ok": True}
+
+
+def test_reading_the_queue_of_a_store_whose_file_is_gone_is_an_error(tmp_path: Path) -> None:
+    # the queue is read on a connection of its own: opened read-write, it made a new empty
+    # store where the file had gone, and the dashboard showed an empty queue
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"jobs.sqlite{suffix}").unlink(missing_ok=True)
+    with pytest.raises(JobError, match="jobs.sqlite"):
+        store.queue(datetime.now(UTC))
+    assert not (tmp_path / "jobs.sqlite").exists()
