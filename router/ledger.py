@@ -734,28 +734,17 @@ class Ledger:
             batch,
         )
 
-    def stored(self, batch: int = 5000) -> Iterator[tuple[int, str, int, str, str, str, str]]:
-        """Every row as stored, in the order it was written (a plain scan, the fastest read):
-        (rowid, tenant, tenant_seq, chained_at, prev_hash, row_hash, receipt). Each tenant's
-        rows come in its chain's order unless the ledger was tampered with."""
-        yield from self._scan(
-            "SELECT rowid, tenant, tenant_seq, chained_at, prev_hash, row_hash, receipt "
-            "FROM requests ORDER BY rowid",
-            (),
-            batch,
-        )
-
     def stored_receipts(
         self,
         batch: int = 5000,
         sums: RowSums | None = None,
         heads: dict[str, tuple[int, str]] | None = None,
     ) -> Iterator[tuple[int, str, str, Any, str]]:
-        """:meth:`stored` without the columns generated from the receipt (each would parse
-        it in SQL again; the caller parses it once): (rowid, prev_hash, row_hash,
-        chain_version, receipt). ``sums``: the kept sums are read into it first, and
-        ``heads``: the kept chain heads (tenant: (seq, hash)), both in the scan's transaction
-        (as of the rows scanned)."""
+        """Every row as stored, in the order it was written (a plain scan, the fastest read),
+        without the columns generated from the receipt (each would parse it in SQL again; the
+        caller parses it once): (rowid, prev_hash, row_hash, chain_version, receipt).
+        ``sums``: the kept sums are read into it first, and ``heads``: the kept chain heads
+        (tenant: (seq, hash)), both in the scan's transaction (as of the rows scanned)."""
 
         def first(db: sqlite3.Connection) -> None:
             if sums is not None:
@@ -950,16 +939,19 @@ class Ledger:
         return problems
 
     def trigger_sql(self) -> dict[str, str]:
-        return {
-            n: str(sql)
-            for n, sql in self._query("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-        }
+        return self._master("trigger")
 
     def index_sql(self) -> dict[str, str]:
+        return self._master("index", "requests")
+
+    def _master(self, kind: str, table: str | None = None) -> dict[str, str]:
+        """Name -> SQL of the ledger's objects of ``kind`` (on ``table``), as SQLite has them."""
         return {
             n: str(sql)
             for n, sql in self._query(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'"
+                "SELECT name, sql FROM sqlite_master WHERE type = ? AND "
+                "(? IS NULL OR tbl_name = ?)",
+                (kind, table, table),
             )
         }
 

@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from router.chain import HASHED_NAMES
+from router.chain import VERSION as CHAIN_VERSION
 from router.ledger import _INSERT, COLUMNS, SCHEMA_VERSION, Ledger, LedgerError, LedgerRow, utc_iso
 
 V4_COLUMNS = COLUMNS[: COLUMNS.index("zone")]  # a row's columns before the receipt (v5)
@@ -314,10 +317,13 @@ def test_each_tenants_chain_reads_back_in_order_and_links(tmp_path: Path) -> Non
     with pytest.raises(LedgerError, match="tenant acme has no row 4 in its chain"):
         ledger.link_before("acme", 4)
     # every row as stored, in the order written
-    stored = list(ledger.stored(batch=1))
-    assert [(s[0], s[1], s[2]) for s in stored] == [(1, "acme", 1), (2, "bolt", 1),
-                                                    (3, "acme", 2), (4, "acme", 3)]  # fmt: skip
-    assert [s[3:] for s in stored if s[1] == "acme"] == [r[3:] for r in rows]
+    stored = list(ledger.stored_receipts(batch=1))
+    t, q = HASHED_NAMES.index("tenant"), HASHED_NAMES.index("tenant_seq")
+    places = [(s[0], orjson.loads(s[4])[t], orjson.loads(s[4])[q]) for s in stored]
+    assert places == [(1, "acme", 1), (2, "bolt", 1), (3, "acme", 2), (4, "acme", 3)]
+    acme = [s for s, p in zip(stored, places, strict=True) if p[1] == "acme"]
+    assert [(s[1], s[2], s[4]) for s in acme] == [(r[4], r[5], r[6]) for r in rows]
+    assert {s[3] for s in stored} == {CHAIN_VERSION}
     assert ledger.request_at(2) == "b1" and ledger.request_at(99) == "rowid 99"
     assert (ledger.tenants(), ledger.count(), ledger.integrity_ok()) == (["acme", "bolt"], 4, True)
 
