@@ -714,6 +714,7 @@ def _plan_deferred(
     # g/kWh x PUE where they would have run at arrival)
     pending: dict[int, list[tuple[int, int, float, int, float]]] = {}
     choice: dict[int, float] = {}  # arrival hour -> a request's actual carbon had it run then
+    arrival_best: dict[int, float] = {}  # arrival hour -> g/kWh x PUE where it would have run
 
     def book_from(h: int, end: int, left: float, arrival: int) -> float:
         """Book ``left`` requests from hour ``h`` on; the best actual score now."""
@@ -766,7 +767,6 @@ def _plan_deferred(
                 pending.setdefault(h + k, []).append((arrival, r, n, end, arrival_best[arrival]))
         return best_now
 
-    arrival_best: dict[int, float] = {}
     for h in range(h_n):
         for arrival, r, n, end, best in pending.pop(h, ()):
             if g_now[h, r] <= best or h + 1 >= end:
